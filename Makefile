@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` and `make test`. Both bootstrap
+# the venv (.venv/) and the colcon workspace (build/ install/ log/) first, and
+# reuse them the second time.
+SHELL := /bin/bash
+VENV := .venv
+RUN := tools/ros_env.sh
+STAMP := $(VENV)/.bootstrapped
+# DDS stays on this machine: no discovery traffic on external interfaces.
+export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
+
+.PHONY: all venv build test lint demo bench clean
+
+all: build
+
+$(STAMP): tools/bootstrap_venv.sh tools/requirements-ros.txt tools/requirements-dev.txt tools/patch_ros_wheel_cmake.py
+	bash tools/bootstrap_venv.sh $(VENV)
+	touch $@
+
+venv: $(STAMP)
+
+build: $(STAMP)
+	$(RUN) colcon --log-base log build --base-paths src --symlink-install \
+		--cmake-args -DBUILD_TESTING=OFF
+
+lint: $(STAMP)
+	$(RUN) ruff check src tools bench
+
+test: build lint
+	$(RUN) python -m pytest
+
+demo: build
+	ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-42} $(RUN) python -m manipulation_bringup.demo
+
+clean:
+	rm -rf build install log

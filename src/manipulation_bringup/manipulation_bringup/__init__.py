@@ -1,0 +1,1 @@
+"""Launch logic and demo of the MobileManipulationCore stack."""

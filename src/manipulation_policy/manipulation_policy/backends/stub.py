@@ -1,0 +1,67 @@
+"""The default backend: deterministic, no GPU, answers derived from the observation.
+
+It exists so that the whole stack (nodes, server, launch, demo) runs and can
+be tested anywhere. Its answers are small and depend on every part of the
+observation, so tests can tell answers to different observations apart:
+
+- eef target: a delta of at most 1 cm per axis, from the mean colour of the
+  image (red -> x, green -> y, blue -> z, mid-grey -> 0); absolute (composed
+  with ``eef_pose``) when the observation carries the current pose;
+- joint deltas: each joint 10 % of the way back to zero, at most 0.05 rad;
+- gripper: the image brightness in [0, 1] (no image: inactive);
+- confidence: 0.5 (a hold is 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..policy_types import EefTargetMode, Observation, PolicyAction, Pose, Vector3
+from ..pose_math import apply_delta
+
+MAX_STEP_M = 0.01
+MAX_JOINT_STEP = 0.05
+JOINT_GAIN = 0.1
+CONFIDENCE = 0.5
+
+
+class StubBackend:
+    name = "stub"
+
+    def __init__(self, **_ignored: Any):
+        pass
+
+    def predict(self, observation: Observation) -> PolicyAction:
+        if observation.image is not None:
+            mean_rgb = observation.image.reshape(-1, 3).mean(axis=0) / 255.0
+            dx, dy, dz = (float(c) for c in (mean_rgb - 0.5) * 2 * MAX_STEP_M)
+            gripper = float(mean_rgb.mean())
+        else:
+            dx = dy = dz = 0.0
+            gripper = None
+        delta = Pose(position=Vector3(dx, dy, dz))
+        if observation.eef_pose is not None:
+            target, mode = apply_delta(observation.eef_pose, delta), EefTargetMode.ABSOLUTE
+        else:
+            target, mode = delta, EefTargetMode.DELTA
+
+        positions = np.asarray(observation.joint_state.position, dtype=float)
+        joint_deltas = None
+        if positions.size:
+            steps = np.clip(-JOINT_GAIN * positions, -MAX_JOINT_STEP, MAX_JOINT_STEP)
+            joint_deltas = tuple(float(v) for v in steps)
+
+        return PolicyAction(
+            reference_frame=observation.reference_frame,
+            eef_target=target,
+            eef_target_mode=mode,
+            joint_deltas=joint_deltas,
+            gripper_command=gripper,
+            base_velocity_hint=None,
+            confidence=CONFIDENCE,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "model": "stub", "device": "cpu"}

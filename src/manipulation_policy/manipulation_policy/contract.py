@@ -1,0 +1,304 @@
+"""The HTTP wire contract between the robot-side client and the policy server.
+
+Request and response field names, types and defaults are those of the
+original remote-server guide; the optional extensions (instruction, eef_pose,
+request_id; eef_target_mode, request_id, inference_time_ms) are never
+required. Unknown request fields are ignored. Conversions to and from the
+plain types of ``policy_types`` live here too, so the server and the client
+share one definition.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InputError
+from .imaging import DEFAULT_MAX_IMAGE_PIXELS, decode_base64_image, encode_base64_jpeg
+from .policy_types import (
+    DEFAULT_REFERENCE_FRAME,
+    EefTargetMode,
+    JointStateData,
+    Observation,
+    PolicyAction,
+    Pose,
+    Quaternion,
+    Twist,
+    Vector3,
+)
+
+# JSON numbers only (no "1.0" strings, no booleans), finite.
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Text = Annotated[str, Field(strict=True)]
+MAX_JOINTS = 256
+MAX_IMAGE_SIDE = 8192
+
+
+class _WireModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class PointModel(_WireModel):
+    x: Number = 0.0
+    y: Number = 0.0
+    z: Number = 0.0
+
+
+class QuaternionModel(_WireModel):
+    x: Number = 0.0
+    y: Number = 0.0
+    z: Number = 0.0
+    w: Number = 1.0
+
+
+class PoseModel(_WireModel):
+    position: PointModel = Field(default_factory=PointModel)
+    orientation: QuaternionModel = Field(default_factory=QuaternionModel)
+
+
+class TwistModel(_WireModel):
+    linear: PointModel = Field(default_factory=PointModel)
+    angular: PointModel = Field(default_factory=PointModel)
+
+
+class JointStatesModel(_WireModel):
+    """sensor_msgs/JointState: position, velocity and effort are empty or one per name."""
+
+    name: list[Text] = Field(default_factory=list, max_length=MAX_JOINTS)
+    position: list[Number] = Field(default_factory=list, max_length=MAX_JOINTS)
+    velocity: list[Number] = Field(default_factory=list, max_length=MAX_JOINTS)
+    effort: list[Number] = Field(default_factory=list, max_length=MAX_JOINTS)
+
+    @model_validator(mode="after")
+    def _lengths_agree(self) -> JointStatesModel:
+        # A short-circuit ValueError here becomes a 422 naming joint_states.<field>.
+        count = len(self.name)
+        for field_name in ("position", "velocity", "effort"):
+            values = getattr(self, field_name)
+            if values and len(values) != count:
+                raise InputError(
+                    f"joint_states.{field_name}",
+                    f"has {len(values)} values for {count} joint names",
+                )
+        return self
+
+
+class InferRequest(_WireModel):
+    reference_frame: Text = DEFAULT_REFERENCE_FRAME
+    joint_states: JointStatesModel = Field(default_factory=JointStatesModel)
+    image: Optional[Text] = Field(default=None, description="base64-encoded JPEG (or PNG)")
+    image_encoding: Text = "jpeg"
+    image_width: Optional[Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGE_SIDE)]] = None
+    image_height: Optional[Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGE_SIDE)]] = None
+    # Optional extensions.
+    instruction: Optional[Annotated[str, Field(strict=True, max_length=1024)]] = None
+    eef_pose: Optional[PoseModel] = None
+    request_id: Optional[Annotated[str, Field(strict=True, max_length=128)]] = None
+
+
+class InferResponse(_WireModel):
+    has_eef_target: bool = False
+    eef_target_pose: PoseModel = Field(default_factory=PoseModel)
+    has_joint_deltas: bool = False
+    joint_deltas: list[Number] = Field(default_factory=list)
+    gripper_command: Number = 0.0
+    gripper_active: bool = False
+    has_base_hint: bool = False
+    base_velocity_hint: TwistModel = Field(default_factory=TwistModel)
+    reference_frame: Text = DEFAULT_REFERENCE_FRAME
+    confidence: Number = 0.0
+    # Optional extensions.
+    eef_target_mode: Literal["absolute", "delta"] = "delta"
+    request_id: Optional[str] = None
+    inference_time_ms: Optional[float] = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    field: Optional[str] = None
+    detail: str
+
+
+# ---------------------------------------------------------------- validation
+
+
+def field_path(location: tuple) -> str:
+    """('joint_states', 'position', 2) -> 'joint_states.position[2]'."""
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "body"
+
+
+def first_input_error(exc: ValidationError) -> InputError:
+    """The first problem of a pydantic error, as an InputError naming its field."""
+    error = exc.errors()[0]
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, InputError):
+        return cause
+    return InputError(field_path(tuple(error["loc"])), error["msg"])
+
+
+def parse_request(payload: Any) -> InferRequest:
+    if not isinstance(payload, dict):
+        raise InputError("body", "request body must be a JSON object")
+    try:
+        return InferRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise first_input_error(exc) from None
+
+
+def parse_response(payload: Any) -> InferResponse:
+    if not isinstance(payload, dict):
+        raise InputError("body", "response body must be a JSON object")
+    try:
+        return InferResponse.model_validate(payload)
+    except ValidationError as exc:
+        raise first_input_error(exc) from None
+
+
+# ---------------------------------------------------------------- conversions
+
+
+def _pose_from_model(model: PoseModel) -> Pose:
+    p, q = model.position, model.orientation
+    return Pose(Vector3(p.x, p.y, p.z), Quaternion(q.x, q.y, q.z, q.w))
+
+
+def _pose_to_dict(pose: Pose) -> dict:
+    p, q = pose.position, pose.orientation
+    return {
+        "position": {"x": p.x, "y": p.y, "z": p.z},
+        "orientation": {"x": q.x, "y": q.y, "z": q.z, "w": q.w},
+    }
+
+
+def _twist_to_dict(twist: Twist) -> dict:
+    lin, ang = twist.linear, twist.angular
+    return {
+        "linear": {"x": lin.x, "y": lin.y, "z": lin.z},
+        "angular": {"x": ang.x, "y": ang.y, "z": ang.z},
+    }
+
+
+def request_to_observation(
+    request: InferRequest, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> Observation:
+    """Decode a validated request into an Observation (decodes the image)."""
+    image = None
+    if request.image is not None:
+        image = decode_base64_image(
+            request.image,
+            request.image_encoding,
+            request.image_width,
+            request.image_height,
+            max_image_pixels,
+        )
+    joints = request.joint_states
+    return Observation(
+        joint_state=JointStateData(
+            name=tuple(joints.name),
+            position=tuple(joints.position),
+            velocity=tuple(joints.velocity),
+            effort=tuple(joints.effort),
+        ),
+        image=image,
+        reference_frame=request.reference_frame,
+        instruction=request.instruction or "",
+        eef_pose=_pose_from_model(request.eef_pose) if request.eef_pose is not None else None,
+    )
+
+
+def observation_to_request(
+    observation: Observation, jpeg_quality: int = 90, request_id: Optional[str] = None
+) -> dict:
+    """The JSON body the robot sends for an observation (image already sized)."""
+    joints = observation.joint_state
+    body: dict[str, Any] = {
+        "reference_frame": observation.reference_frame,
+        "joint_states": {
+            "name": list(joints.name),
+            "position": list(joints.position),
+            "velocity": list(joints.velocity),
+            "effort": list(joints.effort),
+        },
+    }
+    if observation.image is not None:
+        height, width = observation.image.shape[:2]
+        body["image"] = encode_base64_jpeg(observation.image, jpeg_quality)
+        body["image_encoding"] = "jpeg"
+        body["image_width"] = int(width)
+        body["image_height"] = int(height)
+    if observation.instruction:
+        body["instruction"] = observation.instruction
+    if observation.eef_pose is not None:
+        body["eef_pose"] = _pose_to_dict(observation.eef_pose)
+    if request_id is not None:
+        body["request_id"] = request_id
+    return body
+
+
+def action_to_response(
+    action: PolicyAction,
+    request_id: Optional[str] = None,
+    inference_time_ms: Optional[float] = None,
+) -> dict:
+    """The full PolicyOutput-shaped JSON for an action (every field present)."""
+    body = {
+        "has_eef_target": action.eef_target is not None,
+        "eef_target_pose": _pose_to_dict(action.eef_target or Pose()),
+        "has_joint_deltas": action.joint_deltas is not None,
+        "joint_deltas": list(action.joint_deltas or ()),
+        "gripper_command": action.gripper_command if action.gripper_command is not None else 0.0,
+        "gripper_active": action.gripper_command is not None,
+        "has_base_hint": action.base_velocity_hint is not None,
+        "base_velocity_hint": _twist_to_dict(action.base_velocity_hint or Twist()),
+        "reference_frame": action.reference_frame,
+        "confidence": action.confidence,
+        "eef_target_mode": EefTargetMode(action.eef_target_mode).value,
+        "request_id": request_id,
+        "inference_time_ms": inference_time_ms,
+    }
+    _reject_non_finite(body)
+    return body
+
+
+def response_to_action(response: InferResponse) -> PolicyAction:
+    twist = response.base_velocity_hint
+    return PolicyAction(
+        reference_frame=response.reference_frame,
+        eef_target=_pose_from_model(response.eef_target_pose) if response.has_eef_target else None,
+        eef_target_mode=EefTargetMode(response.eef_target_mode),
+        joint_deltas=tuple(response.joint_deltas) if response.has_joint_deltas else None,
+        gripper_command=response.gripper_command if response.gripper_active else None,
+        base_velocity_hint=(
+            Twist(
+                Vector3(twist.linear.x, twist.linear.y, twist.linear.z),
+                Vector3(twist.angular.x, twist.angular.y, twist.angular.z),
+            )
+            if response.has_base_hint
+            else None
+        ),
+        confidence=response.confidence,
+    )
+
+
+def _reject_non_finite(value: Any, path: str = "") -> None:
+    """A backend must never put NaN/inf on the wire (JSON cannot carry it)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"non-finite value in response field {path or 'body'}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _reject_non_finite(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _reject_non_finite(item, f"{path}[{index}]")

@@ -1,0 +1,103 @@
+"""Plain data types that travel between the ROS side, the wire and the backends.
+
+No ROS, no torch: everything between the two ROS conversions is testable
+without either. Optional fields stand for the message's has_* flags: a
+PolicyAction with ``eef_target=None`` publishes ``has_eef_target=False``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Vector3:
+    x: float = 0.0
+    y: float = 0.0
+    z: float = 0.0
+
+
+@dataclass(frozen=True)
+class Quaternion:
+    x: float = 0.0
+    y: float = 0.0
+    z: float = 0.0
+    w: float = 1.0
+
+
+@dataclass(frozen=True)
+class Pose:
+    position: Vector3 = field(default_factory=Vector3)
+    orientation: Quaternion = field(default_factory=Quaternion)
+
+
+@dataclass(frozen=True)
+class Twist:
+    linear: Vector3 = field(default_factory=Vector3)
+    angular: Vector3 = field(default_factory=Vector3)
+
+
+@dataclass(frozen=True)
+class JointStateData:
+    """sensor_msgs/JointState without the header; velocity/effort may be empty."""
+
+    name: tuple[str, ...] = ()
+    position: tuple[float, ...] = ()
+    velocity: tuple[float, ...] = ()
+    effort: tuple[float, ...] = ()
+
+
+DEFAULT_REFERENCE_FRAME = "base_link"
+
+
+@dataclass(frozen=True, eq=False)
+class Observation:
+    """What a policy sees at one instant.
+
+    image: HxWx3 uint8 RGB array, or None when no camera frame is available.
+    eef_pose: current end-effector pose in reference_frame, when known; lets a
+    delta-predicting model answer with an absolute target.
+    """
+
+    joint_state: JointStateData = field(default_factory=JointStateData)
+    image: Optional[np.ndarray] = None
+    reference_frame: str = DEFAULT_REFERENCE_FRAME
+    instruction: str = ""
+    eef_pose: Optional[Pose] = None
+
+
+class EefTargetMode(str, enum.Enum):
+    ABSOLUTE = "absolute"
+    DELTA = "delta"
+
+
+@dataclass(frozen=True)
+class PolicyAction:
+    """One decision of a policy. ``None`` means "this part says nothing"."""
+
+    reference_frame: str = DEFAULT_REFERENCE_FRAME
+    eef_target: Optional[Pose] = None
+    eef_target_mode: EefTargetMode = EefTargetMode.DELTA
+    joint_deltas: Optional[tuple[float, ...]] = None
+    gripper_command: Optional[float] = None
+    base_velocity_hint: Optional[Twist] = None
+    confidence: float = 0.0
+
+    @classmethod
+    def hold(cls, reference_frame: str = DEFAULT_REFERENCE_FRAME) -> PolicyAction:
+        """The safe output: nothing to move, confidence 0."""
+        return cls(reference_frame=reference_frame)
+
+    @property
+    def is_hold(self) -> bool:
+        return (
+            self.eef_target is None
+            and self.joint_deltas is None
+            and self.gripper_command is None
+            and self.base_velocity_hint is None
+            and self.confidence == 0.0
+        )

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+
+from manipulation_policy.backends import UnknownBackendError, create_backend
+from manipulation_policy.policy_types import (
+    EefTargetMode,
+    JointStateData,
+    Observation,
+    Pose,
+    Vector3,
+)
+
+
+def test_unknown_backend_lists_choices():
+    with pytest.raises(UnknownBackendError, match="openvla, stub"):
+        create_backend("octo")
+
+
+def test_stub_without_image_or_joints_is_still_a_valid_action():
+    action = create_backend("stub").predict(Observation())
+    assert action.eef_target is not None and action.eef_target_mode is EefTargetMode.DELTA
+    assert action.joint_deltas is None and action.gripper_command is None
+    assert action.confidence > 0
+
+
+def test_stub_answers_depend_on_the_observation():
+    stub = create_backend("stub")
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    blue = np.zeros((8, 8, 3), np.uint8)
+    blue[..., 2] = 255
+    a = stub.predict(Observation(image=red))
+    b = stub.predict(Observation(image=blue))
+    assert a.eef_target.position.x > 0 > b.eef_target.position.x
+    assert a == stub.predict(Observation(image=red))  # deterministic
+
+
+def test_stub_joint_deltas_pull_towards_zero_and_are_bounded():
+    joints = JointStateData(("a", "b", "c"), (0.2, -0.1, 3.0))
+    action = create_backend("stub").predict(Observation(joint_state=joints))
+    assert action.joint_deltas == pytest.approx((-0.02, 0.01, -0.05))
+
+
+def test_stub_composes_absolute_target_when_eef_pose_known():
+    current = Pose(Vector3(0.4, 0.1, 0.2))
+    action = create_backend("stub").predict(Observation(eef_pose=current))
+    assert action.eef_target_mode is EefTargetMode.ABSOLUTE
+    assert action.eef_target.position == Vector3(0.4, 0.1, 0.2)
