@@ -23,7 +23,7 @@ build: $(STAMP)
 		--cmake-args -DBUILD_TESTING=OFF
 
 lint: $(STAMP)
-	$(RUN) ruff check src tools bench
+	$(RUN) ruff check .
 
 test: build lint
 	$(RUN) python -m pytest

@@ -97,6 +97,20 @@ class InferRequest(_WireModel):
     eef_pose: Optional[PoseModel] = None
     request_id: Optional[Annotated[str, Field(strict=True, max_length=128)]] = None
 
+    @model_validator(mode="after")
+    def _eef_orientation_is_a_rotation(self) -> InferRequest:
+        # A zero (or overflowing) quaternion cannot be normalised: the client's fault, not a 500.
+        if self.eef_pose is not None:
+            q = self.eef_pose.orientation
+            norm_squared = q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w
+            if not (math.isfinite(norm_squared) and norm_squared > 1e-12):
+                raise InputError(
+                    "eef_pose.orientation",
+                    f"quaternion ({q.x}, {q.y}, {q.z}, {q.w}) is not a rotation; "
+                    "its length must be non-zero and finite",
+                )
+        return self
+
 
 class InferResponse(_WireModel):
     has_eef_target: bool = False

@@ -8,3 +8,9 @@ class InputError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class BackendStartupError(ValueError):
+    """A backend refuses to start with the given settings (bad option, missing
+    hardware or package, unusable model). The message says why and how to fix it;
+    callers print it as it is, without a traceback."""

@@ -67,7 +67,12 @@ def decode_image_bytes(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(raw), formats=[expected_format])
-    except (OSError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+    except (
+        OSError,
+        ValueError,  # e.g. "Truncated IHDR chunk" from a cut PNG header
+        Image.DecompressionBombWarning,
+        Image.DecompressionBombError,
+    ) as exc:
         raise InputError("image", f"bytes are not a {expected_format} image ({exc})") from None
     width, height = image.size
     # Checked from the header, before any pixel is decompressed.
@@ -83,7 +88,8 @@ def decode_image_bytes(
         )
     try:
         rgb = image.convert("RGB")
-    except (OSError, ValueError) as exc:
+    # Pillow reports some broken PNG chunks as SyntaxError.
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InputError("image", f"{expected_format} data is corrupt ({exc})") from None
     return np.asarray(rgb, dtype=np.uint8)
 

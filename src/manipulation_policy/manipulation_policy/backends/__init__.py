@@ -34,12 +34,37 @@ class UnknownBackendError(ValueError):
 
 
 def create_backend(name: str, **options: Any) -> PolicyBackend:
-    """Build the backend called ``name``; options go to its constructor."""
+    """Build the backend called ``name``; options go to its constructor.
+
+    ``name`` is a registered name (``stub``, ``openvla``) or a plugin spec
+    ``module.path:ClassName`` naming any importable class with the backend
+    interface, e.g. a model kept outside this package, or a test double.
+    """
+    if ":" in name:
+        return _plugin_backend_class(name)(**options)
     target = BACKEND_MODULES.get(name)
     if target is None:
         raise UnknownBackendError(
             f"unknown backend {name!r}; choose one of {', '.join(sorted(BACKEND_MODULES))}"
+            " or give module.path:ClassName"
         )
     module_name, class_name = target.split(":")
     module = importlib.import_module(f".{module_name}", __name__)
     return getattr(module, class_name)(**options)
+
+
+def _plugin_backend_class(spec: str) -> type:
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise UnknownBackendError(f"backend spec {spec!r} is not module.path:ClassName")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if module_name != missing and not module_name.startswith(missing + "."):
+            raise  # the module exists but one of its own imports is missing
+        raise UnknownBackendError(f"backend module {module_name!r} not found") from None
+    backend_class = getattr(module, class_name, None)
+    if not isinstance(backend_class, type):
+        raise UnknownBackendError(f"module {module_name!r} has no class {class_name!r}")
+    return backend_class

@@ -1,0 +1,192 @@
+"""Policy server throughput and latency on loopback, beside the cost of JPEG decoding alone.
+
+    tools/ros_env.sh python bench/bench_server.py                 # ~30 s
+    tools/ros_env.sh python bench/bench_server.py --seconds 10
+
+Starts the real server (stub backend, so the model costs ~nothing and the
+server itself is measured) as a subprocess on 127.0.0.1, then for each row
+sends requests for --seconds from N client threads, each on its own kept-alive
+connection (http.client: the leanest client, so the client's own cost stays
+small). Rows: GET /health (HTTP + framework floor), /infer without image,
+/infer with a 224x224 JPEG at concurrency 1 and 8.
+
+In this process, the same work without HTTP: JPEG decode alone (base64 +
+Pillow, what the server must do to any image), the whole body decode
+(JSON parse, validation, JPEG decode) and the stub's predict. The ratio column
+is a row's p50 over the JPEG decode alone: how many decodes one request costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from manipulation_policy.backends.stub import StubBackend
+from manipulation_policy.imaging import decode_base64_image, encode_jpeg
+from manipulation_policy.server_app import decode_infer_body
+from manipulation_policy.server_process import ServerProcess
+
+
+def scene_jpeg(size: int = 224, quality: int = 90) -> bytes:
+    """A camera-like frame (smooth shading, edges, sensor noise), not a flat colour."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    rgb = np.stack([200 * x + 30, 150 * y + 50, 120 * (1 - x * y) + 40], axis=-1)
+    rgb[size // 3 : size // 2, size // 4 : size // 2] = (220, 40, 40)  # an object
+    rgb += np.random.default_rng(0).normal(0, 6, rgb.shape)
+    return encode_jpeg(np.clip(rgb, 0, 255).astype(np.uint8), quality)
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(fraction * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def time_in_process(
+    functions: dict[str, Callable[[], object]], seconds: float, rounds: int = 5
+) -> dict[str, list[float]]:
+    """Sorted per-call times of each function, measured in interleaved rounds so that
+    warm-up and machine noise fall on all of them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    for function in functions.values():
+        function()  # warm-up
+    for _ in range(rounds):
+        for name, function in functions.items():
+            deadline = time.perf_counter() + seconds / rounds / len(functions)
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                function()
+                samples[name].append(time.perf_counter() - started)
+    return {name: sorted(values) for name, values in samples.items()}
+
+
+def load(
+    port: int, method: str, path: str, body: bytes, concurrency: int, seconds: float
+) -> tuple[float, list[float], int]:
+    """(requests/s, sorted latencies in s, non-200 answers) over ``seconds``."""
+    headers = {"Content-Type": "application/json"} if body else {}
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    failures = [0] * concurrency
+    start_gate = threading.Barrier(concurrency + 1)
+    stop_at = [0.0]
+
+    def client(slot: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        start_gate.wait()
+        while time.perf_counter() < stop_at[0]:
+            started = time.perf_counter()
+            connection.request(method, path, body=body or None, headers=headers)
+            answer = connection.getresponse()
+            answer.read()
+            latencies[slot].append(time.perf_counter() - started)
+            failures[slot] += answer.status != 200
+        connection.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    stop_at[0] = time.perf_counter() + seconds
+    started = time.perf_counter()
+    start_gate.wait()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    merged = sorted(value for per_client in latencies for value in per_client)
+    return len(merged) / elapsed, merged, sum(failures)
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="per load row")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    args = parser.parse_args(argv)
+
+    jpeg = scene_jpeg()
+    image_b64 = base64.b64encode(jpeg).decode("ascii")
+    joints = {"name": [f"j{i}" for i in range(7)], "position": [0.1] * 7,
+              "velocity": [0.0] * 7, "effort": []}  # fmt: skip
+    no_image = json.dumps({"reference_frame": "base_link", "joint_states": joints}).encode()
+    with_image = json.dumps(
+        {"reference_frame": "base_link", "joint_states": joints, "image": image_b64,
+         "image_encoding": "jpeg", "image_width": 224, "image_height": 224,
+         "instruction": "pick up the red block"}
+    ).encode()  # fmt: skip
+
+    # In-process floors: what any server must spend on this request.
+    observation = decode_infer_body(with_image, 4096 * 4096)[1]
+    backend = StubBackend()
+    floors = time_in_process(
+        {
+            "JPEG decode alone (in process)": lambda: decode_base64_image(image_b64, "jpeg"),
+            "body decode: JSON + validation + JPEG (in process)": lambda: decode_infer_body(
+                with_image, 4096 * 4096
+            ),
+            "stub predict (in process)": lambda: backend.predict(observation),
+        },
+        seconds=min(3.0, args.seconds),
+    )
+    decode_p50 = statistics.median(floors["JPEG decode alone (in process)"])
+
+    rows = []
+    queue = str(max(args.concurrency) * 2)
+    with ServerProcess("--backend", "stub", "--no-access-log", "--max-queue", queue) as server:
+        plan = [("GET /health", "GET", "/health", b"", 1),
+                ("POST /infer, no image", "POST", "/infer", no_image, 1)]  # fmt: skip
+        plan += [
+            (f"POST /infer, 224x224 JPEG, {c} client{'s' if c > 1 else ''}", "POST", "/infer",
+             with_image, c)
+            for c in args.concurrency
+        ]  # fmt: skip
+        for label, method, path, body, concurrency in plan:
+            load(server.port, method, path, body, concurrency, min(0.5, args.seconds))  # warm-up
+            rate, latencies, failures = load(
+                server.port, method, path, body, concurrency, args.seconds
+            )
+            rows.append((label, rate, latencies, failures))
+
+    print(f"machine: {machine()}")
+    print(f"image: 224x224 JPEG q90, {len(jpeg)} bytes; request body {len(with_image)} bytes")
+    print(f"{args.seconds:g} s per load row, client and server on the same machine\n")
+    print("| what | requests/s | p50 ms | p99 ms | p50 / JPEG decode |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for label, samples in floors.items():
+        print(
+            f"| {label} | {1 / statistics.median(samples):,.0f} | "
+            f"{percentile(samples, 0.5) * 1e3:.3f} | {percentile(samples, 0.99) * 1e3:.3f} | "
+            f"{statistics.median(samples) / decode_p50:.2f} |"
+        )
+    for label, rate, latencies, failures in rows:
+        note = f" ({failures} non-200)" if failures else ""
+        print(
+            f"| {label}{note} | {rate:,.0f} | {percentile(latencies, 0.5) * 1e3:.3f} | "
+            f"{percentile(latencies, 0.99) * 1e3:.3f} | "
+            f"{percentile(latencies, 0.5) / decode_p50:.2f} |"
+        )
+    return 1 if any(failures for *_, failures in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+# Robot image: ROS 2 Humble with the MobileManipulationCore workspace built.
+#   docker build -f docker/robot.Dockerfile -t manipulation-robot .     (from the repo root)
+#   docker run --rm -it --network host --ipc host manipulation-robot \
+#       ros2 launch manipulation_bringup core_launch.py use_remote_policy:=true \
+#       remote_url:=http://GPU_HOST:5000
+FROM ros:humble-ros-base
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+WORKDIR /ws
+
+# System dependencies from the package manifests first, so that a code change
+# does not re-run rosdep.
+COPY src/manipulation_msgs/package.xml src/manipulation_msgs/package.xml
+COPY src/manipulation_policy/package.xml src/manipulation_policy/package.xml
+COPY src/manipulation_bringup/package.xml src/manipulation_bringup/package.xml
+# Ubuntu 22.04 ships pydantic 1; the wire contract needs pydantic 2 (from pip,
+# which takes precedence over the apt copy). Apt versions follow the Humble
+# snapshot of the base image, as rosdep's do: not pinned here.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && rosdep update --rosdistro humble \
+    && rosdep install --from-paths src --ignore-src --rosdistro humble -y \
+    && apt-get install -y --no-install-recommends python3-pip \
+    && pip3 install --no-cache-dir "pydantic==2.14.3" \
+    && rm -rf /var/lib/apt/lists/*
+
+COPY colcon.meta ./
+COPY src ./src
+RUN source /opt/ros/humble/setup.bash \
+    && colcon build --cmake-args -DBUILD_TESTING=OFF \
+    && rm -rf build log
+
+COPY docker/robot_entrypoint.sh /usr/local/bin/robot_entrypoint.sh
+ENTRYPOINT ["/bin/bash", "/usr/local/bin/robot_entrypoint.sh"]
+CMD ["ros2", "launch", "manipulation_bringup", "core_launch.py"]

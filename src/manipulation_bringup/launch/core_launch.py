@@ -1,0 +1,61 @@
+"""Start the MobileManipulationCore policy stack: exactly one policy node.
+
+    ros2 launch manipulation_bringup core_launch.py                 # model in-process
+    ros2 launch manipulation_bringup core_launch.py use_remote_policy:=true \\
+        remote_url:=http://gpu-host:5000                            # model on a GPU host
+
+Arguments left empty take their value from params_file. Which node starts,
+with which parameters, and whether a value is valid is decided by
+manipulation_bringup.launch_logic (plain Python with its own tests).
+"""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+from manipulation_bringup import launch_logic
+
+
+def _start_policy_node(context):
+    arguments = {
+        name: LaunchConfiguration(name).perform(context)
+        for name in launch_logic.LAUNCH_ARGUMENT_NAMES
+    }
+    plan = launch_logic.plan_policy_node(arguments)
+    actions = [LogInfo(msg=plan.summary())]
+    if plan.ignored_arguments:
+        actions.append(
+            LogInfo(msg=f"{plan.name} does not use: {', '.join(plan.ignored_arguments)}")
+        )
+    actions.append(
+        Node(
+            package=plan.package,
+            executable=plan.executable,
+            name=plan.name,
+            parameters=[plan.parameters],
+            output="screen",
+            emulate_tty=True,
+        )
+    )
+    return actions
+
+
+def generate_launch_description():
+    default_params_file = os.path.join(
+        get_package_share_directory("manipulation_bringup"), "config", "policy_params.yaml"
+    )
+    declarations = [
+        DeclareLaunchArgument(
+            argument.name,
+            default_value=default_params_file
+            if argument.name == "params_file"
+            else argument.default,
+            description=argument.description,
+        )
+        for argument in launch_logic.LAUNCH_ARGUMENTS
+    ]
+    return LaunchDescription([*declarations, OpaqueFunction(function=_start_policy_node)])

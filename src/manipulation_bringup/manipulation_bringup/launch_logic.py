@@ -1,0 +1,299 @@
+"""The decisions behind launch/core_launch.py, in plain Python (no `launch` import).
+
+The launch file hands over its argument strings; this module checks them,
+merges the ones the user set over the defaults of the params file, and says
+which one of the two policy nodes to start and with which parameters. An
+empty argument string means "not set": the params file decides. Values are
+checked with the nodes' own parameter specs, so a value the node would refuse
+stops the launch with the same reason, before anything starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from manipulation_policy.node_parameters import (
+    COMMON_PARAMETERS,
+    POLICY_NODE_PARAMETERS,
+    REMOTE_NODE_PARAMETERS,
+    ParameterSpec,
+    specs_by_name,
+)
+
+POLICY_PACKAGE = "manipulation_policy"
+LOCAL_NODE = "policy_node"
+REMOTE_NODE = "remote_policy_node"
+# Params-file section that applies to every node.
+WILDCARD_SECTION = "/**"
+
+
+class LaunchArgumentError(ValueError):
+    """A launch argument has a value the stack cannot use."""
+
+    def __init__(self, argument: str, value: Any, reason: str) -> None:
+        super().__init__(f"launch argument {argument}:={value!r} is invalid: {reason}")
+        self.argument = argument
+        self.value = value
+        self.reason = reason
+
+
+class ParamsFileError(ValueError):
+    """The params file is missing, not YAML, or holds a bad parameter."""
+
+    def __init__(self, path: Union[str, Path], reason: str) -> None:
+        super().__init__(f"params_file {str(path)!r}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+# --------------------------------------------------------------- parameters
+# Names, types (those of the defaults) and checks are the nodes' own, from
+# manipulation_policy.node_parameters: what the launch file accepts is exactly
+# what the node accepts.
+
+# Parameters every ROS 2 node has, which a params file may set too.
+STANDARD_PARAMETERS: dict[str, ParameterSpec] = {
+    "use_sim_time": ParameterSpec("use_sim_time", False, "Use the /clock topic as time."),
+}
+NODE_PARAMETERS: dict[str, dict[str, ParameterSpec]] = {
+    LOCAL_NODE: specs_by_name(COMMON_PARAMETERS, POLICY_NODE_PARAMETERS),
+    REMOTE_NODE: specs_by_name(COMMON_PARAMETERS, REMOTE_NODE_PARAMETERS),
+}
+_ALL_PARAMETERS = specs_by_name(COMMON_PARAMETERS, POLICY_NODE_PARAMETERS, REMOTE_NODE_PARAMETERS)
+
+
+# ---------------------------------------------------- parsing launch strings
+
+_TRUE_WORDS = frozenset({"true", "1", "yes"})
+_FALSE_WORDS = frozenset({"false", "0", "no"})
+
+
+def parse_bool(argument: str, text: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise LaunchArgumentError(argument, text, "expected true/false (or 1/0, yes/no)")
+
+
+def parse_float(argument: str, text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise LaunchArgumentError(argument, text, "expected a number") from None
+    if not math.isfinite(value):
+        raise LaunchArgumentError(argument, text, "expected a finite number")
+    return value
+
+
+def parse_int(argument: str, text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise LaunchArgumentError(argument, text, "expected a whole number") from None
+
+
+_PARSERS: dict[type, Callable[[str, str], Any]] = {
+    bool: parse_bool,
+    float: parse_float,
+    int: parse_int,
+    str: lambda _argument, text: text,
+}
+
+
+def parse_argument(spec: ParameterSpec, text: str) -> Any:
+    """The typed, checked value of a launch-argument string for parameter ``spec``."""
+    value = _PARSERS[type(spec.default)](spec.name, text)
+    reason = spec.reason_to_refuse(value)
+    if reason is not None:
+        raise LaunchArgumentError(spec.name, text, reason)
+    return value
+
+
+# ------------------------------------------------------------ launch arguments
+
+
+@dataclass(frozen=True)
+class LaunchArgument:
+    name: str
+    description: str
+    default: str = ""  # "" = not set: the params file decides
+
+
+LAUNCH_ARGUMENTS = (
+    LaunchArgument(
+        "use_remote_policy",
+        "true: start remote_policy_node (HTTP client of a policy server); "
+        "false: start policy_node (model in-process)",
+        "false",
+    ),
+    LaunchArgument(
+        "params_file",
+        "YAML params file with the defaults of both nodes (default: the installed "
+        "config/policy_params.yaml)",
+    ),
+    LaunchArgument("remote_url", "policy server URL, e.g. http://gpu-host:5000 (remote mode)"),
+    LaunchArgument("remote_timeout_sec", "HTTP timeout per attempt, seconds > 0 (remote mode)"),
+    LaunchArgument("remote_retry_attempts", "retries after a failed request, >= 0 (remote mode)"),
+    LaunchArgument(
+        "remote_fallback_on_failure",
+        "true: publish a safe hold output when the server fails (remote mode)",
+    ),
+    LaunchArgument("camera_topic", "sensor_msgs/Image topic of the camera"),
+    LaunchArgument("image_transport", "raw or compressed (subscribes to camera_topic/compressed)"),
+    LaunchArgument("joint_states_topic", "sensor_msgs/JointState topic"),
+    LaunchArgument("instruction", "task text, e.g. 'pick up the red cup'"),
+    LaunchArgument("inference_rate", "policy outputs per second, > 0"),
+    LaunchArgument("backend", "openvla or stub (local mode)"),
+    LaunchArgument("model", "Hugging Face model id or local directory (local mode)"),
+    LaunchArgument("unnorm_key", "action un-normalization key, e.g. bridge_orig (local mode)"),
+    LaunchArgument("device", "auto, cpu, mps, cuda or cuda:N (local mode)"),
+    LaunchArgument("quantization", "none, 8bit or 4bit (local mode, CUDA only)"),
+    LaunchArgument("lora_adapter", "directory of a LoRA adapter to load (local mode)"),
+)
+LAUNCH_ARGUMENT_NAMES = tuple(argument.name for argument in LAUNCH_ARGUMENTS)
+# Launch arguments that choose things rather than set one node parameter.
+_CONTROL_ARGUMENTS = ("use_remote_policy", "params_file")
+
+
+# ------------------------------------------------------------- params file
+
+
+def _flatten(parameters: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """ROS params files may nest names: {a: {b: 1}} is the parameter a.b."""
+    flat: dict[str, Any] = {}
+    for key, value in parameters.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _file_value(path: Union[str, Path], spec: ParameterSpec, value: Any) -> Any:
+    """A params-file value, checked; ints become floats for float parameters
+    (rclpy refuses an integer for a parameter declared as double)."""
+    reason = spec.reason_to_refuse(value)
+    if reason is None and isinstance(spec.default, float):
+        value = float(value)
+        if not math.isfinite(value):
+            reason = f"must be a finite number, got {value!r}"
+    if reason is not None:
+        raise ParamsFileError(path, f"{spec.name} {reason}")
+    return value
+
+
+def read_params_file(path: Union[str, Path]) -> dict[str, dict[str, Any]]:
+    """Section name (node name, or /**) -> its ros__parameters, flattened."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ParamsFileError(path, f"cannot be read ({exc.strerror or exc})") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsFileError(path, f"is not valid YAML ({exc})") from None
+    if document is None:
+        return {}
+    if not isinstance(document, Mapping):
+        raise ParamsFileError(path, "top level must map node names to ros__parameters")
+    sections: dict[str, dict[str, Any]] = {}
+    for section, body in document.items():
+        parameters = body.get("ros__parameters") if isinstance(body, Mapping) else None
+        if not isinstance(parameters, Mapping):
+            raise ParamsFileError(path, f"section {section!r} has no ros__parameters mapping")
+        sections[str(section)] = _flatten(parameters)
+    return sections
+
+
+def node_parameters_from_file(path: Union[str, Path], node: str) -> dict[str, Any]:
+    """The checked parameters the params file gives ``node``.
+
+    The wildcard section applies first and may hold parameters of other nodes
+    (ignored here); the node's own section must name only parameters it has.
+    """
+    specs = {**STANDARD_PARAMETERS, **NODE_PARAMETERS[node]}
+    sections = read_params_file(path)
+    parameters: dict[str, Any] = {}
+    for name, value in sections.get(WILDCARD_SECTION, {}).items():
+        if name in specs:
+            parameters[name] = _file_value(path, specs[name], value)
+    for section in (node, f"/{node}"):
+        for name, value in sections.get(section, {}).items():
+            if name not in specs:
+                raise ParamsFileError(path, f"{node} has no parameter {name!r}")
+            parameters[name] = _file_value(path, specs[name], value)
+    return parameters
+
+
+# ------------------------------------------------------------------ the plan
+
+
+@dataclass(frozen=True)
+class PolicyNodePlan:
+    """The one node core_launch.py starts."""
+
+    package: str
+    executable: str
+    name: str
+    parameters: dict[str, Any]
+    params_file: str
+    # Set launch arguments that the chosen node has no use for (e.g. remote_url in local mode).
+    ignored_arguments: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        shown = ("remote_url",) if self.name == REMOTE_NODE else ("backend", "model", "device")
+        details = ", ".join(
+            f"{key}={self.parameters[key]}" for key in shown if key in self.parameters
+        )
+        return f"starting {self.name} ({details}) with defaults from {self.params_file}"
+
+
+def plan_policy_node(
+    arguments: Mapping[str, str], default_params_file: Union[str, Path, None] = None
+) -> PolicyNodePlan:
+    """Which node to start and its parameters, from the launch-argument strings.
+
+    ``arguments`` maps launch-argument names to their strings; missing or empty
+    ones are not set. Every set argument is checked, including those the chosen
+    node ignores, so a typo never passes silently.
+    """
+    unknown = sorted(set(arguments) - set(LAUNCH_ARGUMENT_NAMES))
+    if unknown:
+        raise LaunchArgumentError(
+            unknown[0], arguments[unknown[0]], f"unknown; known: {', '.join(LAUNCH_ARGUMENT_NAMES)}"
+        )
+    given = {name: text for name, text in arguments.items() if text.strip() != ""}
+
+    use_remote = parse_bool("use_remote_policy", given.get("use_remote_policy", "false"))
+    node = REMOTE_NODE if use_remote else LOCAL_NODE
+    params_file = given.get("params_file") or default_params_file
+    if not params_file:
+        raise LaunchArgumentError("params_file", "", "no params file given and no default")
+
+    parameters = node_parameters_from_file(params_file, node)
+    ignored = []
+    for name, text in given.items():
+        if name in _CONTROL_ARGUMENTS:
+            continue
+        value = parse_argument(_ALL_PARAMETERS[name], text)
+        if name in NODE_PARAMETERS[node]:
+            parameters[name] = value
+        else:
+            ignored.append(name)
+    return PolicyNodePlan(
+        package=POLICY_PACKAGE,
+        executable=node,
+        name=node,
+        parameters=parameters,
+        params_file=str(params_file),
+        ignored_arguments=tuple(ignored),
+    )

@@ -1,0 +1,210 @@
+"""What can be checked of the deployment files without a Docker engine or a GPU:
+every file a Dockerfile copies is in the repo and in its build context, the compose
+file points at real Dockerfiles and passes arguments the launch file and the server
+accept, and requirements.txt / colcon.meta are well formed."""
+
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from manipulation_bringup.launch_logic import REMOTE_NODE, plan_policy_node
+
+REPO = Path(__file__).resolve().parents[3]
+DOCKER = REPO / "docker"
+DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
+COMPOSE_FILE = DOCKER / "docker-compose.yml"
+PARAMS_FILE = REPO / "src" / "manipulation_bringup" / "config" / "policy_params.yaml"
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    joined = re.sub(r"\\\n", " ", dockerfile.read_text())
+    pairs = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            pairs.append((keyword.upper(), rest.strip()))
+    return pairs
+
+
+def copy_sources(dockerfile: Path) -> list[str]:
+    sources = []
+    for keyword, rest in instructions(dockerfile):
+        if keyword not in ("COPY", "ADD"):
+            continue
+        words = json.loads(rest) if rest.startswith("[") else shlex.split(rest)
+        if any(word.startswith("--from") for word in words):
+            continue  # from another stage, not the build context
+        words = [word for word in words if not word.startswith("--")]
+        sources.extend(words[:-1])
+    return sources
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    parts = re.split(r"(\*\*/|\*|\?)", pattern)
+    wildcards = {"**/": "(?:.*/)?", "*": "[^/]*", "?": "[^/]"}
+    return re.compile("".join(wildcards.get(part, re.escape(part)) for part in parts) + "$")
+
+
+def ignored_by(dockerignore: Path, path: str) -> bool:
+    """Docker's rule: the last matching pattern wins; a match on a parent folder counts."""
+    patterns = [
+        line.strip()
+        for line in dockerignore.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    parts = path.strip("/").split("/")
+    prefixes = ["/".join(parts[: index + 1]) for index in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        regex = _pattern_regex(pattern.lstrip("!").strip("/"))
+        if any(regex.match(prefix) for prefix in prefixes):
+            ignored = not negated
+    return ignored
+
+
+def test_there_are_a_robot_and_a_server_dockerfile():
+    assert {path.name for path in DOCKERFILES} == {"robot.Dockerfile", "server.Dockerfile"}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
+def test_every_copy_source_exists_and_is_in_the_build_context(dockerfile):
+    sources = copy_sources(dockerfile)
+    assert sources, "no COPY found"
+    dockerignore = dockerfile.with_name(dockerfile.name + ".dockerignore")
+    for source in sources:
+        assert (REPO / source).exists(), f"{dockerfile.name}: COPY source {source} missing"
+        assert not ignored_by(dockerignore, source), f"{source} excluded by {dockerignore.name}"
+
+
+def test_the_dockerignore_matcher_follows_dockers_rules(tmp_path):
+    ignore = tmp_path / "x.dockerignore"
+    ignore.write_text("*\n!src/\n**/__pycache__\n")
+    assert ignored_by(ignore, ".venv/bin/python")
+    assert ignored_by(ignore, "README.md")
+    assert not ignored_by(ignore, "src/manipulation_policy/setup.py")
+    assert ignored_by(ignore, "src/manipulation_policy/__pycache__/x.pyc")
+
+
+def test_robot_image_builds_the_workspace_and_launches_the_stack():
+    steps = instructions(DOCKER / "robot.Dockerfile")
+    assert steps[0] == ("FROM", "ros:humble-ros-base")
+    runs = " ".join(rest for keyword, rest in steps if keyword == "RUN")
+    assert "rosdep install --from-paths src" in runs
+    assert "colcon build" in runs
+    cmd = json.loads(dict(steps)["CMD"])
+    assert cmd == ["ros2", "launch", "manipulation_bringup", "core_launch.py"]
+    assert (REPO / "src/manipulation_bringup/launch" / cmd[3]).is_file()
+
+
+def test_robot_entrypoint_sources_ros_and_the_workspace_then_execs():
+    script = DOCKER / "robot_entrypoint.sh"
+    text = script.read_text()
+    humble = text.index("source /opt/ros/humble/setup.bash")
+    workspace = text.index("source /ws/install/setup.bash")
+    assert humble < workspace < text.index('exec "$@"')
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=10)
+
+
+def test_server_image_serves_the_policy_with_a_health_check():
+    steps = instructions(DOCKER / "server.Dockerfile")
+    assert steps[0][0] == "FROM" and steps[0][1].startswith("pytorch/pytorch:2.2.0-cuda")
+    by_keyword = dict(steps)
+    assert by_keyword["EXPOSE"] == "5000"
+    assert "http://127.0.0.1:5000/health" in by_keyword["HEALTHCHECK"]
+    cmd = json.loads(by_keyword["CMD"])
+    assert cmd[:3] == ["python3", "-m", "manipulation_policy.policy_server"]
+    server_args = _server_args(cmd[3:])
+    assert (server_args.host, server_args.port) == ("0.0.0.0", 5000)
+
+
+def _server_args(argv):
+    from manipulation_policy.policy_server import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+# ------------------------------------------------------------------ compose
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def test_compose_builds_from_existing_dockerfiles(compose):
+    services = compose["services"]
+    assert set(services) == {"policy_server", "robot"}
+    for name, service in services.items():
+        context = (COMPOSE_FILE.parent / service["build"]["context"]).resolve()
+        assert context == REPO, name
+        assert (context / service["build"]["dockerfile"]).is_file(), name
+
+
+def test_compose_server_has_a_gpu_and_a_valid_command(compose):
+    server = compose["services"]["policy_server"]
+    devices = server["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in device["capabilities"] for device in devices)
+    command = server["command"]
+    assert command[:3] == ["python3", "-m", "manipulation_policy.policy_server"]
+    args = _server_args(command[3:])
+    assert (args.host, args.port, args.backend) == ("0.0.0.0", 5000, "openvla")
+    assert any(port.endswith(f":{args.port}") for port in server["ports"])
+
+
+def test_compose_robot_starts_the_remote_node_against_the_server(compose):
+    robot = compose["services"]["robot"]
+    assert robot["network_mode"] == "host"
+    assert robot["depends_on"]["policy_server"]["condition"] == "service_healthy"
+    command = robot["command"]
+    assert command[:4] == ["ros2", "launch", "manipulation_bringup", "core_launch.py"]
+    arguments = dict(word.split(":=", 1) for word in command[4:])
+    plan = plan_policy_node(arguments, default_params_file=PARAMS_FILE)
+    assert plan.name == REMOTE_NODE
+    assert plan.parameters["remote_url"] == "http://policy_server:5000"
+    # On the host network the service name resolves only through extra_hosts.
+    assert "policy_server:127.0.0.1" in robot["extra_hosts"]
+
+
+# ------------------------------------------------- requirements, colcon.meta
+
+
+def test_requirements_are_pinned_with_the_openvla_stack():
+    lines = [
+        line.strip()
+        for line in (REPO / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    pins = {}
+    for line in lines:
+        match = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([0-9][A-Za-z0-9.]*)", line)
+        assert match, f"not pinned as name==version: {line}"
+        pins[match.group(1).lower()] = match.group(2)
+    assert {
+        "torch": "2.2.0",
+        "torchvision": "0.17.0",
+        "transformers": "4.40.1",
+        "tokenizers": "0.19.1",
+        "timm": "0.9.10",
+    }.items() <= pins.items()
+    assert {"accelerate", "bitsandbytes", "peft", "fastapi", "uvicorn", "pydantic"} <= set(pins)
+    assert {"pillow", "numpy", "requests"} <= set(pins)
+    assert int(pins["pydantic"].split(".")[0]) >= 2
+    assert "flash-attn" not in pins  # optional: built by hand with --no-build-isolation
+
+
+def test_colcon_meta_names_real_packages_with_known_keys():
+    meta = json.loads((REPO / "colcon.meta").read_text())
+    packages = {path.parent.name for path in (REPO / "src").glob("*/package.xml")}
+    assert set(meta) == {"names"}
+    assert set(meta["names"]) <= packages
+    for settings in meta["names"].values():
+        assert set(settings) <= {"cmake-args", "ament-cmake-args", "catkin-cmake-args"}
+        assert all(isinstance(arg, str) for args in settings.values() for arg in args)

@@ -1,0 +1,404 @@
+"""The decisions of core_launch.py: which node, which parameters, which values are refused."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from manipulation_bringup import launch_logic
+from manipulation_bringup.launch_logic import (
+    LOCAL_NODE,
+    NODE_PARAMETERS,
+    REMOTE_NODE,
+    LaunchArgumentError,
+    ParamsFileError,
+    plan_policy_node,
+)
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+PARAMS_FILE = PACKAGE_DIR / "config" / "policy_params.yaml"
+LAUNCH_FILE = PACKAGE_DIR / "launch" / "core_launch.py"
+
+# The defaults of COMMON.md's shared names, which the nodes declare too.
+SHARED_DEFAULTS = {
+    "camera_topic": "/camera/color/image_raw",
+    "image_transport": "raw",
+    "joint_states_topic": "/joint_states",
+    "instruction_topic": "/manipulation/instruction",
+    "eef_pose_topic": "/manipulation/eef_pose",
+    "output_topic": "/manipulation/policy_output",
+    "inference_rate": 5.0,
+    "instruction": "pick up the object",
+    "reference_frame": "base_link",
+    "max_observation_age_sec": 0.5,
+}
+LOCAL_DEFAULTS = {
+    "backend": "openvla",
+    "model": "openvla/openvla-7b",
+    "unnorm_key": "",
+    "device": "auto",
+    "dtype": "auto",
+    "quantization": "none",
+    "lora_adapter": "",
+    "attn_implementation": "auto",
+    "gripper_convention": "open_is_one",
+    "position_scale": 1.0,
+    "rotation_scale": 1.0,
+}
+REMOTE_DEFAULTS = {
+    "remote_url": "http://localhost:5000",
+    "remote_timeout_sec": 1.0,
+    "remote_retry_attempts": 3,
+    "remote_fallback_on_failure": True,
+    "remote_api_key": "",
+    "image_width": 224,
+    "image_height": 224,
+    "jpeg_quality": 90,
+}
+
+
+def plan(**arguments):
+    return plan_policy_node(arguments, default_params_file=PARAMS_FILE)
+
+
+def write_params(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------ the two modes
+
+
+def test_default_starts_the_local_node_with_the_yaml_defaults():
+    result = plan()
+    assert (result.package, result.executable, result.name) == (
+        "manipulation_policy",
+        LOCAL_NODE,
+        LOCAL_NODE,
+    )
+    assert result.parameters == {**SHARED_DEFAULTS, **LOCAL_DEFAULTS}
+    assert result.ignored_arguments == ()
+    assert result.params_file == str(PARAMS_FILE)
+
+
+def test_remote_mode_starts_the_remote_node_with_the_yaml_defaults():
+    result = plan(use_remote_policy="true")
+    assert (result.package, result.executable, result.name) == (
+        "manipulation_policy",
+        REMOTE_NODE,
+        REMOTE_NODE,
+    )
+    assert result.parameters == {**SHARED_DEFAULTS, **REMOTE_DEFAULTS}
+    assert "http://localhost:5000" in result.summary()
+
+
+@pytest.mark.parametrize("text", ["true", "True", "TRUE", "1", "yes", "YES", " yes "])
+def test_every_true_spelling_chooses_the_remote_node(text):
+    assert plan(use_remote_policy=text).name == REMOTE_NODE
+
+
+@pytest.mark.parametrize("text", ["false", "False", "0", "no", "No", ""])
+def test_every_false_spelling_or_unset_chooses_the_local_node(text):
+    assert plan(use_remote_policy=text).name == LOCAL_NODE
+
+
+# ----------------------------------------------------------------- overrides
+
+
+def test_remote_overrides_are_typed_and_win_over_the_yaml():
+    result = plan(
+        use_remote_policy="yes",
+        remote_url="https://gpu-host.example:8443/v1",
+        remote_timeout_sec="2.5",
+        remote_retry_attempts="0",
+        remote_fallback_on_failure="no",
+        camera_topic="/head_camera/image_raw",
+        joint_states_topic="arm/joint_states",
+        instruction="put the cup in the sink",
+        inference_rate="10",
+    )
+    params = result.parameters
+    assert params["remote_url"] == "https://gpu-host.example:8443/v1"
+    assert params["remote_timeout_sec"] == 2.5
+    assert params["remote_retry_attempts"] == 0
+    assert type(params["remote_retry_attempts"]) is int
+    assert params["remote_fallback_on_failure"] is False
+    assert params["camera_topic"] == "/head_camera/image_raw"
+    assert params["joint_states_topic"] == "arm/joint_states"
+    assert params["instruction"] == "put the cup in the sink"
+    # rclpy refuses an int for a double parameter, so "10" must arrive as 10.0.
+    assert params["inference_rate"] == 10.0 and type(params["inference_rate"]) is float
+    # Untouched ones keep the yaml value.
+    assert params["jpeg_quality"] == 90
+    assert params["output_topic"] == "/manipulation/policy_output"
+
+
+def test_local_model_options_override_the_yaml():
+    result = plan(
+        backend="stub",
+        model="/models/openvla-finetuned",
+        unnorm_key="bridge_orig",
+        device="cuda:1",
+        quantization="4bit",
+        lora_adapter="/models/lora/pick_cup",
+        image_transport="compressed",
+    )
+    params = result.parameters
+    assert result.name == LOCAL_NODE
+    assert params["backend"] == "stub"
+    assert params["model"] == "/models/openvla-finetuned"
+    assert params["unnorm_key"] == "bridge_orig"
+    assert params["device"] == "cuda:1"
+    assert params["quantization"] == "4bit"
+    assert params["lora_adapter"] == "/models/lora/pick_cup"
+    assert params["image_transport"] == "compressed"
+    assert params["dtype"] == "auto"
+
+
+def test_empty_strings_are_not_set_and_keep_the_yaml_values():
+    result = plan(use_remote_policy="true", remote_url="", remote_timeout_sec="", instruction="  ")
+    assert result.parameters == {**SHARED_DEFAULTS, **REMOTE_DEFAULTS}
+
+
+def test_arguments_of_the_other_mode_are_reported_not_passed():
+    local = plan(remote_url="http://gpu:5000", remote_retry_attempts="5")
+    assert local.name == LOCAL_NODE
+    assert set(local.ignored_arguments) == {"remote_url", "remote_retry_attempts"}
+    assert "remote_url" not in local.parameters
+
+    remote = plan(use_remote_policy="1", model="openvla/openvla-7b", quantization="8bit")
+    assert set(remote.ignored_arguments) == {"model", "quantization"}
+    assert "model" not in remote.parameters and "quantization" not in remote.parameters
+
+
+def test_params_file_argument_replaces_the_default_file(tmp_path):
+    custom = write_params(
+        tmp_path,
+        "remote_policy_node:\n  ros__parameters:\n"
+        "    remote_url: http://10.0.0.7:5000\n    remote_timeout_sec: 3\n",
+    )
+    result = plan(use_remote_policy="true", params_file=str(custom))
+    # Only what the file holds: the node declares the rest with its own defaults.
+    assert result.parameters == {"remote_url": "http://10.0.0.7:5000", "remote_timeout_sec": 3.0}
+    assert type(result.parameters["remote_timeout_sec"]) is float
+    assert result.params_file == str(custom)
+
+
+def test_wildcard_section_applies_and_the_node_section_wins(tmp_path):
+    custom = write_params(
+        tmp_path,
+        "/**:\n  ros__parameters:\n    use_sim_time: true\n    inference_rate: 2.0\n"
+        "    some_other_nodes_parameter: 7\n"
+        "/policy_node:\n  ros__parameters:\n    inference_rate: 4.0\n",
+    )
+    result = plan(params_file=str(custom))
+    assert result.parameters == {"use_sim_time": True, "inference_rate": 4.0}
+
+
+def test_launch_arguments_override_a_custom_params_file(tmp_path):
+    custom = write_params(tmp_path, "policy_node:\n  ros__parameters:\n    backend: openvla\n")
+    assert plan(params_file=str(custom), backend="stub").parameters == {"backend": "stub"}
+
+
+# ------------------------------------------------------------ refused values
+
+
+@pytest.mark.parametrize(
+    ("argument", "text", "reason"),
+    [
+        ("use_remote_policy", "maybe", "true/false"),
+        ("use_remote_policy", "2", "true/false"),
+        ("remote_url", "ftp://gpu-host:5000", "http:// or https://"),
+        ("remote_url", "gpu-host:5000", "http:// or https://"),
+        ("remote_url", "http://", "no host"),
+        ("remote_url", "http://:5000", "no host"),
+        ("remote_url", "http://gpu-host:99999", "not a valid URL"),
+        ("remote_url", "http://gpu-host:abc", "not a valid URL"),
+        ("remote_timeout_sec", "0", "> 0"),
+        ("remote_timeout_sec", "-1.5", "> 0"),
+        ("remote_timeout_sec", "1e9", "at most"),
+        ("remote_timeout_sec", "fast", "a number"),
+        ("remote_timeout_sec", "nan", "finite"),
+        ("remote_timeout_sec", "inf", "finite"),
+        ("remote_retry_attempts", "-1", "between 0 and"),
+        ("remote_retry_attempts", "1.5", "whole number"),
+        ("remote_retry_attempts", "three", "whole number"),
+        ("remote_fallback_on_failure", "sometimes", "true/false"),
+        ("camera_topic", "camera image", "topic name"),
+        ("joint_states_topic", "joint states", "topic name"),
+        ("image_transport", "jpeg", "raw, compressed"),
+        ("inference_rate", "0", "> 0"),
+        ("backend", "gpt", "openvla"),
+        ("device", "gpu", "cuda"),
+        ("quantization", "16bit", "8bit"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["true", "false"])
+def test_bad_values_are_refused_naming_the_argument_and_value(argument, text, reason, mode):
+    # Checked in both modes: a typo in an argument the chosen node ignores is still a typo.
+    arguments = {"use_remote_policy": mode, argument: text}
+    with pytest.raises(LaunchArgumentError) as caught:
+        plan(**arguments)
+    message = str(caught.value)
+    assert isinstance(caught.value, ValueError)
+    assert caught.value.argument == argument
+    assert f"{argument}:={text!r}" in message
+    assert reason in message
+
+
+def test_unknown_launch_argument_is_refused():
+    with pytest.raises(LaunchArgumentError, match="remote_uri"):
+        plan(remote_uri="http://gpu:5000")
+
+
+def test_missing_params_file_is_refused_naming_it(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ParamsFileError, match="params_file .*nope.yaml.*cannot be read"):
+        plan(params_file=str(missing))
+
+
+def test_no_params_file_at_all_is_refused():
+    with pytest.raises(LaunchArgumentError, match="params_file"):
+        plan_policy_node({})
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("policy_node: [unclosed\n", "not valid YAML"),
+        ("- just\n- a list\n", "top level"),
+        ("policy_node:\n  inference_rate: 5.0\n", "no ros__parameters"),
+        ("policy_node:\n  ros__parameters:\n    inference_rte: 5.0\n", "'inference_rte'"),
+        ("policy_node:\n  ros__parameters:\n    remote_url: http://x:5000\n", "'remote_url'"),
+        ("policy_node:\n  ros__parameters:\n    camera:\n      topic: /c\n", "'camera.topic'"),
+        ("policy_node:\n  ros__parameters:\n    inference_rate: fast\n", "inference_rate"),
+        ("policy_node:\n  ros__parameters:\n    inference_rate: .nan\n", "finite"),
+        ("policy_node:\n  ros__parameters:\n    inference_rate: -1.0\n", "> 0"),
+        ("policy_node:\n  ros__parameters:\n    inference_rate: true\n", "float"),
+        ("policy_node:\n  ros__parameters:\n    quantization: 8\n", "str"),
+        ("/**:\n  ros__parameters:\n    device: tpu\n", "device"),
+    ],
+)
+def test_bad_params_files_are_refused_with_the_reason(tmp_path, text, reason):
+    custom = write_params(tmp_path, text)
+    with pytest.raises(ParamsFileError) as caught:
+        plan(params_file=str(custom))
+    assert isinstance(caught.value, ValueError)
+    assert str(custom) in str(caught.value)
+    assert reason in str(caught.value)
+
+
+def test_bad_remote_values_in_a_params_file_are_refused(tmp_path):
+    custom = write_params(
+        tmp_path,
+        "remote_policy_node:\n  ros__parameters:\n    remote_retry_attempts: 2.0\n",
+    )
+    with pytest.raises(ParamsFileError, match=r"remote_retry_attempts .*int.*2\.0"):
+        plan(use_remote_policy="true", params_file=str(custom))
+
+
+def test_summary_never_shows_the_api_key(tmp_path):
+    custom = write_params(
+        tmp_path,
+        "remote_policy_node:\n  ros__parameters:\n    remote_api_key: s3cret-token\n",
+    )
+    result = plan(use_remote_policy="true", params_file=str(custom))
+    assert result.parameters["remote_api_key"] == "s3cret-token"
+    assert "s3cret-token" not in result.summary()
+
+
+# ------------------------------------------------- the shipped params file
+
+
+def test_the_yaml_names_only_parameters_the_nodes_have_and_all_of_them():
+    document = yaml.safe_load(PARAMS_FILE.read_text())
+    assert set(document) == {LOCAL_NODE, REMOTE_NODE}
+    for node, specs in NODE_PARAMETERS.items():
+        in_yaml = set(document[node]["ros__parameters"])
+        assert in_yaml == set(specs) - {"use_sim_time"}, node
+
+
+def test_the_yaml_defaults_are_the_shared_names_defaults():
+    assert launch_logic.node_parameters_from_file(PARAMS_FILE, LOCAL_NODE) == {
+        **SHARED_DEFAULTS,
+        **LOCAL_DEFAULTS,
+    }
+    assert launch_logic.node_parameters_from_file(PARAMS_FILE, REMOTE_NODE) == {
+        **SHARED_DEFAULTS,
+        **REMOTE_DEFAULTS,
+    }
+
+
+def test_the_yaml_defaults_are_the_defaults_the_nodes_declare():
+    for node, specs in NODE_PARAMETERS.items():
+        declared = {name: spec.default for name, spec in specs.items()}
+        assert launch_logic.node_parameters_from_file(PARAMS_FILE, node) == declared, node
+
+
+def test_the_installed_params_file_is_the_one_in_the_repo():
+    packages = pytest.importorskip("ament_index_python.packages")
+    try:
+        share = Path(packages.get_package_share_directory("manipulation_bringup"))
+    except packages.PackageNotFoundError:
+        pytest.skip("workspace not built (make build)")
+    installed = share / "config" / "policy_params.yaml"
+    assert installed.read_text() == PARAMS_FILE.read_text()
+    assert (share / "launch" / "core_launch.py").read_text() == LAUNCH_FILE.read_text()
+
+
+# --------------------------------------------------------- launch arguments
+
+
+def test_launch_arguments_cover_the_issue_and_map_to_parameters():
+    names = set(launch_logic.LAUNCH_ARGUMENT_NAMES)
+    assert {
+        "use_remote_policy",
+        "remote_url",
+        "remote_timeout_sec",
+        "remote_retry_attempts",
+        "remote_fallback_on_failure",
+        "camera_topic",
+        "joint_states_topic",
+        "instruction",
+        "params_file",
+        "backend",
+        "model",
+        "unnorm_key",
+        "device",
+        "quantization",
+        "lora_adapter",
+    } <= names
+    every_parameter = set(NODE_PARAMETERS[LOCAL_NODE]) | set(NODE_PARAMETERS[REMOTE_NODE])
+    assert names - {"use_remote_policy", "params_file"} <= every_parameter
+    defaults = {a.name: a.default for a in launch_logic.LAUNCH_ARGUMENTS}
+    assert defaults.pop("use_remote_policy") == "false"
+    # Everything else defers to the params file.
+    assert set(defaults.values()) == {""}
+    assert all(a.description for a in launch_logic.LAUNCH_ARGUMENTS)
+
+
+def test_launch_file_parses_and_delegates_to_launch_logic():
+    tree = ast.parse(LAUNCH_FILE.read_text(), filename=str(LAUNCH_FILE))
+    functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert "generate_launch_description" in functions
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+    assert {
+        "launch.LaunchDescription",
+        "launch.actions.DeclareLaunchArgument",
+        "launch.actions.OpaqueFunction",
+        "launch.substitutions.LaunchConfiguration",
+        "launch_ros.actions.Node",
+        "ament_index_python.packages.get_package_share_directory",
+        "manipulation_bringup.launch_logic",
+    } <= imported
+    calls = {
+        node.func.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
+    assert "plan_policy_node" in calls

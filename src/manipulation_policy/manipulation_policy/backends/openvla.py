@@ -1,0 +1,537 @@
+"""OpenVLA through Hugging Face transformers, loaded the way OpenVLA is meant to be.
+
+``AutoProcessor`` and the vision-to-sequence auto class with
+``trust_remote_code=True`` load a Hub id (``openvla/openvla-7b``) or a local
+checkpoint directory (a fine-tuned run). Each observation becomes the prompt
+``In: What action should the robot take to {instruction}?\\nOut:`` plus the
+camera image; ``model.predict_action(..., unnorm_key=..., do_sample=False)``
+answers with a 7-dim action that ``openvla_actions`` turns into a
+PolicyAction.
+
+Everything that can be checked is checked at start-up, so a bad setting
+fails there with a BackendStartupError saying why and how to fix it: option
+values, CUDA for quantization, the un-normalisation key, the LoRA adapter
+directory, and (``check_image_sensitivity``) whether the model looks at its
+image at all (openvla/openvla#346: under transformers >= 4.50 OpenVLA's
+remote code drops the image and answers the same action for every input).
+
+This module imports torch and transformers; the backend registry imports it
+only when the "openvla" backend is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import transformers
+from packaging.version import Version
+from PIL import Image
+
+from ..errors import BackendStartupError, InputError
+from ..openvla_actions import (
+    OPENVLA_ACTION_DIM,
+    ActionConversionOptions,
+    convert_openvla_action,
+)
+from ..policy_types import Observation, PolicyAction
+
+logger = logging.getLogger(__name__)
+
+# transformers 4.x calls the auto class AutoModelForVision2Seq; 5.x renamed it
+# AutoModelForImageTextToText. OpenVLA's config.json names the 4.x one.
+VISION2SEQ_AUTO_CLASS_NAMES = ("AutoModelForVision2Seq", "AutoModelForImageTextToText")
+QUANTIZATION_CHOICES = ("8bit", "4bit")
+ATTN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
+DTYPE_NAMES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+DATASET_STATISTICS_FILE = "dataset_statistics.json"
+FIXED_TRANSFORMERS = "4.40.1"
+IMAGE_REGRESSION_SINCE = Version("4.50")
+PROBE_INSTRUCTION = "pick up the object"
+
+
+def _unset(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
+
+
+def build_prompt(instruction: str) -> str:
+    """OpenVLA's prompt; the instruction lower-cased and stripped as OpenVLA does."""
+    return f"In: What action should the robot take to {instruction.strip().lower()}?\nOut:"
+
+
+def resolve_auto_model_class(module: Any = transformers) -> tuple[str, Any]:
+    """(name, class) of the vision-to-sequence auto class this transformers has."""
+    for name in VISION2SEQ_AUTO_CLASS_NAMES:
+        auto_class = getattr(module, name, None)
+        if auto_class is not None:
+            return name, auto_class
+    raise BackendStartupError(
+        f"transformers {getattr(module, '__version__', '?')} has none of "
+        f"{', '.join(VISION2SEQ_AUTO_CLASS_NAMES)}; install transformers=={FIXED_TRANSFORMERS}"
+    )
+
+
+def alias_auto_map(auto_map: Optional[dict], auto_class_name: str) -> dict:
+    """auto_map with an entry for ``auto_class_name``, borrowed from its other name.
+
+    A checkpoint written for transformers 4.x maps only "AutoModelForVision2Seq"
+    to its remote class; 5.x looks up "AutoModelForImageTextToText" (and vice
+    versa for a checkpoint written under 5.x).
+    """
+    auto_map = dict(auto_map or {})
+    if auto_class_name not in auto_map:
+        for alias in VISION2SEQ_AUTO_CLASS_NAMES:
+            if alias in auto_map:
+                auto_map[auto_class_name] = auto_map[alias]
+                break
+    return auto_map
+
+
+def resolve_device(requested: Any, cuda_available: bool) -> str:
+    name = "auto" if _unset(requested) else str(requested).strip().lower()
+    if name == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if name == "cpu":
+        return name
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not cuda_available:
+            raise BackendStartupError(
+                f"device {requested!r} asked for, but CUDA is not available on this machine "
+                "(use device 'auto' or 'cpu')"
+            )
+        return name
+    raise BackendStartupError(
+        f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {requested!r}"
+    )
+
+
+def resolve_dtype(requested: Any, device: str, bf16_supported: bool) -> torch.dtype:
+    """auto: bf16 where the GPU supports it, fp16 on other GPUs, fp32 on CPU."""
+    name = "auto" if _unset(requested) else str(requested).strip().lower()
+    if name == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if bf16_supported else torch.float16
+        return torch.float32
+    if name not in DTYPE_NAMES:
+        raise BackendStartupError(
+            f"dtype must be 'auto' or one of {', '.join(DTYPE_NAMES)}, got {requested!r}"
+        )
+    return DTYPE_NAMES[name]
+
+
+def resolve_quantization(
+    requested: Any, device: str, bitsandbytes_available: bool
+) -> Optional[str]:
+    """None, "8bit" or "4bit"; quantization needs CUDA and bitsandbytes."""
+    if _unset(requested):
+        return None
+    name = str(requested).strip().lower()
+    if name not in QUANTIZATION_CHOICES:
+        raise BackendStartupError(
+            f"quantization must be 'none', '8bit' or '4bit', got {requested!r}"
+        )
+    if not device.startswith("cuda"):
+        raise BackendStartupError(
+            f"quantization {name!r} needs a CUDA GPU (bitsandbytes), but the device is "
+            f"{device!r}; use quantization 'none' on this machine"
+        )
+    if not bitsandbytes_available:
+        raise BackendStartupError(
+            f"quantization {name!r} needs the bitsandbytes package, which is not installed "
+            "(pip install bitsandbytes), or use quantization 'none'"
+        )
+    return name
+
+
+def attn_implementation_candidates(requested: Any, device: str) -> list[str]:
+    """Attention implementations to try, best first."""
+    name = "auto" if _unset(requested) else str(requested).strip().lower()
+    on_cuda = device.startswith("cuda")
+    if name == "auto":
+        return ["flash_attention_2", "sdpa", "eager"] if on_cuda else ["sdpa", "eager"]
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise BackendStartupError(
+            f"attn_implementation must be 'auto' or one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+            f"got {requested!r}"
+        )
+    if name == "flash_attention_2" and not on_cuda:
+        raise BackendStartupError(
+            f"attn_implementation 'flash_attention_2' needs CUDA, but the device is {device!r}"
+        )
+    return [name]
+
+
+def select_unnorm_key(norm_stats: dict, requested: Optional[str], source: str) -> str:
+    """The dataset key whose statistics un-normalise actions."""
+    keys = sorted(norm_stats)
+    if not keys:
+        raise BackendStartupError(f"{source} holds no dataset statistics (norm_stats is empty)")
+    if requested is None:
+        if len(keys) > 1:
+            raise BackendStartupError(
+                f"the model was trained on several datasets; set unnorm_key to one of "
+                f"{', '.join(keys)} (from {source})"
+            )
+        return keys[0]
+    if requested not in norm_stats:
+        raise BackendStartupError(
+            f"unnorm_key {requested!r} is not in {source}; valid keys: {', '.join(keys)}"
+        )
+    return requested
+
+
+def action_dim_of(norm_stats: dict, key: str, source: str) -> int:
+    try:
+        return len(norm_stats[key]["action"]["q01"])
+    except (KeyError, TypeError) as exc:
+        raise BackendStartupError(
+            f"{source}: statistics for {key!r} lack action.q01 (OpenVLA's norm_stats format)"
+        ) from exc
+
+
+def image_probes(size: int = 224) -> list[np.ndarray]:
+    """Clearly different synthetic camera frames (RGB, uint8)."""
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    gradient = np.stack(
+        [
+            np.tile(ramp, (size, 1)),
+            np.tile(ramp[:, None], (1, size)),
+            255 - np.tile(ramp, (size, 1)),
+        ],
+        axis=-1,
+    )
+    dark_with_square = np.zeros((size, size, 3), np.float32)
+    dark_with_square[size // 4 : size // 2, size // 2 : 3 * size // 4] = (255, 220, 0)
+    red = np.zeros((size, size, 3), np.float32)
+    red[..., 0] = 230
+    return [a.astype(np.uint8) for a in (gradient, dark_with_square, red)]
+
+
+def image_from_observation(image: Any) -> Image.Image:
+    if image is None:
+        raise InputError("image", "the openvla backend needs a camera image; none was given")
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", type(image).__name__)
+        raise InputError("image", f"expected an HxWx3 RGB array, got {shape}")
+    if image.dtype != np.uint8:
+        raise InputError("image", f"expected uint8 pixels, got {image.dtype}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise InputError("image", "image is empty")
+    return Image.fromarray(np.ascontiguousarray(image), "RGB")
+
+
+def _load_local_statistics(model: str) -> Optional[dict]:
+    path = Path(model).expanduser() / DATASET_STATISTICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BackendStartupError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(stats, dict):
+        raise BackendStartupError(f"{path} must hold a JSON object keyed by dataset name")
+    return stats
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    # transformers renamed torch_dtype to dtype in 4.56; 4.40 knows only torch_dtype.
+    if Version(transformers.__version__) >= Version("4.56"):
+        return {"dtype": dtype}
+    return {"torch_dtype": dtype}
+
+
+class OpenVLABackend:
+    name = "openvla"
+
+    def __init__(
+        self,
+        model: str = "openvla/openvla-7b",
+        unnorm_key: Optional[str] = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        quantization: Optional[str] = None,
+        lora_adapter: Optional[str] = None,
+        attn_implementation: str = "auto",
+        gripper_convention: str = "open_is_one",
+        position_scale: float = 1.0,
+        rotation_scale: float = 1.0,
+        max_position_step: Optional[float] = None,
+        max_rotation_step: Optional[float] = None,
+        check_image_sensitivity: bool = True,
+    ):
+        if _unset(model):
+            raise BackendStartupError("model must name a Hub id or a checkpoint directory")
+        self.model_id = str(model).strip()
+        try:
+            self._conversion = ActionConversionOptions(
+                gripper_convention=gripper_convention,
+                position_scale=position_scale,
+                rotation_scale=rotation_scale,
+                max_position_step=None if _unset(max_position_step) else max_position_step,
+                max_rotation_step=None if _unset(max_rotation_step) else max_rotation_step,
+            )
+        except ValueError as exc:
+            raise BackendStartupError(str(exc)) from exc
+
+        cuda = torch.cuda.is_available()
+        self.device = resolve_device(device, cuda)
+        bf16 = self.device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        self.dtype = resolve_dtype(dtype, self.device, bf16)
+        self.quantization = resolve_quantization(
+            quantization, self.device, importlib.util.find_spec("bitsandbytes") is not None
+        )
+        attn_candidates = attn_implementation_candidates(attn_implementation, self.device)
+        self.lora_adapter = None if _unset(lora_adapter) else self._check_adapter_dir(lora_adapter)
+        self._local_dir = self._check_model_location(self.model_id)
+        if self._local_dir:
+            self.model_id = str(Path(self.model_id).expanduser())
+
+        auto_name, auto_class = resolve_auto_model_class()
+        self.auto_class_name = auto_name
+        self._processor, config = self._load_processor_and_config(auto_name)
+
+        local_stats = _load_local_statistics(self.model_id) if self._local_dir else None
+        if local_stats is not None:
+            stats, source = local_stats, f"{self.model_id}/{DATASET_STATISTICS_FILE}"
+        else:
+            stats = getattr(config, "norm_stats", None) or {}
+            source = f"the norm_stats of {self.model_id}'s config"
+        requested_key = None if _unset(unnorm_key) else str(unnorm_key).strip()
+        self.unnorm_key = select_unnorm_key(stats, requested_key, source)
+        dim = action_dim_of(stats, self.unnorm_key, source)
+        if dim != OPENVLA_ACTION_DIM:
+            raise BackendStartupError(
+                f"{source}: {self.unnorm_key!r} has {dim}-dim actions; this backend needs "
+                f"OpenVLA's {OPENVLA_ACTION_DIM} (dx, dy, dz, droll, dpitch, dyaw, gripper)"
+            )
+
+        self._model, self.attn_implementation = self._load_model(
+            auto_class, config, attn_candidates
+        )
+        if local_stats is not None:
+            # As OpenVLA's own deployment does for fine-tuned checkpoints.
+            self._model.norm_stats = local_stats
+        self.lora_merged = False
+        if self.lora_adapter is not None:
+            self._model, self.lora_merged = self._apply_lora(self._model)
+        if self.quantization is None:
+            self._model = self._model.to(self.device)
+        self._model.eval()
+        self._input_device = self._model_device()
+        self._lock = threading.Lock()
+        self.last_hold_reason: Optional[str] = None
+        self.image_sensitivity_checked = False
+        if check_image_sensitivity:
+            self._check_image_sensitivity()
+            self.image_sensitivity_checked = True
+
+    # --- start-up -------------------------------------------------------------------
+
+    @staticmethod
+    def _check_adapter_dir(lora_adapter: str) -> str:
+        path = Path(str(lora_adapter).strip()).expanduser()
+        if not path.is_dir():
+            raise BackendStartupError(f"lora_adapter directory {str(path)!r} does not exist")
+        if not (path / "adapter_config.json").is_file():
+            raise BackendStartupError(
+                f"lora_adapter {str(path)!r} has no adapter_config.json; "
+                "expected a directory saved by peft (PeftModel.save_pretrained)"
+            )
+        if importlib.util.find_spec("peft") is None:
+            raise BackendStartupError("lora_adapter needs the peft package (pip install peft)")
+        return str(path)
+
+    @staticmethod
+    def _check_model_location(model: str) -> bool:
+        """True for a local checkpoint directory; a path that is missing is refused."""
+        path = Path(model).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise BackendStartupError(f"model directory {model!r} has no config.json")
+            return True
+        looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") > 1
+        if looks_like_path or path.exists():
+            raise BackendStartupError(f"model directory {model!r} does not exist")
+        return False
+
+    def _load_processor_and_config(self, auto_name: str) -> tuple[Any, Any]:
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(
+                self.model_id, trust_remote_code=True
+            )
+            config = transformers.AutoConfig.from_pretrained(self.model_id, trust_remote_code=True)
+        except (OSError, ValueError, ImportError) as exc:
+            raise BackendStartupError(
+                f"cannot load OpenVLA model {self.model_id!r}: {exc}"
+            ) from exc
+        auto_map = alias_auto_map(getattr(config, "auto_map", None), auto_name)
+        if auto_name not in auto_map:
+            raise BackendStartupError(
+                f"{self.model_id!r} maps none of {', '.join(VISION2SEQ_AUTO_CLASS_NAMES)} to "
+                "remote code in its config.json auto_map; is it an OpenVLA checkpoint?"
+            )
+        config.auto_map = auto_map
+        return processor, config
+
+    def _load_model(self, auto_class: Any, config: Any, candidates: Sequence[str]):
+        kwargs: dict[str, Any] = {"config": config, "trust_remote_code": True}
+        kwargs.update(_dtype_kwargs(self.dtype))
+        if importlib.util.find_spec("accelerate") is not None:
+            kwargs["low_cpu_mem_usage"] = True
+        if self.quantization is not None:
+            kwargs["quantization_config"] = self._bitsandbytes_config()
+            index = torch.device(self.device).index
+            kwargs["device_map"] = {"": index if index is not None else 0}
+
+        failures = []
+        for attn in candidates:
+            if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+                reason = "the flash_attn package is not installed"
+                logger.info("attn_implementation flash_attention_2 skipped: %s", reason)
+                failures.append(f"{attn}: {reason}")
+                continue
+            # transformers 4.40 ignores attn_implementation="eager" next to a config
+            # object whose implementation is unset, so the config says it too.
+            config._attn_implementation = attn
+            try:
+                model = auto_class.from_pretrained(
+                    self.model_id, attn_implementation=attn, **kwargs
+                )
+            except (ValueError, ImportError) as exc:
+                if len(candidates) == 1:
+                    raise BackendStartupError(
+                        f"cannot load {self.model_id!r} with attn_implementation {attn!r}: {exc}"
+                    ) from exc
+                logger.warning("attn_implementation %s unavailable, trying the next: %s", attn, exc)
+                failures.append(f"{attn}: {exc}")
+                continue
+            except OSError as exc:
+                raise BackendStartupError(
+                    f"cannot load OpenVLA model {self.model_id!r}: {exc}"
+                ) from exc
+            used = getattr(model.config, "_attn_implementation", None) or attn
+            if failures:
+                logger.info("OpenVLA uses attn_implementation %s (%s)", used, "; ".join(failures))
+            return model, used
+        raise BackendStartupError(
+            f"cannot load {self.model_id!r} with any attention implementation: "
+            + "; ".join(failures)
+        )
+
+    def _bitsandbytes_config(self) -> Any:
+        if self.quantization == "8bit":
+            return transformers.BitsAndBytesConfig(load_in_8bit=True)
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=self.dtype,
+            bnb_4bit_quant_type="nf4",
+        )
+
+    def _apply_lora(self, model: Any) -> tuple[Any, bool]:
+        from peft import PeftModel
+
+        try:
+            peft_model = PeftModel.from_pretrained(model, self.lora_adapter)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise BackendStartupError(
+                f"cannot load lora_adapter {self.lora_adapter!r} onto {self.model_id!r}: {exc}"
+            ) from exc
+        if self.quantization is not None:
+            # Merging into 8/4-bit weights would round the adapter away; keep it beside them.
+            return peft_model, False
+        return peft_model.merge_and_unload(), True
+
+    def _model_device(self) -> torch.device:
+        try:
+            return next(self._model.parameters()).device
+        except StopIteration:
+            return torch.device(self.device)
+
+    def _check_image_sensitivity(self) -> None:
+        prompt = build_prompt(PROBE_INSTRUCTION)
+        actions = [self._predict_raw(Image.fromarray(p), prompt) for p in image_probes()]
+        if any(not np.array_equal(actions[0], other) for other in actions[1:]):
+            return
+        version = transformers.__version__
+        if Version(version) >= IMAGE_REGRESSION_SINCE:
+            cause = (
+                f"This is the known OpenVLA regression with transformers >= 4.50 "
+                f"(openvla/openvla#346); installed: transformers {version}. "
+                f"Fix: pip install transformers=={FIXED_TRANSFORMERS} tokenizers==0.19.1"
+            )
+        else:
+            cause = (
+                f"transformers {version} is not affected by openvla/openvla#346, so the model "
+                "or its processor ignores images; check the checkpoint"
+            )
+        raise BackendStartupError(
+            f"refusing to start: {self.model_id!r} gave the same action "
+            f"{np.round(actions[0], 6).tolist()} for {len(actions)} clearly different images, "
+            f"so it ignores its camera input. {cause}. "
+            "(check_image_sensitivity=False skips this check.)"
+        )
+
+    # --- inference ------------------------------------------------------------------
+
+    def _predict_raw(self, image: Image.Image, prompt: str) -> np.ndarray:
+        with self._lock, torch.inference_mode():
+            inputs = self._processor(prompt, image).to(self._input_device, dtype=self.dtype)
+            action = self._model.predict_action(
+                **inputs, unnorm_key=self.unnorm_key, do_sample=False
+            )
+        return np.asarray(action, dtype=np.float64).reshape(-1)
+
+    def predict_raw(self, observation: Observation) -> np.ndarray:
+        """The model's un-normalised 7-dim action for ``observation``."""
+        image = image_from_observation(observation.image)
+        instruction = (observation.instruction or "").strip()
+        if not instruction:
+            raise InputError("instruction", "the openvla backend needs a task instruction")
+        return self._predict_raw(image, build_prompt(instruction))
+
+    def predict(self, observation: Observation) -> PolicyAction:
+        converted = convert_openvla_action(
+            self.predict_raw(observation), observation, self._conversion
+        )
+        self.last_hold_reason = converted.hold_reason
+        if converted.hold_reason is not None:
+            logger.warning("OpenVLA output rejected: %s", converted.hold_reason)
+        return converted.action
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "model": self.model_id,
+            "device": str(self._input_device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "quantization": self.quantization or "none",
+            "lora_adapter": self.lora_adapter,
+            "lora_merged": self.lora_merged,
+            "unnorm_key": self.unnorm_key,
+            "attn_implementation": self.attn_implementation,
+            "auto_class": self.auto_class_name,
+            "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__,
+            "gripper_convention": self._conversion.gripper_convention,
+            "position_scale": self._conversion.position_scale,
+            "rotation_scale": self._conversion.rotation_scale,
+            "max_position_step": self._conversion.max_position_step,
+            "max_rotation_step": self._conversion.max_rotation_step,
+            "image_sensitivity_checked": self.image_sensitivity_checked,
+        }

@@ -1,0 +1,272 @@
+"""The parameters of the two policy nodes: names, defaults, descriptions, validation.
+
+Pure code (no ROS): each check takes a value and returns ``None`` when it is
+acceptable, else the reason it is refused. The nodes turn these specs into
+declared parameters and answer ``ros2 param set`` with the reasons.
+Parameters marked ``live=False`` are read once at start (topics, model
+loading); the nodes declare them read-only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+from .backends import BACKEND_MODULES
+from .contract import MAX_IMAGE_SIDE
+
+Check = Callable[[Any], Optional[str]]
+
+MAX_INSTRUCTION_CHARS = 1024  # the wire contract's limit on `instruction`
+MAX_INFERENCE_RATE_HZ = 1000.0
+MAX_TIMEOUT_SEC = 300.0
+MAX_RETRY_ATTEMPTS = 20
+
+IMAGE_TRANSPORTS = ("raw", "compressed")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half", "float")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
+GRIPPER_CONVENTIONS = ("open_is_one", "close_is_one")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+PLUGIN_BACKEND_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    name: str
+    default: Any
+    description: str
+    check: Optional[Check] = None
+    live: bool = True  # False: read once at start, read-only afterwards
+
+    def reason_to_refuse(self, value: Any) -> Optional[str]:
+        expected = type(self.default)
+        # bool is an int subclass: keep the two apart; an int is a fine float.
+        if isinstance(value, bool) != (expected is bool) or not (
+            isinstance(value, expected) or (expected is float and isinstance(value, int))
+        ):
+            return f"expected {expected.__name__}, got {type(value).__name__} {value!r}"
+        return self.check(value) if self.check is not None else None
+
+
+# ---------------------------------------------------------------- checks
+
+
+def positive_number(upper: float) -> Check:
+    def check(value: float) -> Optional[str]:
+        if not math.isfinite(value) or value <= 0:
+            return f"must be a finite number > 0, got {value!r}"
+        if value > upper:
+            return f"must be at most {upper:g}, got {value!r}"
+        return None
+
+    return check
+
+
+def integer_in(low: int, high: int) -> Check:
+    def check(value: int) -> Optional[str]:
+        if not low <= value <= high:
+            return f"must be between {low} and {high}, got {value!r}"
+        return None
+
+    return check
+
+
+def one_of(choices: Sequence[str]) -> Check:
+    """Case-insensitive, as the backends read these."""
+
+    def check(value: str) -> Optional[str]:
+        if value.strip().lower() not in choices:
+            return f"must be one of {', '.join(choices)}; got {value!r}"
+        return None
+
+    return check
+
+
+def non_empty_text(max_chars: int = 256) -> Check:
+    def check(value: str) -> Optional[str]:
+        if not value.strip():
+            return "must not be empty"
+        if len(value) > max_chars:
+            return f"must be at most {max_chars} characters, got {len(value)}"
+        return None
+
+    return check
+
+
+def topic_name(value: str) -> Optional[str]:
+    if not value or any(ch.isspace() for ch in value):
+        return f"must be a non-empty topic name without spaces, got {value!r}"
+    return None
+
+
+def http_url(value: str) -> Optional[str]:
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises ValueError on a malformed port
+    except ValueError as exc:
+        return f"is not a valid URL ({exc}): {value!r}"
+    if parts.scheme not in ("http", "https"):
+        return f"must start with http:// or https://, got {value!r}"
+    if not parts.hostname:
+        return f"has no host name: {value!r}"
+    if port == 0:
+        return f"has port 0: {value!r}"
+    if parts.query or parts.fragment:
+        return f"must not carry a query or fragment: {value!r}"
+    return None
+
+
+def device_name(value: str) -> Optional[str]:
+    if not DEVICE_PATTERN.match(value.strip().lower()):
+        return f"must be auto, cpu, cuda or cuda:<index>; got {value!r}"
+    return None
+
+
+def backend_name(value: str) -> Optional[str]:
+    if value in BACKEND_MODULES or PLUGIN_BACKEND_PATTERN.match(value):
+        return None
+    return (
+        f"must be one of {', '.join(sorted(BACKEND_MODULES))} or a module.path:ClassName; "
+        f"got {value!r}"
+    )
+
+
+def finite_positive_scale(value: float) -> Optional[str]:
+    if not math.isfinite(value) or value <= 0:
+        return f"must be a finite number > 0, got {value!r}"
+    return None
+
+
+# ---------------------------------------------------------------- the parameters
+
+
+COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec("camera_topic", "/camera/color/image_raw",
+                  "Camera topic (sensor_msgs/Image; with image_transport=compressed, "
+                  "sensor_msgs/CompressedImage on <camera_topic>/compressed).",
+                  topic_name, live=False),
+    ParameterSpec("image_transport", "raw",
+                  "How the camera is received: raw or compressed.",
+                  one_of(IMAGE_TRANSPORTS), live=False),
+    ParameterSpec("joint_states_topic", "/joint_states", "sensor_msgs/JointState topic.",
+                  topic_name, live=False),
+    ParameterSpec("instruction_topic", "/manipulation/instruction",
+                  "std_msgs/String topic; a message replaces the instruction parameter.",
+                  topic_name, live=False),
+    ParameterSpec("eef_pose_topic", "/manipulation/eef_pose",
+                  "geometry_msgs/PoseStamped current end-effector pose in reference_frame; "
+                  "lets a delta-predicting policy answer with an absolute target.",
+                  topic_name, live=False),
+    ParameterSpec("output_topic", "/manipulation/policy_output",
+                  "manipulation_msgs/PolicyOutput topic the decisions are published on.",
+                  topic_name, live=False),
+    ParameterSpec("inference_rate", 5.0,
+                  "Decisions per second (Hz). When inference is slower, frames are skipped.",
+                  positive_number(MAX_INFERENCE_RATE_HZ)),
+    ParameterSpec("instruction", "pick up the object",
+                  "Task text given to the policy.", non_empty_text(MAX_INSTRUCTION_CHARS)),
+    ParameterSpec("reference_frame", "base_link",
+                  "Frame of the end-effector targets (PolicyOutput header.frame_id).",
+                  non_empty_text()),
+    ParameterSpec("max_observation_age_sec", 0.5,
+                  "Images older than this (node clock minus image stamp) are not used.",
+                  positive_number(3600.0)),
+)
+
+POLICY_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec("backend", "openvla",
+                  "Policy backend: " + ", ".join(sorted(BACKEND_MODULES))
+                  + ", or module.path:ClassName of another backend class.",
+                  backend_name, live=False),
+    ParameterSpec("model", "openvla/openvla-7b",
+                  "Hugging Face model id or local directory.", non_empty_text(1024), live=False),
+    ParameterSpec("unnorm_key", "",
+                  "Dataset statistics used to un-normalize actions (empty: the model's only "
+                  "or default key).", live=False),
+    ParameterSpec("device", "auto", "Torch device: auto, cpu, cuda or cuda:<index>.", device_name,
+                  live=False),
+    ParameterSpec("dtype", "auto", "Model weights dtype: " + ", ".join(DTYPES),
+                  one_of(DTYPES), live=False),
+    ParameterSpec("quantization", "none", "Weight quantization: " + ", ".join(QUANTIZATIONS),
+                  one_of(QUANTIZATIONS), live=False),
+    ParameterSpec("lora_adapter", "", "Path or id of a LoRA adapter (empty: none).",
+                  live=False),
+    ParameterSpec("attn_implementation", "auto",
+                  "Attention kernel: " + ", ".join(ATTN_IMPLEMENTATIONS),
+                  one_of(ATTN_IMPLEMENTATIONS), live=False),
+    ParameterSpec("gripper_convention", "open_is_one",
+                  "What the model's gripper value 1 means: open_is_one or close_is_one.",
+                  one_of(GRIPPER_CONVENTIONS), live=False),
+    ParameterSpec("position_scale", 1.0, "Factor applied to predicted translations.",
+                  finite_positive_scale, live=False),
+    ParameterSpec("rotation_scale", 1.0, "Factor applied to predicted rotations.",
+                  finite_positive_scale, live=False),
+)
+
+REMOTE_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec("remote_url", "http://localhost:5000",
+                  "Base URL of the policy server (http:// or https://).", http_url),
+    ParameterSpec("remote_timeout_sec", 1.0,
+                  "Per-attempt HTTP timeout in seconds (connect, and each read).",
+                  positive_number(MAX_TIMEOUT_SEC)),
+    ParameterSpec("remote_retry_attempts", 3,
+                  "Extra attempts after a failed one (0: try once).",
+                  integer_in(0, MAX_RETRY_ATTEMPTS)),
+    ParameterSpec("remote_fallback_on_failure", True,
+                  "After the retries fail: true publishes a safe hold (nothing to move, "
+                  "confidence 0), false publishes nothing."),
+    ParameterSpec("remote_api_key", "",
+                  "Bearer token for the server (empty: read MANIPULATION_POLICY_API_KEY)."),
+    ParameterSpec("image_width", 224, "Width the image is resized to before sending.",
+                  integer_in(1, MAX_IMAGE_SIDE)),
+    ParameterSpec("image_height", 224, "Height the image is resized to before sending.",
+                  integer_in(1, MAX_IMAGE_SIDE)),
+    ParameterSpec("jpeg_quality", 90, "JPEG quality of the sent image (1-100).",
+                  integer_in(1, 100)),
+)
+
+
+def specs_by_name(*groups: Sequence[ParameterSpec]) -> dict[str, ParameterSpec]:
+    return {spec.name: spec for group in groups for spec in group}
+
+
+def reason_to_refuse(
+    specs: Mapping[str, ParameterSpec], values: Mapping[str, Any]
+) -> Optional[str]:
+    """The first reason to refuse one of ``values`` ("name: reason"), or None.
+
+    Names without a spec (use_sim_time, ...) are not ours to judge.
+    """
+    for name, value in values.items():
+        spec = specs.get(name)
+        if spec is None:
+            continue
+        reason = spec.reason_to_refuse(value)
+        if reason is not None:
+            return f"{name} {reason}"
+    return None
+
+
+def _unset_if_empty(value: str) -> Optional[str]:
+    return value if value.strip() and value.strip().lower() != "none" else None
+
+
+def backend_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """create_backend keyword arguments from the policy node's parameter values."""
+    return {
+        "model": values["model"],
+        "unnorm_key": _unset_if_empty(values["unnorm_key"]),
+        "device": values["device"],
+        "dtype": values["dtype"],
+        "quantization": _unset_if_empty(values["quantization"]),
+        "lora_adapter": _unset_if_empty(values["lora_adapter"]),
+        "attn_implementation": values["attn_implementation"],
+        "gripper_convention": values["gripper_convention"],
+        "position_scale": float(values["position_scale"]),
+        "rotation_scale": float(values["rotation_scale"]),
+    }

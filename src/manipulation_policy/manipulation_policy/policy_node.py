@@ -1,0 +1,40 @@
+"""`policy_node`: the policy runs inside this process (robot-side GPU).
+
+The backend (OpenVLA by default, ``backend:=stub`` for the deterministic
+stub) is loaded once at start; inference runs on the base class's worker
+thread.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+from .backends import PolicyBackend, create_backend
+from .node_parameters import POLICY_NODE_PARAMETERS, backend_options
+from .policy_node_base import ActionSource, PolicyNodeBase, run_node
+
+
+class PolicyNode(PolicyNodeBase):
+    def __init__(self, backend: Optional[PolicyBackend] = None, **node_kwargs: Any):
+        """``backend``: an already built backend to use instead of the ``backend`` parameter."""
+        self._given_backend = backend
+        super().__init__("policy_node", POLICY_NODE_PARAMETERS, **node_kwargs)
+
+    def create_action_source(self) -> ActionSource:
+        backend = self._given_backend
+        if backend is None:
+            values = self.parameter_values()
+            self.get_logger().info(f"loading backend {values['backend']!r}")
+            backend = create_backend(values["backend"], **backend_options(values))
+        self.backend = backend
+        self.get_logger().info(f"backend ready: {backend.describe()}")
+        return backend.predict
+
+
+def main(args: Optional[list[str]] = None) -> int:
+    return run_node(PolicyNode, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""What both policy nodes share: inputs, the rate, the worker, parameters, publishing.
+
+The nodes differ only in their *action source*, a callable
+``Observation -> PolicyAction | None`` (None: publish nothing): the
+in-process node calls a backend, the remote node calls the policy server.
+
+Threading: subscriptions only store the newest message. A timer at
+``inference_rate`` hands the newest fresh frame to one worker thread that runs
+the action source and publishes; while the worker is busy, ticks are skipped
+(frames are never queued), so the executor thread that receives images and
+joint states never waits for inference.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Optional, TypeVar
+
+import rclpy
+from geometry_msgs.msg import PoseStamped
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy.exceptions import ParameterException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image, JointState
+from std_msgs.msg import String
+
+from manipulation_msgs.msg import PolicyOutput
+
+from . import ros_conversion
+from .errors import InputError
+from .node_parameters import COMMON_PARAMETERS, ParameterSpec, reason_to_refuse, specs_by_name
+from .policy_types import JointStateData, Observation, PolicyAction, Pose
+
+ActionSource = Callable[[Observation], Optional[PolicyAction]]
+
+LOG_THROTTLE_SEC = 5.0
+WORKER_STOP_TIMEOUT_SEC = 5.0
+SECRET_PARAMETERS = frozenset({"remote_api_key"})
+
+Job = TypeVar("Job")
+
+
+class SkippingWorker(Generic[Job]):
+    """One thread that runs ``handle`` on one job at a time; refuses jobs while busy."""
+
+    def __init__(self, handle: Callable[[Job], None], name: str):
+        self._handle = handle
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._busy = False
+        self._job: Optional[Job] = None
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return self._busy
+
+    def try_submit(self, job: Job) -> bool:
+        with self._lock:
+            if self._busy or self._stopping:
+                return False
+            self._busy = True
+            self._job = job
+        self._wake.set()
+        return True
+
+    def stop(self, timeout: float = WORKER_STOP_TIMEOUT_SEC) -> bool:
+        """Stop after the current job; True if the thread ended within ``timeout``."""
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                if self._stopping:
+                    return
+                job, self._job = self._job, None
+            try:
+                if job is not None:
+                    self._handle(job)
+            finally:
+                with self._lock:
+                    self._busy = False
+
+
+@dataclass(frozen=True)
+class _Frame:
+    msg: Any  # sensor_msgs Image or CompressedImage, converted on the worker
+    stamp_ns: int
+    sequence: int
+
+
+@dataclass(frozen=True)
+class _Job:
+    frame: _Frame
+    observation: Observation  # image still None: decoded on the worker
+
+
+class PolicyNodeBase(Node):
+    """Subclasses set ``self`` up through two hooks.
+
+    - ``create_action_source()``: called once, after parameters are declared.
+    - ``parameters_changed(changed)``: called after live parameters were accepted.
+    """
+
+    def __init__(self, node_name: str, extra_parameters: Sequence[ParameterSpec], **node_kwargs):
+        super().__init__(node_name, **node_kwargs)
+        self._specs = specs_by_name(COMMON_PARAMETERS, extra_parameters)
+        self._values_lock = threading.Lock()
+        self._values: dict[str, Any] = {}
+        self._ready = False
+        self._closing = False
+        self._state_lock = threading.Lock()
+        self._latest_frame: Optional[_Frame] = None
+        self._latest_joint_state = JointStateData()
+        self._latest_eef_pose: Optional[tuple[Pose, int, str]] = None
+        self._last_used_sequence = -1
+        self._reported_encodings: set[str] = set()
+        self.counters = {
+            "images": 0,
+            "joint_states": 0,
+            "unsupported_images": 0,
+            "stale_skipped": 0,
+            "busy_skipped": 0,
+            "inferences": 0,
+            "published": 0,
+            "no_action": 0,
+        }
+
+        # Registered before declaring, so invalid start values are refused too.
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        for spec in self._specs.values():
+            self.declare_parameter(
+                spec.name,
+                spec.default,
+                ParameterDescriptor(
+                    description=spec.description
+                    + ("" if spec.live else " (read at start; restart to change)"),
+                    read_only=not spec.live,
+                ),
+            )
+        with self._values_lock:
+            self._values = {name: self.get_parameter(name).value for name in self._specs}
+        values = self.parameter_values()
+
+        self.action_source: ActionSource = self.create_action_source()
+
+        camera_topic = values["camera_topic"]
+        if values["image_transport"] == "compressed":
+            camera_topic = camera_topic.rstrip("/") + "/compressed"
+            self.create_subscription(
+                CompressedImage, camera_topic, self._on_compressed_image, qos_profile_sensor_data
+            )
+        else:
+            self.create_subscription(Image, camera_topic, self._on_image, qos_profile_sensor_data)
+        self._camera_topic = camera_topic
+        # Sensor-data QoS (best effort) matches reliable and best-effort publishers alike.
+        self.create_subscription(
+            JointState, values["joint_states_topic"], self._on_joint_state, qos_profile_sensor_data
+        )
+        self.create_subscription(
+            PoseStamped, values["eef_pose_topic"], self._on_eef_pose,
+            qos_profile_sensor_data,
+        )
+        self.create_subscription(String, values["instruction_topic"], self._on_instruction, 10)
+        self._publisher = self.create_publisher(PolicyOutput, values["output_topic"], 10)
+
+        self._worker: SkippingWorker[_Job] = SkippingWorker(self._run_job, f"{node_name}_worker")
+        self._timer = self.create_timer(1.0 / values["inference_rate"], self._on_tick)
+        self._ready = True
+        self.get_logger().info(
+            f"listening to {camera_topic} ({values['image_transport']}), publishing "
+            f"{values['output_topic']} at {values['inference_rate']:g} Hz"
+        )
+
+    # ------------------------------------------------------------ hooks
+
+    def create_action_source(self) -> ActionSource:
+        raise NotImplementedError
+
+    def parameters_changed(self, changed: dict[str, Any]) -> None:
+        """Live parameters in ``changed`` were just accepted (values already current)."""
+
+    # ------------------------------------------------------------ parameters
+
+    def parameter_values(self) -> dict[str, Any]:
+        """A snapshot of the current values of this node's parameters."""
+        with self._values_lock:
+            return dict(self._values)
+
+    def _on_set_parameters(self, parameters) -> SetParametersResult:
+        changes = {p.name: p.value for p in parameters if p.name in self._specs}
+        reason = reason_to_refuse(self._specs, changes)
+        if reason is not None:
+            if self._ready:
+                self.get_logger().warning(f"refused parameter change: {reason}")
+            return SetParametersResult(successful=False, reason=reason)
+        if self._ready and changes:
+            self._apply(changes)
+        return SetParametersResult(successful=True)
+
+    def _apply(self, changes: dict[str, Any]) -> None:
+        with self._values_lock:
+            self._values.update(changes)
+        if "inference_rate" in changes:
+            # Recreated rather than re-periodised: Humble's Timer has no period setter.
+            self.destroy_timer(self._timer)
+            self._timer = self.create_timer(1.0 / changes["inference_rate"], self._on_tick)
+        shown = {k: ("***" if k in SECRET_PARAMETERS and v else v) for k, v in changes.items()}
+        self.get_logger().info(f"parameters changed: {shown}")
+        self.parameters_changed(changes)
+
+    # ------------------------------------------------------------ inputs
+
+    def _count(self, name: str) -> None:
+        with self._state_lock:
+            self.counters[name] += 1
+
+    def _store_frame(self, msg) -> None:
+        with self._state_lock:
+            self.counters["images"] += 1
+            sequence = self.counters["images"]
+            stamp_ns = ros_conversion.stamp_to_nanoseconds(msg.header.stamp)
+            self._latest_frame = _Frame(msg, stamp_ns, sequence)
+
+    def _on_image(self, msg: Image) -> None:
+        encoding = ros_conversion.unsupported_encoding(msg)
+        if encoding is not None:
+            with self._state_lock:
+                self.counters["unsupported_images"] += 1
+                first_time = encoding not in self._reported_encodings
+                self._reported_encodings.add(encoding)
+            if first_time:
+                self.get_logger().error(
+                    f"unsupported image encoding {encoding!r} on {self._camera_topic}; such "
+                    "frames are skipped (supported: rgb8, bgr8, rgba8, bgra8, mono8)"
+                )
+            return
+        self._store_frame(msg)
+
+    def _on_compressed_image(self, msg: CompressedImage) -> None:
+        self._store_frame(msg)
+
+    def _on_joint_state(self, msg: JointState) -> None:
+        state = ros_conversion.joint_state_to_data(msg)
+        with self._state_lock:
+            self.counters["joint_states"] += 1
+            self._latest_joint_state = state
+
+    def _on_eef_pose(self, msg) -> None:
+        pose = ros_conversion.pose_stamped_to_pose(msg)
+        stamp_ns = ros_conversion.stamp_to_nanoseconds(msg.header.stamp)
+        with self._state_lock:
+            self._latest_eef_pose = (pose, stamp_ns, msg.header.frame_id)
+
+    def _on_instruction(self, msg: String) -> None:
+        # Through the parameter, so `ros2 param get` shows it and validation applies.
+        result = self.set_parameters([Parameter("instruction", value=msg.data)])[0]
+        if not result.successful:
+            self.get_logger().warning(f"instruction message refused: {result.reason}")
+
+    # ------------------------------------------------------------ the rate
+
+    def _on_tick(self) -> None:
+        values = self.parameter_values()
+        with self._state_lock:
+            frame = self._latest_frame
+            joint_state = self._latest_joint_state
+            eef = self._latest_eef_pose
+        if frame is None:
+            self.get_logger().info(
+                f"waiting for images on {self._camera_topic}",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+            return
+        if frame.sequence == self._last_used_sequence:
+            return  # nothing new: each frame is used at most once
+        now_ns = self.get_clock().now().nanoseconds
+        max_age_ns = int(values["max_observation_age_sec"] * 1e9)
+        age_ns = now_ns - frame.stamp_ns
+        if abs(age_ns) > max_age_ns:
+            self._count("stale_skipped")
+            self.get_logger().warning(
+                f"newest image is {age_ns / 1e9:.3f} s old (max_observation_age_sec="
+                f"{values['max_observation_age_sec']:g}); not used. Check the camera and that "
+                "its clock matches this node's.",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+            return
+        observation = Observation(
+            joint_state=joint_state,
+            image=None,
+            reference_frame=values["reference_frame"],
+            instruction=values["instruction"],
+            eef_pose=self._usable_eef_pose(eef, now_ns, max_age_ns, values["reference_frame"]),
+        )
+        if self._worker.try_submit(_Job(frame, observation)):
+            self._last_used_sequence = frame.sequence
+        else:
+            self._count("busy_skipped")
+
+    def _usable_eef_pose(self, eef, now_ns: int, max_age_ns: int, frame_id: str) -> Optional[Pose]:
+        """The current EEF pose if fresh and in the reference frame: a stale one would
+        turn a delta into a wrong absolute target."""
+        if eef is None:
+            return None
+        pose, stamp_ns, pose_frame = eef
+        if pose_frame and pose_frame != frame_id:
+            self.get_logger().warning(
+                f"end-effector pose is in {pose_frame!r}, not reference_frame {frame_id!r}; "
+                "ignored", throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+            return None
+        if abs(now_ns - stamp_ns) > max_age_ns:
+            return None
+        return pose
+
+    # ------------------------------------------------------------ the worker
+
+    def _run_job(self, job: _Job) -> None:
+        try:
+            if isinstance(job.frame.msg, CompressedImage):
+                image = ros_conversion.compressed_image_to_rgb(job.frame.msg)
+            else:
+                image = ros_conversion.image_to_rgb(job.frame.msg)
+        except InputError as exc:
+            self.get_logger().error(
+                f"camera frame not usable: {exc}", throttle_duration_sec=LOG_THROTTLE_SEC
+            )
+            return
+        observation = Observation(
+            joint_state=job.observation.joint_state,
+            image=image,
+            reference_frame=job.observation.reference_frame,
+            instruction=job.observation.instruction,
+            eef_pose=job.observation.eef_pose,
+        )
+        self._count("inferences")
+        try:
+            action = self.action_source(observation)
+        except Exception as exc:  # a policy failure must not end the worker thread
+            self.get_logger().error(
+                f"policy failed: {type(exc).__name__}: {exc}",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+            action = None
+        if action is None:
+            self._count("no_action")
+            return
+        msg = ros_conversion.action_to_policy_output(action, job.frame.msg.header.stamp)
+        if not self._closing:
+            self._publisher.publish(msg)
+            self._count("published")
+
+    # ------------------------------------------------------------ shutdown
+
+    def close_action_source(self) -> None:
+        close = getattr(self.action_source, "close", None)
+        if callable(close):
+            close()
+
+    def destroy_node(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if hasattr(self, "_worker"):
+            if hasattr(self, "action_source"):
+                self.close_action_source()
+            if not self._worker.stop():
+                self.get_logger().warning("policy worker still busy at shutdown; left behind")
+        super().destroy_node()
+
+
+def run_node(factory: Callable[[], Node], args: Optional[list[str]] = None) -> int:
+    """main() of a policy node: spin until Ctrl-C or shutdown; clear errors, no tracebacks."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = factory()
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except (ValueError, ParameterException) as exc:
+        # Bad start parameters, unknown backend, unloadable model: say which and stop.
+        print(f"error: {exc}", flush=True)
+        return 2
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0

@@ -1,0 +1,102 @@
+"""`remote_policy_node`: the policy runs on a remote GPU host behind the HTTP policy server.
+
+Each observation is resized to image_width x image_height, JPEG-encoded
+into a contract request and posted by ``RemoteClient`` (bounded retries,
+circuit breaker) from the base class's worker thread, never from the
+executor thread. When the server cannot answer, the node publishes a safe
+hold (``remote_fallback_on_failure``) or nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, Optional
+
+from .contract import observation_to_request
+from .imaging import resize_rgb
+from .node_parameters import REMOTE_NODE_PARAMETERS
+from .policy_node_base import LOG_THROTTLE_SEC, PolicyNodeBase, run_node
+from .policy_types import Observation, PolicyAction
+from .remote_client import RemoteClient, RemoteSettings
+
+API_KEY_ENV = "MANIPULATION_POLICY_API_KEY"
+
+
+def remote_settings(values: dict[str, Any]) -> RemoteSettings:
+    return RemoteSettings(
+        url=values["remote_url"],
+        timeout_sec=float(values["remote_timeout_sec"]),
+        retry_attempts=int(values["remote_retry_attempts"]),
+        api_key=values["remote_api_key"] or os.environ.get(API_KEY_ENV, ""),
+    )
+
+
+class RemoteActionSource:
+    """Observation -> request -> server -> PolicyAction; a hold or None when that fails."""
+
+    def __init__(
+        self,
+        client: RemoteClient,
+        parameter_values: Callable[[], dict[str, Any]],
+        report_failure: Callable[[str], None],
+    ):
+        self.client = client
+        self._parameter_values = parameter_values
+        self._report_failure = report_failure
+
+    def __call__(self, observation: Observation) -> Optional[PolicyAction]:
+        values = self._parameter_values()
+        if observation.image is not None:
+            sized = resize_rgb(observation.image, values["image_width"], values["image_height"])
+            observation = replace(observation, image=sized)
+        body = observation_to_request(observation, jpeg_quality=values["jpeg_quality"])
+        result = self.client.infer(body)
+        if result.ok:
+            return result.action
+        fallback = values["remote_fallback_on_failure"]
+        self._report_failure(
+            f"policy server failed: {result.failure}; "
+            + ("publishing a hold" if fallback else "publishing nothing")
+        )
+        return PolicyAction.hold(observation.reference_frame) if fallback else None
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class RemotePolicyNode(PolicyNodeBase):
+    def __init__(self, **node_kwargs: Any):
+        super().__init__("remote_policy_node", REMOTE_NODE_PARAMETERS, **node_kwargs)
+
+    def create_action_source(self) -> RemoteActionSource:
+        settings = remote_settings(self.parameter_values())
+        self.get_logger().info(
+            f"policy server {settings.url} (timeout {settings.timeout_sec:g} s, "
+            f"{settings.retry_attempts} retries, API key {'set' if settings.api_key else 'unset'})"
+        )
+        return RemoteActionSource(
+            RemoteClient(settings), self.parameter_values, self._report_failure
+        )
+
+    def parameters_changed(self, changed: dict[str, Any]) -> None:
+        settings = remote_settings(self.parameter_values())
+        self.action_source.client.update(
+            url=settings.url,
+            timeout_sec=settings.timeout_sec,
+            retry_attempts=settings.retry_attempts,
+            api_key=settings.api_key,
+        )
+
+    def _report_failure(self, message: str) -> None:
+        self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_SEC)
+
+
+def main(args: Optional[list[str]] = None) -> int:
+    return run_node(RemotePolicyNode, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""ROS messages <-> the plain types of ``policy_types``.
+
+The only module that reads or builds ROS messages; everything past it works
+on Observation / PolicyAction and is testable without ROS.
+"""
+
+from __future__ import annotations
+
+import array
+from typing import Optional
+
+import numpy as np
+from builtin_interfaces.msg import Time
+from geometry_msgs.msg import Pose as PoseMsg
+from geometry_msgs.msg import PoseStamped
+from geometry_msgs.msg import Twist as TwistMsg
+from sensor_msgs.msg import CompressedImage, Image, JointState
+
+from manipulation_msgs.msg import PolicyOutput
+
+from .errors import InputError
+from .imaging import RAW_ENCODINGS, decode_image_bytes, raw_image_to_rgb
+from .policy_types import (
+    EefTargetMode,
+    JointStateData,
+    PolicyAction,
+    Pose,
+    Quaternion,
+    Twist,
+    Vector3,
+)
+
+NANOSECONDS = 1_000_000_000
+
+EEF_MODE_TO_MSG = {
+    EefTargetMode.ABSOLUTE: PolicyOutput.EEF_TARGET_ABSOLUTE,
+    EefTargetMode.DELTA: PolicyOutput.EEF_TARGET_DELTA,
+}
+EEF_MODE_FROM_MSG = {value: mode for mode, value in EEF_MODE_TO_MSG.items()}
+
+
+# ---------------------------------------------------------------- time
+
+
+def stamp_to_nanoseconds(stamp: Time) -> int:
+    return int(stamp.sec) * NANOSECONDS + int(stamp.nanosec)
+
+
+def nanoseconds_to_stamp(nanoseconds: int) -> Time:
+    sec, nanosec = divmod(int(nanoseconds), NANOSECONDS)
+    return Time(sec=sec, nanosec=nanosec)
+
+
+# ---------------------------------------------------------------- images
+
+
+def unsupported_encoding(msg: Image) -> Optional[str]:
+    """The encoding of a raw image if it is one we cannot convert, else None."""
+    return None if msg.encoding in RAW_ENCODINGS else msg.encoding
+
+
+def image_to_rgb(msg: Image) -> np.ndarray:
+    """sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8; row padding allowed) to HxWx3 RGB."""
+    return raw_image_to_rgb(msg.data, msg.width, msg.height, msg.encoding, msg.step)
+
+
+def compressed_format(format_field: str) -> str:
+    """The Pillow format named by a CompressedImage ``format``.
+
+    image_transport writes e.g. "jpeg", "png" or "bgr8; jpeg compressed bgr8".
+    The channel order named there is that of the uncompressed image; the
+    JPEG/PNG itself decodes to RGB either way.
+    """
+    lowered = format_field.lower()
+    if "png" in lowered:
+        return "PNG"
+    if "jpeg" in lowered or "jpg" in lowered:
+        return "JPEG"
+    raise InputError("format", f"unsupported compressed image format {format_field!r}")
+
+
+def compressed_image_to_rgb(msg: CompressedImage) -> np.ndarray:
+    return decode_image_bytes(bytes(msg.data), compressed_format(msg.format))
+
+
+def rgb_to_image(rgb: np.ndarray, stamp: Time, frame_id: str = "camera") -> Image:
+    """An HxWx3 uint8 RGB array as an rgb8 sensor_msgs/Image (for publishers and tests)."""
+    height, width = rgb.shape[:2]
+    msg = Image()
+    msg.header.stamp = stamp
+    msg.header.frame_id = frame_id
+    msg.height, msg.width = int(height), int(width)
+    msg.encoding = "rgb8"
+    msg.is_bigendian = 0
+    msg.step = int(width) * 3
+    msg.data = array.array("B", np.ascontiguousarray(rgb, dtype=np.uint8).tobytes())
+    return msg
+
+
+# ---------------------------------------------------------------- state
+
+
+def joint_state_to_data(msg: JointState) -> JointStateData:
+    return JointStateData(
+        name=tuple(msg.name),
+        position=tuple(float(v) for v in msg.position),
+        velocity=tuple(float(v) for v in msg.velocity),
+        effort=tuple(float(v) for v in msg.effort),
+    )
+
+
+def pose_from_msg(msg: PoseMsg) -> Pose:
+    p, q = msg.position, msg.orientation
+    return Pose(Vector3(p.x, p.y, p.z), Quaternion(q.x, q.y, q.z, q.w))
+
+
+def pose_stamped_to_pose(msg: PoseStamped) -> Pose:
+    return pose_from_msg(msg.pose)
+
+
+def _pose_to_msg(pose: Pose) -> PoseMsg:
+    msg = PoseMsg()
+    msg.position.x, msg.position.y, msg.position.z = (
+        float(pose.position.x), float(pose.position.y), float(pose.position.z),
+    )
+    q = pose.orientation
+    msg.orientation.x, msg.orientation.y = float(q.x), float(q.y)
+    msg.orientation.z, msg.orientation.w = float(q.z), float(q.w)
+    return msg
+
+
+def _twist_to_msg(twist: Twist) -> TwistMsg:
+    msg = TwistMsg()
+    lin, ang = twist.linear, twist.angular
+    msg.linear.x, msg.linear.y, msg.linear.z = float(lin.x), float(lin.y), float(lin.z)
+    msg.angular.x, msg.angular.y, msg.angular.z = float(ang.x), float(ang.y), float(ang.z)
+    return msg
+
+
+# ---------------------------------------------------------------- decisions
+
+
+def action_to_policy_output(action: PolicyAction, stamp: Time) -> PolicyOutput:
+    """A decision as a PolicyOutput stamped with its observation's stamp."""
+    msg = PolicyOutput()
+    msg.header.stamp = stamp
+    msg.header.frame_id = action.reference_frame
+    msg.reference_frame = action.reference_frame
+    msg.has_eef_target = action.eef_target is not None
+    if action.eef_target is not None:
+        msg.eef_target_pose = _pose_to_msg(action.eef_target)
+    msg.eef_target_mode = EEF_MODE_TO_MSG[EefTargetMode(action.eef_target_mode)]
+    msg.has_joint_deltas = action.joint_deltas is not None
+    msg.joint_deltas = [float(v) for v in action.joint_deltas or ()]
+    msg.gripper_active = action.gripper_command is not None
+    msg.gripper_command = float(action.gripper_command or 0.0)
+    msg.has_base_hint = action.base_velocity_hint is not None
+    if action.base_velocity_hint is not None:
+        msg.base_velocity_hint = _twist_to_msg(action.base_velocity_hint)
+    msg.confidence = float(action.confidence)
+    return msg
+
+
+def policy_output_to_action(msg: PolicyOutput) -> PolicyAction:
+    """The inverse of action_to_policy_output (for consumers, tests and the demo)."""
+    hint = msg.base_velocity_hint
+    return PolicyAction(
+        reference_frame=msg.reference_frame,
+        eef_target=pose_from_msg(msg.eef_target_pose) if msg.has_eef_target else None,
+        eef_target_mode=EEF_MODE_FROM_MSG[msg.eef_target_mode],
+        joint_deltas=tuple(msg.joint_deltas) if msg.has_joint_deltas else None,
+        gripper_command=msg.gripper_command if msg.gripper_active else None,
+        base_velocity_hint=(
+            Twist(
+                Vector3(hint.linear.x, hint.linear.y, hint.linear.z),
+                Vector3(hint.angular.x, hint.angular.y, hint.angular.z),
+            )
+            if msg.has_base_hint
+            else None
+        ),
+        confidence=msg.confidence,
+    )

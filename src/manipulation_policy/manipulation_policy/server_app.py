@@ -1,0 +1,494 @@
+"""The policy server's HTTP application: routes, request handling, error mapping.
+
+Every error is a JSON body ``{"error": kind, "field": path-or-null, "detail": text}``;
+``kind`` is also the label of ``policy_server_errors_total``. Bad input is a
+4xx naming the field; a 5xx means the server or the backend failed, never the
+client. The request body is validated here, by hand, so that each problem
+names its field; the OpenAPI document still declares the contract's models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from . import __version__
+from .backends import PolicyBackend
+from .contract import (
+    ErrorResponse,
+    HealthResponse,
+    InferRequest,
+    InferResponse,
+    action_to_response,
+    field_path,
+    parse_request,
+    request_to_observation,
+)
+from .errors import InputError
+from .imaging import DEFAULT_MAX_IMAGE_PIXELS
+from .inference_worker import ClientGoneError, InferenceWorker, QueueFullError
+from .json_body import parse_json_body
+from .policy_types import Observation
+from .server_auth import OPEN_PATHS, BearerAuthMiddleware
+from .server_metrics import EXPOSITION_CONTENT_TYPE, ServerMetrics
+
+logger = logging.getLogger("manipulation_policy.policy_server")
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_QUEUE = 8
+# nginx's code for "client closed the request": logged and counted, never received.
+CLIENT_CLOSED_REQUEST = 499
+KNOWN_ENDPOINTS = frozenset({"/health", "/infer", "/info", "/metrics"}) | OPEN_PATHS
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_queue: int = DEFAULT_MAX_QUEUE
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    api_key: Optional[str] = None
+    retry_after_s: int = 1
+    decode_threads: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_image_pixels", "retry_after_s", "decode_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, kind (the ``error`` field), field path and detail."""
+
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        detail: str,
+        field: Optional[str] = None,
+        headers: Optional[dict[str, str]] = None,
+    ):
+        super().__init__(detail)
+        self.status = status
+        self.kind = kind
+        self.detail = detail
+        self.field = field
+        self.headers = headers
+
+    @classmethod
+    def from_input_error(cls, status: int, kind: str, exc: InputError) -> ApiError:
+        return cls(status, kind, exc.message, exc.field)
+
+
+# ------------------------------------------------------------- body handling
+
+
+def check_json_content_type(content_type: Optional[str]) -> None:
+    """Absent or JSON. Refusing form and text types also keeps browsers from posting
+    cross-site without a CORS preflight."""
+    if not content_type or not content_type.strip():
+        return
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        return
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {media_type!r} is not JSON; send Content-Type: application/json",
+        "content-type",
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 past ``limit`` bytes: from Content-Length when
+    declared, while streaming otherwise (chunked bodies), so a huge body is never held."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _body_too_large(f"Content-Length {declared} exceeds", limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _body_too_large("the streamed body exceeds", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _body_too_large(what: str, limit: int) -> ApiError:
+    return ApiError(413, "payload_too_large", f"{what} the limit of {limit} bytes", "body")
+
+
+def decode_infer_body(raw: bytes, max_image_pixels: int) -> tuple[InferRequest, Observation]:
+    """Body bytes to a validated request and its Observation (image decoded).
+
+    Runs on a worker thread: JSON parsing and JPEG decoding stay off the event loop.
+    """
+    try:
+        payload = parse_json_body(raw)
+    except InputError as exc:
+        raise ApiError.from_input_error(400, "invalid_json", exc) from None
+    try:
+        request = parse_request(payload)
+    except InputError as exc:
+        raise ApiError.from_input_error(422, "invalid_request", exc) from None
+    try:
+        observation = request_to_observation(request, max_image_pixels)
+    except InputError as exc:
+        raise ApiError.from_input_error(422, "invalid_image", exc) from None
+    except Exception as exc:  # noqa: BLE001 - only the client's image is decoded here
+        # A decoder error that imaging.py does not translate is still the image's fault.
+        logger.warning("image decoder raised %s: %s", type(exc).__name__, exc)
+        raise ApiError(
+            422, "invalid_image", f"image could not be decoded ({type(exc).__name__})", "image"
+        ) from None
+    return request, observation
+
+
+# ------------------------------------------------------------------ responses
+
+
+def error_response(
+    metrics: ServerMetrics,
+    status: int,
+    kind: str,
+    detail: str,
+    field: Optional[str] = None,
+    headers: Optional[dict[str, str]] = None,
+) -> JSONResponse:
+    metrics.count_error(kind)
+    body = {"error": kind, "field": field, "detail": detail}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+_KIND_BY_STATUS = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def _json_content(schema_name: str, description: str) -> dict[str, Any]:
+    schema = {"$ref": f"#/components/schemas/{schema_name}"}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error_content(description: str) -> dict[str, Any]:
+    return _json_content("ErrorResponse", description)
+
+
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: _json_content("InferResponse", "The policy's answer, every PolicyOutput field present."),
+    400: _error_content("The body is not valid JSON (NaN/Infinity included); names the field."),
+    401: _error_content("Missing or wrong bearer token (only when an API key is set)."),
+    413: _error_content("The body exceeds the server's size limit."),
+    415: _error_content("Content-Type is not JSON."),
+    422: _error_content("A field has the wrong type or value, or the image is unusable."),
+    500: _error_content("The backend failed (not the client's fault)."),
+    503: {
+        **_error_content("Too many requests waiting for the model; retry after Retry-After s."),
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    },
+}
+
+
+# ---------------------------------------------------------------- middleware
+
+
+class RequestMetricsMiddleware:
+    """Counts every HTTP request by endpoint and status and times it (outermost layer)."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        endpoint = scope["path"] if scope["path"] in KNOWN_ENDPOINTS else "other"
+
+        async def send_observed(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            self._metrics.observe_request(
+                endpoint, scope["method"], status, time.perf_counter() - started
+            )
+
+
+# ----------------------------------------------------------------------- app
+
+
+def _gpu_memory() -> Optional[dict[str, Any]]:
+    """CUDA memory of the current device, when the backend has loaded torch with CUDA."""
+    torch = sys.modules.get("torch")  # never import torch just to report on it
+    if torch is None:
+        return None
+    try:
+        if not torch.cuda.is_available():
+            return None
+        device = torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(device)
+        return {
+            "device": torch.cuda.get_device_name(device),
+            "allocated_bytes": int(torch.cuda.memory_allocated(device)),
+            "reserved_bytes": int(torch.cuda.memory_reserved(device)),
+            "free_bytes": int(free),
+            "total_bytes": int(total),
+        }
+    except Exception as exc:  # noqa: BLE001 - a report must not fail the endpoint
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _describe(backend: PolicyBackend) -> dict[str, Any]:
+    try:
+        return dict(backend.describe())
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"describe() failed: {type(exc).__name__}: {exc}"}
+
+
+def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) -> FastAPI:
+    """The FastAPI application serving ``backend`` (already loaded)."""
+    config = config or ServerConfig()
+    worker = InferenceWorker(backend.predict, config.max_queue)
+    decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="policy-decode")
+    description = _describe(backend)
+    metrics = ServerMetrics(
+        queue_depth=lambda: worker.queue_depth,
+        inference_busy=lambda: worker.busy,
+        info_labels={
+            "version": __version__,
+            "backend": str(description.get("backend", getattr(backend, "name", "unknown"))),
+            "model": str(description.get("model", "")),
+        },
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        # uvicorn has let in-flight requests finish before it gets here.
+        worker.close()
+        decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="MobileManipulationCore policy server",
+        version=__version__,
+        description=(
+            "Vision-language-action policy over HTTP. POST /infer takes the robot's "
+            "observation and answers a PolicyOutput-shaped JSON. Errors are "
+            '{"error", "field", "detail"}.'
+        ),
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    app.state.worker = worker
+    app.state.metrics = metrics
+    app.state.config = config
+
+    @app.get(
+        "/health",
+        responses={200: _json_content("HealthResponse", "The server is up; never needs auth.")},
+    )
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.post(
+        "/infer",
+        responses=INFER_RESPONSES,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}
+                },
+            }
+        },
+    )
+    async def infer(request: Request) -> Response:
+        """One observation in, one policy answer out (predictions run one at a time)."""
+        check_json_content_type(request.headers.get("content-type"))
+        raw = await read_body(request, config.max_body_bytes)
+        loop = asyncio.get_running_loop()
+        try:
+            with worker.admission():
+                started = time.perf_counter()
+                parsed, observation = await loop.run_in_executor(
+                    decode_pool, decode_infer_body, raw, config.max_image_pixels
+                )
+                metrics.preprocess_seconds.observe(time.perf_counter() - started)
+                action, seconds = await worker.predict(observation, request.is_disconnected)
+        except QueueFullError as exc:
+            raise ApiError(
+                503,
+                "queue_full",
+                f"the model is busy: {exc}; retry later",
+                headers={"Retry-After": str(config.retry_after_s)},
+            ) from None
+        except ClientGoneError:
+            metrics.count_error("client_disconnected")
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except InputError as exc:
+            # The backend refused the observation (e.g. a model that needs an image).
+            raise ApiError.from_input_error(422, "invalid_request", exc) from None
+        except ApiError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a backend failure, never a crash
+            logger.exception("backend predict() failed")
+            raise ApiError(
+                500, "backend_error", f"backend failed: {type(exc).__name__}: {exc}"
+            ) from None
+        metrics.inference_seconds.observe(seconds)
+        try:
+            body = action_to_response(
+                action, request_id=parsed.request_id, inference_time_ms=round(seconds * 1e3, 3)
+            )
+        except (ValueError, TypeError, AttributeError) as exc:
+            logger.error("backend returned an unusable action: %s", exc)
+            raise ApiError(
+                500, "backend_error", f"backend returned an unusable action: {exc}"
+            ) from None
+        return JSONResponse(body)
+
+    @app.get("/info", responses={200: {"description": "Backend, versions, counters."}})
+    def info() -> JSONResponse:
+        described = _describe(backend)
+        return JSONResponse(
+            {
+                "version": __version__,
+                "backend": described,
+                "model": described.get("model"),
+                "device": described.get("device"),
+                "gpu_memory": _gpu_memory(),
+                "uptime_s": round(metrics.uptime_seconds(), 3),
+                "requests_total": metrics.requests_total(),
+                "errors_total": sum(metrics.errors_by_kind().values()),
+                "errors_by_kind": metrics.errors_by_kind(),
+                "queue": {
+                    "depth": worker.queue_depth,
+                    "max": worker.max_queue,
+                    "inference_in_progress": worker.busy,
+                },
+                "limits": {
+                    "max_body_bytes": config.max_body_bytes,
+                    "max_image_pixels": config.max_image_pixels,
+                },
+                "auth_required": config.api_key is not None,
+            }
+        )
+
+    @app.get(
+        "/metrics",
+        responses={
+            200: {
+                "description": "Prometheus text exposition format 0.0.4.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=EXPOSITION_CONTENT_TYPE)
+
+    _install_error_handlers(app, metrics)
+    if config.api_key is not None:
+
+        def unauthorized():
+            return error_response(
+                metrics,
+                401,
+                "unauthorized",
+                "missing or wrong API key; send Authorization: Bearer <key>",
+                "authorization",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+        app.add_middleware(BearerAuthMiddleware, key=config.api_key, reject=unauthorized)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.openapi = lambda: _openapi_document(app, auth=config.api_key is not None)
+    return app
+
+
+def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(metrics, exc.status, exc.kind, exc.detail, exc.field, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = _KIND_BY_STATUS.get(exc.status_code, "http_error")
+        return error_response(
+            metrics, exc.status_code, kind, str(exc.detail), headers=getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = (exc.errors() or [{}])[0]
+        location = tuple(part for part in first.get("loc", ()) if part != "body")
+        return error_response(
+            metrics, 422, "invalid_request", str(first.get("msg", exc)), field_path(location)
+        )
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(_request: Request, _exc: ClientDisconnect) -> Response:
+        metrics.count_error("client_disconnected")
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled %s: %s", type(exc).__name__, exc)
+        return error_response(metrics, 500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def _openapi_document(app: FastAPI, auth: bool) -> dict[str, Any]:
+    """FastAPI's document plus the wire contract's models, declared by hand because
+    /infer validates its body itself (to name fields in errors)."""
+    if app.openapi_schema is None:
+        document = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        _, schemas = models_json_schema(
+            [
+                (model, "validation")
+                for model in (InferRequest, InferResponse, ErrorResponse, HealthResponse)
+            ],
+            ref_template="#/components/schemas/{model}",
+        )
+        components = document.setdefault("components", {})
+        components.setdefault("schemas", {}).update(schemas["$defs"])
+        if auth:
+            components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+            for path, operations in document["paths"].items():
+                if path not in OPEN_PATHS:
+                    for operation in operations.values():
+                        operation["security"] = [{"bearerAuth": []}]
+        app.openapi_schema = document
+    return app.openapi_schema

@@ -1,0 +1,368 @@
+"""Shared test equipment for the policy node tests: real rclpy, real HTTP, loopback only.
+
+- ``Rig``: its own rclpy context, one SingleThreadedExecutor spinning in a
+  background thread (as in production: a node that blocked it would starve
+  every other callback), and a test node that plays camera, joint states,
+  instruction and EEF pose publishers and records PolicyOutputs.
+- ``ScriptedPolicyServer``: a real HTTP server on 127.0.0.1 speaking the
+  wire contract with the stub backend, recording what it receives, with
+  switches for delay and failure statuses.
+The project's policy server process comes from manipulation_policy.server_process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Optional
+
+import numpy as np
+import rclpy
+from builtin_interfaces.msg import Time
+from geometry_msgs.msg import PoseStamped
+from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.parameter_client import AsyncParameterClient
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image, JointState
+from std_msgs.msg import String
+
+from manipulation_msgs.msg import PolicyOutput
+from manipulation_policy import ros_conversion
+from manipulation_policy.backends.stub import StubBackend
+from manipulation_policy.contract import (
+    action_to_response,
+    parse_request,
+    request_to_observation,
+)
+from manipulation_policy.errors import InputError
+from manipulation_policy.imaging import decode_image_bytes, encode_jpeg, resize_rgb
+from manipulation_policy.policy_types import JointStateData, Observation, PolicyAction, Pose
+
+WAIT_SEC = 15.0
+_rig_numbers = itertools.count()
+
+JOINT_NAMES = ("shoulder", "elbow", "wrist")
+JOINT_POSITIONS = (0.3, -0.2, 0.9)
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = WAIT_SEC, step: float = 0.02
+) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def sample_image(width: int = 64, height: int = 48, seed: int = 0) -> np.ndarray:
+    """A colourful RGB frame whose mean colour is far from grey on every channel."""
+    rng = np.random.default_rng(seed)
+    image = np.empty((height, width, 3), dtype=np.uint8)
+    image[..., 0] = 200
+    image[..., 1] = np.linspace(0, 90, width, dtype=np.uint8)[None, :]
+    image[..., 2] = rng.integers(100, 160, size=(height, width), dtype=np.uint8)
+    return image
+
+
+def assert_actions_close(got: PolicyAction, want: PolicyAction, tol: float = 0.0) -> None:
+    assert got.reference_frame == want.reference_frame
+    assert got.eef_target_mode == want.eef_target_mode
+    assert (got.eef_target is None) == (want.eef_target is None)
+    assert (got.joint_deltas is None) == (want.joint_deltas is None)
+    assert (got.gripper_command is None) == (want.gripper_command is None)
+    assert (got.base_velocity_hint is None) == (want.base_velocity_hint is None)
+    got_numbers, want_numbers = _numbers(got), _numbers(want)
+    assert len(got_numbers) == len(want_numbers)
+    for index, (a, b) in enumerate(zip(got_numbers, want_numbers, strict=True)):
+        assert math.isclose(a, b, rel_tol=0.0, abs_tol=tol), (index, a, b, got, want)
+
+
+def _numbers(action: PolicyAction) -> list[float]:
+    values: list[float] = [action.confidence]
+    if action.eef_target is not None:
+        p, q = action.eef_target.position, action.eef_target.orientation
+        values += [p.x, p.y, p.z, q.x, q.y, q.z, q.w]
+    values += list(action.joint_deltas or ())
+    if action.gripper_command is not None:
+        values.append(action.gripper_command)
+    return values
+
+
+def jpeg_roundtrip(rgb: np.ndarray, width: int, height: int, quality: int = 90) -> np.ndarray:
+    """What the server decodes from the remote node's request for ``rgb``."""
+    return decode_image_bytes(encode_jpeg(resize_rgb(rgb, width, height), quality), "JPEG")
+
+
+# ---------------------------------------------------------------- ROS rig
+
+
+class Rig:
+    """A private rclpy context with a spinning executor and a publisher/recorder node."""
+
+    def __init__(self) -> None:
+        self.context = Context()
+        rclpy.init(context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        prefix = f"/rig{os.getpid()}_{next(_rig_numbers)}"
+        self.namespace = prefix  # nodes under test go here: no name clash between tests
+        self.topics = {
+            "camera_topic": f"{prefix}/camera/image_raw",
+            "joint_states_topic": f"{prefix}/joint_states",
+            "instruction_topic": f"{prefix}/instruction",
+            "eef_pose_topic": f"{prefix}/eef_pose",
+            "output_topic": f"{prefix}/policy_output",
+        }
+        self.node = Node("test_rig", context=self.context)
+        node = self.node
+        self.image_pub = node.create_publisher(
+            Image, self.topics["camera_topic"], qos_profile_sensor_data
+        )
+        self.compressed_pub = node.create_publisher(
+            CompressedImage, self.topics["camera_topic"] + "/compressed", qos_profile_sensor_data
+        )
+        self.joint_pub = node.create_publisher(JointState, self.topics["joint_states_topic"], 10)
+        self.instruction_pub = node.create_publisher(String, self.topics["instruction_topic"], 10)
+        self.eef_pub = node.create_publisher(PoseStamped, self.topics["eef_pose_topic"], 10)
+        self._lock = threading.Lock()
+        self._outputs: list[tuple[float, PolicyOutput]] = []
+        node.create_subscription(PolicyOutput, self.topics["output_topic"], self._on_output, 10)
+        self._nodes: list[Node] = [node]
+        self.executor.add_node(node)
+        self._timers: list[Any] = []
+        self._parameter_clients: dict[str, AsyncParameterClient] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, name="rig_executor", daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        while not self._stop.is_set() and self.context.ok():
+            self.executor.spin_once(timeout_sec=0.05)
+
+    def _on_output(self, msg: PolicyOutput) -> None:
+        with self._lock:
+            self._outputs.append((time.monotonic(), msg))
+
+    # -------------------------------------------------------- nodes
+
+    def parameters(self, **values: Any) -> list[Parameter]:
+        """Parameter overrides for a node under test: the rig's topics plus ``values``."""
+        return [Parameter(name, value=value) for name, value in {**self.topics, **values}.items()]
+
+    def node_kwargs(self, **values: Any) -> dict[str, Any]:
+        """Constructor keywords for a node under test in this rig."""
+        return {
+            "context": self.context,
+            "namespace": self.namespace,
+            "parameter_overrides": self.parameters(**values),
+        }
+
+    def add(self, node: Node) -> Node:
+        self._nodes.append(node)
+        self.executor.add_node(node)
+        return node
+
+    def close(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._stop.set()
+        self._thread.join(5.0)
+        for node in reversed(self._nodes):
+            self.executor.remove_node(node)
+            node.destroy_node()
+        self.executor.shutdown(timeout_sec=2.0)
+        rclpy.shutdown(context=self.context)
+
+    def __enter__(self) -> Rig:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------- outputs
+
+    def outputs(self) -> list[PolicyOutput]:
+        with self._lock:
+            return [msg for _, msg in self._outputs]
+
+    def timed_outputs(self) -> list[tuple[float, PolicyOutput]]:
+        with self._lock:
+            return list(self._outputs)
+
+    def clear_outputs(self) -> None:
+        with self._lock:
+            self._outputs.clear()
+
+    def wait_for_outputs(self, count: int, timeout: float = WAIT_SEC) -> list[PolicyOutput]:
+        wait_until(lambda: len(self.outputs()) >= count, timeout)
+        return self.outputs()
+
+    # -------------------------------------------------------- inputs
+
+    def now(self) -> Time:
+        return self.node.get_clock().now().to_msg()
+
+    def stamp_ago(self, seconds: float) -> Time:
+        nanoseconds = self.node.get_clock().now().nanoseconds - int(seconds * 1e9)
+        return ros_conversion.nanoseconds_to_stamp(nanoseconds)
+
+    def publish_image(self, rgb: np.ndarray, stamp: Optional[Time] = None) -> Time:
+        stamp = stamp or self.now()
+        self.image_pub.publish(ros_conversion.rgb_to_image(rgb, stamp))
+        return stamp
+
+    def publish_joint_state(
+        self, names: Iterable[str] = JOINT_NAMES, positions: Iterable[float] = JOINT_POSITIONS
+    ) -> None:
+        msg = JointState()
+        msg.header.stamp = self.now()
+        msg.name = list(names)
+        msg.position = [float(v) for v in positions]
+        self.joint_pub.publish(msg)
+
+    def stream(self, rate_hz: float, publish: Callable[[], Any]) -> Any:
+        """Call ``publish`` at ``rate_hz`` on the rig's executor until close or cancel."""
+        timer = self.node.create_timer(1.0 / rate_hz, publish)
+        self._timers.append(timer)
+        return timer
+
+    def stream_camera(self, rgb: np.ndarray, rate_hz: float = 20.0) -> Any:
+        return self.stream(rate_hz, lambda: self.publish_image(rgb))
+
+    def stream_joint_states(self, rate_hz: float = 50.0) -> Any:
+        return self.stream(rate_hz, self.publish_joint_state)
+
+    # -------------------------------------------------------- parameters
+
+    def set_parameters(self, node_name: str, **values: Any):
+        """Set parameters through the node's real /set_parameters service (as `ros2 param set`)."""
+        client = self._parameter_clients.get(node_name)
+        if client is None:  # kept: its service clients live as long as the rig node
+            client = AsyncParameterClient(self.node, f"{self.namespace}/{node_name}")
+            self._parameter_clients[node_name] = client
+        assert client.wait_for_services(timeout_sec=WAIT_SEC), "parameter services missing"
+        future = client.set_parameters(
+            [Parameter(name, value=value) for name, value in values.items()]
+        )
+        assert wait_until(future.done, WAIT_SEC), "set_parameters got no answer"
+        return future.result().results
+
+
+def expected_stub_action(
+    image: Optional[np.ndarray],
+    instruction: str = "",
+    reference_frame: str = "base_link",
+    eef_pose: Optional[Pose] = None,
+) -> PolicyAction:
+    """The stub's answer to the rig's joint state plus ``image``."""
+    observation = Observation(
+        joint_state=JointStateData(name=JOINT_NAMES, position=JOINT_POSITIONS),
+        image=image,
+        reference_frame=reference_frame,
+        instruction=instruction,
+        eef_pose=eef_pose,
+    )
+    return StubBackend().predict(observation)
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+class ScriptedPolicyServer:
+    """A real contract-speaking HTTP server on 127.0.0.1 (stub backend), scriptable.
+
+    ``delay_sec`` delays every answer; ``fail_status`` answers that status
+    instead; ``raw_answer`` (status, body bytes) answers exactly that. Every
+    request's headers, client port and decoded observation are recorded.
+    """
+
+    def __init__(self) -> None:
+        self.delay_sec = 0.0
+        self.fail_status: Optional[int] = None
+        self.raw_answer: Optional[tuple[int, bytes]] = None
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        backend = StubBackend()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # no 40 ms Nagle/delayed-ACK stall per answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                record: dict[str, Any] = {
+                    "path": self.path,
+                    "headers": dict(self.headers),
+                    "client_port": self.client_address[1],
+                }
+                with outer._lock:
+                    outer.requests.append(record)
+                    delay, fail_status = outer.delay_sec, outer.fail_status
+                    raw_answer = outer.raw_answer
+                if delay:
+                    time.sleep(delay)
+                if raw_answer is not None:
+                    self._send(raw_answer[0], raw_answer[1])
+                    return
+                if fail_status is not None:
+                    self._answer(fail_status, {"error": "scripted", "detail": "scripted failure"})
+                    return
+                try:
+                    request = parse_request(json.loads(body))
+                    observation = request_to_observation(request)
+                except (InputError, ValueError) as exc:
+                    self._answer(422, {"error": "invalid_request", "detail": str(exc)})
+                    return
+                record["observation"] = observation
+                self._answer(200, action_to_response(backend.predict(observation)))
+
+            def _answer(self, status: int, payload: dict) -> None:
+                self._send(status, json.dumps(payload).encode())
+
+            def _send(self, status: int, data: bytes) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up waiting (a timeout under test)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def request_count(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+    def observations(self) -> list[Observation]:
+        with self._lock:
+            return [r["observation"] for r in self.requests if "observation" in r]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> ScriptedPolicyServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

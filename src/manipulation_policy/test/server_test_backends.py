@@ -1,0 +1,46 @@
+"""Backends for policy server tests, loaded by the server as ``server_test_backends:Name``
+(the tests put this directory on the server's PYTHONPATH).
+
+ScriptedBackend behaves like the stub unless the instruction asks otherwise:
+``sleep <seconds>`` (then answer), ``raise`` (an internal failure),
+``need image`` (refuses an observation without image, as OpenVLA does),
+``nan`` (a broken model output).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from manipulation_policy.backends.stub import StubBackend
+from manipulation_policy.errors import InputError
+from manipulation_policy.policy_types import Observation, PolicyAction
+
+
+class ScriptedBackend(StubBackend):
+    name = "scripted"
+
+    def predict(self, observation: Observation) -> PolicyAction:
+        command, _, argument = observation.instruction.partition(" ")
+        if command == "sleep":
+            time.sleep(float(argument))
+        elif command == "raise":
+            raise RuntimeError("simulated CUDA error: device-side assert triggered")
+        elif command == "need" and observation.image is None:
+            raise InputError("image", "this backend needs a camera image")
+        elif command == "nan":
+            return PolicyAction(confidence=math.nan)
+        return super().predict(observation)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "model": "scripted-test-model", "device": "cpu"}
+
+
+class UnloadableBackend:
+    """Fails like a model whose weights are missing."""
+
+    name = "unloadable"
+
+    def __init__(self, **_options: Any):
+        raise OSError("no weights at /models/missing\n(a second line that must not be shown)")

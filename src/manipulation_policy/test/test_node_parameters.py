@@ -1,0 +1,109 @@
+"""Validation of node parameter values: what is refused, and the reasons given."""
+
+from __future__ import annotations
+
+import pytest
+
+from manipulation_policy.node_parameters import (
+    COMMON_PARAMETERS,
+    POLICY_NODE_PARAMETERS,
+    REMOTE_NODE_PARAMETERS,
+    backend_options,
+    reason_to_refuse,
+    specs_by_name,
+)
+
+SPECS = specs_by_name(COMMON_PARAMETERS, POLICY_NODE_PARAMETERS, REMOTE_NODE_PARAMETERS)
+
+
+def test_every_default_is_accepted_and_described():
+    for spec in SPECS.values():
+        assert spec.reason_to_refuse(spec.default) is None, spec.name
+        assert spec.description, spec.name
+
+
+def test_the_shared_names_and_defaults():
+    defaults = {name: spec.default for name, spec in SPECS.items()}
+    assert defaults["inference_rate"] == 5.0 and defaults["max_observation_age_sec"] == 0.5
+    assert defaults["remote_url"] == "http://localhost:5000"
+    assert defaults["remote_retry_attempts"] == 3 and defaults["remote_fallback_on_failure"]
+    assert (defaults["image_width"], defaults["image_height"], defaults["jpeg_quality"]) == (
+        224, 224, 90)
+    assert defaults["backend"] == "openvla" and defaults["quantization"] == "none"
+    live = {name for name, spec in SPECS.items() if spec.live}
+    assert {"remote_url", "remote_timeout_sec", "remote_retry_attempts",
+            "remote_fallback_on_failure", "inference_rate", "instruction"} <= live
+    assert not {"camera_topic", "image_transport", "backend", "model"} & live
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    [
+        ("remote_timeout_sec", 0.0, "> 0"),
+        ("remote_timeout_sec", -1.0, "> 0"),
+        ("remote_timeout_sec", float("nan"), "finite"),
+        ("remote_timeout_sec", 1e6, "at most"),
+        ("inference_rate", 0.0, "> 0"),
+        ("inference_rate", -2.0, "> 0"),
+        ("max_observation_age_sec", 0.0, "> 0"),
+        ("remote_retry_attempts", -1, "between 0"),
+        ("remote_url", "ftp://host", "http:// or https://"),
+        ("remote_url", "localhost:5000", "http:// or https://"),
+        ("remote_url", "http://", "no host"),
+        ("remote_url", "http://host:99999", "not a valid URL"),
+        ("remote_url", "http://host:5000/?x=1", "query"),
+        ("image_transport", "theora", "raw, compressed"),
+        ("instruction", "", "empty"),
+        ("instruction", "x" * 1025, "at most 1024"),
+        ("camera_topic", "/camera image", "topic name"),
+        ("jpeg_quality", 101, "between 1 and 100"),
+        ("image_width", 0, "between 1"),
+        ("backend", "tensorflow", "module.path:ClassName"),
+        ("quantization", "3bit", "8bit"),
+        ("device", "gpu0", "cuda:<index>"),
+        ("dtype", "int8", "bfloat16"),
+        ("gripper_convention", "sideways", "open_is_one"),
+        ("position_scale", 0.0, "> 0"),
+        ("remote_fallback_on_failure", 1, "expected bool"),
+        ("remote_retry_attempts", True, "expected int"),
+        ("remote_timeout_sec", "1.0", "expected float"),
+    ],
+)
+def test_bad_values_are_refused_with_a_reason_naming_the_parameter(name, value, words):
+    reason = reason_to_refuse(SPECS, {name: value})
+    assert reason is not None and reason.startswith(name), reason
+    assert words in reason, reason
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("remote_url", "https://gpu-host.example.com:8443/policy"),
+        ("remote_url", "http://[::1]:5000"),
+        ("remote_timeout_sec", 2),  # an int is a fine float
+        ("remote_retry_attempts", 0),
+        ("image_transport", "compressed"),
+        ("backend", "stub"),
+        ("backend", "my_robot.policies:OctoBackend"),
+        ("device", "cuda:1"),
+        ("dtype", "BF16"),
+    ],
+)
+def test_good_values_are_accepted(name, value):
+    assert reason_to_refuse(SPECS, {name: value}) is None
+
+
+def test_parameters_that_are_not_ours_are_not_judged():
+    assert reason_to_refuse(SPECS, {"use_sim_time": True}) is None
+
+
+def test_backend_options_turn_empty_and_none_into_unset():
+    values = {spec.name: spec.default for spec in POLICY_NODE_PARAMETERS}
+    options = backend_options({**values, "lora_adapter": "/adapters/pick", "position_scale": 2})
+    assert options["unnorm_key"] is None and options["quantization"] is None
+    assert options["lora_adapter"] == "/adapters/pick"
+    assert options["position_scale"] == 2.0 and isinstance(options["position_scale"], float)
+    assert set(options) == {
+        "model", "unnorm_key", "device", "dtype", "quantization", "lora_adapter",
+        "attn_implementation", "gripper_convention", "position_scale", "rotation_scale",
+    }

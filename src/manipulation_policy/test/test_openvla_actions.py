@@ -1,0 +1,184 @@
+import math
+
+import numpy as np
+import pytest
+
+from manipulation_policy.openvla_actions import (
+    MODEL_CONFIDENCE,
+    ActionConversionOptions,
+    convert_openvla_action,
+    gripper_command,
+    limit_length,
+)
+from manipulation_policy.policy_types import (
+    EefTargetMode,
+    Observation,
+    Pose,
+    Quaternion,
+    Vector3,
+)
+from manipulation_policy.pose_math import apply_delta, quaternion_from_rpy, rpy_from_quaternion
+
+FRAME = "odom"
+
+
+def convert(raw, eef_pose=None, **options):
+    observation = Observation(reference_frame=FRAME, eef_pose=eef_pose)
+    return convert_openvla_action(raw, observation, ActionConversionOptions(**options))
+
+
+def position(action):
+    p = action.eef_target.position
+    return np.array([p.x, p.y, p.z])
+
+
+def rpy(action):
+    return np.array(rpy_from_quaternion(action.eef_target.orientation))
+
+
+def test_plain_delta_keeps_the_model_numbers_and_frame():
+    result = convert([0.01, -0.02, 0.005, 0.1, -0.2, 0.3, 1.0])
+    action = result.action
+    assert result.hold_reason is None
+    assert action.reference_frame == FRAME
+    assert action.eef_target_mode is EefTargetMode.DELTA
+    np.testing.assert_allclose(position(action), [0.01, -0.02, 0.005])
+    assert action.eef_target.orientation == quaternion_from_rpy(0.1, -0.2, 0.3)
+    np.testing.assert_allclose(rpy(action), [0.1, -0.2, 0.3], atol=1e-12)
+    assert action.joint_deltas is None and action.base_velocity_hint is None
+    assert action.confidence == MODEL_CONFIDENCE > 0 and not action.is_hold
+
+
+def test_zero_rotation_is_the_identity_quaternion():
+    action = convert([0, 0, 0, 0, 0, 0, 0.5]).action
+    assert action.eef_target.orientation == Quaternion(0.0, 0.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "model_gripper, open_is_one, close_is_one",
+    [(1.0, 0.0, 1.0), (0.0, 1.0, 0.0), (0.25, 0.75, 0.25), (1.7, 0.0, 1.0), (-0.4, 1.0, 0.0)],
+)
+def test_gripper_conventions_map_to_message_range_and_clamp(
+    model_gripper, open_is_one, close_is_one
+):
+    raw = [0, 0, 0, 0, 0, 0, model_gripper]
+    assert convert(raw).action.gripper_command == pytest.approx(open_is_one)
+    assert convert(raw, gripper_convention="open_is_one").action.gripper_command == pytest.approx(
+        open_is_one
+    )
+    assert convert(raw, gripper_convention="close_is_one").action.gripper_command == pytest.approx(
+        close_is_one
+    )
+    assert gripper_command(model_gripper, "close_is_one") == pytest.approx(close_is_one)
+
+
+def test_gripper_command_rejects_unknown_convention():
+    with pytest.raises(ValueError, match="gripper_convention"):
+        gripper_command(0.5, "open_is_zero")
+
+
+def test_scales_apply_per_component():
+    raw = [0.01, 0.02, -0.03, 0.1, 0.2, -0.3, 1.0]
+    action = convert(raw, position_scale=2.0, rotation_scale=0.5).action
+    np.testing.assert_allclose(position(action), [0.02, 0.04, -0.06])
+    np.testing.assert_allclose(rpy(action), [0.05, 0.1, -0.15], atol=1e-12)
+    assert action.gripper_command == 0.0  # the gripper is not scaled
+
+
+def test_zero_scale_freezes_that_part():
+    action = convert([0.01, 0.02, 0.03, 0.1, 0.2, 0.3, 0.0], position_scale=0.0).action
+    np.testing.assert_allclose(position(action), [0, 0, 0])
+    np.testing.assert_allclose(rpy(action), [0.1, 0.2, 0.3], atol=1e-12)
+
+
+def test_position_step_limit_caps_length_and_keeps_direction():
+    raw = [0.03, 0.04, 0.0, 0, 0, 0, 0]  # 5 cm
+    action = convert(raw, max_position_step=0.01).action
+    np.testing.assert_allclose(position(action), [0.006, 0.008, 0.0])
+    small = convert([0.003, 0.004, 0, 0, 0, 0, 0], max_position_step=0.01).action
+    np.testing.assert_allclose(position(small), [0.003, 0.004, 0.0])  # under the limit: untouched
+
+
+def test_rotation_step_limit_caps_euler_vector_length():
+    action = convert([0, 0, 0, 0.0, 0.3, 0.4, 0], max_rotation_step=0.1).action
+    np.testing.assert_allclose(rpy(action), [0.0, 0.06, 0.08], atol=1e-12)
+    assert convert([0, 0, 0, 0.0, 0.03, 0.04, 0], max_rotation_step=0.1).action.eef_target == Pose(
+        position=Vector3(0.0, 0.0, 0.0), orientation=quaternion_from_rpy(0.0, 0.03, 0.04)
+    )
+
+
+def test_scale_is_applied_before_the_limit():
+    action = convert([0.004, 0, 0, 0, 0, 0, 0], position_scale=5.0, max_position_step=0.01).action
+    np.testing.assert_allclose(position(action), [0.01, 0, 0])
+
+
+def test_limit_length_helper():
+    np.testing.assert_allclose(limit_length(np.array([3.0, 4.0]), None), [3, 4])
+    np.testing.assert_allclose(limit_length(np.array([3.0, 4.0]), 1.0), [0.6, 0.8])
+    np.testing.assert_allclose(limit_length(np.array([0.0, 0.0]), 1.0), [0, 0])
+
+
+@pytest.mark.parametrize("index, name", [(0, "dx"), (4, "dpitch"), (6, "gripper")])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_output_becomes_hold_with_reason(index, name, bad):
+    raw = [0.01, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    raw[index] = bad
+    result = convert(raw, eef_pose=Pose())
+    assert result.action.is_hold
+    assert result.action.reference_frame == FRAME
+    assert result.hold_reason is not None and name in result.hold_reason
+    assert "holding" in result.hold_reason
+
+
+def test_eef_pose_gives_absolute_target_composed_with_apply_delta():
+    current = Pose(Vector3(0.5, -0.1, 0.3), quaternion_from_rpy(0.0, 0.0, math.pi / 2))
+    raw = [0.01, 0.02, -0.01, 0.0, 0.0, 0.1, 0.0]
+    action = convert(raw, eef_pose=current).action
+    assert action.eef_target_mode is EefTargetMode.ABSOLUTE
+    expected = apply_delta(
+        current, Pose(Vector3(0.01, 0.02, -0.01), quaternion_from_rpy(0.0, 0.0, 0.1))
+    )
+    assert action.eef_target == expected
+    np.testing.assert_allclose(position(action), [0.51, -0.08, 0.29])
+    np.testing.assert_allclose(rpy(action), [0.0, 0.0, math.pi / 2 + 0.1], atol=1e-12)
+
+
+def test_absolute_target_uses_the_scaled_and_limited_delta():
+    current = Pose(Vector3(1.0, 0.0, 0.0))
+    action = convert([0.05, 0, 0, 0, 0, 0, 0], eef_pose=current, max_position_step=0.02).action
+    np.testing.assert_allclose(position(action), [1.02, 0, 0])
+
+
+@pytest.mark.parametrize("raw", [[0.0] * 6, [0.0] * 8, [[0.0] * 7, [0.0] * 7]])
+def test_wrong_action_size_is_refused(raw):
+    with pytest.raises(ValueError, match="7 numbers"):
+        convert(raw)
+
+
+def test_accepts_numpy_and_2d_single_row():
+    action = convert(np.array([[0.01, 0, 0, 0, 0, 0, 1]], dtype=np.float32)).action
+    np.testing.assert_allclose(position(action), [0.01, 0, 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"gripper_convention": "open"}, "gripper_convention"),
+        ({"position_scale": -1.0}, "position_scale"),
+        ({"rotation_scale": math.nan}, "rotation_scale"),
+        ({"position_scale": "2"}, "position_scale"),
+        ({"rotation_scale": True}, "rotation_scale"),
+        ({"max_position_step": 0.0}, "max_position_step"),
+        ({"max_rotation_step": -0.1}, "max_rotation_step"),
+        ({"max_position_step": math.inf}, "max_position_step"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_option(options, field):
+    with pytest.raises(ValueError, match=field):
+        ActionConversionOptions(**options)
+
+
+def test_default_options_are_used_when_none_given():
+    observation = Observation(reference_frame=FRAME)
+    result = convert_openvla_action([0, 0, 0, 0, 0, 0, 1.0], observation)
+    assert result.action.gripper_command == 0.0  # open_is_one by default

@@ -1,0 +1,205 @@
+"""The remote policy node over real DDS against real HTTP servers on loopback."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from node_harness import (
+    Rig,
+    ScriptedPolicyServer,
+    assert_actions_close,
+    expected_stub_action,
+    jpeg_roundtrip,
+    sample_image,
+    wait_until,
+)
+
+from manipulation_policy.remote_policy_node import RemotePolicyNode
+from manipulation_policy.ros_conversion import policy_output_to_action, stamp_to_nanoseconds
+from manipulation_policy.server_process import ServerProcess, free_port
+
+STUB_CONFIDENCE = 0.5
+DEFAULT_INSTRUCTION = "pick up the object"
+
+
+@pytest.fixture
+def rig():
+    with Rig() as rig:
+        yield rig
+
+
+@pytest.fixture
+def scripted_server():
+    with ScriptedPolicyServer() as server:
+        yield server
+
+
+def start_node(rig: Rig, url: str, **parameters) -> RemotePolicyNode:
+    values = {"remote_url": url, "inference_rate": 20.0, **parameters}
+    return rig.add(RemotePolicyNode(**rig.node_kwargs(**values)))
+
+
+def is_hold(msg) -> bool:
+    return policy_output_to_action(msg).is_hold
+
+
+def real_answers(rig: Rig, after_ns: int = 0) -> list:
+    return [
+        m for m in rig.outputs()
+        if not is_hold(m) and stamp_to_nanoseconds(m.header.stamp) > after_ns
+    ]
+
+
+def test_answer_is_the_backends_answer_on_the_image_the_server_decodes(rig):
+    image = sample_image(width=320, height=240)
+    with ServerProcess("--backend", "stub") as server:
+        start_node(rig, server.base_url)
+        rig.stream_joint_states()
+        rig.stream_camera(image)
+        outputs = rig.wait_for_outputs(3)
+    assert len(outputs) >= 3
+    # JPEG is lossy, so the reference is the stub applied to exactly what the server
+    # decodes: the frame resized to 224x224 and JPEG-encoded at quality 90 (same Pillow
+    # on both sides, so decoding is deterministic). JSON carries floats exactly (repr).
+    want = expected_stub_action(jpeg_roundtrip(image, 224, 224, 90), DEFAULT_INSTRUCTION)
+    for msg in outputs[-2:]:
+        assert msg.header.frame_id == "base_link"
+        assert_actions_close(policy_output_to_action(msg), want, tol=1e-12)
+    # And it is not the answer on the unencoded frame (the comparison can tell them apart).
+    raw = expected_stub_action(image, DEFAULT_INSTRUCTION)
+    assert raw.gripper_command != want.gripper_command
+
+
+def test_killed_server_gives_holds_in_bounded_time_and_recovery_after_restart(rig):
+    timeout_sec, retries = 0.3, 2
+    port = free_port()
+    server = ServerProcess("--backend", "stub", port=port).start()
+    try:
+        node = start_node(
+            rig, server.base_url, remote_timeout_sec=timeout_sec, remote_retry_attempts=retries,
+            inference_rate=10.0,
+        )
+        rig.stream_joint_states(50.0)
+        rig.stream_camera(sample_image(), 20.0)
+        assert wait_until(lambda: real_answers(rig)), node.counters
+
+        server.process.kill()  # a crash: no goodbye
+        server.process.wait(10)
+        killed_at = time.monotonic()
+        killed_ns = rig.node.get_clock().now().nanoseconds
+        joint_states_at_kill = node.counters["joint_states"]
+
+        def hold_after_kill():
+            return [t for t, m in rig.timed_outputs() if t > killed_at and is_hold(m)]
+
+        # All attempts of one decision, their backoffs and one tick, plus a margin for a
+        # loaded CI machine: the bound the node promises, not a speed measurement.
+        bound = timeout_sec * (1 + retries) + 0.05 + 0.1 + 0.1 + 3.0
+        assert wait_until(lambda: hold_after_kill(), bound), node.counters
+        time.sleep(1.0)  # stay down a while
+        # No made-up targets from frames taken after the crash, only holds.
+        assert real_answers(rig, after_ns=killed_ns) == []
+        # The executor thread kept receiving joint states all along (50 Hz stream).
+        assert node.counters["joint_states"] - joint_states_at_kill >= 25
+
+        server = ServerProcess("--backend", "stub", port=port).start()  # same port
+        restarted_ns = rig.node.get_clock().now().nanoseconds
+        # Recovery by itself: the circuit breaker's probe finds the server again.
+        assert wait_until(lambda: real_answers(rig, after_ns=restarted_ns), 15.0), node.counters
+    finally:
+        server.stop()
+
+
+def test_fallback_switch_and_url_change_take_effect_at_once(rig, scripted_server):
+    node = start_node(rig, scripted_server.url, remote_timeout_sec=0.2, remote_retry_attempts=0)
+    rig.stream_joint_states()
+    rig.stream_camera(sample_image())
+    assert wait_until(lambda: real_answers(rig))
+
+    dead_url = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    results = rig.set_parameters(
+        "remote_policy_node", remote_fallback_on_failure=False, remote_url=dead_url
+    )
+    assert all(r.successful for r in results), results
+    no_action_before = node.counters["no_action"]
+    assert wait_until(lambda: node.counters["no_action"] >= no_action_before + 3)
+    rig.clear_outputs()
+    time.sleep(0.5)
+    assert rig.outputs() == [], "fallback off: nothing is published on failure"
+
+    [result] = rig.set_parameters("remote_policy_node", remote_fallback_on_failure=True)
+    assert result.successful
+    assert wait_until(lambda: any(is_hold(m) for m in rig.outputs()))
+
+    [result] = rig.set_parameters("remote_policy_node", remote_url=scripted_server.url)
+    assert result.successful
+    changed_ns = rig.node.get_clock().now().nanoseconds
+    # A new URL resets the circuit breaker: answers come back without waiting out a cooldown.
+    assert wait_until(lambda: real_answers(rig, after_ns=changed_ns), 5.0)
+
+
+def test_timeout_instruction_and_image_size_changes_reach_the_server(rig, scripted_server):
+    scripted_server.delay_sec = 0.4
+    node = start_node(
+        rig, scripted_server.url, remote_timeout_sec=0.1, remote_retry_attempts=0,
+        image_width=32, image_height=24,
+    )
+    rig.stream_joint_states()
+    rig.stream_camera(sample_image())
+    assert wait_until(lambda: any(is_hold(m) for m in rig.outputs()))
+    assert real_answers(rig) == []  # every answer came after the 0.1 s timeout
+
+    [result] = rig.set_parameters("remote_policy_node", remote_timeout_sec=2.0)
+    assert result.successful
+    changed_ns = rig.node.get_clock().now().nanoseconds
+    assert wait_until(lambda: real_answers(rig, after_ns=changed_ns), 10.0), node.counters
+
+    scripted_server.delay_sec = 0.0
+    [result] = rig.set_parameters("remote_policy_node", instruction="put the cup on the plate")
+    assert result.successful
+    assert wait_until(
+        lambda: scripted_server.observations()[-1].instruction == "put the cup on the plate"
+    )
+    assert scripted_server.observations()[-1].image.shape == (24, 32, 3)
+    results = rig.set_parameters("remote_policy_node", image_width=48, image_height=40)
+    assert all(r.successful for r in results)
+    assert wait_until(lambda: scripted_server.observations()[-1].image.shape == (40, 48, 3))
+
+
+def test_bad_values_are_refused_with_a_reason(rig, scripted_server):
+    node = start_node(rig, scripted_server.url)
+    refused = {
+        "remote_url": "ftp://policy-host:5000",
+        "remote_timeout_sec": 0.0,
+        "remote_retry_attempts": -1,
+        "jpeg_quality": 0,
+        "image_width": 0,
+        "inference_rate": -5.0,
+    }
+    for name, value in refused.items():
+        [result] = rig.set_parameters("remote_policy_node", **{name: value})
+        assert not result.successful, name
+        assert name in result.reason, result.reason
+    [result] = rig.set_parameters("remote_policy_node", remote_url="http://")
+    assert not result.successful and "host" in result.reason
+    [result] = rig.set_parameters("remote_policy_node", image_transport="compressed")
+    assert not result.successful  # read at start only
+    assert node.get_parameter("remote_url").value == scripted_server.url
+    assert node.action_source.client.settings.url == scripted_server.url
+
+
+def test_api_key_goes_out_as_a_bearer_token(rig, scripted_server, monkeypatch):
+    monkeypatch.setenv("MANIPULATION_POLICY_API_KEY", "from-the-environment")
+    start_node(rig, scripted_server.url)
+    rig.stream_camera(sample_image())
+    assert wait_until(lambda: scripted_server.request_count() >= 1)
+    assert scripted_server.requests[-1]["headers"]["Authorization"] == (
+        "Bearer from-the-environment"
+    )
+    [result] = rig.set_parameters("remote_policy_node", remote_api_key="from-the-parameter")
+    assert result.successful
+    assert wait_until(
+        lambda: scripted_server.requests[-1]["headers"]["Authorization"]
+        == "Bearer from-the-parameter"
+    )
