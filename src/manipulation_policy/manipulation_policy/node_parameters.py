@@ -52,6 +52,12 @@ class ParameterSpec:
             return f"expected {expected.__name__}, got {type(value).__name__} {value!r}"
         return self.check(value) if self.check is not None else None
 
+    def normalized(self, value: Any) -> Any:
+        """An accepted value in the default's type (an int given for a float becomes a float)."""
+        if isinstance(self.default, float) and isinstance(value, int):
+            return float(value)
+        return value
+
 
 # ---------------------------------------------------------------- checks
 

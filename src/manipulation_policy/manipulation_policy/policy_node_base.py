@@ -110,7 +110,7 @@ class _Job:
 
 
 class PolicyNodeBase(Node):
-    """Subclasses set ``self`` up through two hooks.
+    """The shared node; subclasses supply the action source through two hooks.
 
     - ``create_action_source()``: called once, after parameters are declared.
     - ``parameters_changed(changed)``: called after live parameters were accepted.
@@ -150,16 +150,22 @@ class PolicyNodeBase(Node):
                     description=spec.description
                     + ("" if spec.live else " (read at start; restart to change)"),
                     read_only=not spec.live,
+                    # So `ros2 param set ... inference_rate 10` (an integer) is not refused
+                    # for its type; the spec's check still refuses anything but a number.
+                    dynamic_typing=isinstance(spec.default, float),
                 ),
             )
         with self._values_lock:
-            self._values = {name: self.get_parameter(name).value for name in self._specs}
+            self._values = {
+                name: spec.normalized(self.get_parameter(name).value)
+                for name, spec in self._specs.items()
+            }
         values = self.parameter_values()
 
         self.action_source: ActionSource = self.create_action_source()
 
         camera_topic = values["camera_topic"]
-        if values["image_transport"] == "compressed":
+        if values["image_transport"].strip().lower() == "compressed":
             camera_topic = camera_topic.rstrip("/") + "/compressed"
             self.create_subscription(
                 CompressedImage, camera_topic, self._on_compressed_image, qos_profile_sensor_data
@@ -204,6 +210,7 @@ class PolicyNodeBase(Node):
     def _on_set_parameters(self, parameters) -> SetParametersResult:
         changes = {p.name: p.value for p in parameters if p.name in self._specs}
         reason = reason_to_refuse(self._specs, changes)
+        changes = {name: self._specs[name].normalized(value) for name, value in changes.items()}
         if reason is not None:
             if self._ready:
                 self.get_logger().warning(f"refused parameter change: {reason}")
@@ -387,10 +394,10 @@ class PolicyNodeBase(Node):
 def run_node(factory: Callable[[], Node], args: Optional[list[str]] = None) -> int:
     """main() of a policy node: spin until Ctrl-C or shutdown; clear errors, no tracebacks."""
     rclpy.init(args=args)
+    executor = SingleThreadedExecutor()
     node = None
     try:
         node = factory()
-        executor = SingleThreadedExecutor()
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
@@ -399,8 +406,13 @@ def run_node(factory: Callable[[], Node], args: Optional[list[str]] = None) -> i
         # Bad start parameters, unknown backend, unloadable model: say which and stop.
         print(f"error: {exc}", flush=True)
         return 2
+    except Exception:
+        if rclpy.ok():
+            raise
+        # Ctrl-C while starting (e.g. loading a model): rclpy shut the context down under us.
     finally:
         if node is not None:
             node.destroy_node()
+        executor.shutdown(timeout_sec=1.0)
         rclpy.try_shutdown()
     return 0

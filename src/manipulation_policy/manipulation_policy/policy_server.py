@@ -3,7 +3,10 @@
 Loads one backend, then serves it with uvicorn:
 GET /health, POST /infer, GET /info, GET /metrics, GET /docs and /openapi.json.
 Model options fall back to environment variables (OPENVLA_MODEL, OPENVLA_UNNORM_KEY,
-...; see --help); the API key comes from --api-key-file or MANIPULATION_POLICY_API_KEY.
+...; see --help). With an API key (--api-key-file or MANIPULATION_POLICY_API_KEY),
+every path but /health, /docs and /openapi.json needs ``Authorization: Bearer <key>``
+(/metrics too: Prometheus can send one). Predictions run one at a time; past
+--max-queue waiting requests the server answers 503 with Retry-After at once.
 SIGTERM or Ctrl-C stops taking connections and lets requests in flight finish.
 """
 
@@ -57,11 +60,13 @@ class StartupError(Exception):
     """A configuration or backend problem that stops the server before it listens."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=PROG, description=__doc__.split("\n", 1)[1], formatter_class=_HelpFormatter
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=5000, help="TCP port to listen on")

@@ -9,6 +9,7 @@ hold (``remote_fallback_on_failure``) or nothing.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from .contract import observation_to_request
 from .imaging import resize_rgb
 from .node_parameters import REMOTE_NODE_PARAMETERS
 from .policy_node_base import LOG_THROTTLE_SEC, PolicyNodeBase, run_node
-from .policy_types import Observation, PolicyAction
+from .policy_types import JointStateData, Observation, PolicyAction
 from .remote_client import RemoteClient, RemoteSettings
 
 API_KEY_ENV = "MANIPULATION_POLICY_API_KEY"
@@ -31,6 +32,23 @@ def remote_settings(values: dict[str, Any]) -> RemoteSettings:
         timeout_sec=float(values["remote_timeout_sec"]),
         retry_attempts=int(values["remote_retry_attempts"]),
         api_key=values["remote_api_key"] or os.environ.get(API_KEY_ENV, ""),
+    )
+
+
+def without_non_finite_extras(joint_state: JointStateData) -> JointStateData:
+    """Drop velocity/effort arrays holding NaN/inf (drivers publish NaN for "unknown").
+
+    The wire carries finite numbers only, and both arrays are optional, so the
+    request stays valid instead of being refused on every frame.
+    """
+    def finite(values: tuple[float, ...]) -> tuple[float, ...]:
+        return values if all(math.isfinite(v) for v in values) else ()
+
+    return JointStateData(
+        name=joint_state.name,
+        position=joint_state.position,
+        velocity=finite(joint_state.velocity),
+        effort=finite(joint_state.effort),
     )
 
 
@@ -49,6 +67,9 @@ class RemoteActionSource:
 
     def __call__(self, observation: Observation) -> Optional[PolicyAction]:
         values = self._parameter_values()
+        observation = replace(
+            observation, joint_state=without_non_finite_extras(observation.joint_state)
+        )
         if observation.image is not None:
             sized = resize_rgb(observation.image, values["image_width"], values["image_height"])
             observation = replace(observation, image=sized)

@@ -42,7 +42,7 @@ from .errors import InputError
 from .imaging import DEFAULT_MAX_IMAGE_PIXELS
 from .inference_worker import ClientGoneError, InferenceWorker, QueueFullError
 from .json_body import parse_json_body
-from .policy_types import Observation
+from .policy_types import Observation, PolicyAction
 from .server_auth import OPEN_PATHS, BearerAuthMiddleware
 from .server_metrics import EXPOSITION_CONTENT_TYPE, ServerMetrics
 
@@ -99,10 +99,15 @@ class ApiError(Exception):
 
 
 def check_json_content_type(content_type: Optional[str]) -> None:
-    """Absent or JSON. Refusing form and text types also keeps browsers from posting
-    cross-site without a CORS preflight."""
+    """The body must be declared JSON. Refusing form, text and undeclared bodies also
+    keeps a web page from posting to the server cross-site without a CORS preflight."""
     if not content_type or not content_type.strip():
-        return
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "Content-Type is missing; send Content-Type: application/json",
+            "content-type",
+        )
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type == "application/json" or (
         media_type.startswith("application/") and media_type.endswith("+json")
@@ -246,7 +251,7 @@ class RequestMetricsMiddleware:
 # ----------------------------------------------------------------------- app
 
 
-def _gpu_memory() -> Optional[dict[str, Any]]:
+def gpu_memory_report() -> Optional[dict[str, Any]]:
     """CUDA memory of the current device, when the backend has loaded torch with CUDA."""
     torch = sys.modules.get("torch")  # never import torch just to report on it
     if torch is None:
@@ -335,15 +340,10 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
         """One observation in, one policy answer out (predictions run one at a time)."""
         check_json_content_type(request.headers.get("content-type"))
         raw = await read_body(request, config.max_body_bytes)
-        loop = asyncio.get_running_loop()
         try:
             with worker.admission():
-                started = time.perf_counter()
-                parsed, observation = await loop.run_in_executor(
-                    decode_pool, decode_infer_body, raw, config.max_image_pixels
-                )
-                metrics.preprocess_seconds.observe(time.perf_counter() - started)
-                action, seconds = await worker.predict(observation, request.is_disconnected)
+                parsed, observation = await decode(raw)
+                action, seconds = await predict(observation, request)
         except QueueFullError as exc:
             raise ApiError(
                 503,
@@ -354,16 +354,6 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
         except ClientGoneError:
             metrics.count_error("client_disconnected")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        except InputError as exc:
-            # The backend refused the observation (e.g. a model that needs an image).
-            raise ApiError.from_input_error(422, "invalid_request", exc) from None
-        except ApiError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a backend failure, never a crash
-            logger.exception("backend predict() failed")
-            raise ApiError(
-                500, "backend_error", f"backend failed: {type(exc).__name__}: {exc}"
-            ) from None
         metrics.inference_seconds.observe(seconds)
         try:
             body = action_to_response(
@@ -376,6 +366,28 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
             ) from None
         return JSONResponse(body)
 
+    async def decode(raw: bytes) -> tuple[InferRequest, Observation]:
+        started = time.perf_counter()
+        decoded = await asyncio.get_running_loop().run_in_executor(
+            decode_pool, decode_infer_body, raw, config.max_image_pixels
+        )
+        metrics.preprocess_seconds.observe(time.perf_counter() - started)
+        return decoded
+
+    async def predict(observation: Observation, request: Request) -> tuple[PolicyAction, float]:
+        try:
+            return await worker.predict(observation, request.is_disconnected)
+        except ClientGoneError:
+            raise
+        except InputError as exc:
+            # The backend refused the observation (e.g. a model that needs an image).
+            raise ApiError.from_input_error(422, "invalid_request", exc) from None
+        except Exception as exc:  # noqa: BLE001 - a backend failure, never a crash
+            logger.exception("backend predict() failed")
+            raise ApiError(
+                500, "backend_error", f"backend failed: {type(exc).__name__}: {exc}"
+            ) from None
+
     @app.get("/info", responses={200: {"description": "Backend, versions, counters."}})
     def info() -> JSONResponse:
         described = _describe(backend)
@@ -385,7 +397,7 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
                 "backend": described,
                 "model": described.get("model"),
                 "device": described.get("device"),
-                "gpu_memory": _gpu_memory(),
+                "gpu_memory": gpu_memory_report(),
                 "uptime_s": round(metrics.uptime_seconds(), 3),
                 "requests_total": metrics.requests_total(),
                 "errors_total": sum(metrics.errors_by_kind().values()),

@@ -61,7 +61,7 @@ class ServerProcess:
         self._env.setdefault("PYTHONUNBUFFERED", "1")
         self.startup_timeout = startup_timeout
         self.process: Optional[subprocess.Popen] = None
-        self._log_file = None
+        self._log_path: Optional[str] = None
         self._log_text = ""
 
     @property
@@ -91,15 +91,18 @@ class ServerProcess:
         raise AssertionError("unreachable")
 
     def _spawn(self) -> None:
-        self._log_file = tempfile.TemporaryFile(mode="w+b")
+        descriptor, self._log_path = tempfile.mkstemp(prefix="policy_server_", suffix=".log")
+        os.close(descriptor)
         self._log_text = ""
-        self.process = subprocess.Popen(
-            self.command,
-            env=self._env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
+        # Append mode: the server's writes never land where a reader of the log has seeked.
+        with open(self._log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                self.command,
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -122,10 +125,9 @@ class ServerProcess:
 
     def log(self) -> str:
         """Everything the server printed so far (stdout and stderr)."""
-        if self._log_file is not None and not self._log_file.closed:
-            self._log_file.flush()
-            self._log_file.seek(0)
-            self._log_text = self._log_file.read().decode("utf-8", "replace")
+        if self._log_path is not None:
+            with open(self._log_path, "rb") as log_file:
+                self._log_text = log_file.read().decode("utf-8", "replace")
         return self._log_text
 
     def terminate(self) -> None:
@@ -144,8 +146,9 @@ class ServerProcess:
             self.process.kill()
             self.process.wait(timeout=timeout)
         self.log()
-        if self._log_file is not None:
-            self._log_file.close()
+        if self._log_path is not None:
+            os.unlink(self._log_path)
+            self._log_path = None
         return self.process.returncode
 
     def __enter__(self) -> ServerProcess:

@@ -230,6 +230,16 @@ class Rig:
         msg.position = [float(v) for v in positions]
         self.joint_pub.publish(msg)
 
+    def publish_joint_state_with(self, **fields: list[float]) -> None:
+        """The rig's joint state with other velocity/effort arrays."""
+        msg = JointState()
+        msg.header.stamp = self.now()
+        msg.name = list(JOINT_NAMES)
+        msg.position = list(JOINT_POSITIONS)
+        for name, values in fields.items():
+            setattr(msg, name, values)
+        self.joint_pub.publish(msg)
+
     def stream(self, rate_hz: float, publish: Callable[[], Any]) -> Any:
         """Call ``publish`` at ``rate_hz`` on the rig's executor until close or cancel."""
         timer = self.node.create_timer(1.0 / rate_hz, publish)

@@ -107,3 +107,10 @@ def test_backend_options_turn_empty_and_none_into_unset():
         "model", "unnorm_key", "device", "dtype", "quantization", "lora_adapter",
         "attn_implementation", "gripper_convention", "position_scale", "rotation_scale",
     }
+
+
+def test_an_int_for_a_float_parameter_becomes_a_float():
+    assert reason_to_refuse(SPECS, {"inference_rate": 10}) is None
+    normalized = SPECS["inference_rate"].normalized(10)
+    assert normalized == 10.0 and isinstance(normalized, float)
+    assert SPECS["remote_retry_attempts"].normalized(3) == 3

@@ -201,9 +201,12 @@ def test_actions_depend_on_the_image_and_are_deterministic(backend):
     assert tuple(again) == actions[0]
 
 
-def test_missing_image_is_an_input_error_naming_image(backend):
+def test_missing_image_gives_a_hold_not_a_guess(backend):
+    action = backend.predict(Observation(instruction=INSTRUCTION, reference_frame="odom"))
+    assert action.is_hold and action.reference_frame == "odom"
+    assert "image" in backend.last_hold_reason
     with pytest.raises(InputError) as caught:
-        backend.predict(Observation(instruction=INSTRUCTION))
+        backend.predict_raw(Observation(instruction=INSTRUCTION))
     assert caught.value.field == "image"
 
 
@@ -217,9 +220,11 @@ def test_unusable_image_is_an_input_error_naming_image(backend, image):
     assert caught.value.field == "image"
 
 
-def test_missing_instruction_is_an_input_error(backend):
+def test_missing_instruction_gives_a_hold(backend):
+    assert backend.predict(Observation(image=RED, instruction="   ")).is_hold
+    assert "instruction" in backend.last_hold_reason
     with pytest.raises(InputError) as caught:
-        backend.predict(Observation(image=RED, instruction="   "))
+        backend.predict_raw(Observation(image=RED, instruction="   "))
     assert caught.value.field == "instruction"
 
 

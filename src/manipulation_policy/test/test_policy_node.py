@@ -218,9 +218,10 @@ def test_parameters_change_live_through_the_parameter_service(rig):
     assert wait_until(lambda: backend.observations[-1].instruction == "close the drawer")
     assert node.get_parameter("instruction").value == "close the drawer"
 
-    [result] = rig.set_parameters("policy_node", inference_rate=2.0)
+    [result] = rig.set_parameters("policy_node", inference_rate=2)  # an int, as ros2 param set
     assert result.successful, result.reason
     assert node._timer.timer_period_ns == 500_000_000
+    assert node.parameter_values()["inference_rate"] == 2.0
 
     refused = {
         "inference_rate": 0.0,
@@ -232,7 +233,9 @@ def test_parameters_change_live_through_the_parameter_service(rig):
         [result] = rig.set_parameters("policy_node", **{name: value})
         assert not result.successful, name
         assert name in result.reason or "read-only" in result.reason, result.reason
-    assert node.get_parameter("inference_rate").value == 2.0
+    [result] = rig.set_parameters("policy_node", inference_rate="fast")
+    assert not result.successful and "inference_rate expected float" in result.reason
+    assert node.get_parameter("inference_rate").value == 2
     assert node._timer.timer_period_ns == 500_000_000
 
 

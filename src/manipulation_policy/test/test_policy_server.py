@@ -271,13 +271,17 @@ def test_integer_with_thousands_of_digits_is_refused(url):
 
 
 @pytest.mark.parametrize(
-    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None],
 )
-def test_non_json_content_type_is_415(url, content_type):
+def test_non_json_or_missing_content_type_is_415(url, content_type):
     body = json.dumps(MINIMAL_GUIDE_REQUEST)
-    answer = post_infer(url, body, headers={"Content-Type": content_type})
+    # requests sends no Content-Type for a str body unless told.
+    headers = {"Content-Type": content_type} if content_type else {}
+    answer = post_infer(url, body, headers=headers)
     assert answer.status_code == 415
     assert answer.json()["field"] == "content-type"
+    assert "application/json" in answer.json()["detail"]
 
 
 def test_body_over_the_limit_is_413_from_content_length(server):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ import requests
 
 from manipulation_policy import policy_server
 from manipulation_policy.server_auth import API_KEY_ENV
-from manipulation_policy.server_process import ServerProcess
+from manipulation_policy.server_process import ServerProcess, ServerStartError
 
 TEST_DIR = str(Path(__file__).resolve().parent)
 SCRIPTED = "server_test_backends:ScriptedBackend"
@@ -220,3 +221,23 @@ def test_load_failure_exits_the_process_non_zero_without_a_traceback():
         "OSError: no weights at /models/missing"
     ]
     assert result.stdout == ""
+
+
+# ------------------------------------------------- the server_process helper
+
+
+def test_server_process_reports_a_start_failure_with_the_servers_words():
+    with pytest.raises(ServerStartError) as caught:
+        ServerProcess("--backend", "no_such_backend", env=NO_KEY, startup_timeout=60).start()
+    assert "exited with code 1" in str(caught.value)
+    assert "unknown backend 'no_such_backend'" in str(caught.value)
+
+
+def test_server_process_on_a_taken_port_fails_clearly():
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        with pytest.raises(ServerStartError) as caught:
+            ServerProcess(port=port, env=NO_KEY, startup_timeout=60).start()
+    assert "address already in use" in str(caught.value).lower()

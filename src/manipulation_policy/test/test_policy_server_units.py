@@ -4,6 +4,8 @@ worker's queue, auth helpers, CLI option handling, backend plugin specs."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 
@@ -26,7 +28,12 @@ from manipulation_policy.policy_server import (
     build_parser,
 )
 from manipulation_policy.policy_types import Observation, PolicyAction
-from manipulation_policy.server_app import ApiError, ServerConfig, check_json_content_type
+from manipulation_policy.server_app import (
+    ApiError,
+    ServerConfig,
+    check_json_content_type,
+    gpu_memory_report,
+)
 from manipulation_policy.server_auth import (
     API_KEY_ENV,
     ApiKeyError,
@@ -66,10 +73,10 @@ def test_broken_json_names_the_body(raw):
 
 
 def test_json_content_types():
-    for accepted in (None, "", "application/json", "Application/JSON; charset=UTF-8",
+    for accepted in ("application/json", "Application/JSON; charset=UTF-8",
                      "application/problem+json"):  # fmt: skip
         check_json_content_type(accepted)
-    for refused in ("text/plain", "text/json", "application/x-www-form-urlencoded"):
+    for refused in (None, "", " ", "text/plain", "text/json", "application/x-www-form-urlencoded"):
         with pytest.raises(ApiError) as caught:
             check_json_content_type(refused)
         assert caught.value.status == 415 and caught.value.field == "content-type"
@@ -287,3 +294,30 @@ def test_backend_plugin_spec_loads_any_importable_class():
         create_backend("manipulation_policy.backends.stub:NoSuchBackend")
     with pytest.raises(UnknownBackendError, match="no class"):
         create_backend("manipulation_policy.backends.stub:MAX_STEP_M")  # not a class
+
+
+# ------------------------------------------------------------------ /info GPU
+
+
+def test_gpu_report_does_not_import_torch_for_a_stub_server():
+    code = (
+        "import sys\n"
+        "from manipulation_policy.backends import create_backend\n"
+        "from manipulation_policy.server_app import gpu_memory_report, create_app\n"
+        "create_app(create_backend('stub'))\n"
+        "assert gpu_memory_report() is None\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_gpu_report_with_torch_loaded():
+    torch = pytest.importorskip("torch")
+    report = gpu_memory_report()
+    if not torch.cuda.is_available():
+        assert report is None
+        return
+    torch.zeros(1024, device="cuda")
+    report = gpu_memory_report()
+    assert report["total_bytes"] >= report["free_bytes"] > 0
+    assert report["allocated_bytes"] > 0 and report["device"]

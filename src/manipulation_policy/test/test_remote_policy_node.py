@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 from node_harness import (
+    JOINT_POSITIONS,
     Rig,
     ScriptedPolicyServer,
     assert_actions_close,
@@ -167,6 +171,19 @@ def test_timeout_instruction_and_image_size_changes_reach_the_server(rig, script
     assert wait_until(lambda: scripted_server.observations()[-1].image.shape == (40, 48, 3))
 
 
+def test_nan_velocity_and_effort_do_not_get_every_request_refused(rig, scripted_server):
+    start_node(rig, scripted_server.url)
+    rig.stream(50.0, lambda: rig.publish_joint_state_with(
+        velocity=[float("nan")] * 3, effort=[1.0, float("inf"), 2.0]
+    ))
+    rig.stream_camera(sample_image())
+    assert wait_until(lambda: any(o.joint_state.name for o in scripted_server.observations()))
+    seen = next(o for o in scripted_server.observations() if o.joint_state.name)
+    assert seen.joint_state.position == JOINT_POSITIONS
+    assert seen.joint_state.velocity == () and seen.joint_state.effort == ()
+    assert real_answers(rig) and not any(is_hold(m) for m in rig.outputs())
+
+
 def test_bad_values_are_refused_with_a_reason(rig, scripted_server):
     node = start_node(rig, scripted_server.url)
     refused = {
@@ -203,3 +220,39 @@ def test_api_key_goes_out_as_a_bearer_token(rig, scripted_server, monkeypatch):
         lambda: scripted_server.requests[-1]["headers"]["Authorization"]
         == "Bearer from-the-parameter"
     )
+
+
+def node_process(*ros_args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "manipulation_policy.remote_policy_node", "--ros-args", *ros_args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def test_the_executable_refuses_a_bad_start_value_by_name():
+    process = node_process("-p", "remote_url:=ftp://policy-host")
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert "remote_url" in output and "http://" in output and "Traceback" not in output
+
+
+def test_the_executable_stops_cleanly_on_sigint(scripted_server):
+    # An integer for a float parameter, as people type it, is accepted.
+    process = node_process("-p", f"remote_url:={scripted_server.url}", "-p", "inference_rate:=10")
+    try:
+        lines = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # wait until it is up and spinning
+            line = process.stdout.readline()
+            lines.append(line)
+            if "listening to" in line or not line:
+                break
+        assert any("listening to" in line and "at 10 Hz" in line for line in lines), lines
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+    assert process.returncode == 0, output
+    assert "Traceback" not in output

@@ -223,6 +223,14 @@ def image_probes(size: int = 224) -> list[np.ndarray]:
     return [a.astype(np.uint8) for a in (gradient, dark_with_square, red)]
 
 
+def missing_model_input(observation: Observation) -> Optional[str]:
+    if observation.image is None:
+        return "no camera image in the observation"
+    if not (observation.instruction or "").strip():
+        return "no task instruction in the observation"
+    return None
+
+
 def image_from_observation(image: Any) -> Image.Image:
     if image is None:
         raise InputError("image", "the openvla backend needs a camera image; none was given")
@@ -506,6 +514,13 @@ class OpenVLABackend:
         return self._predict_raw(image, build_prompt(instruction))
 
     def predict(self, observation: Observation) -> PolicyAction:
+        # The contract makes image and instruction optional (the guide's minimal
+        # request has neither); without them the model has nothing to act on, so
+        # the answer is the safe hold rather than an error or a guess.
+        missing = missing_model_input(observation)
+        if missing is not None:
+            self.last_hold_reason = missing
+            return PolicyAction.hold(observation.reference_frame)
         converted = convert_openvla_action(
             self.predict_raw(observation), observation, self._conversion
         )
