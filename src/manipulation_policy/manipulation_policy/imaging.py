@@ -13,7 +13,7 @@ import warnings
 from typing import Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -67,6 +67,9 @@ def decode_image_bytes(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(raw), formats=[expected_format])
+    except UnidentifiedImageError:
+        # Its message names an in-memory file object: nothing a client can use.
+        raise InputError("image", f"bytes are not a {expected_format} image") from None
     except (
         OSError,
         ValueError,  # e.g. "Truncated IHDR chunk" from a cut PNG header

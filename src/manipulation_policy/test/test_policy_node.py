@@ -295,3 +295,19 @@ def test_tiny_openvla_model_in_process(rig, tiny_openvla_dir):
     got = policy_output_to_action(outputs[-1])
     assert want.eef_target is not None and got.eef_target is not None
     assert_actions_close(got, want, tol=1e-9)
+
+
+def test_a_frame_is_used_on_arrival_and_the_rate_still_caps_outputs(rig):
+    # Period of 20 s: waiting for the timer would leave the first frame unanswered for
+    # seconds; dispatching on arrival answers it at once, and the cap holds back the rest.
+    node = start_node(rig, inference_rate=0.05)
+    image = sample_image()
+    rig.stream_joint_states()
+    time.sleep(0.5)  # the node is up and idle
+    rig.publish_image(image)
+    assert rig.wait_for_outputs(1, timeout=3.0), node.counters
+    camera = rig.stream(20.0, lambda: rig.publish_image(image))
+    assert wait_until(lambda: node.counters["images"] >= 20)
+    camera.cancel()
+    assert len(rig.outputs()) == 1
+    assert node.counters["inferences"] == 1

@@ -196,11 +196,15 @@ def test_sigterm_lets_the_request_in_flight_finish():
         ("no_such_module:Backend", "backend module 'no_such_module' not found"),
         ("server_test_backends:NoSuchClass", "has no class 'NoSuchClass'"),
         ("server_test_backends:", "is not module.path:ClassName"),
+        ("openvla --quantization 3bit", "'3bit'"),
+        ("openvla --model /no/such/model/dir", "/no/such/model/dir"),
     ],
 )
 def test_backend_that_fails_to_load_is_one_clear_line(monkeypatch, capsys, backend, message):
     monkeypatch.syspath_prepend(TEST_DIR)
-    assert policy_server.main(["--backend", backend]) == 1
+    for name in ("OPENVLA_MODEL", "OPENVLA_MODEL_ID", "OPENVLA_QUANTIZATION"):
+        monkeypatch.delenv(name, raising=False)
+    assert policy_server.main(["--backend", *backend.split()]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("policy_server: error: cannot load backend")
