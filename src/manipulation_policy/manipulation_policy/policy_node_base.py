@@ -158,9 +158,10 @@ class PolicyNodeBase(Node):
                     description=spec.description
                     + ("" if spec.live else " (read at start; restart to change)"),
                     read_only=not spec.live,
-                    # So `ros2 param set ... inference_rate 10` (an integer) is not refused
-                    # for its type; the spec's check still refuses anything but a number.
-                    dynamic_typing=isinstance(spec.default, float),
+                    # rclpy's own type check answers "expected '2' got '3'"; the spec's
+                    # check refuses a wrong type with a reason a user can read, and lets
+                    # `ros2 param set ... inference_rate 10` (an integer) through.
+                    dynamic_typing=True,
                 ),
             )
         with self._values_lock:

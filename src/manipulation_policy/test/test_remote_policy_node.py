@@ -193,11 +193,15 @@ def test_bad_values_are_refused_with_a_reason(rig, scripted_server):
         "jpeg_quality": 0,
         "image_width": 0,
         "inference_rate": -5.0,
+        # Wrong types get the type expected, not rclpy's "expected '2' got '3'".
+        "remote_fallback_on_failure": "yes",
     }
     for name, value in refused.items():
         [result] = rig.set_parameters("remote_policy_node", **{name: value})
         assert not result.successful, name
         assert name in result.reason, result.reason
+    [result] = rig.set_parameters("remote_policy_node", remote_retry_attempts=2.5)
+    assert not result.successful and "expected int, got float 2.5" in result.reason
     [result] = rig.set_parameters("remote_policy_node", remote_url="http://")
     assert not result.successful and "host" in result.reason
     [result] = rig.set_parameters("remote_policy_node", image_transport="compressed")
