@@ -19,6 +19,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+from .errors import BackendStartupError
 from .imaging import DEFAULT_MAX_IMAGE_PIXELS
 from .server_app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, ServerConfig
 from .server_auth import API_KEY_ENV, ApiKeyError, load_api_key
@@ -152,13 +153,15 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
 
 
 def load_backend(name: str, options: dict[str, Any]):
-    from .backends import create_backend
+    from .backends import UnknownBackendError, create_backend
 
     try:
         return create_backend(name, **options)
     except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear line
         lines = str(exc).strip().splitlines()
-        reason = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        reason = lines[0] if lines else type(exc).__name__
+        if not isinstance(exc, (BackendStartupError, UnknownBackendError)):
+            reason = f"{type(exc).__name__}: {reason}"  # unexpected: the type helps
         raise StartupError(f"cannot load backend {name!r}: {reason}") from exc
 
 

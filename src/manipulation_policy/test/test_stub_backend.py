@@ -1,7 +1,10 @@
+import sys
+
 import numpy as np
 import pytest
 
 from manipulation_policy.backends import UnknownBackendError, create_backend
+from manipulation_policy.errors import BackendStartupError
 from manipulation_policy.policy_types import (
     EefTargetMode,
     JointStateData,
@@ -46,3 +49,11 @@ def test_stub_composes_absolute_target_when_eef_pose_known():
     action = create_backend("stub").predict(Observation(eef_pose=current))
     assert action.eef_target_mode is EefTargetMode.ABSOLUTE
     assert action.eef_target.position == Vector3(0.4, 0.1, 0.2)
+
+
+def test_backend_whose_dependency_is_missing_says_what_to_install(monkeypatch):
+    # As on a robot or server without the GPU stack: importing torch fails.
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.delitem(sys.modules, "manipulation_policy.backends.openvla", raising=False)
+    with pytest.raises(BackendStartupError, match="needs the Python package 'torch'.*requirements"):
+        create_backend("openvla", model="openvla/openvla-7b")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Protocol
 
+from ..errors import BackendStartupError
 from ..policy_types import Observation, PolicyAction
 
 
@@ -49,7 +50,15 @@ def create_backend(name: str, **options: Any) -> PolicyBackend:
             " or give module.path:ClassName"
         )
     module_name, class_name = target.split(":")
-    module = importlib.import_module(f".{module_name}", __name__)
+    try:
+        module = importlib.import_module(f".{module_name}", __name__)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").startswith(__name__.split(".")[0]):
+            raise  # a module of this package is missing: a bug, not an install problem
+        raise BackendStartupError(
+            f"the {name} backend needs the Python package {exc.name!r}, which is not "
+            "installed; on a GPU host: pip install -r requirements.txt"
+        ) from None
     return getattr(module, class_name)(**options)
 
 
