@@ -19,8 +19,7 @@ $(STAMP): tools/bootstrap_venv.sh tools/requirements-ros.txt tools/requirements-
 venv: $(STAMP)
 
 build: $(STAMP)
-	$(RUN) colcon --log-base log build --base-paths src --symlink-install \
-		--cmake-args -DBUILD_TESTING=OFF
+	$(RUN) colcon --log-base log build --base-paths src --symlink-install
 
 lint: $(STAMP)
 	$(RUN) ruff check .
@@ -30,6 +29,12 @@ test: build lint
 
 demo: build
 	ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-42} $(RUN) python -m manipulation_bringup.demo
+
+# Speed is measured here, not in tests: each script prints a table (BENCHMARKS.md).
+bench: build
+	$(RUN) python bench/bench_server.py
+	$(RUN) python bench/bench_remote_path.py
+	$(RUN) python bench/bench_openvla_gpu.py
 
 clean:
 	rm -rf build install log
