@@ -250,7 +250,12 @@ class PolicyNodePlan:
     ignored_arguments: tuple[str, ...] = ()
 
     def summary(self) -> str:
-        shown = ("remote_url",) if self.name == REMOTE_NODE else ("backend", "model", "device")
+        if self.name == REMOTE_NODE:
+            shown: tuple[str, ...] = ("remote_url",)
+        elif self.parameters.get("backend") == "stub":
+            shown = ("backend",)  # no model to name
+        else:
+            shown = ("backend", "model", "device")
         details = ", ".join(
             f"{key}={self.parameters[key]}" for key in shown if key in self.parameters
         )

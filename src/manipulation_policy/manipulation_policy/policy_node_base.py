@@ -17,6 +17,7 @@ for the timer alone would add up to a whole period of latency to every output.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -223,10 +224,19 @@ class PolicyNodeBase(Node):
         if reason is not None:
             if self._ready:
                 self.get_logger().warning(f"refused parameter change: {reason}")
+                self._restore_descriptor_types(changes)
             return SetParametersResult(successful=False, reason=reason)
         if self._ready and changes:
             self._apply(changes)
         return SetParametersResult(successful=True)
+
+    def _restore_descriptor_types(self, refused: dict[str, Any]) -> None:
+        """With dynamic typing, rclpy records the offered value's type in the descriptor
+        before asking this callback; after a refusal the value keeps its old type, and so
+        must the descriptor, or `ros2 param describe` would report the refused type."""
+        for name in refused:
+            if self.has_parameter(name):
+                self.describe_parameter(name).type = self.get_parameter(name).type_.value
 
     def _apply(self, changes: dict[str, Any]) -> None:
         with self._values_lock:
@@ -439,6 +449,10 @@ def run_node(factory: Callable[[], Node], args: Optional[list[str]] = None) -> i
             raise
         # Ctrl-C while starting (e.g. loading a model): rclpy shut the context down under us.
     finally:
+        # `ros2 launch` forwards Ctrl-C as a second SIGINT, which would interrupt the
+        # cleanup (an in-flight inference may take a moment) with a traceback.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if node is not None:
             node.destroy_node()
         executor.shutdown(timeout_sec=1.0)

@@ -208,6 +208,8 @@ class RemoteClient:
             if not outcome.retryable:
                 return RemoteResult(failure=failure, attempts=attempt + 1)
         self.breaker.record_failure()
+        if state is BreakerState.HALF_OPEN:
+            return RemoteResult(failure=f"{failure} (probe while the server is down)", attempts=1)
         return RemoteResult(failure=f"{failure} (after {attempts} attempts)", attempts=attempts)
 
     def _post_once(self, settings: RemoteSettings, payload: bytes) -> _Attempt:

@@ -60,10 +60,13 @@ class RemoteActionSource:
         client: RemoteClient,
         parameter_values: Callable[[], dict[str, Any]],
         report_failure: Callable[[str], None],
+        report_recovery: Callable[[str], None] = lambda message: None,
     ):
         self.client = client
         self._parameter_values = parameter_values
         self._report_failure = report_failure
+        self._report_recovery = report_recovery
+        self._failing = False  # only the worker thread reads and writes it
 
     def __call__(self, observation: Observation) -> Optional[PolicyAction]:
         values = self._parameter_values()
@@ -76,7 +79,11 @@ class RemoteActionSource:
         body = observation_to_request(observation, jpeg_quality=values["jpeg_quality"])
         result = self.client.infer(body)
         if result.ok:
+            if self._failing:
+                self._failing = False
+                self._report_recovery("policy server answers again")
             return result.action
+        self._failing = True
         fallback = values["remote_fallback_on_failure"]
         self._report_failure(
             f"policy server failed: {result.failure}; "
@@ -99,7 +106,10 @@ class RemotePolicyNode(PolicyNodeBase):
             f"{settings.retry_attempts} retries, API key {'set' if settings.api_key else 'unset'})"
         )
         return RemoteActionSource(
-            RemoteClient(settings), self.parameter_values, self._report_failure
+            RemoteClient(settings),
+            self.parameter_values,
+            self._report_failure,
+            lambda message: self.get_logger().info(message),
         )
 
     def parameters_changed(self, changed: dict[str, Any]) -> None:

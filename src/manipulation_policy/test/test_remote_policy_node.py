@@ -18,8 +18,11 @@ from node_harness import (
     sample_image,
     wait_until,
 )
+from rclpy.parameter import Parameter
 
-from manipulation_policy.remote_policy_node import RemotePolicyNode
+from manipulation_policy.policy_types import Observation
+from manipulation_policy.remote_client import RemoteClient, RemoteSettings
+from manipulation_policy.remote_policy_node import RemoteActionSource, RemotePolicyNode
 from manipulation_policy.ros_conversion import policy_output_to_action, stamp_to_nanoseconds
 from manipulation_policy.server_process import ServerProcess, free_port
 
@@ -202,6 +205,9 @@ def test_bad_values_are_refused_with_a_reason(rig, scripted_server):
         assert name in result.reason, result.reason
     [result] = rig.set_parameters("remote_policy_node", remote_retry_attempts=2.5)
     assert not result.successful and "expected int, got float 2.5" in result.reason
+    # `ros2 param describe` still reports the type the value has, not the refused one.
+    assert node.describe_parameter("remote_retry_attempts").type == Parameter.Type.INTEGER.value
+    assert node.describe_parameter("remote_fallback_on_failure").type == Parameter.Type.BOOL.value
     [result] = rig.set_parameters("remote_policy_node", remote_url="http://")
     assert not result.successful and "host" in result.reason
     [result] = rig.set_parameters("remote_policy_node", image_transport="compressed")
@@ -260,3 +266,46 @@ def test_the_executable_stops_cleanly_on_sigint(scripted_server):
             process.wait(5)
     assert process.returncode == 0, output
     assert "Traceback" not in output
+
+
+def test_a_second_sigint_during_shutdown_is_no_traceback(rig, scripted_server):
+    # Ctrl-C on `ros2 launch`: the terminal's SIGINT, then launch's own one, while the
+    # node is still finishing an inference (here, a slow server answer).
+    scripted_server.delay_sec = 1.5
+    topics = [arg for name, topic in rig.topics.items() for arg in ("-p", f"{name}:={topic}")]
+    process = node_process(
+        "-p", f"remote_url:={scripted_server.url}", "-p", "inference_rate:=10.0", *topics
+    )
+    try:
+        rig.stream_camera(sample_image())
+        assert wait_until(lambda: scripted_server.request_count() >= 1, timeout=30)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+    assert process.returncode == 0, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+
+
+def test_failures_then_recovery_are_each_reported(scripted_server):
+    failures, recoveries = [], []
+    values = {"remote_fallback_on_failure": True, "image_width": 32, "image_height": 24,
+              "jpeg_quality": 90}
+    client = RemoteClient(RemoteSettings(scripted_server.url, timeout_sec=2.0, retry_attempts=0))
+    source = RemoteActionSource(client, lambda: values, failures.append, recoveries.append)
+    observation = Observation(image=sample_image())
+
+    assert not source(observation).is_hold and not failures and not recoveries
+    scripted_server.fail_status = 500
+    assert source(observation).is_hold
+    assert len(failures) == 1 and "500" in failures[0] and "hold" in failures[0]
+    scripted_server.fail_status = None
+    client.breaker.reset()  # skip the cooldown: this test is about the reports
+    assert not source(observation).is_hold
+    assert not source(observation).is_hold
+    assert recoveries == ["policy server answers again"]
+    source.close()
