@@ -3,7 +3,7 @@
 # reuse them the second time.
 SHELL := /bin/bash
 VENV := .venv
-RUN := tools/ros_env.sh
+RUN := .ci/ros_env.sh
 STAMP := $(VENV)/.bootstrapped
 # DDS stays on this machine: no discovery traffic on external interfaces.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
@@ -12,8 +12,8 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 
 all: build
 
-$(STAMP): tools/bootstrap_venv.sh tools/requirements-ros.txt tools/requirements-dev.txt tools/patch_ros_wheel_cmake.py
-	bash tools/bootstrap_venv.sh $(VENV)
+$(STAMP): .ci/bootstrap_venv.sh .ci/requirements-ros.txt .ci/requirements-dev.txt .ci/patch_ros_wheel_cmake.py
+	bash .ci/bootstrap_venv.sh $(VENV)
 	touch $@
 
 venv: $(STAMP)

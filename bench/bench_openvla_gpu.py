@@ -23,8 +23,8 @@ attention implementation the LM supports on this machine is one row.
 Where there is no CUDA GPU it prints why and exits 0. ``--tiny`` runs the
 same harness with a tiny config on the CPU (used by the tests).
 
-    tools/ros_env.sh python bench/bench_openvla_gpu.py            # on a GPU host
-    tools/ros_env.sh python bench/bench_openvla_gpu.py --tiny     # harness check
+    .ci/ros_env.sh python bench/bench_openvla_gpu.py            # on a GPU host
+    .ci/ros_env.sh python bench/bench_openvla_gpu.py --tiny     # harness check
 """
 
 from __future__ import annotations

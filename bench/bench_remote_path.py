@@ -1,7 +1,7 @@
 """Remote path latency: camera publish -> PolicyOutput receive, beside its floor.
 
-    tools/ros_env.sh python bench/bench_remote_path.py            # ~1 minute
-    tools/ros_env.sh python bench/bench_remote_path.py --seconds 30 --rates 30
+    .ci/ros_env.sh python bench/bench_remote_path.py            # ~1 minute
+    .ci/ros_env.sh python bench/bench_remote_path.py --seconds 30 --rates 30
 
 Runs the real stack on loopback: the policy server (stub backend, so the
 model costs ~nothing and the path itself is measured) and the remote policy

@@ -1,7 +1,7 @@
 """Policy server throughput and latency on loopback, beside the cost of JPEG decoding alone.
 
-    tools/ros_env.sh python bench/bench_server.py                 # ~30 s
-    tools/ros_env.sh python bench/bench_server.py --seconds 10
+    .ci/ros_env.sh python bench/bench_server.py                 # ~30 s
+    .ci/ros_env.sh python bench/bench_server.py --seconds 10
 
 Starts the real server (stub backend, so the model costs ~nothing and the
 server itself is measured) as a subprocess on 127.0.0.1, then for each row

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run a command with the project venv, ROS 2 and the built workspace on its
-# environment, and DDS kept on loopback:  tools/ros_env.sh CMD [ARGS...]
+# environment, and DDS kept on loopback:  .ci/ros_env.sh CMD [ARGS...]
 set -eo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck disable=SC1091
