@@ -80,9 +80,13 @@ class JointStatesModel(_WireModel):
             if values and len(values) != count:
                 raise InputError(
                     f"joint_states.{field_name}",
-                    f"has {len(values)} values for {count} joint names",
+                    f"has {_count(len(values), 'value')} for {_count(count, 'joint name')}",
                 )
         return self
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 class InferRequest(_WireModel):
