@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 from node_harness import (
@@ -239,6 +241,16 @@ def node_process(*ros_args: str) -> subprocess.Popen:
     )
 
 
+@contextlib.contextmanager
+def killed_if_left_running(process: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+
+
 def test_the_executable_refuses_a_bad_start_value_by_name():
     process = node_process("-p", "remote_url:=ftp://policy-host")
     output, _ = process.communicate(timeout=30)
@@ -249,7 +261,7 @@ def test_the_executable_refuses_a_bad_start_value_by_name():
 def test_the_executable_stops_cleanly_on_sigint(scripted_server):
     # An integer for a float parameter, as people type it, is accepted.
     process = node_process("-p", f"remote_url:={scripted_server.url}", "-p", "inference_rate:=10")
-    try:
+    with killed_if_left_running(process):
         lines = []
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # wait until it is up and spinning
@@ -260,10 +272,6 @@ def test_the_executable_stops_cleanly_on_sigint(scripted_server):
         assert any("listening to" in line and "at 10 Hz" in line for line in lines), lines
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=15)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
     assert process.returncode == 0, output
     assert "Traceback" not in output
 
@@ -276,17 +284,13 @@ def test_a_second_sigint_during_shutdown_is_no_traceback(rig, scripted_server):
     process = node_process(
         "-p", f"remote_url:={scripted_server.url}", "-p", "inference_rate:=10.0", *topics
     )
-    try:
+    with killed_if_left_running(process):
         rig.stream_camera(sample_image())
         assert wait_until(lambda: scripted_server.request_count() >= 1, timeout=30)
         process.send_signal(signal.SIGINT)
         time.sleep(0.2)
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=20)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
     assert process.returncode == 0, output
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
 
