@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
@@ -199,6 +200,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             server_header=False,
         )
     )
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler
+    # it found. With this no-op one there, `docker stop` or systemd see exit status 0 for
+    # a clean stop. Set only now: while the model loads, SIGTERM still ends the process.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
     # uvicorn returns after a clean shutdown, or when it could not bind the port.
     return 0 if server.started else 1

@@ -4,7 +4,6 @@ give up, SIGTERM with a request in flight, backends that fail to load."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -177,8 +176,7 @@ def test_sigterm_lets_the_request_in_flight_finish():
         answer = in_flight.result()
         assert answer.status_code == 200
         assert answer.json()["inference_time_ms"] >= 1000
-        # uvicorn re-raises the signal once it has shut down cleanly.
-        assert server.process.wait(timeout=20) in (0, -signal.SIGTERM)
+        assert server.process.wait(timeout=20) == 0  # a clean stop, not death by signal
     finally:
         server.stop()
     assert "Application shutdown complete" in server.log()
