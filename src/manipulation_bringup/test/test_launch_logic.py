@@ -128,7 +128,7 @@ def test_remote_overrides_are_typed_and_win_over_the_yaml():
     assert params["camera_topic"] == "/head_camera/image_raw"
     assert params["joint_states_topic"] == "arm/joint_states"
     assert params["instruction"] == "put the cup in the sink"
-    # rclpy refuses an int for a double parameter, so "10" must arrive as 10.0.
+    # "10" arrives as 10.0, so the parameter is declared a double, as its default is.
     assert params["inference_rate"] == 10.0 and type(params["inference_rate"]) is float
     # Untouched ones keep the yaml value.
     assert params["jpeg_quality"] == 90
