@@ -34,6 +34,7 @@ Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Text = Annotated[str, Field(strict=True)]
 MAX_JOINTS = 256
 MAX_IMAGE_SIDE = 8192
+MAX_FRAME_LENGTH = 256
 
 
 class _WireModel(BaseModel):
@@ -120,21 +121,24 @@ class InferResponse(_WireModel):
     has_eef_target: bool = False
     eef_target_pose: PoseModel = Field(default_factory=PoseModel)
     has_joint_deltas: bool = False
-    joint_deltas: list[Number] = Field(default_factory=list)
-    gripper_command: Number = 0.0
+    joint_deltas: list[Number] = Field(default_factory=list, max_length=MAX_JOINTS)
+    gripper_command: Annotated[Number, Field(ge=0.0, le=1.0)] = 0.0
     gripper_active: bool = False
     has_base_hint: bool = False
     base_velocity_hint: TwistModel = Field(default_factory=TwistModel)
-    reference_frame: Text = DEFAULT_REFERENCE_FRAME
-    confidence: Number = 0.0
+    reference_frame: Annotated[Text, Field(min_length=1, max_length=MAX_FRAME_LENGTH)] = (
+        DEFAULT_REFERENCE_FRAME
+    )
+    confidence: Annotated[Number, Field(ge=0.0, le=1.0)] = 0.0
     # Optional extensions.
     eef_target_mode: Literal["absolute", "delta"] = "delta"
-    request_id: Optional[str] = None
-    inference_time_ms: Optional[float] = None
+    request_id: Optional[Annotated[str, Field(max_length=128)]] = None
+    inference_time_ms: Optional[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]] = None
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "unhealthy"] = "ok"
+    reason: Optional[str] = Field(default=None, description="why the server is unhealthy")
 
 
 class ErrorResponse(BaseModel):

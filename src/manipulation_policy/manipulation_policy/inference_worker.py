@@ -5,18 +5,29 @@ so predictions run one by one on a dedicated thread, never on the asyncio
 event loop. Requests are admitted only while fewer than ``max_queue`` wait
 behind the one being predicted; past that the caller is told at once
 (QueueFullError, answered 503), instead of every request getting slower.
+
+Each prediction has a deadline. Python cannot stop a thread, so a prediction
+past its deadline keeps the model thread; its request is answered at once
+(PredictionTimeoutError), and until the backend returns the worker is
+``stuck``: it admits nothing (BackendStuckError) and reports why, and it
+recovers by itself when the call ends. The model thread is a daemon, so a
+backend that never returns cannot keep the process alive at exit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from concurrent.futures import Future
+from typing import Any, Optional
 
 from .policy_types import Observation, PolicyAction
+
+DEFAULT_DEADLINE_S = 10.0
 
 
 class QueueFullError(Exception):
@@ -27,46 +38,139 @@ class ClientGoneError(Exception):
     """The client disconnected while its request waited; the model was not run."""
 
 
-class InferenceWorker:
-    """Serialises ``predict`` calls on one thread and bounds how many requests wait.
+class PredictionTimeoutError(Exception):
+    """This request's prediction passed its deadline (it may still be running)."""
 
-    Admission (``admission()``) and waiting happen on the event loop thread;
-    only ``predict`` runs on the worker thread.
+
+class BackendStuckError(Exception):
+    """An earlier prediction is still running past its deadline; nothing can run now."""
+
+
+class BackendCrashError(Exception):
+    """The backend raised a BaseException that is not an Exception (e.g. SystemExit)."""
+
+
+class ModelThread:
+    """A daemon thread that runs submitted calls one by one, in order.
+
+    Unlike a ThreadPoolExecutor, whose threads the interpreter joins at exit,
+    a call that never returns does not keep the process alive, and no failure
+    of a call (a BaseException included) ends the thread.
     """
 
-    def __init__(self, predict: Callable[[Observation], PolicyAction], max_queue: int):
+    def __init__(self, name: str = "policy-inference"):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._calls.put((future, function, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            future, function, args = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = function(*args)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+            except BaseException as exc:  # noqa: BLE001 - SystemExit etc. must not end the thread
+                future.set_exception(BackendCrashError(f"{type(exc).__name__}: {exc}"))
+            else:
+                future.set_result(result)
+
+    def close(self) -> None:
+        """Stop after the call in progress (never waits for it)."""
+        self._calls.put(None)
+
+
+class InferenceWorker:
+    """Serialises ``predict`` calls on one thread, bounds how many requests wait and
+    how long one prediction may take.
+
+    Admission and waiting happen on the event loop thread; only ``predict``
+    runs on the model thread.
+    """
+
+    def __init__(
+        self,
+        predict: Callable[[Observation], PolicyAction],
+        max_queue: int,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if not deadline_s > 0:
+            raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
         self._predict = predict
         self.max_queue = max_queue
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-inference")
+        self.deadline_s = deadline_s
+        self._clock = clock
+        self._thread = ModelThread()
         self._model_turn: Optional[asyncio.Lock] = None
         self._admitted = 0
-        self._busy = 0
+        # The last call handed to the model thread, and when.
+        self._current: Optional[Future] = None
+        self._current_since = 0.0
 
     @property
     def queue_depth(self) -> int:
         """Admitted requests not being predicted right now (decoding or waiting)."""
-        return max(self._admitted - self._busy, 0)
+        return max(self._admitted - self.busy, 0)
 
     @property
     def busy(self) -> int:
         """1 while the backend runs a prediction."""
-        return self._busy
+        return int(self._current is not None and not self._current.done())
 
-    @contextlib.contextmanager
-    def admission(self) -> Iterator[None]:
-        """Hold a place for one request; raises QueueFullError when none is left."""
+    def stuck_for(self) -> Optional[float]:
+        """Seconds the running prediction has been past its deadline, else None."""
+        if not self.busy:
+            return None
+        overdue = self._clock() - self._current_since - self.deadline_s
+        return overdue if overdue >= 0 else None
+
+    def health_problem(self) -> Optional[str]:
+        """Why the server cannot serve predictions now, or None when it can."""
+        overdue = self.stuck_for()
+        if overdue is None:
+            return None
+        running = overdue + self.deadline_s
+        return (
+            f"a prediction has been running for {running:.1f} s, past the "
+            f"{self.deadline_s:g} s deadline; /infer answers 503 until the backend returns"
+        )
+
+    def try_admit(self) -> None:
+        """Take a place for one request, or raise BackendStuckError / QueueFullError."""
         # One running + max_queue waiting. Only touched on the event loop: no lock needed.
+        problem = self.health_problem()
+        if problem is not None:
+            raise BackendStuckError(problem)
         if self._admitted >= self.max_queue + 1:
             raise QueueFullError(
                 f"{self._admitted} requests already admitted (queue limit {self.max_queue})"
             )
         self._admitted += 1
+
+    def release(self) -> None:
+        """Give back the place taken by ``try_admit``."""
+        self._admitted -= 1
+
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        self.try_admit()
         try:
             yield
         finally:
-            self._admitted -= 1
+            self.release()
 
     async def predict(
         self,
@@ -81,20 +185,31 @@ class InferenceWorker:
         if self._model_turn is None:
             self._model_turn = asyncio.Lock()
         async with self._model_turn:
+            if self.busy:
+                # The previous holder gave up on its prediction (deadline or cancellation).
+                raise BackendStuckError(
+                    self.health_problem() or "the previous prediction is still running"
+                )
             if client_gone is not None and await client_gone():
                 raise ClientGoneError("client disconnected before its turn")
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._timed_predict, observation)
+            self._current_since = self._clock()
+            self._current = self._thread.submit(self._timed_predict, observation)
+            try:
+                # shield: a timeout or a cancelled request must not cancel the call's
+                # future, whose state tells whether the model thread is still busy.
+                return await asyncio.wait_for(
+                    asyncio.shield(asyncio.wrap_future(self._current)), self.deadline_s
+                )
+            except asyncio.TimeoutError:
+                raise PredictionTimeoutError(
+                    f"the backend did not answer within the {self.deadline_s:g} s deadline"
+                ) from None
 
     def _timed_predict(self, observation: Observation) -> tuple[PolicyAction, float]:
-        self._busy = 1
         started = time.perf_counter()
-        try:
-            action = self._predict(observation)
-        finally:
-            self._busy = 0
+        action = self._predict(observation)
         return action, time.perf_counter() - started
 
     def close(self) -> None:
-        """Stop taking work; a prediction already running finishes on its thread."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop taking work; a prediction already running is not waited for."""
+        self._thread.close()

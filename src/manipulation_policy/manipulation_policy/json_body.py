@@ -8,6 +8,7 @@ are parsed to a marker and reported with the path of the field that held them.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from .contract import field_path
@@ -58,7 +59,54 @@ def parse_json_body(raw: bytes) -> Any:
             field_path(location),
             f"{marker.text} is not a JSON number; values must be finite",
         )
+    if _may_hold_surrogates(raw):
+        location = _find_lone_surrogate(payload)
+        if location is not None:
+            raise InputError(
+                field_path(location), "text holds a lone UTF-16 surrogate, which is not Unicode"
+            )
     return payload
+
+
+# A \uD800-\uDFFF escape, or such a code point encoded as (invalid) UTF-8 bytes, which
+# json.loads lets through. Either would break the UTF-8 answer that echoes the text.
+_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _may_hold_surrogates(raw: bytes) -> bool:
+    """A cheap scan of the bytes, so that the walk below runs only when needed."""
+    if raw[:1] == b"\x00" or raw[1:2] == b"\x00" or raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return True  # UTF-16/32: the byte scan does not apply
+    return _SURROGATE_HINT.search(raw) is not None
+
+
+def _is_unicode(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _find_lone_surrogate(payload: Any) -> tuple | None:
+    """The path of the first string (or key) holding a lone surrogate, else None."""
+    pending: list[tuple[tuple, Any]] = [((), payload)]
+    while pending:
+        location, value = pending.pop()
+        if isinstance(value, str):
+            if not _is_unicode(value):
+                return location
+        elif isinstance(value, dict):
+            for key in value:
+                if not _is_unicode(key):
+                    return location + ("<key>",)
+            pending.extend((location + (key,), item) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            indexed = reversed(list(enumerate(value)))
+            pending.extend((location + (index,), item) for index, item in indexed)
+    return None
 
 
 def _find_non_finite(payload: Any) -> tuple[tuple, _NonFinite]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ from typing import Any, Optional
 
 from .errors import BackendStartupError
 from .imaging import DEFAULT_MAX_IMAGE_PIXELS
+from .inference_worker import DEFAULT_DEADLINE_S
 from .server_app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, ServerConfig
 from .server_auth import API_KEY_ENV, ApiKeyError, load_api_key
 
@@ -66,12 +68,53 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, not usage plus error: a bad value is refused in words that fit a log."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _bounded_int(low: int, high: Optional[int] = None, what: str = "an integer"):
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {what}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{text[:40]!r}: must be {bounds}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+def _seconds(allow_zero: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number of seconds") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            need = ">= 0" if allow_zero else "> 0"
+            raise argparse.ArgumentTypeError(f"{text[:40]!r}: must be finite and {need} seconds")
+        return value
+
+    parse.__name__ = "seconds"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, description=__doc__.split("\n", 1)[1], formatter_class=_HelpFormatter
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=5000, help="TCP port to listen on")
+    parser.add_argument(
+        "--port",
+        type=_bounded_int(1, 65535, "a TCP port"),
+        default=5000,
+        help="TCP port to listen on (1-65535)",
+    )
     parser.add_argument(
         "--backend",
         default=os.environ.get("MANIPULATION_POLICY_BACKEND", "stub"),
@@ -91,19 +134,35 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument(
         "--api-key-file", default=None, help=f"file holding the bearer key (or env {API_KEY_ENV})"
     )
-    serving.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    serving.add_argument(
+        "--max-body-bytes",
+        type=_bounded_int(1, what="a byte count"),
+        default=DEFAULT_MAX_BODY_BYTES,
+    )
     serving.add_argument(
         "--max-queue",
-        type=int,
+        type=_bounded_int(0, what="a request count"),
         default=DEFAULT_MAX_QUEUE,
         help="requests that may wait behind the running prediction before 503",
     )
-    serving.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
+    serving.add_argument(
+        "--max-image-pixels",
+        type=_bounded_int(1, what="a pixel count"),
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+    )
+    serving.add_argument(
+        "--inference-timeout",
+        type=_seconds(allow_zero=False),
+        default=DEFAULT_DEADLINE_S,
+        help="deadline of one prediction: past it the request gets 504, and /health "
+        "answers 503 until the backend returns",
+    )
     serving.add_argument(
         "--graceful-timeout",
-        type=float,
+        type=_seconds(allow_zero=True),
         default=30.0,
-        help="seconds requests in flight get to finish after SIGTERM",
+        help="seconds requests in flight get to finish after SIGTERM; the process "
+        "exits by then whatever the backend does",
     )
     serving.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     serving.add_argument(
@@ -148,6 +207,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
             max_queue=args.max_queue,
             max_image_pixels=args.max_image_pixels,
             api_key=api_key,
+            inference_timeout_s=args.inference_timeout,
         )
     except (ApiKeyError, ValueError) as exc:
         raise StartupError(str(exc)) from None
@@ -166,7 +226,29 @@ def load_backend(name: str, options: dict[str, Any]):
         raise StartupError(f"cannot load backend {name!r}: {reason}") from exc
 
 
+def raise_open_file_limit() -> None:
+    """Soft limit up to the hard one: each connection is a file descriptor."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = hard if hard != resource.RLIM_INFINITY else 65536
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, 65536), hard))
+    except (ImportError, ValueError, OSError):
+        pass  # not fatal: the server runs with the limit it has
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C while the model loads, or after a Ctrl-C stop: one line, the shell's code.
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     try:
@@ -179,8 +261,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import uvicorn
 
+    from . import server_logging
     from .server_app import create_app
 
+    raise_open_file_limit()
     app = create_app(backend, config)
     logging.getLogger("manipulation_policy.policy_server").info(
         "backend %s ready; auth %s, max queue %d, max body %d bytes",
@@ -200,13 +284,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             server_header=False,
         )
     )
+    server_logging.install()  # after uvicorn.Config, which configures its loggers
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler
     # it found. With this no-op one there, `docker stop` or systemd see exit status 0 for
     # a clean stop. Set only now: while the model loads, SIGTERM still ends the process.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
     # uvicorn returns after a clean shutdown, or when it could not bind the port.
-    return 0 if server.started else 1
+    code = 0 if server.started else 1
+    if app.state.worker.busy:
+        # A prediction that never returns, or a thread the backend started, must not hold
+        # the process past --graceful-timeout: leave without the interpreter's teardown.
+        logging.getLogger("manipulation_policy.policy_server").error(
+            "a prediction is still running; exiting without waiting for it"
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

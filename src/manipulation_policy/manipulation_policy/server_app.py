@@ -14,6 +14,8 @@ import contextlib
 import logging
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -33,17 +35,25 @@ from .contract import (
     HealthResponse,
     InferRequest,
     InferResponse,
-    action_to_response,
     field_path,
     parse_request,
     request_to_observation,
 )
 from .errors import InputError
 from .imaging import DEFAULT_MAX_IMAGE_PIXELS
-from .inference_worker import ClientGoneError, InferenceWorker, QueueFullError
+from .inference_worker import (
+    DEFAULT_DEADLINE_S,
+    BackendStuckError,
+    ClientGoneError,
+    InferenceWorker,
+    PredictionTimeoutError,
+    QueueFullError,
+)
 from .json_body import parse_json_body
 from .policy_types import Observation, PolicyAction
+from .server_answer import BackendAnswerError, checked_response
 from .server_auth import OPEN_PATHS, BearerAuthMiddleware
+from .server_logging import clip
 from .server_metrics import EXPOSITION_CONTENT_TYPE, ServerMetrics
 
 logger = logging.getLogger("manipulation_policy.policy_server")
@@ -53,6 +63,10 @@ DEFAULT_MAX_QUEUE = 8
 # nginx's code for "client closed the request": logged and counted, never received.
 CLIENT_CLOSED_REQUEST = 499
 KNOWN_ENDPOINTS = frozenset({"/health", "/infer", "/info", "/metrics"}) | OPEN_PATHS
+# A body still arriving when the server answers early is read and dropped, up to these
+# bounds, before a closing connection is closed (see drain_before_close).
+DRAIN_MAX_BYTES = 64 * 1024 * 1024
+DRAIN_MAX_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,7 @@ class ServerConfig:
     api_key: Optional[str] = None
     retry_after_s: int = 1
     decode_threads: int = 2
+    inference_timeout_s: float = DEFAULT_DEADLINE_S
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_image_pixels", "retry_after_s", "decode_threads"):
@@ -70,6 +85,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if not 0 < self.inference_timeout_s < float("inf"):
+            raise ValueError(f"inference_timeout_s must be > 0, got {self.inference_timeout_s}")
 
 
 class ApiError(Exception):
@@ -126,15 +143,63 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared, while streaming otherwise (chunked bodies), so a huge body is never held."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _body_too_large(f"Content-Length {declared} exceeds", limit)
+        await drain_before_close(request.scope, request.receive)
+        raise _body_too_large(f"Content-Length {clip(declared, 30)} exceeds", limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
+            await drain_before_close(request.scope, request.receive, already=size)
             raise _body_too_large("the streamed body exceeds", limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _header(scope, name: bytes) -> str:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1").strip().lower()
+    return ""
+
+
+def connection_closes_after_response(scope) -> bool:
+    connection = _header(scope, b"connection")
+    if scope.get("http_version") == "1.0":
+        return "keep-alive" not in connection
+    return "close" in connection
+
+
+async def drain_before_close(scope, receive, already: int = 0) -> None:
+    """Read and drop the rest of a request body the server will not use, when the
+    connection closes after the answer (``Connection: close``, HTTP/1.0).
+
+    Closing a socket with unread data makes the kernel reset the connection, and a
+    client still sending (Python's urllib does) then sees "connection reset" instead
+    of the 413 or 503. On a kept-alive connection uvicorn drops the rest itself; a
+    client that asked ``Expect: 100-continue`` has sent nothing. Bounded in bytes and
+    time: past either, the answer goes out anyway.
+    """
+    if not connection_closes_after_response(scope) or "100-continue" in _header(
+        scope, b"expect"
+    ):
+        return
+    declared = _header(scope, b"content-length")
+    if declared.isdigit() and int(declared) > DRAIN_MAX_BYTES:
+        return
+
+    async def drain() -> None:
+        size = already
+        while size <= DRAIN_MAX_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(drain(), DRAIN_MAX_SECONDS)
 
 
 def _body_too_large(what: str, limit: int) -> ApiError:
@@ -179,7 +244,12 @@ def error_response(
     headers: Optional[dict[str, str]] = None,
 ) -> JSONResponse:
     metrics.count_error(kind)
-    body = {"error": kind, "field": field, "detail": detail}
+    # Bounded and valid Unicode whatever the client sent: details may quote its input.
+    body = {
+        "error": kind,
+        "field": None if field is None else clip(field, 200),
+        "detail": clip(detail),
+    }
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -208,11 +278,17 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: _error_content("The body exceeds the server's size limit."),
     415: _error_content("Content-Type is not JSON."),
     422: _error_content("A field has the wrong type or value, or the image is unusable."),
-    500: _error_content("The backend failed (not the client's fault)."),
+    500: _error_content(
+        "The backend failed or its answer broke the contract (not the client's fault)."
+    ),
     503: {
-        **_error_content("Too many requests waiting for the model; retry after Retry-After s."),
+        **_error_content(
+            "Too many requests waiting for the model, or a prediction is stuck past its "
+            "deadline; retry after Retry-After s."
+        ),
         "headers": {"Retry-After": {"schema": {"type": "integer"}}},
     },
+    504: _error_content("The prediction did not finish within the server's deadline."),
 }
 
 
@@ -246,6 +322,31 @@ class RequestMetricsMiddleware:
             self._metrics.observe_request(
                 endpoint, scope["method"], status, time.perf_counter() - started
             )
+
+
+class AdmissionMiddleware:
+    """Admits POST /infer before its body is read: when the queue is full or the backend
+    is stuck, the 503 costs the server no body parsing, decoding or buffering."""
+
+    def __init__(self, app, worker: InferenceWorker, refuse: Callable[[Exception], Any]):
+        self.app = app
+        self._worker = worker
+        self._refuse = refuse  # (exception) -> an ASGI app that sends the 503
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/infer" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            self._worker.try_admit()
+        except (QueueFullError, BackendStuckError) as exc:
+            await drain_before_close(scope, receive)
+            await self._refuse(exc)(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._worker.release()
 
 
 # ----------------------------------------------------------------------- app
@@ -282,7 +383,7 @@ def _describe(backend: PolicyBackend) -> dict[str, Any]:
 def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) -> FastAPI:
     """The FastAPI application serving ``backend`` (already loaded)."""
     config = config or ServerConfig()
-    worker = InferenceWorker(backend.predict, config.max_queue)
+    worker = InferenceWorker(backend.predict, config.max_queue, config.inference_timeout_s)
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="policy-decode")
     description = _describe(backend)
     metrics = ServerMetrics(
@@ -319,9 +420,18 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
 
     @app.get(
         "/health",
-        responses={200: _json_content("HealthResponse", "The server is up; never needs auth.")},
+        responses={
+            200: _json_content("HealthResponse", "The server is up; never needs auth."),
+            503: _json_content(
+                "HealthResponse",
+                "Unhealthy: a prediction is stuck past its deadline; the reason says since when.",
+            ),
+        },
     )
     async def health() -> JSONResponse:
+        problem = worker.health_problem()
+        if problem is not None:
+            return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.post(
@@ -338,33 +448,38 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
     )
     async def infer(request: Request) -> Response:
         """One observation in, one policy answer out (predictions run one at a time)."""
+        # Admitted already (AdmissionMiddleware), before the body was read.
         check_json_content_type(request.headers.get("content-type"))
         raw = await read_body(request, config.max_body_bytes)
+        parsed, observation = await decode(raw)
         try:
-            with worker.admission():
-                parsed, observation = await decode(raw)
-                action, seconds = await predict(observation, request)
-        except QueueFullError as exc:
-            raise ApiError(
-                503,
-                "queue_full",
-                f"the model is busy: {exc}; retry later",
-                headers={"Retry-After": str(config.retry_after_s)},
-            ) from None
+            action, seconds = await predict(observation, request)
         except ClientGoneError:
             metrics.count_error("client_disconnected")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         metrics.inference_seconds.observe(seconds)
         try:
-            body = action_to_response(
+            body = checked_response(
                 action, request_id=parsed.request_id, inference_time_ms=round(seconds * 1e3, 3)
             )
-        except (ValueError, TypeError, AttributeError) as exc:
-            logger.error("backend returned an unusable action: %s", exc)
+        except BackendAnswerError as exc:
+            logger.error("backend answer refused: %s", clip(str(exc), 1000))
             raise ApiError(
-                500, "backend_error", f"backend returned an unusable action: {exc}"
+                500,
+                "backend_error",
+                f"the backend's answer breaks the response contract: {exc.message}",
+                exc.field,
             ) from None
         return JSONResponse(body)
+
+    def unavailable(exc: Exception) -> ApiError:
+        if isinstance(exc, BackendStuckError):
+            kind, detail = "backend_stuck", f"the backend is not answering: {exc}"
+        else:
+            kind, detail = "queue_full", f"the model is busy: {exc}; retry later"
+        return ApiError(
+            503, kind, detail, headers={"Retry-After": str(config.retry_after_s)}
+        )
 
     async def decode(raw: bytes) -> tuple[InferRequest, Observation]:
         started = time.perf_counter()
@@ -379,11 +494,25 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
             return await worker.predict(observation, request.is_disconnected)
         except ClientGoneError:
             raise
+        except BackendStuckError as exc:
+            raise unavailable(exc) from None
+        except PredictionTimeoutError as exc:
+            logger.error("prediction timed out: %s", exc)
+            raise ApiError(
+                504,
+                "inference_timeout",
+                f"{exc}; the server reports itself unhealthy on /health until it returns",
+            ) from None
         except InputError as exc:
             # The backend refused the observation (e.g. a model that needs an image).
             raise ApiError.from_input_error(422, "invalid_request", exc) from None
         except Exception as exc:  # noqa: BLE001 - a backend failure, never a crash
-            logger.exception("backend predict() failed")
+            logger.error(
+                "backend predict() failed: %s: %s\n%s",
+                type(exc).__name__,
+                clip(str(exc), 1000),
+                "".join(traceback.format_tb(exc.__traceback__))[-4000:],
+            )
             raise ApiError(
                 500, "backend_error", f"backend failed: {type(exc).__name__}: {exc}"
             ) from None
@@ -410,7 +539,9 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
                 "limits": {
                     "max_body_bytes": config.max_body_bytes,
                     "max_image_pixels": config.max_image_pixels,
+                    "inference_timeout_s": config.inference_timeout_s,
                 },
+                "health_problem": worker.health_problem(),
                 "auth_required": config.api_key is not None,
             }
         )
@@ -428,6 +559,14 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
         return Response(metrics.render(), media_type=EXPOSITION_CONTENT_TYPE)
 
     _install_error_handlers(app, metrics)
+
+    def refuse_admission(exc: Exception):
+        error = unavailable(exc)
+        return error_response(
+            metrics, error.status, error.kind, error.detail, headers=error.headers
+        )
+
+    app.add_middleware(AdmissionMiddleware, worker=worker, refuse=refuse_admission)
     if config.api_key is not None:
 
         def unauthorized():
@@ -473,7 +612,7 @@ def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
-        logger.error("unhandled %s: %s", type(exc).__name__, exc)
+        logger.error("unhandled %s: %s", type(exc).__name__, clip(str(exc), 1000))
         return error_response(metrics, 500, "internal_error", f"{type(exc).__name__}: {exc}")
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hmac
 import os
+import stat
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Optional
 
 API_KEY_ENV = "MANIPULATION_POLICY_API_KEY"
+MAX_KEY_FILE_BYTES = 4096
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 
 
@@ -29,10 +30,7 @@ def load_api_key(
 ) -> Optional[str]:
     """The key from ``key_file`` if given, else from the environment; None means no auth."""
     if key_file:
-        try:
-            key = Path(key_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ApiKeyError(f"cannot read API key file {key_file!r}: {exc}") from None
+        key = _read_key_file(key_file)
         if not key:
             raise ApiKeyError(f"API key file {key_file!r} is empty")
     else:
@@ -42,6 +40,23 @@ def load_api_key(
     if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
         raise ApiKeyError("the API key must be one printable ASCII token without spaces")
     return key
+
+
+def _read_key_file(key_file: str) -> str:
+    # A FIFO or a device would block start-up, or never end: only a regular file, bounded.
+    try:
+        if not stat.S_ISREG(os.stat(key_file).st_mode):
+            raise ApiKeyError(f"API key file {key_file!r} is not a regular file")
+        with open(key_file, "rb") as handle:
+            data = handle.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ApiKeyError(f"cannot read API key file {key_file!r}: {exc.strerror or exc}") from None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise ApiKeyError(f"API key file {key_file!r} is over {MAX_KEY_FILE_BYTES} bytes")
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ApiKeyError(f"cannot read API key file {key_file!r}: {exc}") from None
 
 
 def bearer_token_matches(authorization: Optional[str], key: str) -> bool:

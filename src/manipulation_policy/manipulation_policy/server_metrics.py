@@ -20,6 +20,9 @@ LATENCY_BUCKETS = (
 )
 
 LabelValues = tuple[str, ...]
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
 
 
 def _format_value(value: float) -> str:
@@ -248,7 +251,11 @@ class ServerMetrics:
         return self._clock() - self.started
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        self.requests.inc(endpoint=endpoint, method=method, status=str(status))
+        # Any client picks the method (and nothing checks it before this): an unknown one
+        # shares one label, so no client can grow the number of series.
+        method = method if method in HTTP_METHODS else "other"
+        status_label = str(status) if 100 <= status <= 599 else "other"
+        self.requests.inc(endpoint=endpoint, method=method, status=status_label)
         self.request_seconds.observe(seconds, endpoint=endpoint)
 
     def count_error(self, kind: str) -> None:

@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Optional
 
 LOOPBACK = "127.0.0.1"
@@ -48,8 +48,10 @@ class ServerProcess:
         env: Optional[Mapping[str, str]] = None,
         extra_pythonpath: Sequence[str] = (),
         startup_timeout: float = 30.0,
+        preexec_fn: Optional[Callable[[], None]] = None,
     ):
         self.args = tuple(args)
+        self._preexec_fn = preexec_fn  # e.g. lower a resource limit of the server only
         self.host = LOOPBACK
         self._fixed_port = port
         self.port = port or 0
@@ -102,6 +104,7 @@ class ServerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                preexec_fn=self._preexec_fn,
             )
 
     def _wait_healthy(self) -> None:

@@ -4,7 +4,9 @@
 ScriptedBackend behaves like the stub unless the instruction asks otherwise:
 ``sleep <seconds>`` (then answer), ``raise`` (an internal failure),
 ``need image`` (refuses an observation without image, as OpenVLA does),
-``nan`` (a broken model output).
+``nan`` (a broken model output), ``answer <kind>`` (an answer that breaks the
+response contract, see BAD_ANSWERS), ``raise huge`` (a 2 MB exception message),
+``raise base`` (a BaseException that is not an Exception).
 """
 
 from __future__ import annotations
@@ -17,6 +19,22 @@ from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.errors import InputError
 from manipulation_policy.policy_types import Observation, PolicyAction
 
+# answer <kind> -> (the action, the response field the server must name)
+BAD_ANSWERS = {
+    "deltas-str": (PolicyAction(joint_deltas="abc"), "joint_deltas"),
+    "confidence-str": (PolicyAction(confidence="high"), "confidence"),
+    "frame-none": (PolicyAction(reference_frame=None), "reference_frame"),
+    "confidence-5": (PolicyAction(confidence=5.0), "confidence"),
+    "confidence-neg": (PolicyAction(confidence=-3.0), "confidence"),
+    "gripper-7": (PolicyAction(gripper_command=7.0), "gripper_command"),
+    "frame-surrogate": (PolicyAction(reference_frame="\ud800"), "reference_frame"),
+    "not-an-action": ({"confidence": 1.0}, "body"),
+}
+
+
+class CustomBaseError(BaseException):
+    pass
+
 
 class ScriptedBackend(StubBackend):
     name = "scripted"
@@ -25,8 +43,14 @@ class ScriptedBackend(StubBackend):
         command, _, argument = observation.instruction.partition(" ")
         if command == "sleep":
             time.sleep(float(argument))
+        elif command == "raise" and argument == "huge":
+            raise RuntimeError("x" * 2_000_000)
+        elif command == "raise" and argument == "base":
+            raise CustomBaseError("a BaseException from the backend")
         elif command == "raise":
             raise RuntimeError("simulated CUDA error: device-side assert triggered")
+        elif command == "answer":
+            return BAD_ANSWERS[argument][0]
         elif command == "need" and observation.image is None:
             raise InputError("image", "this backend needs a camera image")
         elif command == "nan":

@@ -1,0 +1,141 @@
+"""The server's check of its own backend's answer, before a robot can get it.
+
+A backend is a plugin (``--backend module:Class``) and may return anything:
+a string where numbers belong, None for the frame, a confidence of 5. The
+answer is built into the wire JSON only from a PolicyAction whose every part
+has the right type, and that JSON must then validate against InferResponse
+(types and ranges, strictly) and encode as UTF-8. Anything else is a
+BackendAnswerError naming the field; the server answers it as a 500.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Optional
+
+from pydantic import ValidationError
+
+from .contract import InferResponse, action_to_response, field_path
+from .policy_types import EefTargetMode, PolicyAction, Pose, Quaternion, Twist, Vector3
+
+
+class BackendAnswerError(ValueError):
+    """The backend's answer breaks the response contract; ``field`` names where."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int subclass but never a number on the wire.
+    return isinstance(value, (int, float)) and not isinstance(value, (bool, enum.Enum))
+
+
+def _check_number(value: Any, field: str) -> None:
+    if not _is_number(value):
+        raise BackendAnswerError(field, f"expected a number, got {_type_name(value)}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise BackendAnswerError(field, f"{value!r:.40} is not a finite number")
+
+
+def _check_fields(value: Any, kind: type, field: str) -> None:
+    """A Vector3 / Quaternion / Pose / Twist made of numbers, recursively."""
+    if type(value) is not kind:
+        raise BackendAnswerError(field, f"expected {kind.__name__}, got {_type_name(value)}")
+    for name in kind.__dataclass_fields__:
+        part = getattr(value, name)
+        path = f"{field}.{name}"
+        if kind is Pose:
+            _check_fields(part, Vector3 if name == "position" else Quaternion, path)
+        elif kind is Twist:
+            _check_fields(part, Vector3, path)
+        else:
+            _check_number(part, path)
+
+
+def check_action_types(action: Any) -> None:
+    """Every part of a backend's PolicyAction has the type the wire needs (named on failure)."""
+    if not isinstance(action, PolicyAction):
+        raise BackendAnswerError(
+            "body", f"predict() returned {_type_name(action)}, not a PolicyAction"
+        )
+    if not isinstance(action.reference_frame, str):
+        raise BackendAnswerError(
+            "reference_frame", f"expected a string, got {_type_name(action.reference_frame)}"
+        )
+    if action.eef_target is not None:
+        _check_fields(action.eef_target, Pose, "eef_target_pose")
+    if action.base_velocity_hint is not None:
+        _check_fields(action.base_velocity_hint, Twist, "base_velocity_hint")
+    if action.joint_deltas is not None:
+        if not isinstance(action.joint_deltas, (tuple, list)):
+            raise BackendAnswerError(
+                "joint_deltas",
+                f"expected a sequence of numbers, got {_type_name(action.joint_deltas)}",
+            )
+        for index, delta in enumerate(action.joint_deltas):
+            _check_number(delta, f"joint_deltas[{index}]")
+    if action.gripper_command is not None:
+        _check_number(action.gripper_command, "gripper_command")
+    _check_number(action.confidence, "confidence")
+    try:
+        EefTargetMode(action.eef_target_mode)
+    except (ValueError, TypeError):
+        raise BackendAnswerError(
+            "eef_target_mode", f"{action.eef_target_mode!r} is not 'absolute' or 'delta'"
+        ) from None
+
+
+def _first_unencodable_text(value: Any, location: tuple = ()) -> Optional[tuple]:
+    """Where a string holds a lone surrogate (which UTF-8 cannot carry), if anywhere."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return location
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _first_unencodable_text(item, location + (key,))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _first_unencodable_text(item, location + (index,))
+            if found is not None:
+                return found
+    return None
+
+
+def checked_response(
+    action: Any,
+    request_id: Optional[str] = None,
+    inference_time_ms: Optional[float] = None,
+) -> dict:
+    """The wire JSON for a backend's action, or BackendAnswerError naming the bad field."""
+    check_action_types(action)
+    try:
+        body = action_to_response(
+            action, request_id=request_id, inference_time_ms=inference_time_ms
+        )
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        raise BackendAnswerError("body", str(exc)) from None
+    try:
+        InferResponse.model_validate(body, strict=True)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise BackendAnswerError(field_path(tuple(error["loc"])), error["msg"]) from None
+    bad_text = _first_unencodable_text(body)
+    if bad_text is not None:
+        raise BackendAnswerError(field_path(bad_text), "text is not valid Unicode (lone surrogate)")
+    return body
