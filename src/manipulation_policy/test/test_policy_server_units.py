@@ -275,9 +275,12 @@ def test_openvla_options_fall_back_to_the_environment():
         options_for(["--backend", "openvla"], {"OPENVLA_ROTATION_SCALE": "fast"})
 
 
-def test_bad_serving_settings_are_startup_errors():
-    with pytest.raises(StartupError, match="max_queue"):
-        build_config(build_parser().parse_args(["--max-queue", "-1"]), {})
+def test_bad_serving_settings_are_startup_errors(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--max-queue", "-1"])
+    assert "--max-queue" in capsys.readouterr().err
+    with pytest.raises(StartupError, match="API key"):
+        build_config(build_parser().parse_args([]), {API_KEY_ENV: "two words"})
     config = build_config(build_parser().parse_args(["--max-queue", "0"]), {API_KEY_ENV: "k"})
     assert config.max_queue == 0 and config.api_key == "k"
 
