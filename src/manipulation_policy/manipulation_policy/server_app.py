@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ KNOWN_ENDPOINTS = frozenset({"/health", "/infer", "/info", "/metrics"}) | OPEN_P
 # bounds, before a closing connection is closed (see drain_before_close).
 DRAIN_MAX_BYTES = 64 * 1024 * 1024
 DRAIN_MAX_SECONDS = 5.0
+# A connection refused again within this time waits out the rest of it (RefusalPacer).
+REFUSAL_COOLDOWN_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -324,25 +327,81 @@ class RequestMetricsMiddleware:
             )
 
 
+class RefusalPacer:
+    """How long a connection must wait before its next refusal.
+
+    A client that ignores Retry-After sends its next request the moment its 503
+    arrives; a few dozen such clients keep the event loop answering 503s, and the
+    admitted requests wait for the loop. So a connection refused less than
+    ``cooldown_s`` ago is answered only when that time is up (and admitted if a
+    place freed meanwhile). A first refusal, or one after the cooldown, is at once.
+    """
+
+    def __init__(
+        self,
+        cooldown_s: float = REFUSAL_COOLDOWN_S,
+        max_clients: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.cooldown_s = cooldown_s
+        self._max_clients = max_clients
+        self._clock = clock
+        self._last_refused: OrderedDict[Any, float] = OrderedDict()
+
+    def delay_for(self, client: Any) -> float:
+        last = self._last_refused.get(client)
+        if client is None or last is None:
+            return 0.0
+        return max(0.0, last + self.cooldown_s - self._clock())
+
+    def refused(self, client: Any) -> None:
+        if client is None:
+            return
+        self._last_refused[client] = self._clock()
+        self._last_refused.move_to_end(client)
+        while len(self._last_refused) > self._max_clients:
+            self._last_refused.popitem(last=False)
+
+
 class AdmissionMiddleware:
     """Admits POST /infer before its body is read: when the queue is full or the backend
     is stuck, the 503 costs the server no body parsing, decoding or buffering."""
 
-    def __init__(self, app, worker: InferenceWorker, refuse: Callable[[Exception], Any]):
+    def __init__(
+        self,
+        app,
+        worker: InferenceWorker,
+        refuse: Callable[[Exception], Any],
+        pacer: Optional[RefusalPacer] = None,
+    ):
         self.app = app
         self._worker = worker
         self._refuse = refuse  # (exception) -> an ASGI app that sends the 503
+        self._pacer = pacer or RefusalPacer()
+
+    def _admit(self) -> Optional[Exception]:
+        try:
+            self._worker.try_admit()
+        except (QueueFullError, BackendStuckError) as exc:
+            return exc
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/infer" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        try:
-            self._worker.try_admit()
-        except (QueueFullError, BackendStuckError) as exc:
-            await drain_before_close(scope, receive)
-            await self._refuse(exc)(scope, receive, send)
-            return
+        refusal = self._admit()
+        if refusal is not None:
+            client = tuple(scope["client"]) if scope.get("client") else None
+            delay = self._pacer.delay_for(client)
+            if delay > 0:
+                await asyncio.sleep(delay)
+                refusal = self._admit()
+            if refusal is not None:
+                self._pacer.refused(client)
+                await drain_before_close(scope, receive)
+                await self._refuse(refusal)(scope, receive, send)
+                return
         try:
             await self.app(scope, receive, send)
         finally:
@@ -467,7 +526,7 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
             raise ApiError(
                 500,
                 "backend_error",
-                f"the backend's answer breaks the response contract: {exc.message}",
+                f"the backend's answer breaks the response contract: {exc}",
                 exc.field,
             ) from None
         return JSONResponse(body)

@@ -24,6 +24,7 @@ from manipulation_policy.json_body import parse_json_body
 from manipulation_policy.policy_server import build_parser
 from manipulation_policy.policy_types import Observation, PolicyAction, Pose, Vector3
 from manipulation_policy.server_answer import BackendAnswerError, checked_response
+from manipulation_policy.server_app import RefusalPacer
 from manipulation_policy.server_auth import ApiKeyError, load_api_key
 from manipulation_policy.server_logging import AccessLogRedactor, RateLimitFilter, clip
 from manipulation_policy.server_metrics import ServerMetrics
@@ -276,3 +277,23 @@ def test_clip_bounds_text_and_makes_it_valid_unicode():
     clipped = clip("x" * 10_000, 100)
     assert len(clipped) < 150 and "10000 characters" in clipped
     clip("\ud800").encode("utf-8")  # no UnicodeEncodeError
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_a_connection_refused_again_within_the_cooldown_waits_out_the_rest():
+    now = [100.0]
+    pacer = RefusalPacer(cooldown_s=0.5, max_clients=2, clock=lambda: now[0])
+    client = ("127.0.0.1", 4000)
+    assert pacer.delay_for(client) == 0.0  # first refusal: at once
+    pacer.refused(client)
+    now[0] += 0.1
+    assert pacer.delay_for(client) == pytest.approx(0.4)
+    assert pacer.delay_for(("127.0.0.1", 4001)) == 0.0  # other connections unaffected
+    now[0] += 0.5
+    assert pacer.delay_for(client) == 0.0
+    assert pacer.delay_for(None) == 0.0
+    for port in range(10):  # memory stays bounded
+        pacer.refused(("127.0.0.1", port))
+    assert len(pacer._last_refused) == 2

@@ -209,6 +209,30 @@ def test_queue_full_is_answered_before_the_body_is_read():
         runner.join(20)
 
 
+def test_a_client_ignoring_retry_after_is_paced_per_connection():
+    with scripted_server("--max-queue", "0", "--no-access-log") as server:
+        url = server.base_url
+        runner = threading.Thread(
+            target=lambda: infer(url, "sleep 3", timeout=20), daemon=True
+        )
+        runner.start()
+        wait_until(lambda: "inference_in_progress 1" in requests.get(
+            f"{url}/metrics", timeout=5).text)  # fmt: skip
+        with requests.Session() as hammering:
+            started = time.monotonic()
+            first = hammering.post(f"{url}/infer", json={}, timeout=10)
+            first_s = time.monotonic() - started
+            second = hammering.post(f"{url}/infer", json={}, timeout=10)
+            second_s = time.monotonic() - started - first_s
+        fresh_started = time.monotonic()
+        fresh = infer(url, timeout=10)  # a new connection: refused at once
+        fresh_s = time.monotonic() - fresh_started
+        assert [first.status_code, second.status_code, fresh.status_code] == [503] * 3
+        assert first_s < 0.4 and fresh_s < 0.4
+        assert second_s >= 0.4  # waited out the rest of the 0.5 s cooldown
+        runner.join(20)
+
+
 def test_urllib_client_sees_the_413_not_a_connection_reset():
     with scripted_server("--max-body-bytes", "100000", "--no-access-log") as server:
         # urllib sends Connection: close and writes the whole body before it reads.
