@@ -91,7 +91,8 @@ def _count(number: int, noun: str) -> str:
 
 
 class InferRequest(_WireModel):
-    reference_frame: Text = DEFAULT_REFERENCE_FRAME
+    # Bounded like the answer's frame, which echoes it.
+    reference_frame: Annotated[Text, Field(max_length=MAX_FRAME_LENGTH)] = DEFAULT_REFERENCE_FRAME
     joint_states: JointStatesModel = Field(default_factory=JointStatesModel)
     image: Optional[Text] = Field(default=None, description="base64-encoded JPEG (or PNG)")
     image_encoding: Text = "jpeg"
@@ -126,9 +127,7 @@ class InferResponse(_WireModel):
     gripper_active: bool = False
     has_base_hint: bool = False
     base_velocity_hint: TwistModel = Field(default_factory=TwistModel)
-    reference_frame: Annotated[Text, Field(min_length=1, max_length=MAX_FRAME_LENGTH)] = (
-        DEFAULT_REFERENCE_FRAME
-    )
+    reference_frame: Annotated[Text, Field(max_length=MAX_FRAME_LENGTH)] = DEFAULT_REFERENCE_FRAME
     confidence: Annotated[Number, Field(ge=0.0, le=1.0)] = 0.0
     # Optional extensions.
     eef_target_mode: Literal["absolute", "delta"] = "delta"

@@ -151,7 +151,7 @@ def test_backend_answers_outside_the_contract_name_the_field(kind):
         (PolicyAction(joint_deltas=(0.1, True)), "joint_deltas[1]"),
         (PolicyAction(joint_deltas=(0.0,) * 300), "joint_deltas"),
         (PolicyAction(confidence=10**400), "confidence"),
-        (PolicyAction(reference_frame=""), "reference_frame"),
+        (PolicyAction(reference_frame="f" * 257), "reference_frame"),
         (PolicyAction(eef_target_mode="sideways"), "eef_target_mode"),
     ],
 )
