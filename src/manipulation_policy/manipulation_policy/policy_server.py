@@ -7,7 +7,9 @@ Model options fall back to environment variables (OPENVLA_MODEL, OPENVLA_UNNORM_
 every path but /health, /docs and /openapi.json needs ``Authorization: Bearer <key>``
 (/metrics too: Prometheus can send one). Predictions run one at a time; past
 --max-queue waiting requests the server answers 503 with Retry-After at once.
-SIGTERM or Ctrl-C stops taking connections and lets requests in flight finish.
+A prediction past --inference-timeout is answered 504, and /health answers 503
+until the backend returns. SIGTERM or Ctrl-C stops taking connections and lets
+requests in flight finish, for --graceful-timeout seconds at most.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ class RateLimitFilter(logging.Filter):
         return True
 
     def _to_one_line(self, record: logging.LogRecord, dropped: int) -> None:
-        message = clip(record.getMessage(), 2000)
+        message = clip(record.getMessage(), 8000 if self.keep_traceback else 2000)
         if record.exc_info and not self.keep_traceback:
             exc = record.exc_info[1]
             message = message.split("\n", 1)[0]

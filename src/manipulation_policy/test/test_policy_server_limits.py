@@ -134,9 +134,25 @@ def test_every_good_answer_validates_against_the_response_model(scripted):
 def test_stuck_prediction_is_504_then_unhealthy_then_recovers():
     with scripted_server("--inference-timeout", "1") as server:
         url = server.base_url
+        outcome = {}
+
+        def queued_behind():
+            wait_until(lambda: "policy_server_inference_in_progress 1" in requests.get(
+                f"{url}/metrics", timeout=5).text)  # fmt: skip
+            began = time.monotonic()
+            outcome["answer"] = infer(url, timeout=20)
+            outcome["seconds"] = time.monotonic() - began
+
+        queued = threading.Thread(target=queued_behind, daemon=True)
+        queued.start()
         started = time.monotonic()
         answer = infer(url, "sleep 4")
         waited = time.monotonic() - started
+        queued.join(10)
+        # The request queued behind the hung one is told at the deadline, not at its end.
+        assert outcome["answer"].status_code == 503, outcome["answer"].text
+        assert outcome["answer"].json()["error"] == "backend_stuck"
+        assert outcome["seconds"] < 3.0
         assert answer.status_code == 504, answer.text
         assert answer.json()["error"] == "inference_timeout"
         assert "deadline" in answer.json()["detail"]
