@@ -32,6 +32,8 @@ from .policy_types import (
 # JSON numbers only (no "1.0" strings, no booleans), finite.
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Text = Annotated[str, Field(strict=True)]
+# JSON true/false only: "yes", 1 or "true" are not a flag.
+Flag = Annotated[bool, Field(strict=True)]
 MAX_JOINTS = 256
 MAX_IMAGE_SIDE = 8192
 
@@ -117,20 +119,20 @@ class InferRequest(_WireModel):
 
 
 class InferResponse(_WireModel):
-    has_eef_target: bool = False
+    has_eef_target: Flag = False
     eef_target_pose: PoseModel = Field(default_factory=PoseModel)
-    has_joint_deltas: bool = False
+    has_joint_deltas: Flag = False
     joint_deltas: list[Number] = Field(default_factory=list)
     gripper_command: Number = 0.0
-    gripper_active: bool = False
-    has_base_hint: bool = False
+    gripper_active: Flag = False
+    has_base_hint: Flag = False
     base_velocity_hint: TwistModel = Field(default_factory=TwistModel)
     reference_frame: Text = DEFAULT_REFERENCE_FRAME
     confidence: Number = 0.0
     # Optional extensions.
     eef_target_mode: Literal["absolute", "delta"] = "delta"
-    request_id: Optional[str] = None
-    inference_time_ms: Optional[float] = None
+    request_id: Optional[Text] = None
+    inference_time_ms: Optional[Number] = None
 
 
 class HealthResponse(BaseModel):
