@@ -250,7 +250,7 @@ class HttpPoster:
         except ExchangeError:
             self._drop(connection)
             raise
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             self._drop(connection)
             raise DeadlineExceeded("deadline passed") from None
         except Exception as exc:  # noqa: BLE001 - whatever a server does ends as a failure
