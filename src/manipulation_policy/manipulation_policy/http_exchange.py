@@ -66,6 +66,10 @@ class _ArmedSocket:
     def __init__(self, sock: socket.socket, time_left: Callable[[], float]):
         self._sock = sock
         self._time_left = time_left
+        # As socket.makefile does: a response may still be read after http.client
+        # closed its connection (Connection: close); the socket closes after both.
+        self._readers = 0
+        self._close_wanted = False
 
     def _arm(self) -> None:
         left = self._time_left()
@@ -82,7 +86,13 @@ class _ArmedSocket:
         return self._sock.recv_into(buffer)
 
     def makefile(self, mode: str = "rb", *args, **kwargs) -> io.BufferedReader:
+        self._readers += 1
         return io.BufferedReader(_ArmedReader(self))
+
+    def reader_closed(self) -> None:
+        self._readers -= 1
+        if self._close_wanted and self._readers <= 0:
+            self._sock.close()
 
     def is_dead_or_dirty(self) -> bool:
         """A kept-alive socket that is readable while idle was closed by the server
@@ -100,13 +110,20 @@ class _ArmedSocket:
             pass
 
     def close(self) -> None:
-        self._sock.close()
+        self._close_wanted = True
+        if self._readers <= 0:
+            self._sock.close()
 
 
 class _ArmedReader(io.RawIOBase):
     def __init__(self, sock: _ArmedSocket):
         super().__init__()
         self._sock = sock
+
+    def close(self) -> None:
+        if not self.closed:
+            self._sock.reader_closed()
+        super().close()
 
     def readable(self) -> bool:
         return True
@@ -238,6 +255,7 @@ class HttpPoster:
         connection = self._connection_for(parts)
         connection.deadline = deadline
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        response: Optional[http.client.HTTPResponse] = None
         try:
             connection.request("POST", path, body=body, headers=dict(headers))
             response = connection.getresponse()
@@ -248,13 +266,13 @@ class HttpPoster:
                 body=read_body(response, max_body_bytes),
             )
         except ExchangeError:
-            self._drop(connection)
+            self._drop(connection, response)
             raise
         except TimeoutError:
-            self._drop(connection)
+            self._drop(connection, response)
             raise DeadlineExceeded("deadline passed") from None
         except Exception as exc:  # noqa: BLE001 - whatever a server does ends as a failure
-            self._drop(connection)
+            self._drop(connection, response)
             if time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed") from None
             raise ExchangeError(_describe(exc)) from None
@@ -291,7 +309,11 @@ class HttpPoster:
                 self._connection, self._key = connection, key
             return connection
 
-    def _drop(self, connection: _Connection) -> None:
+    def _drop(
+        self, connection: _Connection, response: Optional[http.client.HTTPResponse] = None
+    ) -> None:
+        if response is not None:
+            response.close()
         connection.close()
         with self._lock:
             if self._connection is connection:

@@ -123,8 +123,7 @@ class CircuitBreaker:
         self._state = BreakerState.CLOSED
         self._failures = 0
         self._cooldown = cooldown_sec
-        self._opened_at = 0.0
-        self._not_before = 0.0  # a server's Retry-After
+        self._probe_at = 0.0  # while open: when the next probe may go
 
     @property
     def state(self) -> BreakerState:
@@ -135,7 +134,7 @@ class CircuitBreaker:
         with self._lock:
             if self._state is not BreakerState.OPEN:
                 return 0.0
-            return max(0.0, self._probe_time() - self._clock())
+            return max(0.0, self._probe_at - self._clock())
 
     def try_acquire(self) -> Optional[BreakerState]:
         """May a call go out? Returns the state it goes out in (HALF_OPEN = probe), or None."""
@@ -143,7 +142,7 @@ class CircuitBreaker:
             old = self._state
             if old is BreakerState.CLOSED:
                 return BreakerState.CLOSED
-            if old is BreakerState.OPEN and self._clock() >= self._probe_time():
+            if old is BreakerState.OPEN and self._clock() >= self._probe_at:
                 self._state = BreakerState.HALF_OPEN
             else:
                 return None  # open and cooling down, or a probe is already out
@@ -172,25 +171,20 @@ class CircuitBreaker:
         self._notify(old, new)
 
     def hold_off(self, seconds: float) -> None:
-        """The server asked for ``seconds`` of quiet: open now, no probe before then."""
+        """The server asked for ``seconds`` of quiet (Retry-After): open, probe after that."""
         with self._lock:
             old = self._state
-            self._not_before = max(self._not_before, self._clock() + seconds)
-            self._failures = max(self._failures, self._threshold)
-            self._open()
+            later = self._probe_at if old is BreakerState.OPEN else 0.0
+            self._state = BreakerState.OPEN
+            self._probe_at = max(later, self._clock() + seconds)
         self._notify(old, BreakerState.OPEN)
 
     def reset(self) -> None:
-        with self._lock:
-            self._not_before = 0.0
         self.record_success()
-
-    def _probe_time(self) -> float:
-        return max(self._opened_at + self._cooldown, self._not_before)
 
     def _open(self) -> None:
         self._state = BreakerState.OPEN
-        self._opened_at = self._clock()
+        self._probe_at = self._clock() + self._cooldown
 
     def _notify(self, old: BreakerState, new: BreakerState) -> None:
         listener = self.on_change
