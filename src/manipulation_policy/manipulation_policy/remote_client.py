@@ -319,11 +319,7 @@ class RemoteClient:
 
 def decode_answer(raw: bytes, expect: Expectation, limits: ResponseLimits) -> PolicyAction:
     """Body bytes of a 200 answer -> the validated action; InputError says why not."""
-    try:
-        payload = parse_json_body(raw)
-    except InputError as exc:
-        raise InputError("body", exc.message) from None
-    return validate_answer(payload, expect, limits)
+    return validate_answer(parse_json_body(raw), expect, limits)
 
 
 def _refusal(answer: HttpAnswer, settings: RemoteSettings) -> _Attempt:

@@ -36,10 +36,22 @@ BODY = {
 MIB = 1024 * 1024
 
 
+_clients: list[RemoteClient] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients():
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
 def client_for(url: str, **settings) -> RemoteClient:
     options = {"timeout_sec": 0.5, "retry_attempts": 0, "backoff_initial_sec": 0.01, **settings}
     breaker = CircuitBreaker(failure_threshold=100)  # these tests look at single calls
-    return RemoteClient(RemoteSettings(url=url, **options), breaker)
+    client = RemoteClient(RemoteSettings(url=url, **options), breaker)
+    _clients.append(client)
+    return client
 
 
 def timed_infer(client: RemoteClient):
@@ -175,6 +187,7 @@ def test_failures_from_bad_answers_open_the_breaker():
         breaker = CircuitBreaker(failure_threshold=2, cooldown_sec=60.0)
         client = RemoteClient(RemoteSettings(server.url, timeout_sec=0.5, retry_attempts=3),
                               breaker)
+        _clients.append(client)
         for _ in range(2):
             assert "confidence" in client.infer(BODY).failure
         assert breaker.state is BreakerState.OPEN
