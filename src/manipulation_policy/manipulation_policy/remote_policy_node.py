@@ -26,7 +26,7 @@ from typing import Any, Optional
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import String
 
-from .client_api_key import read_api_key
+from .client_api_key import ApiKeyUnusable, read_api_key
 from .contract import observation_to_request
 from .imaging import resize_rgb
 from .node_parameters import REMOTE_NODE_PARAMETERS
@@ -199,7 +199,13 @@ class RemotePolicyNode(PolicyNodeBase):
     def parameters_changed(self, changed: dict[str, Any]) -> None:
         if not SETTINGS_PARAMETERS.intersection(changed):
             return
-        settings = remote_settings(self.parameter_values())
+        try:
+            settings = remote_settings(self.parameter_values())
+        except ApiKeyUnusable as exc:  # the file changed since it was checked
+            self.get_logger().error(f"{exc}; keeping the previous API key")
+            settings = replace(remote_settings({**self.parameter_values(),
+                                                "remote_api_key_file": ""}),
+                               api_key=self.action_source.client.settings.api_key)
         self.action_source.client.update(
             url=settings.url,
             timeout_sec=settings.timeout_sec,
