@@ -52,6 +52,14 @@ REMOTE_DEFAULTS = {
     "remote_retry_attempts": 3,
     "remote_fallback_on_failure": True,
     "remote_api_key": "",
+    "remote_api_key_file": "",
+    "remote_max_response_bytes": 262144,
+    "remote_retry_after_max_sec": 30.0,
+    "max_eef_position_m": 1.5,
+    "max_eef_delta_m": 0.1,
+    "max_joint_delta": 0.25,
+    "max_base_linear_speed": 0.5,
+    "max_base_angular_speed": 1.0,
     "image_width": 224,
     "image_height": 224,
     "jpeg_quality": 90,
@@ -299,14 +307,15 @@ def test_bad_remote_values_in_a_params_file_are_refused(tmp_path):
         plan(use_remote_policy="true", params_file=str(custom))
 
 
-def test_summary_never_shows_the_api_key(tmp_path):
+def test_a_params_file_cannot_hold_the_api_key_and_the_refusal_does_not_show_it(tmp_path):
     custom = write_params(
         tmp_path,
         "remote_policy_node:\n  ros__parameters:\n    remote_api_key: s3cret-token\n",
     )
-    result = plan(use_remote_policy="true", params_file=str(custom))
-    assert result.parameters["remote_api_key"] == "s3cret-token"
-    assert "s3cret-token" not in result.summary()
+    with pytest.raises(launch_logic.ParamsFileError) as refused:
+        plan(use_remote_policy="true", params_file=str(custom))
+    assert "remote_api_key_file" in str(refused.value)
+    assert "s3cret-token" not in str(refused.value)
 
 
 # ------------------------------------------------- the shipped params file

@@ -32,6 +32,8 @@ from .policy_types import (
 # JSON numbers only (no "1.0" strings, no booleans), finite.
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Text = Annotated[str, Field(strict=True)]
+# JSON true/false only: "yes", 1 or "true" are not a flag.
+Flag = Annotated[bool, Field(strict=True)]
 MAX_JOINTS = 256
 MAX_IMAGE_SIDE = 8192
 MAX_FRAME_LENGTH = 256
@@ -119,20 +121,20 @@ class InferRequest(_WireModel):
 
 
 class InferResponse(_WireModel):
-    has_eef_target: bool = False
+    has_eef_target: Flag = False
     eef_target_pose: PoseModel = Field(default_factory=PoseModel)
-    has_joint_deltas: bool = False
+    has_joint_deltas: Flag = False
     joint_deltas: list[Number] = Field(default_factory=list, max_length=MAX_JOINTS)
     gripper_command: Annotated[Number, Field(ge=0.0, le=1.0)] = 0.0
-    gripper_active: bool = False
-    has_base_hint: bool = False
+    gripper_active: Flag = False
+    has_base_hint: Flag = False
     base_velocity_hint: TwistModel = Field(default_factory=TwistModel)
     reference_frame: Annotated[Text, Field(max_length=MAX_FRAME_LENGTH)] = DEFAULT_REFERENCE_FRAME
     confidence: Annotated[Number, Field(ge=0.0, le=1.0)] = 0.0
     # Optional extensions.
     eef_target_mode: Literal["absolute", "delta"] = "delta"
-    request_id: Optional[Annotated[str, Field(max_length=128)]] = None
-    inference_time_ms: Optional[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]] = None
+    request_id: Optional[Annotated[Text, Field(max_length=128)]] = None
+    inference_time_ms: Optional[Annotated[Number, Field(ge=0.0)]] = None
 
 
 class HealthResponse(BaseModel):

@@ -17,7 +17,10 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from .backends import BACKEND_MODULES
+from .client_api_key import ApiKeyUnusable, read_api_key
 from .contract import MAX_IMAGE_SIDE
+from .remote_client import DEFAULT_MAX_RESPONSE_BYTES
+from .response_validation import frame_id_problem
 
 Check = Callable[[Any], Optional[str]]
 
@@ -25,6 +28,9 @@ MAX_INSTRUCTION_CHARS = 1024  # the wire contract's limit on `instruction`
 MAX_INFERENCE_RATE_HZ = 1000.0
 MAX_TIMEOUT_SEC = 300.0
 MAX_RETRY_ATTEMPTS = 20
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+MAX_RETRY_AFTER_SEC = 3600.0
+MAX_BOUND = 1000.0  # upper end of the answer bounds: they must stay finite numbers
 
 IMAGE_TRANSPORTS = ("raw", "compressed")
 QUANTIZATIONS = ("none", "8bit", "4bit")
@@ -142,6 +148,27 @@ def backend_name(value: str) -> Optional[str]:
     )
 
 
+def no_secret_here(value: str) -> Optional[str]:
+    if value:
+        return (
+            "must stay empty: any ROS peer can read a parameter; put the key in a file named "
+            "by remote_api_key_file, or in the MANIPULATION_POLICY_API_KEY environment variable"
+        )
+    return None
+
+
+def usable_api_key_file(value: str) -> Optional[str]:
+    try:
+        read_api_key(value, environ={})
+    except ApiKeyUnusable as exc:
+        return str(exc)
+    return None
+
+
+def frame_id(value: str) -> Optional[str]:
+    return frame_id_problem(value)
+
+
 def finite_positive_scale(value: float) -> Optional[str]:
     if not math.isfinite(value) or value <= 0:
         return f"must be a finite number > 0, got {value!r}"
@@ -178,7 +205,7 @@ COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
                   "Task text given to the policy.", non_empty_text(MAX_INSTRUCTION_CHARS)),
     ParameterSpec("reference_frame", "base_link",
                   "Frame of the end-effector targets (PolicyOutput header.frame_id).",
-                  non_empty_text()),
+                  frame_id),
     ParameterSpec("max_observation_age_sec", 0.5,
                   "Images older than this (node clock minus image stamp) are not used.",
                   positive_number(3600.0)),
@@ -218,7 +245,8 @@ REMOTE_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("remote_url", "http://localhost:5000",
                   "Base URL of the policy server (http:// or https://).", http_url),
     ParameterSpec("remote_timeout_sec", 1.0,
-                  "Per-attempt HTTP timeout in seconds (connect, and each read).",
+                  "Deadline in seconds for one whole attempt (connect, send, receive, decode), "
+                  "however slowly the server answers.",
                   positive_number(MAX_TIMEOUT_SEC)),
     ParameterSpec("remote_retry_attempts", 3,
                   "Extra attempts after a failed one (0: try once).",
@@ -227,7 +255,33 @@ REMOTE_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
                   "After the retries fail: true publishes a safe hold (nothing to move, "
                   "confidence 0), false publishes nothing."),
     ParameterSpec("remote_api_key", "",
-                  "Bearer token for the server (empty: read MANIPULATION_POLICY_API_KEY)."),
+                  "Must stay empty: any ROS peer can read a parameter. The key comes from "
+                  "remote_api_key_file or the MANIPULATION_POLICY_API_KEY environment variable.",
+                  no_secret_here),
+    ParameterSpec("remote_api_key_file", "",
+                  "File holding the server's bearer key (empty: the MANIPULATION_POLICY_API_KEY "
+                  "environment variable, else no key).", usable_api_key_file),
+    ParameterSpec("remote_max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES,
+                  "Largest answer accepted, in bytes, on the wire and after decompression.",
+                  integer_in(1024, MAX_RESPONSE_BYTES)),
+    ParameterSpec("remote_retry_after_max_sec", 30.0,
+                  "Longest quiet time a server's Retry-After (503, 429) can ask for, seconds.",
+                  positive_number(MAX_RETRY_AFTER_SEC)),
+    ParameterSpec("max_eef_position_m", 1.5,
+                  "An absolute end-effector target farther than this from the reference frame's "
+                  "origin (m) is refused.", positive_number(MAX_BOUND)),
+    ParameterSpec("max_eef_delta_m", 0.1,
+                  "A delta end-effector target longer than this (m) is refused.",
+                  positive_number(MAX_BOUND)),
+    ParameterSpec("max_joint_delta", 0.25,
+                  "A joint delta larger than this (rad, or m for prismatic joints) is refused.",
+                  positive_number(MAX_BOUND)),
+    ParameterSpec("max_base_linear_speed", 0.5,
+                  "A base velocity hint faster than this (m/s) is refused.",
+                  positive_number(MAX_BOUND)),
+    ParameterSpec("max_base_angular_speed", 1.0,
+                  "A base velocity hint turning faster than this (rad/s) is refused.",
+                  positive_number(MAX_BOUND)),
     ParameterSpec("image_width", 224, "Width the image is resized to before sending.",
                   integer_in(1, MAX_IMAGE_SIDE)),
     ParameterSpec("image_height", 224, "Height the image is resized to before sending.",

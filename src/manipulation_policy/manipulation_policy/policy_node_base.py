@@ -38,7 +38,6 @@ from std_msgs.msg import String
 from manipulation_msgs.msg import PolicyOutput
 
 from . import ros_conversion
-from .errors import InputError
 from .node_parameters import COMMON_PARAMETERS, ParameterSpec, reason_to_refuse, specs_by_name
 from .policy_types import JointStateData, Observation, PolicyAction, Pose
 
@@ -99,6 +98,8 @@ class SkippingWorker(Generic[Job]):
             try:
                 if job is not None:
                     self._handle(job)
+            except Exception:  # noqa: BLE001 - the handler reports its own errors; the
+                pass  # thread must live on for the next job whatever happened
             finally:
                 with self._lock:
                     self._busy = False
@@ -147,6 +148,7 @@ class PolicyNodeBase(Node):
             "inferences": 0,
             "published": 0,
             "no_action": 0,
+            "publish_failed": 0,
         }
 
         # Registered before declaring, so invalid start values are refused too.
@@ -375,13 +377,18 @@ class PolicyNodeBase(Node):
 
     # ------------------------------------------------------------ the worker
 
+    def action_on_failure(self, observation: Observation) -> Optional[PolicyAction]:
+        """What to publish when a cycle fails (the policy raised, or its action could not
+        be published): None publishes nothing; a subclass may answer a safe hold."""
+        return None
+
     def _run_job(self, job: _Job) -> None:
         try:
             if isinstance(job.frame.msg, CompressedImage):
                 image = ros_conversion.compressed_image_to_rgb(job.frame.msg)
             else:
                 image = ros_conversion.image_to_rgb(job.frame.msg)
-        except InputError as exc:
+        except Exception as exc:  # noqa: BLE001 - a bad frame ends this cycle, not the worker
             self.get_logger().error(
                 f"camera frame not usable: {exc}", throttle_duration_sec=LOG_THROTTLE_SEC
             )
@@ -398,17 +405,40 @@ class PolicyNodeBase(Node):
             action = self.action_source(observation)
         except Exception as exc:  # a policy failure must not end the worker thread
             self.get_logger().error(
-                f"policy failed: {type(exc).__name__}: {exc}",
+                f"policy failed: {type(exc).__name__}: {ascii(str(exc))[1:-1]}",
                 throttle_duration_sec=LOG_THROTTLE_SEC,
             )
-            action = None
+            action = self._fallback_action(observation)
         if action is None:
             self._count("no_action")
             return
-        msg = ros_conversion.action_to_policy_output(action, job.frame.msg.header.stamp)
-        if not self._closing:
-            self._publisher.publish(msg)
-            self._count("published")
+        if self._publish(action, job):
+            return
+        fallback = self._fallback_action(observation)
+        if fallback is not None and fallback != action:
+            self._publish(fallback, job)
+
+    def _fallback_action(self, observation: Observation) -> Optional[PolicyAction]:
+        try:
+            return self.action_on_failure(observation)
+        except Exception:  # noqa: BLE001 - no fallback then
+            return None
+
+    def _publish(self, action: PolicyAction, job: _Job) -> bool:
+        """Publish ``action`` for ``job``'s frame; False (logged) when it cannot be."""
+        try:
+            msg = ros_conversion.action_to_policy_output(action, job.frame.msg.header.stamp)
+            if not self._closing:
+                self._publisher.publish(msg)
+                self._count("published")
+            return True
+        except Exception as exc:  # noqa: BLE001 - e.g. text ROS cannot carry: this cycle fails
+            self._count("publish_failed")
+            self.get_logger().error(
+                f"policy output not publishable: {type(exc).__name__}: {ascii(str(exc))[1:-1]}",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+            return False
 
     # ------------------------------------------------------------ shutdown
 

@@ -1,17 +1,27 @@
-"""HTTP client of the policy server: bounded retries and a circuit breaker. No ROS.
+"""HTTP client of the policy server: deadlines, bounded retries, a circuit breaker. No ROS.
 
 One ``RemoteClient.infer(body)`` call posts a contract request to
-``<url>/infer`` on a kept-alive session and returns a ``RemoteResult``: the
-decoded PolicyAction, or the reason there is none. It never raises for
-network or server trouble, and its duration is bounded by
-``(1 + retry_attempts)`` attempts of ``timeout_sec`` each plus short backoffs.
+``<url>/infer`` and returns a ``RemoteResult``: the validated PolicyAction,
+or the reason there is none. It never raises, whatever the server sends.
 
-The circuit breaker stops hammering a server that is down: after
+Time: each attempt (connect, send, receive, decode) ends by a deadline of
+``timeout_sec`` after it starts, however slowly the server trickles its
+answer; redirects are not followed; the answer is capped at
+``max_response_bytes`` before and after content decoding. So one call lasts
+at most ``(1 + retry_attempts) * timeout_sec`` plus the backoffs between
+attempts (``RemoteSettings.worst_case_sec``).
+
+Trust: an answer becomes an action only after ``response_validation``
+accepted it for this request; any answer that is not a valid action is a
+failed call, like an unreachable server.
+
+The circuit breaker stops hammering a server that fails: after
 ``failure_threshold`` consecutive failed calls it opens, and calls fail at
 once without touching the network. After a cooldown one call goes through
 as a probe (half-open, a single attempt): success closes the breaker, failure
-opens it again with a doubled cooldown (capped). So the client backs off while
-the server is down and recovers by itself once it is back.
+opens it again with a doubled cooldown (capped). A 503 or 429 with
+``Retry-After`` longer than the next backoff ends the call and keeps the
+breaker open for that long (at most ``retry_after_max_sec``).
 """
 
 from __future__ import annotations
@@ -21,17 +31,20 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from email.utils import parsedate_to_datetime
 from typing import Any, Optional
 
-import requests
-
-from .contract import parse_response, response_to_action
 from .errors import InputError
+from .http_exchange import AnswerRefused, DeadlineExceeded, ExchangeError, HttpAnswer, HttpPoster
+from .json_body import parse_json_body
 from .policy_types import PolicyAction
+from .response_validation import Expectation, ResponseLimits, validate_answer
 
 # Statuses worth another attempt: the server is overloaded, restarting or broken for now.
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,9 @@ class RemoteSettings:
     api_key: str = ""
     backoff_initial_sec: float = 0.05
     backoff_max_sec: float = 0.5
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    retry_after_max_sec: float = 30.0
+    limits: ResponseLimits = field(default_factory=ResponseLimits)
 
     @property
     def infer_url(self) -> str:
@@ -54,6 +70,12 @@ class RemoteSettings:
     def backoff_before(self, attempt: int) -> float:
         """Pause before attempt number ``attempt`` (1 = the first retry)."""
         return min(self.backoff_max_sec, self.backoff_initial_sec * 2 ** (attempt - 1))
+
+    @property
+    def worst_case_sec(self) -> float:
+        """The longest one infer() call can take, whatever the server does."""
+        backoffs = sum(self.backoff_before(n) for n in range(1, self.max_attempts))
+        return self.max_attempts * self.timeout_sec + backoffs
 
 
 @dataclass(frozen=True)
@@ -73,8 +95,14 @@ class BreakerState(str, enum.Enum):
     HALF_OPEN = "half_open"
 
 
+BreakerListener = Callable[[BreakerState, BreakerState], None]
+
+
 class CircuitBreaker:
-    """Consecutive-failure breaker with an exponentially growing cooldown. Thread-safe."""
+    """Consecutive-failure breaker with an exponentially growing cooldown. Thread-safe.
+
+    ``on_change(old, new)`` is called after every state change, outside the lock.
+    """
 
     def __init__(
         self,
@@ -82,6 +110,7 @@ class CircuitBreaker:
         cooldown_sec: float = 0.5,
         max_cooldown_sec: float = 4.0,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Optional[BreakerListener] = None,
     ):
         if failure_threshold < 1:
             raise ValueError("failure_threshold must be at least 1")
@@ -89,11 +118,12 @@ class CircuitBreaker:
         self._initial_cooldown = cooldown_sec
         self._max_cooldown = max_cooldown_sec
         self._clock = clock
+        self.on_change = on_change
         self._lock = threading.Lock()
         self._state = BreakerState.CLOSED
         self._failures = 0
         self._cooldown = cooldown_sec
-        self._opened_at = 0.0
+        self._probe_at = 0.0  # while open: when the next probe may go
 
     @property
     def state(self) -> BreakerState:
@@ -104,50 +134,73 @@ class CircuitBreaker:
         with self._lock:
             if self._state is not BreakerState.OPEN:
                 return 0.0
-            return max(0.0, self._opened_at + self._cooldown - self._clock())
+            return max(0.0, self._probe_at - self._clock())
 
     def try_acquire(self) -> Optional[BreakerState]:
         """May a call go out? Returns the state it goes out in (HALF_OPEN = probe), or None."""
         with self._lock:
-            if self._state is BreakerState.CLOSED:
+            old = self._state
+            if old is BreakerState.CLOSED:
                 return BreakerState.CLOSED
-            if self._state is BreakerState.OPEN and (
-                self._clock() >= self._opened_at + self._cooldown
-            ):
+            if old is BreakerState.OPEN and self._clock() >= self._probe_at:
                 self._state = BreakerState.HALF_OPEN
-                return BreakerState.HALF_OPEN
-            return None  # open and cooling down, or a probe is already out
+            else:
+                return None  # open and cooling down, or a probe is already out
+        self._notify(old, BreakerState.HALF_OPEN)
+        return BreakerState.HALF_OPEN
 
     def record_success(self) -> None:
         with self._lock:
+            old = self._state
             self._state = BreakerState.CLOSED
             self._failures = 0
             self._cooldown = self._initial_cooldown
+        self._notify(old, BreakerState.CLOSED)
 
     def record_failure(self) -> None:
         with self._lock:
-            if self._state is BreakerState.HALF_OPEN:
+            old = self._state
+            if old is BreakerState.HALF_OPEN:
                 self._cooldown = min(self._max_cooldown, self._cooldown * 2)
                 self._open()
-                return
-            self._failures += 1
-            if self._failures >= self._threshold:
-                self._open()
+            else:
+                self._failures += 1
+                if self._failures >= self._threshold:
+                    self._open()
+            new = self._state
+        self._notify(old, new)
+
+    def hold_off(self, seconds: float) -> None:
+        """The server asked for ``seconds`` of quiet (Retry-After): open, probe after that."""
+        with self._lock:
+            old = self._state
+            later = self._probe_at if old is BreakerState.OPEN else 0.0
+            self._state = BreakerState.OPEN
+            self._probe_at = max(later, self._clock() + seconds)
+        self._notify(old, BreakerState.OPEN)
 
     def reset(self) -> None:
         self.record_success()
 
     def _open(self) -> None:
         self._state = BreakerState.OPEN
-        self._opened_at = self._clock()
+        self._probe_at = self._clock() + self._cooldown
+
+    def _notify(self, old: BreakerState, new: BreakerState) -> None:
+        listener = self.on_change
+        if listener is not None and old is not new:
+            try:
+                listener(old, new)
+            except Exception:  # noqa: BLE001 - a listener must not break the client
+                pass
 
 
 @dataclass(frozen=True)
 class _Attempt:
     action: Optional[PolicyAction] = None
     failure: Optional[str] = None
-    retryable: bool = False  # the server was unreachable or failing, not refusing us
-    reached_server: bool = False
+    retryable: bool = False  # the server was unreachable or failing for now
+    retry_after_sec: Optional[float] = None  # what the server asked for (capped)
 
 
 class RemoteClient:
@@ -155,12 +208,12 @@ class RemoteClient:
         self,
         settings: RemoteSettings,
         breaker: Optional[CircuitBreaker] = None,
-        session: Optional[requests.Session] = None,
+        poster: Optional[HttpPoster] = None,
     ):
         self._settings = settings
         self._settings_lock = threading.Lock()
         self.breaker = breaker or CircuitBreaker()
-        self._session = session or requests.Session()
+        self._poster = poster or HttpPoster()
         self._closed = threading.Event()
 
     @property
@@ -178,11 +231,17 @@ class RemoteClient:
             self.breaker.reset()
 
     def close(self) -> None:
-        """Stop: pending backoffs end at once, later calls fail, the session is closed."""
+        """Stop: pending backoffs and exchanges end at once, later calls fail."""
         self._closed.set()
-        self._session.close()
+        self._poster.close()
 
     def infer(self, body: dict) -> RemoteResult:
+        try:
+            return self._infer(body)
+        except Exception as exc:  # noqa: BLE001 - the promise: infer never raises
+            return RemoteResult(failure=f"client error: {printable(_describe(exc))}")
+
+    def _infer(self, body: dict) -> RemoteResult:
         settings = self.settings
         if self._closed.is_set():
             return RemoteResult(failure="client closed")
@@ -193,70 +252,137 @@ class RemoteClient:
                 failure=f"server unreachable (circuit open; next probe in {wait:.1f} s)"
             )
         payload = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        expect = Expectation.of_request(body)
         # A probe is a single attempt: one request to learn whether the server is back.
         attempts = 1 if state is BreakerState.HALF_OPEN else settings.max_attempts
         failure = "no attempt made"
         for attempt in range(attempts):
             if attempt and self._closed.wait(settings.backoff_before(attempt)):
+                self.breaker.record_failure()
                 return RemoteResult(failure="client closed", attempts=attempt)
-            outcome = self._post_once(settings, payload)
-            if outcome.reached_server:
-                self.breaker.record_success()
+            outcome = self._attempt(settings, payload, expect)
             if outcome.action is not None:
+                self.breaker.record_success()
                 return RemoteResult(action=outcome.action, attempts=attempt + 1)
             failure = outcome.failure or "unknown failure"
+            wait = outcome.retry_after_sec
+            if wait is not None and (attempt + 1 >= attempts
+                                     or wait > settings.backoff_before(attempt + 1)):
+                # Longer than the next backoff: no request before then, from any call.
+                self.breaker.hold_off(wait)
+                return RemoteResult(
+                    failure=f"{failure}; the server asked to wait {wait:g} s (Retry-After)",
+                    attempts=attempt + 1,
+                )
             if not outcome.retryable:
+                self.breaker.record_failure()
                 return RemoteResult(failure=failure, attempts=attempt + 1)
         self.breaker.record_failure()
         if state is BreakerState.HALF_OPEN:
             return RemoteResult(failure=f"{failure} (probe while the server is down)", attempts=1)
         return RemoteResult(failure=f"{failure} (after {attempts} attempts)", attempts=attempts)
 
-    def _post_once(self, settings: RemoteSettings, payload: bytes) -> _Attempt:
-        headers = {"Content-Type": "application/json"}
+    def _attempt(self, settings: RemoteSettings, payload: bytes, expect: Expectation) -> _Attempt:
+        started = time.monotonic()
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "Accept-Encoding": "gzip, identity",
+        }
         if settings.api_key:
             headers["Authorization"] = f"Bearer {settings.api_key}"
         try:
-            response = self._session.post(
-                settings.infer_url, data=payload, headers=headers, timeout=settings.timeout_sec
+            answer = self._poster.post(
+                settings.infer_url, payload, headers, settings.timeout_sec,
+                settings.max_response_bytes,
             )
-        except requests.Timeout:
+        except DeadlineExceeded:
             return _Attempt(failure=f"timed out after {settings.timeout_sec:g} s", retryable=True)
-        except requests.RequestException as exc:
-            return _Attempt(failure=f"cannot reach {settings.infer_url}: {_short(exc)}",
-                            retryable=True)
-
-        status = response.status_code
-        if status == 200:
+        except AnswerRefused as exc:
+            return _Attempt(failure=f"invalid response from server: {printable(exc)}")
+        except ExchangeError as exc:
+            return _Attempt(
+                failure=f"cannot reach {settings.infer_url}: {printable(exc)}",
+                retryable=exc.retryable,
+            )
+        if answer.status == 200:
             try:
-                action = response_to_action(parse_response(response.json()))
-            except (ValueError, InputError) as exc:
-                return _Attempt(failure=f"invalid response from server: {exc}",
-                                reached_server=True)
-            return _Attempt(action=action, reached_server=True)
-        detail = _error_detail(response)
-        if status in RETRYABLE_STATUSES:
-            return _Attempt(failure=f"server error {status}: {detail}", retryable=True)
-        if status in (401, 403):
-            return _Attempt(failure=f"refused with {status} (check remote_api_key): {detail}",
-                            reached_server=True)
-        return _Attempt(failure=f"request refused with {status}: {detail}", reached_server=True)
+                action = decode_answer(answer.body, expect, settings.limits)
+            except InputError as exc:
+                return _Attempt(failure=f"invalid response from server: {printable(exc)}")
+            if time.monotonic() - started > settings.timeout_sec:
+                return _Attempt(failure=f"timed out after {settings.timeout_sec:g} s",
+                                retryable=True)
+            return _Attempt(action=action)
+        return _refusal(answer, settings)
 
 
-def _error_detail(response: requests.Response) -> str:
+def decode_answer(raw: bytes, expect: Expectation, limits: ResponseLimits) -> PolicyAction:
+    """Body bytes of a 200 answer -> the validated action; InputError says why not."""
+    return validate_answer(parse_json_body(raw), expect, limits)
+
+
+def _refusal(answer: HttpAnswer, settings: RemoteSettings) -> _Attempt:
+    status = answer.status
+    detail = _error_detail(answer.body)
+    if 300 <= status < 400:
+        target = printable(answer.headers.get("location", "nowhere"), 100)
+        return _Attempt(failure=f"server redirects ({status}) to {target}; redirects are "
+                                "not followed: point remote_url at the server itself")
+    if status in RETRYABLE_STATUSES:
+        retry_after = None
+        if status in RETRY_AFTER_STATUSES:
+            retry_after = parse_retry_after(answer.headers.get("retry-after"),
+                                            settings.retry_after_max_sec)
+        return _Attempt(failure=f"server error {status}: {detail}", retryable=True,
+                        retry_after_sec=retry_after)
+    if status in (401, 403):
+        return _Attempt(failure=f"refused with {status} (check the API key: "
+                                f"remote_api_key_file or MANIPULATION_POLICY_API_KEY): {detail}")
+    return _Attempt(failure=f"request refused with {status}: {detail}")
+
+
+def parse_retry_after(value: Optional[str], cap_sec: float) -> Optional[float]:
+    """Retry-After (delay seconds or an HTTP date) in seconds within [0, cap_sec]; None if
+    absent or unreadable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        seconds = float(int(text[:12]))
+    else:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when is None or when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - time.time()
+    return min(max(0.0, seconds), cap_sec)
+
+
+def _error_detail(body: bytes) -> str:
     try:
-        body = response.json()
-    except ValueError:
-        return _short(response.text or response.reason or "")
-    if isinstance(body, dict):
-        field, detail = body.get("field"), body.get("detail") or body.get("error")
-        if field and detail:
-            return f"{field}: {detail}"
-        if detail:
-            return _short(str(detail))
-    return _short(json.dumps(body))
+        payload = parse_json_body(body)
+    except InputError:
+        return printable(body.decode("utf-8", "replace"))
+    if isinstance(payload, dict):
+        name, detail = payload.get("field"), payload.get("detail") or payload.get("error")
+        if isinstance(name, str) and isinstance(detail, str):
+            return printable(f"{name}: {detail}")
+        if isinstance(detail, str):
+            return printable(detail)
+    return printable(body.decode("utf-8", "replace"))
 
 
-def _short(value: Any, limit: int = 200) -> str:
-    text = str(value)
+def printable(value: Any, limit: int = 200) -> str:
+    """Server-sent text made safe for a log line: escapes control characters and lone
+    surrogates (which would make ROS logging raise), and is cut to ``limit``."""
+    text = str(value)[: limit * 2]
+    text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

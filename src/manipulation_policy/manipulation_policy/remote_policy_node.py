@@ -1,37 +1,70 @@
 """`remote_policy_node`: the policy runs on a remote GPU host behind the HTTP policy server.
 
 Each observation is resized to image_width x image_height, JPEG-encoded
-into a contract request and posted by ``RemoteClient`` (bounded retries,
-circuit breaker) from the base class's worker thread, never from the
-executor thread. When the server cannot answer, the node publishes a safe
-hold (``remote_fallback_on_failure``) or nothing.
+into a contract request and posted by ``RemoteClient`` (a deadline per
+attempt, bounded retries, circuit breaker, every answer validated against
+the robot's bounds) from the base class's worker thread, never from the
+executor thread. When the server cannot answer, or answers something that
+is not a valid action, the node publishes a safe hold
+(``remote_fallback_on_failure``) or nothing.
+
+The circuit breaker's state is logged when it opens and closes, and
+published on ``~/remote_status`` (std_msgs/String holding a JSON object,
+transient local: a late ``ros2 topic echo`` gets the current state).
 """
 
 from __future__ import annotations
 
+import json
 import math
-import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Optional
 
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from std_msgs.msg import String
+
+from .client_api_key import ApiKeyUnusable, read_api_key
 from .contract import observation_to_request
 from .imaging import resize_rgb
 from .node_parameters import REMOTE_NODE_PARAMETERS
 from .policy_node_base import LOG_THROTTLE_SEC, PolicyNodeBase, run_node
 from .policy_types import JointStateData, Observation, PolicyAction
-from .remote_client import RemoteClient, RemoteSettings
+from .remote_client import BreakerState, RemoteClient, RemoteSettings, printable
+from .response_validation import ResponseLimits
 
-API_KEY_ENV = "MANIPULATION_POLICY_API_KEY"
+STATUS_TOPIC = "~/remote_status"
+
+# Parameters that make up RemoteSettings: a change to any of them updates the client.
+SETTINGS_PARAMETERS = frozenset({
+    "remote_url", "remote_timeout_sec", "remote_retry_attempts", "remote_api_key_file",
+    "remote_max_response_bytes", "remote_retry_after_max_sec", "max_eef_position_m",
+    "max_eef_delta_m", "max_joint_delta", "max_base_linear_speed", "max_base_angular_speed",
+})
+
+
+def response_limits(values: dict[str, Any]) -> ResponseLimits:
+    return ResponseLimits(
+        max_eef_position_m=float(values["max_eef_position_m"]),
+        max_eef_delta_m=float(values["max_eef_delta_m"]),
+        max_joint_delta=float(values["max_joint_delta"]),
+        max_base_linear_speed=float(values["max_base_linear_speed"]),
+        max_base_angular_speed=float(values["max_base_angular_speed"]),
+    )
 
 
 def remote_settings(values: dict[str, Any]) -> RemoteSettings:
+    """Settings from parameter values; raises ApiKeyUnusable (a ValueError) for a bad key."""
     return RemoteSettings(
         url=values["remote_url"],
         timeout_sec=float(values["remote_timeout_sec"]),
         retry_attempts=int(values["remote_retry_attempts"]),
-        api_key=values["remote_api_key"] or os.environ.get(API_KEY_ENV, ""),
+        api_key=read_api_key(values["remote_api_key_file"]),
+        max_response_bytes=int(values["remote_max_response_bytes"]),
+        retry_after_max_sec=float(values["remote_retry_after_max_sec"]),
+        limits=response_limits(values),
     )
 
 
@@ -53,7 +86,11 @@ def without_non_finite_extras(joint_state: JointStateData) -> JointStateData:
 
 
 class RemoteActionSource:
-    """Observation -> request -> server -> PolicyAction; a hold or None when that fails."""
+    """Observation -> request -> server -> PolicyAction; a hold or None when that fails.
+
+    Never raises: whatever goes wrong in a cycle (building the request, the
+    exchange, the answer) is a failed cycle, reported, and the next frame comes.
+    """
 
     def __init__(
         self,
@@ -61,35 +98,66 @@ class RemoteActionSource:
         parameter_values: Callable[[], dict[str, Any]],
         report_failure: Callable[[str], None],
         report_recovery: Callable[[str], None] = lambda message: None,
+        report_breaker: Callable[[BreakerState, BreakerState, str], None] = (
+            lambda old, new, failure: None
+        ),
     ):
         self.client = client
         self._parameter_values = parameter_values
         self._report_failure = report_failure
         self._report_recovery = report_recovery
+        self._report_breaker = report_breaker
         self._failing = False  # only the worker thread reads and writes it
+        self._transitions: list[tuple[BreakerState, BreakerState]] = []
+        self._transitions_lock = threading.Lock()
+        client.breaker.on_change = self._on_breaker_change
+
+    @property
+    def failing(self) -> bool:
+        return self._failing
+
+    def _on_breaker_change(self, old: BreakerState, new: BreakerState) -> None:
+        # Called inside infer() (or on a URL change): reported once the call's outcome is known.
+        with self._transitions_lock:
+            self._transitions.append((old, new))
 
     def __call__(self, observation: Observation) -> Optional[PolicyAction]:
         values = self._parameter_values()
+        try:
+            body = self._request(observation, values)
+            result = self.client.infer(body)
+            failure = result.failure or ""
+            action = result.action
+        except Exception as exc:  # noqa: BLE001 - a failed cycle, never a dead worker
+            failure, action = f"{type(exc).__name__}: {printable(exc)}", None
+        self._drain_transitions(failure)
+        if action is not None:
+            if self._failing:
+                self._failing = False
+                self._report_recovery("policy server answers again")
+            return action
+        self._failing = True
+        fallback = values["remote_fallback_on_failure"]
+        self._report_failure(
+            f"policy server failed: {failure}; "
+            + ("publishing a hold" if fallback else "publishing nothing")
+        )
+        return PolicyAction.hold(observation.reference_frame) if fallback else None
+
+    def _request(self, observation: Observation, values: dict[str, Any]) -> dict:
         observation = replace(
             observation, joint_state=without_non_finite_extras(observation.joint_state)
         )
         if observation.image is not None:
             sized = resize_rgb(observation.image, values["image_width"], values["image_height"])
             observation = replace(observation, image=sized)
-        body = observation_to_request(observation, jpeg_quality=values["jpeg_quality"])
-        result = self.client.infer(body)
-        if result.ok:
-            if self._failing:
-                self._failing = False
-                self._report_recovery("policy server answers again")
-            return result.action
-        self._failing = True
-        fallback = values["remote_fallback_on_failure"]
-        self._report_failure(
-            f"policy server failed: {result.failure}; "
-            + ("publishing a hold" if fallback else "publishing nothing")
-        )
-        return PolicyAction.hold(observation.reference_frame) if fallback else None
+        return observation_to_request(observation, jpeg_quality=values["jpeg_quality"])
+
+    def _drain_transitions(self, failure: str) -> None:
+        with self._transitions_lock:
+            transitions, self._transitions = self._transitions, []
+        for old, new in transitions:
+            self._report_breaker(old, new, failure)
 
     def close(self) -> None:
         self.client.close()
@@ -101,28 +169,99 @@ class RemotePolicyNode(PolicyNodeBase):
 
     def create_action_source(self) -> RemoteActionSource:
         settings = remote_settings(self.parameter_values())
-        self.get_logger().info(
-            f"policy server {settings.url} (timeout {settings.timeout_sec:g} s, "
-            f"{settings.retry_attempts} retries, API key {'set' if settings.api_key else 'unset'})"
+        self._status_lock = threading.Lock()
+        self._last_status: Optional[tuple] = None
+        self._status_publisher = self.create_publisher(
+            String,
+            STATUS_TOPIC,
+            QoSProfile(
+                depth=1,
+                reliability=ReliabilityPolicy.RELIABLE,
+                durability=DurabilityPolicy.TRANSIENT_LOCAL,
+            ),
         )
-        return RemoteActionSource(
+        self.get_logger().info(
+            f"policy server {settings.url} (deadline {settings.timeout_sec:g} s per attempt, "
+            f"{settings.retry_attempts} retries: an answer comes within "
+            f"{settings.worst_case_sec:.2f} s or not at all; API key "
+            f"{'set' if settings.api_key else 'unset'})"
+        )
+        source = RemoteActionSource(
             RemoteClient(settings),
             self.parameter_values,
             self._report_failure,
-            lambda message: self.get_logger().info(message),
+            self._report_recovery,
+            self._report_breaker,
         )
+        self._publish_status(source, "")
+        return source
 
     def parameters_changed(self, changed: dict[str, Any]) -> None:
-        settings = remote_settings(self.parameter_values())
+        if not SETTINGS_PARAMETERS.intersection(changed):
+            return
+        try:
+            settings = remote_settings(self.parameter_values())
+        except ApiKeyUnusable as exc:  # the file changed since it was checked
+            self.get_logger().error(f"{exc}; keeping the previous API key")
+            settings = replace(remote_settings({**self.parameter_values(),
+                                                "remote_api_key_file": ""}),
+                               api_key=self.action_source.client.settings.api_key)
         self.action_source.client.update(
             url=settings.url,
             timeout_sec=settings.timeout_sec,
             retry_attempts=settings.retry_attempts,
             api_key=settings.api_key,
+            max_response_bytes=settings.max_response_bytes,
+            retry_after_max_sec=settings.retry_after_max_sec,
+            limits=settings.limits,
         )
+        self._publish_status(self.action_source, "")
+
+    def action_on_failure(self, observation: Observation) -> Optional[PolicyAction]:
+        if self.parameter_values()["remote_fallback_on_failure"]:
+            return PolicyAction.hold(observation.reference_frame)
+        return None
+
+    # ------------------------------------------------------------ reports
 
     def _report_failure(self, message: str) -> None:
         self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_SEC)
+        self._publish_status(self.action_source, message)
+
+    def _report_recovery(self, message: str) -> None:
+        self.get_logger().info(message)
+        self._publish_status(self.action_source, "")
+
+    def _report_breaker(self, old: BreakerState, new: BreakerState, failure: str) -> None:
+        if new is BreakerState.OPEN and old is BreakerState.CLOSED:
+            wait = self.action_source.client.breaker.seconds_until_probe()
+            self.get_logger().warning(
+                f"circuit breaker open: {failure or 'server failing'}; calls fail at once "
+                f"until a probe in {wait:.1f} s"
+            )
+        elif new is BreakerState.CLOSED:
+            self.get_logger().info(f"circuit breaker closed (was {old.value})")
+
+    def _publish_status(self, source: RemoteActionSource, failure: str) -> None:
+        """Publish the breaker state on ~/remote_status when it, or failing/ok, changed."""
+        client = source.client
+        state = client.breaker.state
+        key = (state, source.failing, client.settings.url)
+        with self._status_lock:
+            if key == self._last_status:
+                return
+            self._last_status = key
+        status = {
+            "server": client.settings.url,
+            "breaker": state.value,
+            "failing": source.failing,
+            "next_probe_sec": round(client.breaker.seconds_until_probe(), 3),
+            "last_failure": failure,
+        }
+        msg = String()
+        msg.data = json.dumps(status)
+        if not self._closing:
+            self._status_publisher.publish(msg)
 
 
 def main(args: Optional[list[str]] = None) -> int:

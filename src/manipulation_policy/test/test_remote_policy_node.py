@@ -220,20 +220,38 @@ def test_bad_values_are_refused_with_a_reason(rig, scripted_server):
     assert node.action_source.client.settings.url == scripted_server.url
 
 
-def test_api_key_goes_out_as_a_bearer_token(rig, scripted_server, monkeypatch):
+def test_api_key_goes_out_as_a_bearer_token(rig, scripted_server, monkeypatch, tmp_path):
     monkeypatch.setenv("MANIPULATION_POLICY_API_KEY", "from-the-environment")
-    start_node(rig, scripted_server.url)
+    node = start_node(rig, scripted_server.url)
     rig.stream_camera(sample_image())
     assert wait_until(lambda: scripted_server.request_count() >= 1)
     assert scripted_server.requests[-1]["headers"]["Authorization"] == (
         "Bearer from-the-environment"
     )
-    [result] = rig.set_parameters("remote_policy_node", remote_api_key="from-the-parameter")
-    assert result.successful
+    key_file = tmp_path / "policy.key"
+    key_file.write_text("from-the-file\n")
+    [result] = rig.set_parameters("remote_policy_node", remote_api_key_file=str(key_file))
+    assert result.successful, result.reason
     assert wait_until(
         lambda: scripted_server.requests[-1]["headers"]["Authorization"]
-        == "Bearer from-the-parameter"
+        == "Bearer from-the-file"
     )
+    # The key itself is never a parameter value any ROS peer could read.
+    values = [str(p.value) for p in node.get_parameters(list(node._parameters))]
+    assert str(key_file) in values
+    assert not any("from-the" in value for value in values), values
+
+
+def test_the_api_key_parameter_refuses_to_hold_a_secret(rig, scripted_server, tmp_path):
+    node = start_node(rig, scripted_server.url)
+    [result] = rig.set_parameters("remote_policy_node", remote_api_key="s3cret")
+    assert not result.successful
+    assert "remote_api_key_file" in result.reason and "s3cret" not in result.reason
+    assert node.get_parameter("remote_api_key").value == ""
+    for bad in (str(tmp_path / "missing.key"), str(tmp_path)):
+        [result] = rig.set_parameters("remote_policy_node", remote_api_key_file=bad)
+        assert not result.successful and "API key file" in result.reason, result.reason
+    assert node.action_source.client.settings.api_key == ""
 
 
 def node_process(*ros_args: str) -> subprocess.Popen:
