@@ -128,11 +128,16 @@ def refusal_line(log: str) -> str:
 
 
 def run_case(
-    checkpoint: Path, attn: str, frames: list[bytes], requests: int, timeout: float
+    checkpoint: Path,
+    attn: str,
+    frames: list[bytes],
+    requests: int,
+    timeout: float,
+    unnorm_key: str = UNNORM_KEY,
 ) -> dict:
     case: dict[str, Any] = {"attn_requested": attn}
     server = ServerProcess(
-        "--backend", "openvla", "--model", str(checkpoint), "--unnorm-key", UNNORM_KEY,
+        "--backend", "openvla", "--model", str(checkpoint), "--unnorm-key", unnorm_key,
         "--attn-implementation", attn,
         startup_timeout=timeout,
     )  # fmt: skip
@@ -214,6 +219,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", help="where to build the checkpoint (default: a temp dir)")
     parser.add_argument("--tiny", action="store_true", help="small size on the CPU (dry run)")
     parser.add_argument("--attn", default="all", help="comma-separated cases, or all")
+    parser.add_argument("--unnorm-key", default=UNNORM_KEY)
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--frames", type=int, default=6)
     parser.add_argument("--startup-timeout", type=float, default=600.0)
@@ -253,7 +259,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     frames = scene_frames(args.frames)
     cases = [
-        run_case(checkpoint, attn, frames, args.requests, args.startup_timeout)
+        run_case(checkpoint, attn, frames, args.requests, args.startup_timeout, args.unnorm_key)
         for attn in attn_cases(args.attn)
     ]
     results["cases"] = cases
