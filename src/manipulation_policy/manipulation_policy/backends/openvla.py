@@ -648,9 +648,9 @@ class OpenVLABackend:
         prompt = build_prompt(PROBE_INSTRUCTION)
         actions, tokens = [], []
         with recording_generated_tokens(self._model) as record:
-            for probe in image_probes():
+            for index, probe in enumerate(image_probes()):
                 actions.append(self._predict_raw(Image.fromarray(probe), prompt))
-                tokens.append(record[-1] if record else None)
+                tokens.append(record[index] if len(record) > index else None)
         refusal = image_check_refusal(
             self.model_id, actions, tokens, action_token_range(self._token_owner())
         )
