@@ -4,6 +4,11 @@
     python bench/gpu_check_openvla.py --hf-dir $OPENVLA_HF_DIR              # on a GPU host
     python bench/gpu_check_openvla.py --hf-dir $OPENVLA_HF_DIR --tiny       # CPU dry run
 
+No ROS is needed: on a GPU host with requirements.txt installed, run it from
+a project checkout with ``PYTHONPATH=src/manipulation_policy``. The 7B
+checkpoint needs ~15 GB of disk under ``--out`` and ~16 GiB of GPU memory; the
+whole run takes a few minutes (build, then one server start per case).
+
 1. Prints the versions that decide what OpenVLA's remote code does (torch,
    CUDA, GPU, transformers, tokenizers, timm, torchvision, flash_attn).
 2. Builds a random-weight OpenVLA checkpoint from that remote code with
