@@ -5,6 +5,7 @@ code path as openvla/openvla-7b: AutoProcessor + the vision-to-sequence
 auto class, trust_remote_code=True, safetensors weights.
 """
 
+import importlib.util
 import types
 
 import numpy as np
@@ -12,14 +13,21 @@ import pytest
 import tiny_openvla
 import torch
 import transformers
+from PIL import Image
 
 from manipulation_policy.backends import create_backend
 from manipulation_policy.backends.openvla import (
+    FIXED_STACK_PIP,
+    PROMPT_END_TOKEN_ID,
     OpenVLABackend,
     alias_auto_map,
+    append_prompt_end_token,
     attn_implementation_candidates,
     build_prompt,
+    decodes_without_kv_cache,
+    image_check_refusal,
     image_probes,
+    remote_code_failure,
     resolve_auto_model_class,
     resolve_device,
     resolve_dtype,
@@ -319,7 +327,7 @@ def test_model_that_ignores_its_image_is_refused(tiny_openvla_image_blind_dir):
     with pytest.raises(BackendStartupError) as caught:
         OpenVLABackend(model=str(tiny_openvla_image_blind_dir))
     message = str(caught.value)
-    assert "ignores its camera input" in message
+    assert "ignores its camera input" in message and "the same action tokens [" in message
     assert transformers.__version__ in message
     if tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (4, 50):
         assert "transformers==4.40.1" in message and "#346" in message
@@ -397,13 +405,115 @@ def test_attention_candidates():
         attn_implementation_candidates("xformers", "cpu")
 
 
-def test_explicit_eager_attention_gives_the_same_actions(backend, tiny_openvla_dir):
+def available_attn_implementations():
+    names = ["sdpa", "eager"]
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        names.insert(0, "flash_attention_2")
+    return names
+
+
+@pytest.mark.parametrize("attn", available_attn_implementations())
+def test_every_attention_implementation_passes_the_image_check_with_the_same_actions(
+    backend, tiny_openvla_dir, attn
+):
+    # The image check runs at start-up: eager attention consumes the mask, so a
+    # mask one token short of the ids (what predict_action leaves) fails here.
+    chosen = OpenVLABackend(model=str(tiny_openvla_dir), attn_implementation=attn)
+    assert chosen.describe()["attn_implementation"] == attn
+    for image in (RED, GREEN, *image_probes(64)):
+        observation = Observation(image=image, instruction=INSTRUCTION)
+        expected = backend.predict_raw(observation)
+        np.testing.assert_allclose(chosen.predict_raw(observation), expected)
+
+
+def test_the_tiny_model_fails_on_a_short_mask_as_openvla_does(backend, tiny_openvla_dir):
+    # Proves the test above is not vacuous: the processor's mask as it comes,
+    # with the 29871 that predict_action appends to the ids only, breaks eager.
     eager = OpenVLABackend(
         model=str(tiny_openvla_dir), attn_implementation="eager", check_image_sensitivity=False
     )
-    assert eager.describe()["attn_implementation"] == "eager"
-    observation = Observation(image=GREEN, instruction=INSTRUCTION)
-    np.testing.assert_allclose(eager.predict_raw(observation), backend.predict_raw(observation))
+    inputs = eager._processor(build_prompt(INSTRUCTION), Image.fromarray(RED))
+    assert int(inputs["input_ids"][0, -1]) != PROMPT_END_TOKEN_ID
+    with pytest.raises(RuntimeError, match="must match the size"):
+        eager._model.predict_action(**inputs, do_sample=False)
+    # With the token and its mask entry appended first, the same call works.
+    action = eager._model.predict_action(**append_prompt_end_token(inputs), do_sample=False)
+    np.testing.assert_allclose(
+        action, backend.predict_raw(Observation(image=RED, instruction=INSTRUCTION))
+    )
+
+
+def test_prompt_end_token_goes_to_ids_and_mask_once():
+    inputs = {"input_ids": torch.tensor([[1, 5, 9]]), "attention_mask": torch.tensor([[1, 1, 1]])}
+    out = append_prompt_end_token(inputs)
+    assert out["input_ids"].tolist() == [[1, 5, 9, PROMPT_END_TOKEN_ID]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1]]
+    again = append_prompt_end_token(out)
+    assert again["input_ids"].shape[1] == 4 and again["attention_mask"].shape[1] == 4
+
+
+@pytest.mark.parametrize("refused", ["sdpa"])
+def test_auto_falls_back_when_transformers_refuses_an_implementation(tmp_path, refused):
+    # transformers 4.50-4.57 refuse OpenVLA's sdpa with an AttributeError.
+    model_dir = tiny_openvla.build_tiny_openvla(
+        tmp_path / "refuses",
+        dataset_statistics=tiny_openvla.norm_stats_for(tiny_openvla.DEFAULT_UNNORM_KEY),
+        refuse_attn=(refused,),
+    )
+    backend = OpenVLABackend(model=str(model_dir))
+    assert backend.describe()["attn_implementation"] == "eager"
+    with pytest.raises(BackendStartupError, match="AttributeError: .*_supports_sdpa") as caught:
+        OpenVLABackend(model=str(model_dir), attn_implementation=refused)
+    assert transformers.__version__ in str(caught.value) and FIXED_STACK_PIP in str(caught.value)
+
+
+def test_model_that_never_emits_action_tokens_is_reported_as_such(tmp_path):
+    model_dir = tiny_openvla.build_tiny_openvla(
+        tmp_path / "no_action_head",
+        dataset_statistics=tiny_openvla.norm_stats_for(tiny_openvla.DEFAULT_UNNORM_KEY),
+        action_head_gain=0.0,
+    )
+    with pytest.raises(BackendStartupError, match="emitted no action token") as caught:
+        OpenVLABackend(model=str(model_dir))
+    message = str(caught.value)
+    assert "ignores its camera input" not in message
+    assert f"ids {tiny_openvla.FIRST_ACTION_TOKEN}..{tiny_openvla.FIRST_ACTION_TOKEN + 255}" in (
+        message
+    )
+
+
+def test_image_check_rules():
+    a, b = np.zeros(7), np.ones(7)
+    token_range = (31744, 32000)
+    assert image_check_refusal("m", [a, a], [[31800] * 7, [31801] * 7], token_range) is None
+    same = image_check_refusal("m", [a, b], [[31800] * 7, [31800] * 7], token_range, "4.40.1")
+    assert "the same action tokens [31800" in same and "not affected by" in same
+    newer = image_check_refusal("m", [a, a], [[31800] * 7] * 2, token_range, "4.57.1")
+    assert "#346" in newer and "transformers==4.40.1" in newer
+    # Tokens unknown: the actions are compared instead.
+    assert image_check_refusal("m", [a, b], [None, None], token_range) is None
+    assert "the same action [" in image_check_refusal("m", [a, a], [None, None], token_range)
+    # Some action tokens among other ids: a weak model, not a refusal.
+    assert image_check_refusal("m", [a, b], [[5] * 7, [31999] + [5] * 6], token_range) is None
+    assert "emitted no action token" in image_check_refusal(
+        "m", [a, b], [[5] * 7, [6] * 7], token_range
+    )
+
+
+def test_remote_code_failure_names_version_and_fix_in_one_line():
+    error = ImportError("cannot import name 'PaddingStrategy' from 'transformers.tokenization'")
+    message = remote_code_failure("openvla/openvla-7b", error, version="5.17.0")
+    assert "\n" not in message
+    assert "transformers 5.17.0" in message and "PaddingStrategy" in message
+    assert message.endswith(FIXED_STACK_PIP)
+    older = remote_code_failure("m", ImportError("no timm\nmore"), version="4.40.1")
+    assert older == "cannot load OpenVLA model 'm': ImportError: no timm"
+
+
+def test_kv_cache_is_off_where_it_makes_openvla_drop_the_image(backend):
+    assert not decodes_without_kv_cache("4.40.1") and not decodes_without_kv_cache("4.49.0")
+    assert decodes_without_kv_cache("4.50.0") and decodes_without_kv_cache("4.57.1")
+    assert backend.describe()["kv_cache"] is not decodes_without_kv_cache()
 
 
 @pytest.mark.parametrize(

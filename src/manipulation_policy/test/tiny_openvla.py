@@ -9,14 +9,26 @@ whose ``auto_map`` points at remote code in the same directory
 ``dataset_statistics.json``. It loads with ``trust_remote_code=True``
 through exactly the code path of a real checkpoint.
 
-What it shares with OpenVLA's ``OpenVLAForActionPrediction``:
-``predict_action(input_ids, unnorm_key=None, **kwargs)`` with
-``pixel_values``/``attention_mask``/``do_sample`` in kwargs; image patch
-embeddings inserted after the BOS token; greedy decoding of one token per
-action dimension from the last ``n_action_bins - 1`` ids of the vocabulary;
-token -> bin centre in [-1, 1] -> q01/q99 un-normalisation where ``mask`` is
-true; ``norm_stats`` keyed by dataset; ``_check_unnorm_key``. It is ~60k
-parameters, so a whole test file runs in seconds on a CPU.
+What it shares with OpenVLA's ``OpenVLAForActionPrediction`` (the behaviours
+the backend depends on, so a backend mistake fails here as on the real model):
+
+- ``predict_action(input_ids, unnorm_key=None, **kwargs)`` appends token 29871
+  to ``input_ids`` (not to ``attention_mask``) unless the prompt ends with it,
+  then calls ``self.generate(input_ids, max_new_tokens=action_dim, **kwargs)``;
+- ``forward`` inserts the image patch embeddings after BOS and widens the
+  attention mask to match; eager attention consumes the mask, so a mask one
+  short fails with a size mismatch; sdpa drops an all-ones mask (as
+  transformers 4.40 does) and fails on a short one that is not all ones;
+- greedy decoding over the whole 32064-id vocabulary (Llama-2's 32000 padded
+  to a multiple of 64); the action tokens are the last 256 ids below 32000,
+  decoded to bin centres in [-1, 1] and un-normalised with q01/q99 where
+  ``mask`` is true; the LM-head rows of the action tokens carry a gain (a
+  random head never picks them; ``action_head_gain=0`` builds a model that
+  never does); ``norm_stats`` keyed by dataset; ``_check_unnorm_key``.
+
+It is ~2M parameters, so a whole test file runs in seconds on a CPU.
+``refuse_attn`` lists attention implementations the model refuses at load
+time with the AttributeError transformers 4.50-4.57 raise for OpenVLA's sdpa.
 
 ``ignores_image=True`` builds a model that drops ``pixel_values`` (what
 OpenVLA does under transformers >= 4.50, openvla/openvla#346), so tests can
@@ -40,8 +52,11 @@ TINY_ACTION_STATS = {
     "mask": [True, True, True, True, True, True, False],
 }
 DEFAULT_UNNORM_KEY = "tiny_sim"
-VOCAB_SIZE = 512
+VOCAB_SIZE = 32064  # Llama-2's 32000 + <PAD>, padded to a multiple of 64
+PAD_TO_MULTIPLE_OF = 64
 N_ACTION_BINS = 256
+PROMPT_END_TOKEN_ID = 29871
+FIRST_ACTION_TOKEN = VOCAB_SIZE - PAD_TO_MULTIPLE_OF - N_ACTION_BINS
 IMAGE_SIZE = 32
 
 WORDS = (
@@ -60,16 +75,17 @@ class TinyOpenVLAConfig(PretrainedConfig):
 
     def __init__(
         self,
-        vocab_size=512,
+        vocab_size=32064,
         hidden_size=32,
         num_heads=2,
         image_size=32,
         patch_size=8,
         max_positions=128,
         n_action_bins=256,
-        pad_to_multiple_of=0,
+        pad_to_multiple_of=64,
         norm_stats=None,
         ignores_image=False,
+        refuse_attn=(),
         initializer_range=0.02,
         **kwargs,
     ):
@@ -83,6 +99,7 @@ class TinyOpenVLAConfig(PretrainedConfig):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.norm_stats = norm_stats
         self.ignores_image = ignores_image
+        self.refuse_attn = list(refuse_attn)
         self.initializer_range = initializer_range
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
@@ -106,6 +123,11 @@ class TinyOpenVLAForActionPrediction(PreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
+        if config._attn_implementation in config.refuse_attn:
+            # What transformers 4.50-4.57 raise for OpenVLA's _supports_sdpa property.
+            raise AttributeError(
+                f"'{type(self).__name__}' object has no attribute '_supports_sdpa'"
+            )
         h = config.hidden_size
         self.patch_embed = nn.Conv2d(3, h, config.patch_size, stride=config.patch_size)
         self.projector = nn.Linear(h, h)
@@ -134,7 +156,7 @@ class TinyOpenVLAForActionPrediction(PreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _attention(self, x):
+    def _attention(self, x, mask):
         batch, length, hidden = x.shape
         heads = self.config.num_heads
 
@@ -142,42 +164,63 @@ class TinyOpenVLAForActionPrediction(PreTrainedModel):
             return t.view(batch, length, heads, hidden // heads).transpose(1, 2)
 
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
         if self.config._attn_implementation == "eager":
             scores = q @ k.transpose(-1, -2) / (hidden // heads) ** 0.5
-            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-            out = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
-        else:
+            allowed = causal[None, None]
+            if mask is not None:
+                # [B, 1, L, L] & [B, 1, 1, L_mask]: a mask of the wrong length fails here.
+                allowed = allowed & mask.bool()[:, None, None, :]
+            out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+        elif mask is None or bool(mask.all()):
+            # transformers 4.40 drops an all-ones mask for sdpa and uses is_causal.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            allowed = causal[None, None] & mask.bool()[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, hidden))
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, **kwargs):
         embeddings = self.embed_tokens(input_ids)
         if pixel_values is not None and not self.config.ignores_image:
             pixel_values = pixel_values.to(self.patch_embed.weight.dtype)
-            patches = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)
-            # Prismatic inserts the image after the BOS token.
-            embeddings = torch.cat(
-                [embeddings[:, :1], self.projector(patches), embeddings[:, 1:]], dim=1
-            )
+            patches = self.projector(self.patch_embed(pixel_values).flatten(2).transpose(1, 2))
+            # Prismatic inserts the image after the BOS token, and widens the mask to match.
+            embeddings = torch.cat([embeddings[:, :1], patches, embeddings[:, 1:]], dim=1)
+            if attention_mask is not None:
+                ones = attention_mask.new_ones(attention_mask.shape[0], patches.shape[1])
+                attention_mask = torch.cat(
+                    [attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1
+                )
         positions = torch.arange(embeddings.shape[1], device=embeddings.device)
         x = embeddings + self.embed_positions(positions)[None]
-        x = x + self._attention(self.attn_norm(x))
+        x = x + self._attention(self.attn_norm(x), attention_mask)
         x = x + self.down_proj(F.gelu(self.up_proj(self.mlp_norm(x))))
         return self.lm_head(self.final_norm(x))
 
-    def predict_action(self, input_ids=None, unnorm_key=None, **kwargs):
-        if kwargs.get("do_sample"):
+    def generate(self, input_ids, max_new_tokens, attention_mask=None, pixel_values=None,
+                 do_sample=False, use_cache=None, **kwargs):
+        # Greedy over the whole vocabulary, the mask growing by one per token as in
+        # transformers' generate (so a mask that starts short stays short).
+        if do_sample:
             raise ValueError("this tiny model only decodes greedily (do_sample=False)")
-        pixel_values = kwargs.get("pixel_values")
-        action_dim = self.get_action_dim(unnorm_key)
-        first_action_token = self.vocab_size - (self.config.n_action_bins - 1)
-        ids = input_ids
-        for _ in range(action_dim):
-            logits = self(ids, pixel_values=pixel_values)[:, -1, first_action_token:self.vocab_size]
-            next_id = logits.argmax(-1, keepdim=True) + first_action_token
-            ids = torch.cat([ids, next_id], dim=1)
+        ids, mask = input_ids, attention_mask
+        for _ in range(max_new_tokens):
+            logits = self(ids, attention_mask=mask, pixel_values=pixel_values)[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        return ids
 
-        token_ids = ids[0, -action_dim:].cpu().numpy()
+    def predict_action(self, input_ids=None, unnorm_key=None, **kwargs):
+        # As OpenVLA: the empty token after "Out:", appended to the ids only.
+        if not torch.all(input_ids[:, -1] == 29871):
+            column = torch.full((input_ids.shape[0], 1), 29871, dtype=input_ids.dtype)
+            input_ids = torch.cat([input_ids, column.to(input_ids.device)], dim=1)
+        action_dim = self.get_action_dim(unnorm_key)
+        generated = self.generate(input_ids, max_new_tokens=action_dim, **kwargs)
+
+        token_ids = generated[0, -action_dim:].cpu().numpy()
         discretized = np.clip(self.vocab_size - token_ids - 1, 0, self.bin_centers.shape[0] - 1)
         normalized = self.bin_centers[discretized]
         stats = self.get_action_stats(unnorm_key)
@@ -302,7 +345,7 @@ def _save_tokenizer(directory: Path) -> None:
     _write_json(config_path, config)
 
 
-def _randomise_weights(model, seed: int) -> None:
+def _randomise_weights(model, seed: int, action_head_gain: float) -> None:
     """Weights large enough that the image visibly steers the greedy tokens."""
     import torch
 
@@ -320,6 +363,11 @@ def _randomise_weights(model, seed: int) -> None:
                 parameter.normal_(0.0, gain / fan_in**0.5, generator=generator)
         model.embed_tokens.weight.normal_(0.0, 1.0, generator=generator)
         model.embed_positions.weight.normal_(0.0, 0.3, generator=generator)
+        # A random head almost never picks one of 256 action ids out of 32064; a
+        # trained OpenVLA only does.
+        model.lm_head.weight[FIRST_ACTION_TOKEN : FIRST_ACTION_TOKEN + N_ACTION_BINS] *= (
+            action_head_gain
+        )
 
 
 def build_tiny_openvla(
@@ -330,13 +378,17 @@ def build_tiny_openvla(
     ignores_image: bool = False,
     auto_class_key: str = "AutoModelForVision2Seq",
     seed: int = 0,
+    action_head_gain: float = 4.0,
+    refuse_attn: tuple = (),
 ) -> Path:
     """Write a complete tiny checkpoint into ``directory`` and return it.
 
     ``config_norm_stats`` go into config.json (the model's ``norm_stats``);
     ``dataset_statistics`` into dataset_statistics.json (left out when None).
     ``auto_class_key`` is the auto_map key of the model class: OpenVLA's own
-    checkpoints say "AutoModelForVision2Seq".
+    checkpoints say "AutoModelForVision2Seq". ``action_head_gain`` scales the
+    LM-head rows of the action tokens (0: the model never emits one);
+    ``refuse_attn`` names attention implementations the model refuses to load with.
     """
     import torch
     from transformers import AutoConfig
@@ -362,6 +414,8 @@ def build_tiny_openvla(
             "n_action_bins": N_ACTION_BINS,
             "norm_stats": config_norm_stats,
             "ignores_image": ignores_image,
+            "refuse_attn": list(refuse_attn),
+            "pad_to_multiple_of": PAD_TO_MULTIPLE_OF,
             "tie_word_embeddings": False,
         },
     )
@@ -385,9 +439,10 @@ def build_tiny_openvla(
 
     config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
     model_class = get_class_from_dynamic_module(MODEL_CLASS_REF, str(directory))
+    config._attn_implementation = "eager"  # refuse_attn must not stop the build
     torch.manual_seed(seed)
     model = model_class(config)
-    _randomise_weights(model, seed)
+    _randomise_weights(model, seed, action_head_gain)
     model.save_pretrained(directory, safe_serialization=True)
     return directory
 

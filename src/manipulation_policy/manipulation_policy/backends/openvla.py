@@ -12,8 +12,22 @@ Everything that can be checked is checked at start-up, so a bad setting
 fails there with a BackendStartupError saying why and how to fix it: option
 values, CUDA for quantization, the un-normalisation key, the LoRA adapter
 directory, and (``check_image_sensitivity``) whether the model looks at its
-image at all (openvla/openvla#346: under transformers >= 4.50 OpenVLA's
-remote code drops the image and answers the same action for every input).
+image at all: it must answer clearly different images with different action
+tokens.
+
+What each transformers line does with OpenVLA's remote code (its
+``prismatic/extern/hf`` files) is handled here, not left to luck:
+
+- ``predict_action`` appends token 29871 ("\u2581") to ``input_ids`` but not to
+  ``attention_mask``; eager attention then fails on the short mask (sdpa only
+  got away with it because an all-ones mask is dropped). The backend appends
+  the token and its mask entry itself, so ``predict_action`` has nothing to add.
+- 4.50 to 4.57 refuse sdpa on this class with an AttributeError (the "auto"
+  chain falls back to eager) and their ``generate`` hands the model a KV cache
+  from the first step, which makes the remote code skip the image
+  (openvla/openvla#346); the backend decodes without a KV cache there.
+- 5.x cannot import the remote code at all; start-up says which pip install
+  fixes it.
 
 This module imports torch and transformers; the backend registry imports it
 only when the "openvla" backend is chosen.
@@ -21,11 +35,12 @@ only when the "openvla" backend is chosen.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -62,8 +77,17 @@ DTYPE_NAMES = {
 }
 DATASET_STATISTICS_FILE = "dataset_statistics.json"
 FIXED_TRANSFORMERS = "4.40.1"
+FIXED_STACK_PIP = "pip install transformers==4.40.1 tokenizers==0.19.1 timm==0.9.10"
 IMAGE_REGRESSION_SINCE = Version("4.50")
+REMOTE_CODE_UNIMPORTABLE_SINCE = Version("5")
 PROBE_INSTRUCTION = "pick up the object"
+# OpenVLA's predict_action appends this id (Llama-2's "\u2581") when the prompt does
+# not end with it, as at training time; it is hard-coded there, so it is here.
+PROMPT_END_TOKEN_ID = 29871
+# Ways transformers refuses an attention implementation at load time: ValueError /
+# ImportError (not supported / package missing), AttributeError (4.50-4.57 ask the
+# remote class's _supports_sdpa property before its language model exists).
+ATTN_REFUSALS = (ValueError, ImportError, AttributeError)
 
 
 def _unset(value: Any) -> bool:
@@ -257,11 +281,138 @@ def _load_local_statistics(model: str) -> Optional[dict]:
     return stats
 
 
+def append_prompt_end_token(inputs: Any, token_id: int = PROMPT_END_TOKEN_ID) -> Any:
+    """``inputs`` with ``token_id`` appended to input_ids and a 1 to attention_mask.
+
+    What OpenVLA's predict_action does to input_ids alone; doing it here keeps
+    the mask as long as the ids, which eager attention needs.
+    """
+    input_ids = inputs["input_ids"]
+    if bool(torch.all(input_ids[:, -1] == token_id)):
+        return inputs
+    column = torch.full((input_ids.shape[0], 1), token_id, dtype=input_ids.dtype)
+    inputs["input_ids"] = torch.cat([input_ids, column.to(input_ids.device)], dim=1)
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        ones = torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=mask.device)
+        inputs["attention_mask"] = torch.cat([mask, ones], dim=1)
+    return inputs
+
+
+def remote_code_failure(model: str, exc: BaseException, version: Optional[str] = None) -> str:
+    """One line for a checkpoint whose remote code failed to import or build."""
+    version = version or transformers.__version__
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if Version(version) >= REMOTE_CODE_UNIMPORTABLE_SINCE:
+        return (
+            f"OpenVLA's remote code for {model!r} cannot run under transformers {version} "
+            f"({type(exc).__name__}: {first_line}); it needs transformers 4.x: {FIXED_STACK_PIP}"
+        )
+    return f"cannot load OpenVLA model {model!r}: {type(exc).__name__}: {first_line}"
+
+
+def decodes_without_kv_cache(version: Optional[str] = None) -> bool:
+    """True where OpenVLA's remote code loses the image if generate keeps a KV cache."""
+    return Version(version or transformers.__version__) >= IMAGE_REGRESSION_SINCE
+
+
+def action_token_range(model: Any) -> Optional[tuple[int, int]]:
+    """[first, end) of OpenVLA's action token ids: the last n_action_bins ids below vocab_size."""
+    vocab_size = getattr(model, "vocab_size", None)
+    bins = getattr(getattr(model, "config", None), "n_action_bins", None)
+    if not isinstance(vocab_size, int) or not isinstance(bins, int):
+        return None
+    return vocab_size - bins, vocab_size
+
+
+@contextlib.contextmanager
+def recording_generated_tokens(model: Any) -> Iterator[list]:
+    """Record the ids that predict_action's ``self.generate`` call produces.
+
+    OpenVLA's predict_action returns only the un-normalised action; the image
+    check needs the tokens behind it. An instance attribute shadows the
+    ``generate`` method for the duration (start-up only, one thread).
+    """
+    target = getattr(getattr(model, "predict_action", None), "__self__", model)
+    original = getattr(target, "generate", None)
+    record: list = []
+    if original is None:
+        yield record
+        return
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        ids = original(*args, **kwargs)
+        count = kwargs.get("max_new_tokens") or OPENVLA_ACTION_DIM
+        sequences = getattr(ids, "sequences", ids)
+        record.append([int(t) for t in sequences[0, -count:].tolist()])
+        return ids
+
+    target.__dict__["generate"] = generate
+    try:
+        yield record
+    finally:
+        target.__dict__.pop("generate", None)
+
+
 def _dtype_kwargs(dtype: torch.dtype) -> dict:
     # transformers renamed torch_dtype to dtype in 4.56; 4.40 knows only torch_dtype.
     if Version(transformers.__version__) >= Version("4.56"):
         return {"dtype": dtype}
     return {"torch_dtype": dtype}
+
+
+def _version_cause(version: str) -> str:
+    if Version(version) >= IMAGE_REGRESSION_SINCE:
+        return (
+            f"transformers {version} is in the range where OpenVLA's remote code drops the "
+            f"image (openvla/openvla#346) and this backend already decodes without the KV "
+            f"cache that triggers it; the stack OpenVLA was written for: transformers=="
+            f"{FIXED_TRANSFORMERS}: {FIXED_STACK_PIP}"
+        )
+    return (
+        f"transformers {version} is not affected by openvla/openvla#346, so the model "
+        "or its processor ignores images; check the checkpoint"
+    )
+
+
+def image_check_refusal(
+    model: str,
+    actions: Sequence[np.ndarray],
+    tokens: Sequence[Optional[list]],
+    token_range: Optional[tuple[int, int]],
+    version: Optional[str] = None,
+) -> Optional[str]:
+    """Why the image check refuses the probe answers, or None when they pass.
+
+    ``tokens`` are the generated ids per probe (None where they could not be
+    recorded: then the actions are compared). A model that never emits an
+    action token is reported as such, not as "ignores images".
+    """
+    version = version or transformers.__version__
+    suffix = " (check_image_sensitivity=False skips this check.)"
+    known = [t for t in tokens if t is not None]
+    if len(known) == len(tokens) and known:
+        if token_range is not None:
+            first, end = token_range
+            if not any(first <= t < end for seq in known for t in seq):
+                return (
+                    f"refusing to start: {model!r} emitted no action token for "
+                    f"{len(known)} probe images (generated ids {known}; OpenVLA's action "
+                    f"tokens are ids {first}..{end - 1}), so its answers are not actions: "
+                    "its language-model head or vocabulary is not an OpenVLA action head."
+                    + suffix
+                )
+        if any(seq != known[0] for seq in known[1:]):
+            return None
+        seen = f"the same action tokens {known[0]} (action {np.round(actions[0], 6).tolist()})"
+    else:
+        if any(not np.array_equal(actions[0], other) for other in actions[1:]):
+            return None
+        seen = f"the same action {np.round(actions[0], 6).tolist()}"
+    return (
+        f"refusing to start: {model!r} gave {seen} for {len(actions)} clearly different "
+        f"images, so it ignores its camera input. {_version_cause(version)}." + suffix
+    )
 
 
 class OpenVLABackend:
@@ -339,8 +490,20 @@ class OpenVLABackend:
         if self.lora_adapter is not None:
             self._model, self.lora_merged = self._apply_lora(self._model)
         if self.quantization is None:
-            self._model = self._model.to(self.device)
+            # transformers >= 4.56 builds OpenVLA's language model in its text_config's
+            # dtype (bf16) whatever dtype was asked for; one dtype for the whole model.
+            self._model = self._model.to(self.device, self.dtype)
         self._model.eval()
+        self.kv_cache = not decodes_without_kv_cache()
+        self._generate_options = {} if self.kv_cache else {"use_cache": False}
+        if not self.kv_cache:
+            logger.warning(
+                "transformers %s: decoding without a KV cache (slower), because OpenVLA's "
+                "remote code drops the image when generate hands it a cache "
+                "(openvla/openvla#346). For full speed: %s",
+                transformers.__version__,
+                FIXED_STACK_PIP,
+            )
         self._input_device = self._model_device()
         self._lock = threading.Lock()
         self.last_hold_reason: Optional[str] = None
@@ -384,7 +547,9 @@ class OpenVLABackend:
                 self.model_id, trust_remote_code=True
             )
             config = transformers.AutoConfig.from_pretrained(self.model_id, trust_remote_code=True)
-        except (OSError, ValueError, ImportError) as exc:
+        except ImportError as exc:
+            raise BackendStartupError(remote_code_failure(self.model_id, exc)) from exc
+        except (OSError, ValueError) as exc:
             raise BackendStartupError(
                 f"cannot load OpenVLA model {self.model_id!r}: {exc}"
             ) from exc
@@ -421,14 +586,21 @@ class OpenVLABackend:
                 model = auto_class.from_pretrained(
                     self.model_id, attn_implementation=attn, **kwargs
                 )
-            except (ValueError, ImportError) as exc:
+            except ATTN_REFUSALS as exc:
+                reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
                 if len(candidates) == 1:
                     raise BackendStartupError(
-                        f"cannot load {self.model_id!r} with attn_implementation {attn!r}: {exc}"
+                        f"cannot load {self.model_id!r} with attn_implementation {attn!r} under "
+                        f"transformers {transformers.__version__} ({reason}); use "
+                        f"attn_implementation 'auto' or another one, or {FIXED_STACK_PIP}"
                     ) from exc
-                logger.warning("attn_implementation %s unavailable, trying the next: %s", attn, exc)
-                failures.append(f"{attn}: {exc}")
+                logger.warning("attn_implementation %s refused, trying the next: %s", attn, reason)
+                failures.append(f"{attn}: {reason}")
                 continue
+            except NotImplementedError as exc:
+                # OpenVLA's remote code refuses timm versions other than 0.9.10-0.9.16 this way.
+                failure = remote_code_failure(self.model_id, exc)
+                raise BackendStartupError(f"{failure}; OpenVLA's stack: {FIXED_STACK_PIP}") from exc
             except OSError as exc:
                 raise BackendStartupError(
                     f"cannot load OpenVLA model {self.model_id!r}: {exc}"
@@ -472,36 +644,30 @@ class OpenVLABackend:
             return torch.device(self.device)
 
     def _check_image_sensitivity(self) -> None:
+        """Refuse a model whose action tokens do not depend on the image."""
         prompt = build_prompt(PROBE_INSTRUCTION)
-        actions = [self._predict_raw(Image.fromarray(p), prompt) for p in image_probes()]
-        if any(not np.array_equal(actions[0], other) for other in actions[1:]):
-            return
-        version = transformers.__version__
-        if Version(version) >= IMAGE_REGRESSION_SINCE:
-            cause = (
-                f"This is the known OpenVLA regression with transformers >= 4.50 "
-                f"(openvla/openvla#346); installed: transformers {version}. "
-                f"Fix: pip install transformers=={FIXED_TRANSFORMERS} tokenizers==0.19.1"
-            )
-        else:
-            cause = (
-                f"transformers {version} is not affected by openvla/openvla#346, so the model "
-                "or its processor ignores images; check the checkpoint"
-            )
-        raise BackendStartupError(
-            f"refusing to start: {self.model_id!r} gave the same action "
-            f"{np.round(actions[0], 6).tolist()} for {len(actions)} clearly different images, "
-            f"so it ignores its camera input. {cause}. "
-            "(check_image_sensitivity=False skips this check.)"
+        actions, tokens = [], []
+        with recording_generated_tokens(self._model) as record:
+            for index, probe in enumerate(image_probes()):
+                actions.append(self._predict_raw(Image.fromarray(probe), prompt))
+                tokens.append(record[index] if len(record) > index else None)
+        refusal = image_check_refusal(
+            self.model_id, actions, tokens, action_token_range(self._token_owner())
         )
+        if refusal is not None:
+            raise BackendStartupError(refusal)
+
+    def _token_owner(self) -> Any:
+        return getattr(getattr(self._model, "predict_action", None), "__self__", self._model)
 
     # --- inference ------------------------------------------------------------------
 
     def _predict_raw(self, image: Image.Image, prompt: str) -> np.ndarray:
         with self._lock, torch.inference_mode():
             inputs = self._processor(prompt, image).to(self._input_device, dtype=self.dtype)
+            inputs = append_prompt_end_token(inputs)
             action = self._model.predict_action(
-                **inputs, unnorm_key=self.unnorm_key, do_sample=False
+                **inputs, unnorm_key=self.unnorm_key, do_sample=False, **self._generate_options
             )
         return np.asarray(action, dtype=np.float64).reshape(-1)
 
@@ -549,4 +715,5 @@ class OpenVLABackend:
             "max_position_step": self._conversion.max_position_step,
             "max_rotation_step": self._conversion.max_rotation_step,
             "image_sensitivity_checked": self.image_sensitivity_checked,
+            "kv_cache": self.kv_cache,
         }
