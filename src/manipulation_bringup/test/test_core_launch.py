@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("launch", reason="launch is not installed (not on PyPI)")
+pytest.importorskip("launch.actions", reason="launch is not installed (not on PyPI)")
 pytest.importorskip("launch_ros", reason="launch_ros is not installed (not on PyPI)")
 rclpy = pytest.importorskip("rclpy")
 
