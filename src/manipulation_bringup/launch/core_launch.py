@@ -4,9 +4,11 @@
     ros2 launch manipulation_bringup core_launch.py use_remote_policy:=true \\
         remote_url:=http://gpu-host:5000                            # model on a GPU host
 
-Arguments left empty take their value from params_file. Which node starts,
-with which parameters, and whether a value is valid is decided by
-manipulation_bringup.launch_logic (plain Python with its own tests).
+The node gets params_file as it is (its /<node>, /<namespace>/<node> and
+wildcard sections apply as rcl applies them); launch arguments that are set
+override it. Which node starts, with which parameters, and whether a value is
+valid is decided by manipulation_bringup.launch_logic (plain Python with its
+own tests).
 """
 
 import os
@@ -25,8 +27,11 @@ def _start_policy_node(context):
         name: LaunchConfiguration(name).perform(context)
         for name in launch_logic.LAUNCH_ARGUMENT_NAMES
     }
-    plan = launch_logic.plan_policy_node(arguments)
+    plan = launch_logic.plan_policy_node(
+        arguments, outer_namespace=context.launch_configurations.get("ros_namespace", "") or ""
+    )
     actions = [LogInfo(msg=plan.summary())]
+    actions.extend(LogInfo(msg=f"warning: {warning}") for warning in plan.warnings)
     if plan.ignored_arguments:
         actions.append(
             LogInfo(msg=f"{plan.name} does not use: {', '.join(plan.ignored_arguments)}")
@@ -36,7 +41,8 @@ def _start_policy_node(context):
             package=plan.package,
             executable=plan.executable,
             name=plan.name,
-            parameters=[plan.parameters],
+            namespace=plan.namespace or None,
+            parameters=plan.launch_parameters(),
             output="screen",
             emulate_tty=True,
         )

@@ -1,18 +1,19 @@
 """The decisions behind launch/core_launch.py, in plain Python (no `launch` import).
 
-The launch file hands over its argument strings; this module checks them,
-merges the ones the user set over the defaults of the params file, and says
-which one of the two policy nodes to start and with which parameters. An
-empty argument string means "not set": the params file decides. Values are
-checked with the nodes' own parameter specs, so a value the node would refuse
+The launch file hands over its argument strings; this module says which one of
+the two policy nodes to start, in which namespace, and with which parameters:
+the params file as it is (rcl applies its sections, namespaced and wildcard
+ones too) and, on top, the launch arguments the user set. Both are checked
+first with the nodes' own parameter specs, so a value the node would refuse
 stops the launch with the same reason, before anything starts.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
@@ -29,8 +30,6 @@ from manipulation_policy.node_parameters import (
 POLICY_PACKAGE = "manipulation_policy"
 LOCAL_NODE = "policy_node"
 REMOTE_NODE = "remote_policy_node"
-# Params-file section that applies to every node.
-WILDCARD_SECTION = "/**"
 
 
 class LaunchArgumentError(ValueError):
@@ -136,8 +135,13 @@ LAUNCH_ARGUMENTS = (
     ),
     LaunchArgument(
         "params_file",
-        "YAML params file with the defaults of both nodes (default: the installed "
-        "config/policy_params.yaml)",
+        "ROS 2 params file handed to the node as it is (sections /policy_node, "
+        "/robot1/remote_policy_node, /**, ...; default: the installed config/policy_params.yaml)",
+    ),
+    LaunchArgument(
+        "namespace",
+        "ROS namespace of the node, e.g. robot1 (its params-file section is then "
+        "/robot1/<node>; default: none)",
     ),
     LaunchArgument("remote_url", "policy server URL, e.g. http://gpu-host:5000 (remote mode)"),
     LaunchArgument("remote_timeout_sec", "HTTP timeout per attempt, seconds > 0 (remote mode)"),
@@ -160,10 +164,63 @@ LAUNCH_ARGUMENTS = (
 )
 LAUNCH_ARGUMENT_NAMES = tuple(argument.name for argument in LAUNCH_ARGUMENTS)
 # Launch arguments that choose things rather than set one node parameter.
-_CONTROL_ARGUMENTS = ("use_remote_policy", "params_file")
+_CONTROL_ARGUMENTS = ("use_remote_policy", "params_file", "namespace")
 
 
 # ------------------------------------------------------------- params file
+# The file itself goes to the node (launch_ros passes it as --params-file, rcl
+# applies it); it is read here only to check it first, with the rules rcl uses
+# to pick the sections that apply to a node, so what is checked is what the
+# node will get.
+
+_NAME_TOKEN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _section_pattern(section: str) -> re.Pattern:
+    """rcl's matching of a params-file section against a fully qualified node name.
+
+    A section without a leading slash is rooted; ``*`` stands for one name
+    token, ``**`` for any number of them (none included).
+    """
+    tokens = section.strip("/").split("/") if section.strip("/") else []
+    pattern = ""
+    for token in tokens:
+        if token == "**":
+            pattern += "(?:/[^/]+)*"
+        elif token == "*":
+            pattern += "/[^/]+"
+        else:
+            pattern += "/" + re.escape(token)
+    return re.compile("^" + (pattern or "/") + "$")
+
+
+def section_applies(section: str, node_fqn: str) -> bool:
+    return _section_pattern(section).match(node_fqn) is not None
+
+
+def fully_qualified_name(namespace: str, node: str) -> str:
+    namespace = namespace.strip("/")
+    return f"/{namespace}/{node}" if namespace else f"/{node}"
+
+
+def join_namespaces(outer: str, inner: str) -> str:
+    joined = "/".join(part.strip("/") for part in (outer, inner) if part.strip("/"))
+    return "/" + joined if joined else ""
+
+
+def check_namespace(text: str) -> str:
+    """A launch-argument namespace ("", "robot1", "/fleet/robot1") in its rooted form."""
+    stripped = text.strip().strip("/")
+    if not stripped:
+        return ""
+    for token in stripped.split("/"):
+        if not _NAME_TOKEN.match(token):
+            raise LaunchArgumentError(
+                "namespace",
+                text,
+                "each part must start with a letter or _ and hold only letters, digits and _",
+            )
+    return "/" + stripped
 
 
 def _flatten(parameters: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -179,24 +236,22 @@ def _flatten(parameters: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _file_value(path: Union[str, Path], spec: ParameterSpec, value: Any) -> Any:
-    """A params-file value, checked; ints become floats for float parameters
-    (rclpy refuses an integer for a parameter declared as double)."""
     reason = spec.reason_to_refuse(value)
-    if reason is None and isinstance(spec.default, float):
-        value = float(value)
-        if not math.isfinite(value):
-            reason = f"must be a finite number, got {value!r}"
+    if reason is None and isinstance(spec.default, float) and not math.isfinite(value):
+        reason = f"must be a finite number, got {value!r}"
     if reason is not None:
         raise ParamsFileError(path, f"{spec.name} {reason}")
-    return value
+    return spec.normalized(value)
 
 
 def read_params_file(path: Union[str, Path]) -> dict[str, dict[str, Any]]:
-    """Section name (node name, or /**) -> its ros__parameters, flattened."""
+    """Section name -> its ros__parameters, flattened, in file order."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ParamsFileError(path, f"cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ParamsFileError(path, "is not UTF-8 text") from None
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -214,24 +269,42 @@ def read_params_file(path: Union[str, Path]) -> dict[str, dict[str, Any]]:
     return sections
 
 
-def node_parameters_from_file(path: Union[str, Path], node: str) -> dict[str, Any]:
-    """The checked parameters the params file gives ``node``.
+def _is_wildcard(section: str) -> bool:
+    return "*" in section
 
-    The wildcard section applies first and may hold parameters of other nodes
-    (ignored here); the node's own section must name only parameters it has.
+
+@dataclass(frozen=True)
+class ParamsFileView:
+    """What a params file gives one node, as rcl will apply it."""
+
+    parameters: dict[str, Any]
+    sections: tuple[str, ...]  # the sections that apply, in file order
+
+
+def node_parameters_from_file(
+    path: Union[str, Path], node: str, namespace: str = ""
+) -> ParamsFileView:
+    """Check what the params file gives ``node`` (in ``namespace``) and return it.
+
+    Sections apply in file order, a later one winning, as in rcl. A wildcard
+    section may hold parameters of other nodes (not ours to judge); a section
+    naming this node must name only parameters it has.
     """
     specs = {**STANDARD_PARAMETERS, **NODE_PARAMETERS[node]}
-    sections = read_params_file(path)
+    fqn = fully_qualified_name(namespace, node)
     parameters: dict[str, Any] = {}
-    for name, value in sections.get(WILDCARD_SECTION, {}).items():
-        if name in specs:
-            parameters[name] = _file_value(path, specs[name], value)
-    for section in (node, f"/{node}"):
-        for name, value in sections.get(section, {}).items():
+    applied = []
+    for section, values in read_params_file(path).items():
+        if not section_applies(section, fqn):
+            continue
+        applied.append(section)
+        for name, value in values.items():
             if name not in specs:
+                if _is_wildcard(section):
+                    continue
                 raise ParamsFileError(path, f"{node} has no parameter {name!r}")
             parameters[name] = _file_value(path, specs[name], value)
-    return parameters
+    return ParamsFileView(parameters, tuple(applied))
 
 
 # ------------------------------------------------------------------ the plan
@@ -239,37 +312,65 @@ def node_parameters_from_file(path: Union[str, Path], node: str) -> dict[str, An
 
 @dataclass(frozen=True)
 class PolicyNodePlan:
-    """The one node core_launch.py starts."""
+    """The one node core_launch.py starts.
+
+    The node gets ``params_file`` as it is, then ``overrides`` (the launch
+    arguments that were set) on top: ``launch_parameters()`` is what goes to
+    launch_ros's Node(parameters=...).
+    """
 
     package: str
     executable: str
     name: str
-    parameters: dict[str, Any]
+    namespace: str  # the namespace argument; launch_ros puts a pushed namespace before it
     params_file: str
+    overrides: dict[str, Any]
+    # What the params file gives this node (checked), for the summary and tests.
+    file_parameters: dict[str, Any] = field(default_factory=dict)
     # Set launch arguments that the chosen node has no use for (e.g. remote_url in local mode).
     ignored_arguments: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    outer_namespace: str = ""  # pushed by an including launch file (PushRosNamespace)
+
+    @property
+    def fully_qualified_name(self) -> str:
+        namespace = join_namespaces(self.outer_namespace, self.namespace)
+        return fully_qualified_name(namespace, self.name)
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """The values the node starts with, where the file or an argument sets one."""
+        return {**self.file_parameters, **self.overrides}
+
+    def launch_parameters(self) -> list[Any]:
+        return [self.params_file, self.overrides] if self.overrides else [self.params_file]
 
     def summary(self) -> str:
+        parameters = self.parameters
         if self.name == REMOTE_NODE:
             shown: tuple[str, ...] = ("remote_url",)
-        elif self.parameters.get("backend") == "stub":
+        elif parameters.get("backend") == "stub":
             shown = ("backend",)  # no model to name
         else:
             shown = ("backend", "model", "device")
-        details = ", ".join(
-            f"{key}={self.parameters[key]}" for key in shown if key in self.parameters
+        details = ", ".join(f"{key}={parameters[key]}" for key in shown if key in parameters)
+        return (
+            f"starting {self.fully_qualified_name} ({details}) "
+            f"with parameters from {self.params_file}"
         )
-        return f"starting {self.name} ({details}) with defaults from {self.params_file}"
 
 
 def plan_policy_node(
-    arguments: Mapping[str, str], default_params_file: Union[str, Path, None] = None
+    arguments: Mapping[str, str],
+    default_params_file: Union[str, Path, None] = None,
+    outer_namespace: str = "",
 ) -> PolicyNodePlan:
     """Which node to start and its parameters, from the launch-argument strings.
 
     ``arguments`` maps launch-argument names to their strings; missing or empty
     ones are not set. Every set argument is checked, including those the chosen
-    node ignores, so a typo never passes silently.
+    node ignores, so a typo never passes silently. ``outer_namespace`` is one
+    an including launch file pushed (it counts when matching params-file sections).
     """
     unknown = sorted(set(arguments) - set(LAUNCH_ARGUMENT_NAMES))
     if unknown:
@@ -280,25 +381,39 @@ def plan_policy_node(
 
     use_remote = parse_bool("use_remote_policy", given.get("use_remote_policy", "false"))
     node = REMOTE_NODE if use_remote else LOCAL_NODE
+    namespace = check_namespace(given.get("namespace", ""))
     params_file = given.get("params_file") or default_params_file
     if not params_file:
         raise LaunchArgumentError("params_file", "", "no params file given and no default")
 
-    parameters = node_parameters_from_file(params_file, node)
+    full_namespace = join_namespaces(outer_namespace, namespace)
+    from_file = node_parameters_from_file(params_file, node, full_namespace)
+    warnings = []
+    if not from_file.sections:
+        warnings.append(
+            f"params_file {str(params_file)!r} has no section for "
+            f"{fully_qualified_name(full_namespace, node)} (nor a wildcard one such as /** "
+            f"or /**/{node}): the node starts on its built-in defaults"
+        )
+    overrides = {}
     ignored = []
     for name, text in given.items():
         if name in _CONTROL_ARGUMENTS:
             continue
         value = parse_argument(_ALL_PARAMETERS[name], text)
         if name in NODE_PARAMETERS[node]:
-            parameters[name] = value
+            overrides[name] = value
         else:
             ignored.append(name)
     return PolicyNodePlan(
         package=POLICY_PACKAGE,
         executable=node,
         name=node,
-        parameters=parameters,
+        namespace=namespace,
         params_file=str(params_file),
+        overrides=overrides,
+        file_parameters=from_file.parameters,
         ignored_arguments=tuple(ignored),
+        warnings=tuple(warnings),
+        outer_namespace=outer_namespace,
     )

@@ -207,7 +207,121 @@ def test_wildcard_section_applies_and_the_node_section_wins(tmp_path):
 
 def test_launch_arguments_override_a_custom_params_file(tmp_path):
     custom = write_params(tmp_path, "policy_node:\n  ros__parameters:\n    backend: openvla\n")
-    assert plan(params_file=str(custom), backend="stub").parameters == {"backend": "stub"}
+    result = plan(params_file=str(custom), backend="stub")
+    assert result.parameters == {"backend": "stub"}
+    # The file goes to the node as it is, the argument after it (the later one wins in rcl).
+    assert result.launch_parameters() == [str(custom), {"backend": "stub"}]
+
+
+def test_without_arguments_the_node_gets_the_params_file_alone():
+    assert plan().launch_parameters() == [str(PARAMS_FILE)]
+    assert plan().overrides == {}
+
+
+# ------------------------------------------------- namespaces and sections
+
+
+@pytest.mark.parametrize(
+    ("section", "namespace", "applies"),
+    [
+        ("policy_node", "", True),
+        ("/policy_node", "", True),
+        ("policy_node", "/robot1", False),
+        ("/robot1/policy_node", "/robot1", True),
+        ("robot1/policy_node", "/robot1", True),
+        ("/robot1/policy_node", "", False),
+        ("/robot2/policy_node", "/robot1", False),
+        ("/**/policy_node", "", True),
+        ("/**/policy_node", "/robot1", True),
+        ("/**/policy_node", "/fleet/robot1", True),
+        ("/*/policy_node", "/robot1", True),
+        ("/*/policy_node", "", False),
+        ("/*/policy_node", "/fleet/robot1", False),
+        ("/**", "/fleet/robot1", True),
+        ("/**/remote_policy_node", "/robot1", False),
+    ],
+)
+def test_sections_apply_as_rcl_applies_them(section, namespace, applies, tmp_path):
+    node_fqn = launch_logic.fully_qualified_name(namespace, LOCAL_NODE)
+    assert launch_logic.section_applies(section, node_fqn) is applies
+    # And real rcl agrees: the node gets the section's parameter exactly when it applies.
+    rclpy = pytest.importorskip("rclpy")
+    params = write_params(tmp_path, f"{section}:\n  ros__parameters:\n    probe: 1.0\n")
+    context = rclpy.Context()
+    rclpy.init(args=["--ros-args", "--params-file", str(params)], context=context)
+    try:
+        node = rclpy.create_node(
+            LOCAL_NODE,
+            namespace=namespace or None,
+            context=context,
+            automatically_declare_parameters_from_overrides=True,
+        )
+        assert node.has_parameter("probe") is applies
+        node.destroy_node()
+    finally:
+        context.try_shutdown()
+
+
+def test_a_namespaced_section_gives_the_node_in_that_namespace_its_values(tmp_path):
+    custom = write_params(
+        tmp_path,
+        "/robot1/policy_node:\n  ros__parameters:\n    inference_rate: 2.0\n"
+        "/robot2/policy_node:\n  ros__parameters:\n    inference_rate: 3.0\n",
+    )
+    robot1 = plan(params_file=str(custom), namespace="robot1")
+    assert robot1.parameters == {"inference_rate": 2.0}
+    assert robot1.namespace == "/robot1" and robot1.fully_qualified_name == "/robot1/policy_node"
+    assert robot1.warnings == ()
+    assert plan(params_file=str(custom), namespace="/robot2/").parameters == {
+        "inference_rate": 3.0
+    }
+
+
+def test_a_namespace_pushed_by_an_including_launch_file_counts(tmp_path):
+    custom = write_params(
+        tmp_path, "/fleet/robot1/policy_node:\n  ros__parameters:\n    inference_rate: 2.0\n"
+    )
+    result = plan_policy_node(
+        {"params_file": str(custom), "namespace": "robot1"}, outer_namespace="/fleet"
+    )
+    assert result.parameters == {"inference_rate": 2.0}
+    assert result.namespace == "/robot1"  # launch_ros itself puts /fleet before it
+    assert result.fully_qualified_name == "/fleet/robot1/policy_node"
+
+
+def test_a_file_with_no_section_for_the_node_is_reported(tmp_path):
+    custom = write_params(
+        tmp_path, "/robot1/policy_node:\n  ros__parameters:\n    inference_rate: 2.0\n"
+    )
+    result = plan(params_file=str(custom))
+    assert result.parameters == {}
+    (warning,) = result.warnings
+    assert "no section for /policy_node" in warning and "built-in defaults" in warning
+    assert plan().warnings == ()
+
+
+def test_later_sections_win_as_in_rcl(tmp_path):
+    custom = write_params(
+        tmp_path,
+        "/robot1/policy_node:\n  ros__parameters:\n    inference_rate: 8.0\n"
+        "/**:\n  ros__parameters:\n    inference_rate: 7.0\n",
+    )
+    assert plan(params_file=str(custom), namespace="robot1").parameters == {"inference_rate": 7.0}
+
+
+def test_values_in_a_section_for_another_node_are_not_judged(tmp_path):
+    custom = write_params(
+        tmp_path,
+        "/robot2/policy_node:\n  ros__parameters:\n    not_a_parameter: 1\n"
+        "/**/policy_node:\n  ros__parameters:\n    backend: stub\n",
+    )
+    assert plan(params_file=str(custom), namespace="robot1").parameters == {"backend": "stub"}
+
+
+@pytest.mark.parametrize("text", ["robot 1", "1robot", "robot1/-x", "a//b?"])
+def test_bad_namespaces_are_refused(text):
+    with pytest.raises(LaunchArgumentError, match="namespace"):
+        plan(namespace=text)
 
 
 # ------------------------------------------------------------ refused values
@@ -323,18 +437,19 @@ def test_a_params_file_cannot_hold_the_api_key_and_the_refusal_does_not_show_it(
 
 def test_the_yaml_names_only_parameters_the_nodes_have_and_all_of_them():
     document = yaml.safe_load(PARAMS_FILE.read_text())
-    assert set(document) == {LOCAL_NODE, REMOTE_NODE}
+    # Sections that apply in any namespace, so a namespaced robot gets them too.
+    assert set(document) == {f"/**/{LOCAL_NODE}", f"/**/{REMOTE_NODE}"}
     for node, specs in NODE_PARAMETERS.items():
-        in_yaml = set(document[node]["ros__parameters"])
+        in_yaml = set(document[f"/**/{node}"]["ros__parameters"])
         assert in_yaml == set(specs) - {"use_sim_time"}, node
 
 
 def test_the_yaml_defaults_are_the_shared_names_defaults():
-    assert launch_logic.node_parameters_from_file(PARAMS_FILE, LOCAL_NODE) == {
+    assert launch_logic.node_parameters_from_file(PARAMS_FILE, LOCAL_NODE).parameters == {
         **SHARED_DEFAULTS,
         **LOCAL_DEFAULTS,
     }
-    assert launch_logic.node_parameters_from_file(PARAMS_FILE, REMOTE_NODE) == {
+    assert launch_logic.node_parameters_from_file(PARAMS_FILE, REMOTE_NODE).parameters == {
         **SHARED_DEFAULTS,
         **REMOTE_DEFAULTS,
     }
@@ -343,7 +458,8 @@ def test_the_yaml_defaults_are_the_shared_names_defaults():
 def test_the_yaml_defaults_are_the_defaults_the_nodes_declare():
     for node, specs in NODE_PARAMETERS.items():
         declared = {name: spec.default for name, spec in specs.items()}
-        assert launch_logic.node_parameters_from_file(PARAMS_FILE, node) == declared, node
+        from_file = launch_logic.node_parameters_from_file(PARAMS_FILE, node)
+        assert from_file.parameters == declared, node
 
 
 def test_the_installed_params_file_is_the_one_in_the_repo():
@@ -380,7 +496,7 @@ def test_launch_arguments_cover_the_issue_and_map_to_parameters():
         "lora_adapter",
     } <= names
     every_parameter = set(NODE_PARAMETERS[LOCAL_NODE]) | set(NODE_PARAMETERS[REMOTE_NODE])
-    assert names - {"use_remote_policy", "params_file"} <= every_parameter
+    assert names - {"use_remote_policy", "params_file", "namespace"} <= every_parameter
     defaults = {a.name: a.default for a in launch_logic.LAUNCH_ARGUMENTS}
     assert defaults.pop("use_remote_policy") == "false"
     # Everything else defers to the params file.
