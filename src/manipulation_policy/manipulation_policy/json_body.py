@@ -3,12 +3,16 @@
 Python's ``json`` module accepts ``NaN``, ``Infinity`` and ``-Infinity`` and turns
 ``1e999`` into ``inf``; none of these is a JSON number a client may send. They
 are parsed to a marker and reported with the path of the field that held them.
+One exception: inside ``joint_states.position``/``velocity``/``effort`` they
+mean "unknown" (robots publish NaN for joints without velocity or effort
+sensors, and the upstream MobileManipulationCore client sends them as the bare
+tokens Python writes), and are read as NaN.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 from .contract import field_path
 from .errors import InputError
@@ -53,15 +57,32 @@ def parse_json_body(raw: bytes) -> Any:
     except ValueError as exc:  # e.g. an integer literal with too many digits
         raise InputError("body", f"not valid JSON: {exc}") from None
     if seen_non_finite:
-        location, marker = _find_non_finite(payload)
-        raise InputError(
-            field_path(location),
-            f"{marker.text} is not a JSON number; values must be finite",
-        )
+        _unknown_joint_values_as_nan(payload)
+        found = _find_non_finite(payload)
+        if found is not None:
+            location, marker = found
+            raise InputError(
+                field_path(location),
+                f"{marker.text} is not a JSON number; values must be finite "
+                "(only joint_states arrays may hold NaN/Infinity, read as unknown)",
+            )
     return payload
 
 
-def _find_non_finite(payload: Any) -> tuple[tuple, _NonFinite]:
+JOINT_ARRAYS = ("position", "velocity", "effort")
+
+
+def _unknown_joint_values_as_nan(payload: Any) -> None:
+    joints = payload.get("joint_states") if isinstance(payload, dict) else None
+    if not isinstance(joints, dict):
+        return
+    for name in JOINT_ARRAYS:
+        values = joints.get(name)
+        if isinstance(values, list):
+            joints[name] = [float("nan") if isinstance(v, _NonFinite) else v for v in values]
+
+
+def _find_non_finite(payload: Any) -> Optional[tuple[tuple, _NonFinite]]:
     # Iterative: a hostile body may nest far deeper than Python's recursion limit.
     pending: list[tuple[tuple, Any]] = [((), payload)]
     while pending:
@@ -76,4 +97,4 @@ def _find_non_finite(payload: Any) -> tuple[tuple, _NonFinite]:
             continue
         # Reversed so the first field in document order is reported first.
         pending.extend((location + (key,), item) for key, item in reversed(items))
-    raise AssertionError("a non-finite marker was parsed but not found")
+    return None
