@@ -25,6 +25,7 @@ MAX_INSTRUCTION_CHARS = 1024  # the wire contract's limit on `instruction`
 MAX_INFERENCE_RATE_HZ = 1000.0
 MAX_TIMEOUT_SEC = 300.0
 MAX_RETRY_ATTEMPTS = 20
+MAX_STEPS = 1_000_000_000
 
 IMAGE_TRANSPORTS = ("raw", "compressed")
 QUANTIZATIONS = ("none", "8bit", "4bit")
@@ -182,6 +183,14 @@ COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("max_observation_age_sec", 0.5,
                   "Images older than this (node clock minus image stamp) are not used.",
                   positive_number(3600.0)),
+    ParameterSpec("wait_for_task", False,
+                  "true: act only once a task (a message on instruction_topic) has arrived, "
+                  "as the upstream MobileManipulationCore node does; false: the instruction "
+                  "parameter is a task from the start.", live=False),
+    ParameterSpec("max_steps", 0,
+                  "Decisions published per task, then wait for the next task "
+                  "(0: until an empty message on instruction_topic clears it).",
+                  integer_in(0, MAX_STEPS)),
 )
 
 POLICY_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
@@ -276,3 +285,69 @@ def backend_options(values: Mapping[str, Any]) -> dict[str, Any]:
         "position_scale": float(values["position_scale"]),
         "rotation_scale": float(values["rotation_scale"]),
     }
+
+
+# ---------------------------------------------------------------- upstream names
+
+# Parameter names of the upstream MobileManipulationCore policy node that this
+# project spells differently. Accepted (read at start) with a deprecation note.
+UPSTREAM_ALIASES = {"task_prompt": "instruction", "task_prompt_topic": "instruction_topic"}
+UPSTREAM_SWITCHES = ("use_remote",)
+UPSTREAM_PARAMETER_NAMES = (*UPSTREAM_ALIASES, *UPSTREAM_SWITCHES)
+
+
+@dataclass(frozen=True)
+class UpstreamParameters:
+    """What upstream-named parameters given to a node mean here."""
+
+    defaults: dict[str, Any]  # canonical name -> value to declare it with
+    task_given: bool  # upstream's task_prompt was non-empty: a task from the start
+    notes: tuple[str, ...]  # deprecation notes to log
+
+
+def resolve_upstream_parameters(given: Mapping[str, Any], remote: bool) -> UpstreamParameters:
+    """``given``: the upstream-named parameters that were set (name -> value).
+
+    Raises ValueError for a value of the wrong type, or for ``use_remote:=true``
+    given to the in-process node (it would load the model here instead).
+    Upstream's node waits for a task before acting, so any upstream name turns
+    ``wait_for_task`` on (unless it is given itself).
+    """
+    defaults: dict[str, Any] = {}
+    notes: list[str] = []
+    task_given = False
+    for name, value in given.items():
+        if name in UPSTREAM_ALIASES:
+            target = UPSTREAM_ALIASES[name]
+            if not isinstance(value, str):
+                raise ValueError(f"{name} expected str, got {type(value).__name__} {value!r}")
+            notes.append(f"parameter {name!r} is the upstream MobileManipulationCore name of "
+                         f"{target!r}; it is deprecated, use {target!r}")
+            if name == "task_prompt_topic":
+                reason = topic_name(value)
+                if reason is not None:
+                    raise ValueError(f"{name} {reason}")
+                defaults[target] = value
+            elif value.strip():
+                reason = non_empty_text(MAX_INSTRUCTION_CHARS)(value)
+                if reason is not None:
+                    raise ValueError(f"{name} {reason}")
+                defaults[target] = value.strip()
+                task_given = True
+        elif name == "use_remote":
+            if not isinstance(value, bool):
+                raise ValueError(f"use_remote expected bool, got {type(value).__name__} {value!r}")
+            if value and not remote:
+                raise ValueError(
+                    "use_remote is true, but policy_node runs the model in this process; "
+                    "start remote_policy_node instead (launch: use_remote_policy:=true)"
+                )
+            notes.append(
+                "parameter 'use_remote' is the upstream MobileManipulationCore switch; it is "
+                "deprecated: the node chooses (remote_policy_node calls the server, "
+                "policy_node runs the model)"
+                + ("" if value or not remote else "; use_remote=false is ignored here")
+            )
+    if given:
+        defaults["wait_for_task"] = True
+    return UpstreamParameters(defaults, task_given, tuple(notes))

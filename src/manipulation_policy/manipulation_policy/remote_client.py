@@ -28,7 +28,9 @@ import requests
 
 from .contract import parse_response, response_to_action
 from .errors import InputError
+from .openvla_actions import ActionConversionOptions
 from .policy_types import PolicyAction
+from .upstream_compat import canonical_answer
 
 # Statuses worth another attempt: the server is overloaded, restarting or broken for now.
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -42,6 +44,8 @@ class RemoteSettings:
     api_key: str = ""
     backoff_initial_sec: float = 0.05
     backoff_max_sec: float = 0.5
+    # How a raw OpenVLA action vector in an upstream-shaped answer is converted.
+    raw_action_options: Optional[ActionConversionOptions] = None
 
     @property
     def infer_url(self) -> str:
@@ -229,7 +233,8 @@ class RemoteClient:
         status = response.status_code
         if status == 200:
             try:
-                action = response_to_action(parse_response(response.json()))
+                answer = canonical_answer(response.json(), settings.raw_action_options)
+                action = response_to_action(parse_response(answer))
             except (ValueError, InputError) as exc:
                 return _Attempt(failure=f"invalid response from server: {exc}",
                                 reached_server=True)

@@ -96,6 +96,8 @@ class RemoteActionSource:
 
 
 class RemotePolicyNode(PolicyNodeBase):
+    remote = True
+
     def __init__(self, **node_kwargs: Any):
         super().__init__("remote_policy_node", REMOTE_NODE_PARAMETERS, **node_kwargs)
 
