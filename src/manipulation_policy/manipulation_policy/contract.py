@@ -6,9 +6,9 @@ request_id; eef_target_mode, request_id, inference_time_ms) are never
 required. Unknown request fields are ignored. Every request the upstream
 MobileManipulationCore client sends is understood: ``task``/``task_text`` as
 the instruction, NaN/Infinity in joint arrays as unknown values, its
-``openvla_*`` scaling and clipping fields (within ``MAX_REQUEST_SCALE``). Conversions to and from the
-plain types of ``policy_types`` live here too, so the server and the client
-share one definition.
+``openvla_*`` scaling and clipping fields (within ``MAX_REQUEST_SCALE``).
+Conversions to and from the plain types of ``policy_types`` live here too, so
+the server and the client share one definition.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Loads one backend, then serves it with uvicorn:
 GET /health, POST /infer, GET /info, GET /metrics, GET /docs and /openapi.json.
 Model options fall back to environment variables (OPENVLA_MODEL, OPENVLA_UNNORM_KEY,
 ...; see --help). Started without --backend but with OPENVLA_* variables set (as the
-upstream MobileManipulationCore server is), it serves the openvla backend. With an API key (--api-key-file or MANIPULATION_POLICY_API_KEY),
+upstream MobileManipulationCore server is), it serves the openvla backend.
+With an API key (--api-key-file or MANIPULATION_POLICY_API_KEY),
 every path but /health, /docs and /openapi.json needs ``Authorization: Bearer <key>``
 (/metrics too: Prometheus can send one). Predictions run one at a time; past
 --max-queue waiting requests the server answers 503 with Retry-After at once.
