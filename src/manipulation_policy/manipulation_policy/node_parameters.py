@@ -189,8 +189,8 @@ COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
                   "parameter is a task from the start.", live=False),
     ParameterSpec("max_steps", 0,
                   "Decisions published per task, then wait for the next task "
-                  "(0: until an empty message on instruction_topic clears it).",
-                  integer_in(0, MAX_STEPS)),
+                  "(0 or less: until an empty message on instruction_topic clears it).",
+                  integer_in(-MAX_STEPS, MAX_STEPS)),
 )
 
 POLICY_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
@@ -294,6 +294,7 @@ def backend_options(values: Mapping[str, Any]) -> dict[str, Any]:
 UPSTREAM_ALIASES = {"task_prompt": "instruction", "task_prompt_topic": "instruction_topic"}
 UPSTREAM_SWITCHES = ("use_remote",)
 UPSTREAM_PARAMETER_NAMES = (*UPSTREAM_ALIASES, *UPSTREAM_SWITCHES)
+UPSTREAM_MAX_STEPS = 50  # upstream's node default: decisions per task
 
 
 @dataclass(frozen=True)
@@ -310,8 +311,9 @@ def resolve_upstream_parameters(given: Mapping[str, Any], remote: bool) -> Upstr
 
     Raises ValueError for a value of the wrong type, or for ``use_remote:=true``
     given to the in-process node (it would load the model here instead).
-    Upstream's node waits for a task before acting, so any upstream name turns
-    ``wait_for_task`` on (unless it is given itself).
+    Upstream's node waits for a task before acting and runs 50 decisions per
+    task, so any upstream name turns ``wait_for_task`` on and makes 50 the
+    default of ``max_steps`` (either given itself wins).
     """
     defaults: dict[str, Any] = {}
     notes: list[str] = []
@@ -350,4 +352,5 @@ def resolve_upstream_parameters(given: Mapping[str, Any], remote: bool) -> Upstr
             )
     if given:
         defaults["wait_for_task"] = True
+        defaults["max_steps"] = UPSTREAM_MAX_STEPS
     return UpstreamParameters(defaults, task_given, tuple(notes))

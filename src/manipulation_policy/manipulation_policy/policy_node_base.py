@@ -359,7 +359,7 @@ class PolicyNodeBase(Node):
         steps = self.parameter_values()["max_steps"]
         self.get_logger().info(
             f"task: {instruction!r} ("
-            + (f"{steps} decisions)" if steps else "until cleared)")
+            + (f"{steps} decisions)" if steps > 0 else "until cleared)")
         )
 
     def _count_task_step(self, generation: int) -> None:

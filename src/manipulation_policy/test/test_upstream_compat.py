@@ -445,11 +445,13 @@ def test_upstream_parameter_names_resolve_with_notes():
         "instruction": "wipe the table",
         "instruction_topic": "/manipulation/task_prompt",
         "wait_for_task": True,
+        "max_steps": 50,  # upstream's default per task
     }
     assert resolved.task_given and len(resolved.notes) == 3
     assert all("deprecated" in note for note in resolved.notes)
     waiting = resolve_upstream_parameters({"task_prompt": ""}, remote=True)
-    assert waiting.defaults == {"wait_for_task": True} and not waiting.task_given
+    assert waiting.defaults == {"wait_for_task": True, "max_steps": 50}
+    assert not waiting.task_given
     assert resolve_upstream_parameters({}, remote=False).defaults == {}
     with pytest.raises(ValueError, match="remote_policy_node"):
         resolve_upstream_parameters({"use_remote": True}, remote=False)
@@ -489,7 +491,7 @@ def test_remote_node_with_upstream_names_waits_for_a_task_and_stops_after_max_st
                    for o in upstream_server.observations())  # fmt: skip
 
         # A new task runs again; an empty one clears it at once (upstream's stop).
-        node.set_parameters([Parameter("max_steps", value=0)])
+        node.set_parameters([Parameter("max_steps", value=-1)])  # upstream's "continuous"
         rig.instruction_pub.publish(String(data="open the drawer"))
         assert wait_until(lambda: len(rig.outputs()) >= 5)
         rig.instruction_pub.publish(String(data=""))
