@@ -17,7 +17,7 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from .backends import BACKEND_MODULES
-from .contract import MAX_IMAGE_SIDE
+from .contract import MAX_IMAGE_SIDE, MAX_REQUEST_SCALE
 
 Check = Callable[[Any], Optional[str]]
 
@@ -354,3 +354,40 @@ def resolve_upstream_parameters(given: Mapping[str, Any], remote: bool) -> Upstr
         defaults["wait_for_task"] = True
         defaults["max_steps"] = UPSTREAM_MAX_STEPS
     return UpstreamParameters(defaults, task_given, tuple(notes))
+
+
+# Upstream's per-request action settings (remote node only): sent with every request
+# when given, and used on a raw action vector the server may answer with.
+UPSTREAM_ACTION_PARAMETERS = (
+    "openvla_xyz_scaling", "openvla_rotation_scaling", "openvla_clip_actions",
+    "openvla_position_bounds", "openvla_rotation_bounds", "openvla_gripper_bounds",
+)
+
+
+def upstream_action_fields(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The request fields for upstream's ``openvla_*`` parameters that were given;
+    ValueError naming the parameter for a value the server would refuse."""
+    fields: dict[str, Any] = {}
+    for name, value in given.items():
+        if name.endswith("_scaling"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} expected float, got {type(value).__name__} {value!r}")
+            reason = positive_number(MAX_REQUEST_SCALE)(float(value))
+            if reason is not None:
+                raise ValueError(f"{name} {reason}")
+            fields[name] = float(value)
+        elif name == "openvla_clip_actions":
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} expected bool, got {type(value).__name__} {value!r}")
+            fields[name] = value
+        elif name.endswith("_bounds"):
+            numbers = list(value) if isinstance(value, Sequence) and not isinstance(
+                value, str) else []
+            if len(numbers) != 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in numbers
+            ) or numbers[0] > numbers[1]:
+                raise ValueError(f"{name} must be [lower, upper], two finite numbers, "
+                                 f"got {value!r}")
+            fields[name] = [float(v) for v in numbers]
+    return fields

@@ -16,9 +16,16 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Optional
 
-from .contract import observation_to_request
+from rcl_interfaces.msg import ParameterDescriptor
+
+from .contract import observation_to_request, parse_request, request_action_overrides
 from .imaging import resize_rgb
-from .node_parameters import REMOTE_NODE_PARAMETERS
+from .node_parameters import (
+    REMOTE_NODE_PARAMETERS,
+    UPSTREAM_ACTION_PARAMETERS,
+    upstream_action_fields,
+)
+from .openvla_actions import ActionConversionOptions
 from .policy_node_base import LOG_THROTTLE_SEC, PolicyNodeBase, run_node
 from .policy_types import JointStateData, Observation, PolicyAction
 from .remote_client import RemoteClient, RemoteSettings
@@ -61,8 +68,10 @@ class RemoteActionSource:
         parameter_values: Callable[[], dict[str, Any]],
         report_failure: Callable[[str], None],
         report_recovery: Callable[[str], None] = lambda message: None,
+        extra_fields: Optional[dict[str, Any]] = None,
     ):
         self.client = client
+        self._extra_fields = dict(extra_fields or {})
         self._parameter_values = parameter_values
         self._report_failure = report_failure
         self._report_recovery = report_recovery
@@ -77,6 +86,7 @@ class RemoteActionSource:
             sized = resize_rgb(observation.image, values["image_width"], values["image_height"])
             observation = replace(observation, image=sized)
         body = observation_to_request(observation, jpeg_quality=values["jpeg_quality"])
+        body.update(self._extra_fields)
         result = self.client.infer(body)
         if result.ok:
             if self._failing:
@@ -101,8 +111,36 @@ class RemotePolicyNode(PolicyNodeBase):
     def __init__(self, **node_kwargs: Any):
         super().__init__("remote_policy_node", REMOTE_NODE_PARAMETERS, **node_kwargs)
 
+    def _upstream_action_fields(self) -> dict[str, Any]:
+        """Upstream's openvla_* parameters, when given: request fields (read at start)."""
+        given = {}
+        for name in UPSTREAM_ACTION_PARAMETERS:
+            value = self.declare_parameter(
+                name,
+                None,
+                ParameterDescriptor(
+                    description="upstream MobileManipulationCore per-request action setting, "
+                    "sent with every request when set (read at start)",
+                    dynamic_typing=True,
+                    read_only=True,
+                ),
+            ).value
+            if value is not None:
+                given[name] = value
+        fields = upstream_action_fields(given)
+        if fields:
+            self.get_logger().info(f"sending upstream action settings with each request: {fields}")
+        return fields
+
     def create_action_source(self) -> RemoteActionSource:
-        settings = remote_settings(self.parameter_values())
+        extra_fields = self._upstream_action_fields()
+        # A raw action vector in the answer is converted with the same settings.
+        raw_options = ActionConversionOptions().with_overrides(
+            request_action_overrides(parse_request(extra_fields))
+        )
+        settings = replace(
+            remote_settings(self.parameter_values()), raw_action_options=raw_options
+        )
         self.get_logger().info(
             f"policy server {settings.url} (timeout {settings.timeout_sec:g} s, "
             f"{settings.retry_attempts} retries, API key {'set' if settings.api_key else 'unset'})"
@@ -112,6 +150,7 @@ class RemotePolicyNode(PolicyNodeBase):
             self.parameter_values,
             self._report_failure,
             lambda message: self.get_logger().info(message),
+            extra_fields,
         )
 
     def parameters_changed(self, changed: dict[str, Any]) -> None:

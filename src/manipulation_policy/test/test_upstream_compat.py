@@ -33,10 +33,13 @@ from manipulation_policy import policy_server
 from manipulation_policy.backends.openvla import OpenVLABackend
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.contract import parse_request, request_to_observation
-from manipulation_policy.node_parameters import resolve_upstream_parameters
+from manipulation_policy.node_parameters import (
+    resolve_upstream_parameters,
+    upstream_action_fields,
+)
 from manipulation_policy.openvla_actions import convert_openvla_action
 from manipulation_policy.policy_node import PolicyNode
-from manipulation_policy.policy_types import Observation, Quaternion
+from manipulation_policy.policy_types import ActionOverrides, Observation, Quaternion
 from manipulation_policy.pose_math import rpy_from_quaternion
 from manipulation_policy.remote_client import RemoteClient, RemoteSettings
 from manipulation_policy.remote_policy_node import RemotePolicyNode
@@ -432,6 +435,47 @@ def test_remote_node_publishes_upstream_vector_with_upstreams_gripper_meaning(up
     assert msg.gripper_active and msg.gripper_command == pytest.approx(0.2)  # 0.2: mostly closed
     assert msg.has_eef_target and msg.eef_target_pose.position.y == pytest.approx(-0.02)
     assert policy_output_to_action(msg) == expected_from_vector(VECTOR)
+
+
+def test_remote_node_sends_upstreams_openvla_parameters_and_applies_them_to_vectors(
+    upstream_server,
+):
+    settings = {"openvla_xyz_scaling": 10.0, "openvla_clip_actions": True,
+                "openvla_position_bounds": [-0.15, 0.15], "openvla_gripper_bounds": [0.0, 0.9]}
+    with Rig() as rig:
+        node = rig.add(RemotePolicyNode(**rig.node_kwargs(
+            remote_url=upstream_server.url, inference_rate=20.0, **settings)))  # fmt: skip
+        rig.stream_joint_states()
+        rig.stream_camera(sample_image())
+        # The server is sent the settings with every request ...
+        assert wait_until(lambda: upstream_server.observations())
+        overrides = upstream_server.observations()[-1].action_overrides
+        assert overrides == ActionOverrides(position_scale=10.0, clip_actions=True,
+                                            position_bounds=(-0.15, 0.15),
+                                            gripper_bounds=(0.0, 0.9))  # fmt: skip
+        # ... and a raw vector in the answer is converted with them, as upstream's client does.
+        upstream_server.raw_answer = (200, json.dumps({"action": [0.01, -0.02, 0.5, 0, 0, 0,
+                                                                 1.0]}).encode())  # fmt: skip
+        assert wait_until(lambda: any(o.has_eef_target and o.eef_target_pose.position.z > 0.1
+                                      for o in rig.outputs()))  # fmt: skip
+        msg = next(o for o in rig.outputs() if o.eef_target_pose.position.z > 0.1)
+        p = msg.eef_target_pose.position
+        assert (p.x, p.y, p.z) == pytest.approx((0.1, -0.15, 0.15))  # 10x, then clamped
+        assert msg.gripper_command == pytest.approx(0.9)  # raw 1.0 clamped to 0.9, then mapped
+        assert node.action_source.client.settings.raw_action_options.clip_actions
+
+
+@pytest.mark.parametrize(
+    "settings, field",
+    [({"openvla_xyz_scaling": 0.0}, "openvla_xyz_scaling"),
+     ({"openvla_rotation_scaling": 1000.0}, "openvla_rotation_scaling"),
+     ({"openvla_clip_actions": "true"}, "openvla_clip_actions"),
+     ({"openvla_position_bounds": [0.1, -0.1]}, "openvla_position_bounds"),
+     ({"openvla_rotation_bounds": [0.1]}, "openvla_rotation_bounds")],
+)  # fmt: skip
+def test_bad_upstream_openvla_parameters_are_refused_at_start(settings, field):
+    with pytest.raises(ValueError, match=field):
+        upstream_action_fields(settings)
 
 
 # ====================================================== upstream node parameters
