@@ -100,7 +100,7 @@ class PolicyAction:
     eef_target: Optional[Pose] = None
     eef_target_mode: EefTargetMode = EefTargetMode.DELTA
     joint_deltas: Optional[tuple[float, ...]] = None
-    gripper_command: Optional[float] = None
+    gripper_command: Optional[float] = None  # 0.0 closed .. 1.0 open (upstream's, OpenVLA's)
     base_velocity_hint: Optional[Twist] = None
     confidence: float = 0.0
 
