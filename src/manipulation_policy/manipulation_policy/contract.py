@@ -156,9 +156,7 @@ class InferResponse(_WireModel):
     eef_target_pose: PoseModel = Field(default_factory=PoseModel)
     has_joint_deltas: bool = False
     joint_deltas: list[Number] = Field(default_factory=list)
-    gripper_command: Number = Field(
-        default=0.0, description="0.0 fully closed .. 1.0 fully open (OpenVLA's convention)"
-    )
+    gripper_command: Number = 0.0
     gripper_active: bool = False
     has_base_hint: bool = False
     base_velocity_hint: TwistModel = Field(default_factory=TwistModel)
