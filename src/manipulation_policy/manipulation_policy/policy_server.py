@@ -235,7 +235,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     startup_log = logging.getLogger("manipulation_policy.policy_server")
     args.backend, why = choose_backend(args.backend, os.environ)
-    startup_log.info("backend %s (%s)", args.backend, why)
+    if why != "--backend":
+        startup_log.info("backend %s (%s)", args.backend, why)
     for warning in environment_warnings(os.environ):
         startup_log.warning(warning)
     try:
