@@ -99,10 +99,15 @@ def describe(index: int, msg: PolicyOutput, latency: Optional[float]) -> str:
         target = f"({p.x:+.4f}, {p.y:+.4f}, {p.z:+.4f}) m"
     else:
         target, mode = "hold", "-"
-    gripper = f"{msg.gripper_command:.3f}" if msg.gripper_active else "  -  "
+    # PolicyOutput's gripper meaning (OpenVLA's and upstream's): 0 = closed, 1 = open.
+    if msg.gripper_active:
+        state = "open" if msg.gripper_command >= 0.5 else "closed"
+        gripper = f"{msg.gripper_command:.3f} {state:6s}"
+    else:
+        gripper = "  -          "
     shown = f"{latency * 1000:6.1f} ms" if latency is not None else "     ?"
     return (
-        f"{index:3d}  {stamp}  {mode:8s}  {target:32s}  {gripper:>7s}  "
+        f"{index:3d}  {stamp}  {mode:8s}  {target:32s}  {gripper:13s}  "
         f"{msg.confidence:4.2f}  {shown}"
     )
 
@@ -136,7 +141,11 @@ def run(outputs_wanted: int, deadline_sec: float, camera_hz: float, rate_hz: flo
             flush=True,
         )
         print(
-            "  #  stamp [s]       mode      eef target                        gripper  conf"
+            "demo: the stub backend's answers are synthetic (derived from the image colour); "
+            "gripper_command 0 = closed, 1 = open\n"
+        )
+        print(
+            "  #  stamp [s]       mode      eef target                        gripper        conf"
             "  latency"
         )
         printed = 0

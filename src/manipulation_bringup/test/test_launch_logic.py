@@ -32,6 +32,8 @@ SHARED_DEFAULTS = {
     "instruction": "pick up the object",
     "reference_frame": "base_link",
     "max_observation_age_sec": 0.5,
+    "wait_for_task": False,
+    "max_steps": 0,
 }
 LOCAL_DEFAULTS = {
     "backend": "openvla",

@@ -59,10 +59,34 @@ def node():
     rclpy.shutdown()
 
 
+# The upstream MobileManipulationCore message, field by field, in its order
+# (read from its msg/PolicyOutput.msg); code built against it must build here.
+UPSTREAM_FIELDS = [
+    ("header", "std_msgs/Header"),
+    ("eef_target_pose", "geometry_msgs/Pose"),
+    ("has_eef_target", "boolean"),
+    ("joint_deltas", "sequence<double>"),
+    ("has_joint_deltas", "boolean"),
+    ("gripper_command", "double"),
+    ("gripper_active", "boolean"),
+    ("base_velocity_hint", "geometry_msgs/Twist"),
+    ("has_base_hint", "boolean"),
+    ("reference_frame", "string"),
+    ("confidence", "float"),
+]
+
+
 def test_constants_are_distinct():
     assert PolicyOutput.EEF_TARGET_ABSOLUTE != PolicyOutput.EEF_TARGET_DELTA
-    assert PolicyOutput.GRIPPER_OPEN == 0.0
-    assert PolicyOutput.GRIPPER_CLOSED == 1.0
+    # Upstream's (and OpenVLA's) gripper meaning: 0 = closed, 1 = open.
+    assert PolicyOutput.GRIPPER_CLOSED == 0.0
+    assert PolicyOutput.GRIPPER_OPEN == 1.0
+
+
+def test_upstream_fields_come_first_in_upstream_order_and_types():
+    fields = list(PolicyOutput.get_fields_and_field_types().items())
+    assert fields[: len(UPSTREAM_FIELDS)] == UPSTREAM_FIELDS
+    assert fields[len(UPSTREAM_FIELDS):] == [("eef_target_mode", "uint8")]
 
 
 def test_full_policy_output_round_trips_over_dds(node):

@@ -3,9 +3,12 @@
 Request and response field names, types and defaults are those of the
 original remote-server guide; the optional extensions (instruction, eef_pose,
 request_id; eef_target_mode, request_id, inference_time_ms) are never
-required. Unknown request fields are ignored. Conversions to and from the
-plain types of ``policy_types`` live here too, so the server and the client
-share one definition.
+required. Unknown request fields are ignored. Every request the upstream
+MobileManipulationCore client sends is understood: ``task``/``task_text`` as
+the instruction, NaN/Infinity in joint arrays as unknown values, its
+``openvla_*`` scaling and clipping fields (within ``MAX_REQUEST_SCALE``).
+Conversions to and from the plain types of ``policy_types`` live here too, so
+the server and the client share one definition.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from .errors import InputError
 from .imaging import DEFAULT_MAX_IMAGE_PIXELS, decode_base64_image, encode_base64_jpeg
 from .policy_types import (
     DEFAULT_REFERENCE_FRAME,
+    ActionOverrides,
     EefTargetMode,
     JointStateData,
     Observation,
@@ -31,12 +35,21 @@ from .policy_types import (
 
 # JSON numbers only (no "1.0" strings, no booleans), finite.
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+# A joint value: robots publish NaN for joints without velocity or effort sensors
+# (and json_body lets NaN/Infinity through inside joint arrays only): unknown.
+JointValue = Annotated[float, Field(strict=True)]
 Text = Annotated[str, Field(strict=True)]
 # JSON true/false only: "yes", 1 or "true" are not a flag.
 Flag = Annotated[bool, Field(strict=True)]
+InstructionText = Annotated[str, Field(strict=True, max_length=1024)]
 MAX_JOINTS = 256
 MAX_IMAGE_SIDE = 8192
 MAX_FRAME_LENGTH = 256
+# A client's per-request gain on the model's motion is honoured up to this; the
+# server's own step caps (max_position_step, max_rotation_step) still apply after it.
+MAX_REQUEST_SCALE = 100.0
+Scale = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=MAX_REQUEST_SCALE)]
+BoundsPair = Annotated[list[Number], Field(min_length=2, max_length=2)]
 
 
 class _WireModel(BaseModel):
@@ -70,9 +83,9 @@ class JointStatesModel(_WireModel):
     """sensor_msgs/JointState: position, velocity and effort are empty or one per name."""
 
     name: list[Text] = Field(default_factory=list, max_length=MAX_JOINTS)
-    position: list[Number] = Field(default_factory=list, max_length=MAX_JOINTS)
-    velocity: list[Number] = Field(default_factory=list, max_length=MAX_JOINTS)
-    effort: list[Number] = Field(default_factory=list, max_length=MAX_JOINTS)
+    position: list[JointValue] = Field(default_factory=list, max_length=MAX_JOINTS)
+    velocity: list[JointValue] = Field(default_factory=list, max_length=MAX_JOINTS)
+    effort: list[JointValue] = Field(default_factory=list, max_length=MAX_JOINTS)
 
     @model_validator(mode="after")
     def _lengths_agree(self) -> JointStatesModel:
@@ -97,13 +110,32 @@ class InferRequest(_WireModel):
     reference_frame: Annotated[Text, Field(max_length=MAX_FRAME_LENGTH)] = DEFAULT_REFERENCE_FRAME
     joint_states: JointStatesModel = Field(default_factory=JointStatesModel)
     image: Optional[Text] = Field(default=None, description="base64-encoded JPEG (or PNG)")
-    image_encoding: Text = "jpeg"
+    image_encoding: Optional[Text] = Field(
+        default=None, description="jpeg or png; when absent, detected from the image bytes"
+    )
     image_width: Optional[Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGE_SIDE)]] = None
     image_height: Optional[Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGE_SIDE)]] = None
     # Optional extensions.
-    instruction: Optional[Annotated[str, Field(strict=True, max_length=1024)]] = None
+    instruction: Optional[InstructionText] = None
     eef_pose: Optional[PoseModel] = None
     request_id: Optional[Annotated[str, Field(strict=True, max_length=128)]] = None
+    # Upstream MobileManipulationCore's names and per-request action settings.
+    task: Optional[InstructionText] = Field(default=None, description="upstream's instruction")
+    task_text: Optional[InstructionText] = Field(default=None, description="upstream's too")
+    openvla_xyz_scaling: Optional[Scale] = None
+    openvla_rotation_scaling: Optional[Scale] = None
+    openvla_clip_actions: Optional[Annotated[bool, Field(strict=True)]] = None
+    openvla_position_bounds: Optional[BoundsPair] = None
+    openvla_rotation_bounds: Optional[BoundsPair] = None
+    openvla_gripper_bounds: Optional[BoundsPair] = None
+
+    @model_validator(mode="after")
+    def _bounds_are_ordered(self) -> InferRequest:
+        for name in BOUNDS_FIELDS:
+            bounds = getattr(self, name)
+            if bounds is not None and bounds[0] > bounds[1]:
+                raise InputError(name, f"lower bound {bounds[0]} is above upper {bounds[1]}")
+        return self
 
     @model_validator(mode="after")
     def _eef_orientation_is_a_rotation(self) -> InferRequest:
@@ -118,6 +150,9 @@ class InferRequest(_WireModel):
                     "its length must be non-zero and finite",
                 )
         return self
+
+
+BOUNDS_FIELDS = ("openvla_position_bounds", "openvla_rotation_bounds", "openvla_gripper_bounds")
 
 
 class InferResponse(_WireModel):
@@ -230,15 +265,44 @@ def request_to_observation(
     return Observation(
         joint_state=JointStateData(
             name=tuple(joints.name),
-            position=tuple(joints.position),
-            velocity=tuple(joints.velocity),
-            effort=tuple(joints.effort),
+            position=_unknown_as_nan(joints.position),
+            velocity=_unknown_as_nan(joints.velocity),
+            effort=_unknown_as_nan(joints.effort),
         ),
         image=image,
         reference_frame=request.reference_frame,
-        instruction=request.instruction or "",
+        instruction=request_instruction(request),
         eef_pose=_pose_from_model(request.eef_pose) if request.eef_pose is not None else None,
+        action_overrides=request_action_overrides(request),
     )
+
+
+def request_instruction(request: InferRequest) -> str:
+    """The task text, under any of its names (upstream's precedence: task, instruction,
+    task_text; an empty one counts as absent)."""
+    return request.task or request.instruction or request.task_text or ""
+
+
+def request_action_overrides(request: InferRequest) -> Optional[ActionOverrides]:
+    """The client's per-request scaling/clipping (upstream's openvla_* fields), if any."""
+
+    def pair(value: Optional[list[float]]) -> Optional[tuple[float, float]]:
+        return (value[0], value[1]) if value is not None else None
+
+    overrides = ActionOverrides(
+        position_scale=request.openvla_xyz_scaling,
+        rotation_scale=request.openvla_rotation_scaling,
+        clip_actions=request.openvla_clip_actions,
+        position_bounds=pair(request.openvla_position_bounds),
+        rotation_bounds=pair(request.openvla_rotation_bounds),
+        gripper_bounds=pair(request.openvla_gripper_bounds),
+    )
+    return None if overrides == ActionOverrides() else overrides
+
+
+def _unknown_as_nan(values: list[float]) -> tuple[float, ...]:
+    """NaN and +-Infinity in a joint array mean "unknown"; one spelling for all."""
+    return tuple(v if math.isfinite(v) else math.nan for v in values)
 
 
 def observation_to_request(

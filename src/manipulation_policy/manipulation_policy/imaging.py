@@ -22,6 +22,21 @@ DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
 # Wire image_encoding value -> the Pillow format the bytes must have.
 WIRE_IMAGE_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG"}
+# Leading bytes of each accepted format (JPEG SOI + marker; the PNG signature).
+IMAGE_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"))
+
+
+def detect_image_format(raw: bytes) -> str:
+    """The Pillow format of JPEG or PNG bytes, from their signature."""
+    for signature, image_format in IMAGE_SIGNATURES:
+        if raw.startswith(signature):
+            return image_format
+    raise InputError(
+        "image",
+        "bytes are neither a JPEG nor a PNG image (no image_encoding given, so the "
+        "format is read from the bytes)",
+    )
+
 
 # ROS sensor_msgs/Image encodings we accept -> (channels, channel order).
 RAW_ENCODINGS = {
@@ -35,14 +50,19 @@ RAW_ENCODINGS = {
 
 def decode_base64_image(
     data: str,
-    image_encoding: str = "jpeg",
+    image_encoding: Optional[str] = None,
     declared_width: Optional[int] = None,
     declared_height: Optional[int] = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
-    """Decode the wire ``image`` field into an HxWx3 uint8 RGB array."""
-    expected_format = WIRE_IMAGE_FORMATS.get(image_encoding.lower())
-    if expected_format is None:
+    """Decode the wire ``image`` field into an HxWx3 uint8 RGB array.
+
+    ``image_encoding`` None: the format (JPEG or PNG) is read from the bytes.
+    """
+    expected_format = None if image_encoding is None else WIRE_IMAGE_FORMATS.get(
+        image_encoding.lower()
+    )
+    if image_encoding is not None and expected_format is None:
         raise InputError(
             "image_encoding",
             f"unsupported encoding {image_encoding!r}; use one of {sorted(WIRE_IMAGE_FORMATS)}",
@@ -53,6 +73,8 @@ def decode_base64_image(
         raise InputError("image", f"not valid base64 ({exc})") from None
     if not raw:
         raise InputError("image", "empty image")
+    if expected_format is None:
+        expected_format = detect_image_format(raw)
     return decode_image_bytes(raw, expected_format, declared_width, declared_height, max_pixels)
 
 

@@ -3,13 +3,17 @@
 Python's ``json`` module accepts ``NaN``, ``Infinity`` and ``-Infinity`` and turns
 ``1e999`` into ``inf``; none of these is a JSON number a client may send. They
 are parsed to a marker and reported with the path of the field that held them.
+One exception: inside ``joint_states.position``/``velocity``/``effort`` they
+mean "unknown" (robots publish NaN for joints without velocity or effort
+sensors, and the upstream MobileManipulationCore client sends them as the bare
+tokens Python writes), and are read as NaN.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Optional
 
 from .contract import field_path
 from .errors import InputError
@@ -54,11 +58,15 @@ def parse_json_body(raw: bytes) -> Any:
     except ValueError as exc:  # e.g. an integer literal with too many digits
         raise InputError("body", f"not valid JSON: {exc}") from None
     if seen_non_finite:
-        location, marker = _find_non_finite(payload)
-        raise InputError(
-            field_path(location),
-            f"{marker.text} is not a JSON number; values must be finite",
-        )
+        _unknown_joint_values_as_nan(payload)
+        found = _find_non_finite(payload)
+        if found is not None:
+            location, marker = found
+            raise InputError(
+                field_path(location),
+                f"{marker.text} is not a JSON number; values must be finite "
+                "(only joint_states arrays may hold NaN/Infinity, read as unknown)",
+            )
     if _may_hold_surrogates(raw):
         location = _find_lone_surrogate(payload)
         if location is not None:
@@ -109,7 +117,20 @@ def _find_lone_surrogate(payload: Any) -> tuple | None:
     return None
 
 
-def _find_non_finite(payload: Any) -> tuple[tuple, _NonFinite]:
+JOINT_ARRAYS = ("position", "velocity", "effort")
+
+
+def _unknown_joint_values_as_nan(payload: Any) -> None:
+    joints = payload.get("joint_states") if isinstance(payload, dict) else None
+    if not isinstance(joints, dict):
+        return
+    for name in JOINT_ARRAYS:
+        values = joints.get(name)
+        if isinstance(values, list):
+            joints[name] = [float("nan") if isinstance(v, _NonFinite) else v for v in values]
+
+
+def _find_non_finite(payload: Any) -> Optional[tuple[tuple, _NonFinite]]:
     # Iterative: a hostile body may nest far deeper than Python's recursion limit.
     pending: list[tuple[tuple, Any]] = [((), payload)]
     while pending:
@@ -124,4 +145,4 @@ def _find_non_finite(payload: Any) -> tuple[tuple, _NonFinite]:
             continue
         # Reversed so the first field in document order is reported first.
         pending.extend((location + (key,), item) for key, item in reversed(items))
-    raise AssertionError("a non-finite marker was parsed but not found")
+    return None

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from .backends import BACKEND_MODULES
 from .client_api_key import ApiKeyUnusable, read_api_key
-from .contract import MAX_IMAGE_SIDE
+from .contract import MAX_IMAGE_SIDE, MAX_REQUEST_SCALE
 from .remote_client import DEFAULT_MAX_RESPONSE_BYTES
 from .response_validation import frame_id_problem
 
@@ -31,6 +31,7 @@ MAX_RETRY_ATTEMPTS = 20
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_RETRY_AFTER_SEC = 3600.0
 MAX_BOUND = 1000.0  # upper end of the answer bounds: they must stay finite numbers
+MAX_STEPS = 1_000_000_000
 
 IMAGE_TRANSPORTS = ("raw", "compressed")
 QUANTIZATIONS = ("none", "8bit", "4bit")
@@ -209,6 +210,14 @@ COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("max_observation_age_sec", 0.5,
                   "Images older than this (node clock minus image stamp) are not used.",
                   positive_number(3600.0)),
+    ParameterSpec("wait_for_task", False,
+                  "true: act only once a task (a message on instruction_topic) has arrived, "
+                  "as the upstream MobileManipulationCore node does; false: the instruction "
+                  "parameter is a task from the start.", live=False),
+    ParameterSpec("max_steps", 0,
+                  "Decisions published per task, then wait for the next task "
+                  "(0 or less: until an empty message on instruction_topic clears it).",
+                  integer_in(-MAX_STEPS, MAX_STEPS)),
 )
 
 POLICY_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
@@ -330,3 +339,109 @@ def backend_options(values: Mapping[str, Any]) -> dict[str, Any]:
         "position_scale": float(values["position_scale"]),
         "rotation_scale": float(values["rotation_scale"]),
     }
+
+
+# ---------------------------------------------------------------- upstream names
+
+# Parameter names of the upstream MobileManipulationCore policy node that this
+# project spells differently. Accepted (read at start) with a deprecation note.
+UPSTREAM_ALIASES = {"task_prompt": "instruction", "task_prompt_topic": "instruction_topic"}
+UPSTREAM_SWITCHES = ("use_remote",)
+UPSTREAM_PARAMETER_NAMES = (*UPSTREAM_ALIASES, *UPSTREAM_SWITCHES)
+UPSTREAM_MAX_STEPS = 50  # upstream's node default: decisions per task
+
+
+@dataclass(frozen=True)
+class UpstreamParameters:
+    """What upstream-named parameters given to a node mean here."""
+
+    defaults: dict[str, Any]  # canonical name -> value to declare it with
+    task_given: bool  # upstream's task_prompt was non-empty: a task from the start
+    notes: tuple[str, ...]  # deprecation notes to log
+
+
+def resolve_upstream_parameters(given: Mapping[str, Any], remote: bool) -> UpstreamParameters:
+    """``given``: the upstream-named parameters that were set (name -> value).
+
+    Raises ValueError for a value of the wrong type, or for ``use_remote:=true``
+    given to the in-process node (it would load the model here instead).
+    Upstream's node waits for a task before acting and runs 50 decisions per
+    task, so any upstream name turns ``wait_for_task`` on and makes 50 the
+    default of ``max_steps`` (either given itself wins).
+    """
+    defaults: dict[str, Any] = {}
+    notes: list[str] = []
+    task_given = False
+    for name, value in given.items():
+        if name in UPSTREAM_ALIASES:
+            target = UPSTREAM_ALIASES[name]
+            if not isinstance(value, str):
+                raise ValueError(f"{name} expected str, got {type(value).__name__} {value!r}")
+            notes.append(f"parameter {name!r} is the upstream MobileManipulationCore name of "
+                         f"{target!r}; it is deprecated, use {target!r}")
+            if name == "task_prompt_topic":
+                reason = topic_name(value)
+                if reason is not None:
+                    raise ValueError(f"{name} {reason}")
+                defaults[target] = value
+            elif value.strip():
+                reason = non_empty_text(MAX_INSTRUCTION_CHARS)(value)
+                if reason is not None:
+                    raise ValueError(f"{name} {reason}")
+                defaults[target] = value.strip()
+                task_given = True
+        elif name == "use_remote":
+            if not isinstance(value, bool):
+                raise ValueError(f"use_remote expected bool, got {type(value).__name__} {value!r}")
+            if value and not remote:
+                raise ValueError(
+                    "use_remote is true, but policy_node runs the model in this process; "
+                    "start remote_policy_node instead (launch: use_remote_policy:=true)"
+                )
+            notes.append(
+                "parameter 'use_remote' is the upstream MobileManipulationCore switch; it is "
+                "deprecated: the node chooses (remote_policy_node calls the server, "
+                "policy_node runs the model)"
+                + ("" if value or not remote else "; use_remote=false is ignored here")
+            )
+    if given:
+        defaults["wait_for_task"] = True
+        defaults["max_steps"] = UPSTREAM_MAX_STEPS
+    return UpstreamParameters(defaults, task_given, tuple(notes))
+
+
+# Upstream's per-request action settings (remote node only): sent with every request
+# when given, and used on a raw action vector the server may answer with.
+UPSTREAM_ACTION_PARAMETERS = (
+    "openvla_xyz_scaling", "openvla_rotation_scaling", "openvla_clip_actions",
+    "openvla_position_bounds", "openvla_rotation_bounds", "openvla_gripper_bounds",
+)
+
+
+def upstream_action_fields(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The request fields for upstream's ``openvla_*`` parameters that were given;
+    ValueError naming the parameter for a value the server would refuse."""
+    fields: dict[str, Any] = {}
+    for name, value in given.items():
+        if name.endswith("_scaling"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} expected float, got {type(value).__name__} {value!r}")
+            reason = positive_number(MAX_REQUEST_SCALE)(float(value))
+            if reason is not None:
+                raise ValueError(f"{name} {reason}")
+            fields[name] = float(value)
+        elif name == "openvla_clip_actions":
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} expected bool, got {type(value).__name__} {value!r}")
+            fields[name] = value
+        elif name.endswith("_bounds"):
+            numbers = list(value) if isinstance(value, Sequence) and not isinstance(
+                value, str) else []
+            if len(numbers) != 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in numbers
+            ) or numbers[0] > numbers[1]:
+                raise ValueError(f"{name} must be [lower, upper], two finite numbers, "
+                                 f"got {value!r}")
+            fields[name] = [float(v) for v in numbers]
+    return fields

@@ -12,28 +12,43 @@ training data:
   ``pose_math.quaternion_from_rpy`` (R = Rz(yaw) * Ry(pitch) * Rx(roll), the
   tf2 ``setRPY`` convention) and applied about the reference frame's axes by
   ``pose_math.apply_delta``.
-- gripper: OpenVLA and Bridge use 1 = open, 0 = closed ("open_is_one");
-  PolicyOutput uses 0.0 = fully open, 1.0 = fully closed, so the command is
-  ``1 - g``. A model trained the other way round is "close_is_one"
-  (command = g). The command is clamped to [0, 1].
+- gripper: OpenVLA and Bridge use 1 = open, 0 = closed ("open_is_one"), and so
+  does PolicyOutput (upstream MobileManipulationCore's meaning). The value is
+  normalised exactly as upstream does it (``normalize_gripper``): a value in
+  [0, 1] passes through, any other becomes (v + 1) / 2 (a [-1, 1] model), then
+  clamped to [0, 1]. A model trained the other way round is "close_is_one"
+  (command = 1 - normalised value).
 
-Scaling multiplies the translation by ``position_scale`` and the Euler
-vector by ``rotation_scale``; the limits then cap the Euclidean length of
-each vector (direction kept), so ``max_position_step`` bounds the distance
-travelled, not each axis. A model output with any non-finite number is not
-used: the result is a hold, with a reason the caller can log.
+Post-processing, in upstream's order: the translation is multiplied by
+``position_scale`` and the Euler vector by ``rotation_scale``; with
+``clip_actions`` each translation axis is clamped to ``position_bounds``,
+each rotation axis to ``rotation_bounds`` and the raw gripper value to
+``gripper_bounds``. A client may ask for its own scaling and clipping per
+request (``ActionOverrides``); the server's own caps, ``max_position_step``
+and ``max_rotation_step``, apply last and always: they cap the Euclidean
+length of each vector (direction kept), so ``max_position_step`` bounds the
+distance travelled, not each axis. A model output with any non-finite number
+is not used: the result is a hold, with a reason the caller can log.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Real
 from typing import Optional
 
 import numpy as np
 
-from .policy_types import EefTargetMode, Observation, PolicyAction, Pose, Vector3
+from .policy_types import (
+    ActionOverrides,
+    Bounds,
+    EefTargetMode,
+    Observation,
+    PolicyAction,
+    Pose,
+    Vector3,
+)
 from .pose_math import apply_delta, quaternion_from_rpy
 
 OPENVLA_ACTION_DIM = 7
@@ -53,6 +68,21 @@ def _check_number(name: str, value: object) -> float:
     return number
 
 
+DEFAULT_POSITION_BOUNDS: Bounds = (-1.0, 1.0)
+DEFAULT_ROTATION_BOUNDS: Bounds = (-math.pi, math.pi)
+DEFAULT_GRIPPER_BOUNDS: Bounds = (0.0, 1.0)
+
+
+def check_bounds(name: str, value: object) -> Bounds:
+    """[lower, upper]: two finite numbers, lower <= upper."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be [lower, upper], got {value!r}")
+    lower, upper = (_check_number(name, v) for v in value)
+    if lower > upper:
+        raise ValueError(f"{name} must have lower <= upper, got {value!r}")
+    return (lower, upper)
+
+
 @dataclass(frozen=True)
 class ActionConversionOptions:
     gripper_convention: str = "open_is_one"
@@ -60,6 +90,10 @@ class ActionConversionOptions:
     rotation_scale: float = 1.0
     max_position_step: Optional[float] = None
     max_rotation_step: Optional[float] = None
+    clip_actions: bool = False
+    position_bounds: Bounds = DEFAULT_POSITION_BOUNDS
+    rotation_bounds: Bounds = DEFAULT_ROTATION_BOUNDS
+    gripper_bounds: Bounds = DEFAULT_GRIPPER_BOUNDS
 
     def __post_init__(self) -> None:
         if self.gripper_convention not in GRIPPER_CONVENTIONS:
@@ -74,6 +108,25 @@ class ActionConversionOptions:
             value = getattr(self, name)
             if value is not None and _check_number(name, value) <= 0:
                 raise ValueError(f"{name} must be > 0 (or unset), got {value!r}")
+        if not isinstance(self.clip_actions, bool):
+            raise ValueError(f"clip_actions must be true or false, got {self.clip_actions!r}")
+        for name in ("position_bounds", "rotation_bounds", "gripper_bounds"):
+            object.__setattr__(self, name, check_bounds(name, getattr(self, name)))
+
+    def with_overrides(self, overrides: Optional[ActionOverrides]) -> ActionConversionOptions:
+        """These options with a client's per-request settings in place of the server's
+        scaling and clipping; the server's step caps stay."""
+        if overrides is None:
+            return self
+        changes = {
+            name: getattr(overrides, name)
+            for name in (
+                "position_scale", "rotation_scale", "clip_actions",
+                "position_bounds", "rotation_bounds", "gripper_bounds",
+            )
+            if getattr(overrides, name) is not None
+        }
+        return replace(self, **changes) if changes else self
 
 
 @dataclass(frozen=True)
@@ -84,15 +137,21 @@ class ConvertedAction:
     hold_reason: Optional[str] = None
 
 
+def normalize_gripper(value: float) -> float:
+    """OpenVLA's raw gripper value -> [0, 1], as upstream MobileManipulationCore maps it:
+    [0, 1] unchanged, anything else (a [-1, 1] model) (v + 1) / 2, then clamped."""
+    if value < 0.0 or value > 1.0:
+        value = (value + 1.0) * 0.5
+    return min(1.0, max(0.0, value))
+
+
 def gripper_command(model_gripper: float, convention: str) -> float:
-    """Model gripper value -> PolicyOutput's 0.0 (open) .. 1.0 (closed)."""
+    """Model gripper value -> PolicyOutput's 0.0 (closed) .. 1.0 (open)."""
     if convention == "open_is_one":
-        command = 1.0 - model_gripper
-    elif convention == "close_is_one":
-        command = model_gripper
-    else:
-        raise ValueError(f"gripper_convention must be one of {', '.join(GRIPPER_CONVENTIONS)}")
-    return min(1.0, max(0.0, command))
+        return normalize_gripper(model_gripper)
+    if convention == "close_is_one":
+        return 1.0 - normalize_gripper(model_gripper)
+    raise ValueError(f"gripper_convention must be one of {', '.join(GRIPPER_CONVENTIONS)}")
 
 
 def limit_length(vector: np.ndarray, max_length: Optional[float]) -> np.ndarray:
@@ -113,9 +172,11 @@ def convert_openvla_action(
     """Turn one OpenVLA output into the PolicyAction to publish.
 
     Absolute target (composed with ``observation.eef_pose``) when the current
-    pose is known, otherwise the delta itself.
+    pose is known, otherwise the delta itself. ``observation.action_overrides``
+    (a client's per-request scaling/clipping) replace the matching ``options``.
     """
     options = options if options is not None else ActionConversionOptions()
+    options = options.with_overrides(observation.action_overrides)
     values = np.asarray(raw_action, dtype=np.float64).reshape(-1)
     if values.shape != (OPENVLA_ACTION_DIM,):
         raise ValueError(
@@ -128,8 +189,15 @@ def convert_openvla_action(
         reason = f"model output has non-finite {', '.join(bad)}: {values.tolist()}; holding"
         return ConvertedAction(PolicyAction.hold(frame), hold_reason=reason)
 
-    translation = limit_length(values[0:3] * options.position_scale, options.max_position_step)
-    rotation = limit_length(values[3:6] * options.rotation_scale, options.max_rotation_step)
+    translation = values[0:3] * options.position_scale
+    rotation = values[3:6] * options.rotation_scale
+    gripper = float(values[6])
+    if options.clip_actions:
+        translation = np.clip(translation, *options.position_bounds)
+        rotation = np.clip(rotation, *options.rotation_bounds)
+        gripper = min(max(gripper, options.gripper_bounds[0]), options.gripper_bounds[1])
+    translation = limit_length(translation, options.max_position_step)
+    rotation = limit_length(rotation, options.max_rotation_step)
     delta = Pose(
         position=Vector3(*(float(v) for v in translation)),
         orientation=quaternion_from_rpy(*(float(v) for v in rotation)),
@@ -143,7 +211,7 @@ def convert_openvla_action(
         eef_target=target,
         eef_target_mode=mode,
         joint_deltas=None,
-        gripper_command=gripper_command(float(values[6]), options.gripper_convention),
+        gripper_command=gripper_command(gripper, options.gripper_convention),
         base_velocity_hint=None,
         confidence=MODEL_CONFIDENCE,
     )

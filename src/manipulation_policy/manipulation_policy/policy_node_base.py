@@ -38,7 +38,14 @@ from std_msgs.msg import String
 from manipulation_msgs.msg import PolicyOutput
 
 from . import ros_conversion
-from .node_parameters import COMMON_PARAMETERS, ParameterSpec, reason_to_refuse, specs_by_name
+from .node_parameters import (
+    COMMON_PARAMETERS,
+    UPSTREAM_PARAMETER_NAMES,
+    ParameterSpec,
+    reason_to_refuse,
+    resolve_upstream_parameters,
+    specs_by_name,
+)
 from .policy_types import JointStateData, Observation, PolicyAction, Pose
 
 ActionSource = Callable[[Observation], Optional[PolicyAction]]
@@ -116,6 +123,7 @@ class _Frame:
 class _Job:
     frame: _Frame
     observation: Observation  # image still None: decoded on the worker
+    task_generation: int = 0
 
 
 class PolicyNodeBase(Node):
@@ -125,9 +133,17 @@ class PolicyNodeBase(Node):
     - ``parameters_changed(changed)``: called after live parameters were accepted.
     """
 
+    # remote_policy_node sets this: upstream's use_remote:=true then means "this node".
+    remote = False
+
     def __init__(self, node_name: str, extra_parameters: Sequence[ParameterSpec], **node_kwargs):
         super().__init__(node_name, **node_kwargs)
         self._specs = specs_by_name(COMMON_PARAMETERS, extra_parameters)
+        # A task is what the node acts on: the instruction, until max_steps decisions
+        # were published or an empty instruction message cleared it.
+        self._task_active = False
+        self._task_generation = 0
+        self._task_steps = 0
         self._values_lock = threading.Lock()
         self._values: dict[str, Any] = {}
         self._ready = False
@@ -153,10 +169,11 @@ class PolicyNodeBase(Node):
 
         # Registered before declaring, so invalid start values are refused too.
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        upstream = self._declare_upstream_parameters()
         for spec in self._specs.values():
             self.declare_parameter(
                 spec.name,
-                spec.default,
+                upstream.defaults.get(spec.name, spec.default),
                 ParameterDescriptor(
                     description=spec.description
                     + ("" if spec.live else " (read at start; restart to change)"),
@@ -173,6 +190,9 @@ class PolicyNodeBase(Node):
                 for name, spec in self._specs.items()
             }
         values = self.parameter_values()
+        for note in upstream.notes:
+            self.get_logger().warning(note)
+        self._task_active = upstream.task_given or not values["wait_for_task"]
 
         self.action_source: ActionSource = self.create_action_source()
 
@@ -193,6 +213,7 @@ class PolicyNodeBase(Node):
             PoseStamped, values["eef_pose_topic"], self._on_eef_pose,
             qos_profile_sensor_data,
         )
+        self._task_topic = values["instruction_topic"]
         self.create_subscription(String, values["instruction_topic"], self._on_instruction, 10)
         self._publisher = self.create_publisher(PolicyOutput, values["output_topic"], 10)
 
@@ -213,6 +234,25 @@ class PolicyNodeBase(Node):
         """Live parameters in ``changed`` were just accepted (values already current)."""
 
     # ------------------------------------------------------------ parameters
+
+    def _declare_upstream_parameters(self):
+        """Declare upstream MobileManipulationCore's parameter names (unset by default,
+        read-only) and say what the ones given mean here."""
+        given = {}
+        for name in UPSTREAM_PARAMETER_NAMES:
+            value = self.declare_parameter(
+                name,
+                None,
+                ParameterDescriptor(
+                    description="upstream MobileManipulationCore name, deprecated "
+                    "(read at start)",
+                    dynamic_typing=True,
+                    read_only=True,
+                ),
+            ).value
+            if value is not None:
+                given[name] = value
+        return resolve_upstream_parameters(given, remote=self.remote)
 
     def parameter_values(self) -> dict[str, Any]:
         """A snapshot of the current values of this node's parameters."""
@@ -243,6 +283,8 @@ class PolicyNodeBase(Node):
     def _apply(self, changes: dict[str, Any]) -> None:
         with self._values_lock:
             self._values.update(changes)
+        if "instruction" in changes:
+            self._start_task(changes["instruction"])
         if "inference_rate" in changes:
             # Recreated rather than re-periodised: Humble's Timer has no period setter.
             self.destroy_timer(self._timer)
@@ -297,10 +339,51 @@ class PolicyNodeBase(Node):
             self._latest_eef_pose = (pose, stamp_ns, msg.header.frame_id)
 
     def _on_instruction(self, msg: String) -> None:
-        # Through the parameter, so `ros2 param get` shows it and validation applies.
-        result = self.set_parameters([Parameter("instruction", value=msg.data)])[0]
+        if not msg.data.strip():
+            # Upstream's "stop"/"clear": an empty task ends the current one.
+            with self._state_lock:
+                was_active, self._task_active = self._task_active, False
+                self._task_generation += 1
+            if was_active:
+                self.get_logger().info(f"task cleared; waiting for a task on {self._task_topic}")
+            return
+        # Through the parameter, so `ros2 param get` shows it and validation applies;
+        # accepting it starts a new task (_apply).
+        result = self.set_parameters([Parameter("instruction", value=msg.data.strip())])[0]
         if not result.successful:
             self.get_logger().warning(f"instruction message refused: {result.reason}")
+
+    def _start_task(self, instruction: str) -> None:
+        with self._state_lock:
+            self._task_active = True
+            self._task_generation += 1
+            self._task_steps = 0
+        steps = self.parameter_values()["max_steps"]
+        self.get_logger().info(
+            f"task: {instruction!r} ("
+            + (f"{steps} decisions)" if steps > 0 else "until cleared)")
+        )
+
+    def _count_task_step(self, generation: int) -> None:
+        """One decision of the task ``generation`` was published; end it at max_steps."""
+        max_steps = self.parameter_values()["max_steps"]
+        with self._state_lock:
+            if generation != self._task_generation or not self._task_active:
+                return
+            self._task_steps += 1
+            finished = 0 < max_steps <= self._task_steps
+            if finished:
+                self._task_active = False
+        if finished:
+            self.get_logger().info(
+                f"task reached max_steps={max_steps}; waiting for the next task on "
+                f"{self._task_topic}"
+            )
+
+    @property
+    def task_active(self) -> bool:
+        with self._state_lock:
+            return self._task_active
 
     # ------------------------------------------------------------ the rate
 
@@ -326,6 +409,13 @@ class PolicyNodeBase(Node):
             frame = self._latest_frame
             joint_state = self._latest_joint_state
             eef = self._latest_eef_pose
+            task_active, generation = self._task_active, self._task_generation
+        if not task_active:
+            self.get_logger().info(
+                f"waiting for a task on {self._task_topic}",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+            return
         if frame is None:
             self.get_logger().info(
                 f"waiting for images on {self._camera_topic}",
@@ -353,7 +443,7 @@ class PolicyNodeBase(Node):
             instruction=values["instruction"],
             eef_pose=self._usable_eef_pose(eef, now_ns, max_age_ns, values["reference_frame"]),
         )
-        if self._worker.try_submit(_Job(frame, observation)):
+        if self._worker.try_submit(_Job(frame, observation, generation)):
             self._last_used_sequence = frame.sequence
             self._last_dispatch_ns = time.monotonic_ns()
         else:
@@ -431,6 +521,7 @@ class PolicyNodeBase(Node):
             if not self._closing:
                 self._publisher.publish(msg)
                 self._count("published")
+                self._count_task_step(job.task_generation)
             return True
         except Exception as exc:  # noqa: BLE001 - e.g. text ROS cannot carry: this cycle fails
             self._count("publish_failed")

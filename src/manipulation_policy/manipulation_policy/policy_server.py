@@ -3,7 +3,9 @@
 Loads one backend, then serves it with uvicorn:
 GET /health, POST /infer, GET /info, GET /metrics, GET /docs and /openapi.json.
 Model options fall back to environment variables (OPENVLA_MODEL, OPENVLA_UNNORM_KEY,
-...; see --help). With an API key (--api-key-file or MANIPULATION_POLICY_API_KEY),
+...; see --help). Started without --backend but with OPENVLA_* variables set (as the
+upstream MobileManipulationCore server is), it serves the openvla backend.
+With an API key (--api-key-file or MANIPULATION_POLICY_API_KEY),
 every path but /health, /docs and /openapi.json needs ``Authorization: Bearer <key>``
 (/metrics too: Prometheus can send one). Predictions run one at a time; past
 --max-queue waiting requests the server answers 503 with Retry-After at once.
@@ -30,6 +32,33 @@ from .server_app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, ServerConfig
 from .server_auth import API_KEY_ENV, ApiKeyError, load_api_key
 
 PROG = "policy_server"
+BACKEND_ENV = "MANIPULATION_POLICY_BACKEND"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def parse_bool(text: str) -> bool:
+    """Upstream's spellings of a boolean environment variable."""
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def parse_bounds(text: str) -> tuple[float, float]:
+    """"lower,upper" (upstream's OPENVLA_*_BOUNDS format) -> two finite numbers, ordered."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != 2:
+        raise ValueError(f"expected 'lower,upper', got {text!r}")
+    lower, upper = (float(part) for part in parts)
+    if not (math.isfinite(lower) and math.isfinite(upper)) or lower > upper:
+        raise ValueError(f"expected finite lower <= upper, got {text!r}")
+    return (lower, upper)
+
+
+parse_bool.__name__ = "true/false"
+parse_bounds.__name__ = "'lower,upper'"
 
 # CLI flag -> (backend keyword, type, environment variables). Only set options are passed
 # on. The second variable names are those of the original remote-server guide.
@@ -58,7 +87,38 @@ MODEL_OPTIONS: dict[str, tuple[str, type, tuple[str, ...]]] = {
     ),
     "--max-position-step": ("max_position_step", float, ("OPENVLA_MAX_POSITION_STEP",)),
     "--max-rotation-step": ("max_rotation_step", float, ("OPENVLA_MAX_ROTATION_STEP",)),
+    "--clip-actions": ("clip_actions", parse_bool, ("OPENVLA_CLIP_ACTIONS",)),
+    "--position-bounds": ("position_bounds", parse_bounds, ("OPENVLA_POSITION_BOUNDS",)),
+    "--rotation-bounds": ("rotation_bounds", parse_bounds, ("OPENVLA_ROTATION_BOUNDS",)),
+    "--gripper-bounds": ("gripper_bounds", parse_bounds, ("OPENVLA_GRIPPER_BOUNDS",)),
 }
+# Upstream variables this server does not implement: named in a warning when set.
+UNSUPPORTED_ENVIRONMENT = {
+    "OPENVLA_INCLUDE_JOINT_STATES_IN_PROMPT": "the prompt never carries joint states here",
+}
+
+
+def choose_backend(flag: Optional[str], environ: Mapping[str, str]) -> tuple[str, str]:
+    """(backend name, why): --backend, else MANIPULATION_POLICY_BACKEND, else openvla when
+    any OPENVLA_* variable is set (upstream's server always serves OpenVLA), else stub."""
+    if flag is not None and flag.strip():
+        return flag, "--backend"
+    if environ.get(BACKEND_ENV, "").strip():
+        return environ[BACKEND_ENV].strip(), BACKEND_ENV
+    openvla_vars = sorted(
+        name for name, value in environ.items() if name.startswith("OPENVLA_") and value.strip()
+    )
+    if openvla_vars:
+        return "openvla", f"no --backend, and {', '.join(openvla_vars)} set"
+    return "stub", "the default"
+
+
+def environment_warnings(environ: Mapping[str, str]) -> list[str]:
+    return [
+        f"{name} is set but not supported: {why}"
+        for name, why in UNSUPPORTED_ENVIRONMENT.items()
+        if environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+    ]
 UNSET_VALUES = ("", "none")
 
 
@@ -119,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--backend",
-        default=os.environ.get("MANIPULATION_POLICY_BACKEND", "stub"),
-        help="stub | openvla | module.path:ClassName (a class on PYTHONPATH)",
+        default=None,
+        help="stub | openvla | module.path:ClassName (a class on PYTHONPATH); default: env "
+        f"{BACKEND_ENV}, else openvla when any OPENVLA_* variable is set, else stub",
     )
     model = parser.add_argument_group("model options (passed to the backend when set)")
     for flag, (_keyword, kind, env_names) in MODEL_OPTIONS.items():
@@ -166,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds requests in flight get to finish after SIGTERM; the process "
         "exits by then whatever the backend does",
     )
-    serving.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    serving.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     serving.add_argument(
         "--access-log", action=argparse.BooleanOptionalAction, default=True, help="log requests"
     )
@@ -176,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 def backend_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
     """Backend keyword arguments from flags, else (for openvla) the OPENVLA_* environment;
     unset and empty ones omitted."""
-    use_environ = args.backend == "openvla"
+    use_environ = choose_backend(args.backend, environ)[0] == "openvla"
     options: dict[str, Any] = {}
     for flag, (keyword, kind, env_names) in MODEL_OPTIONS.items():
         value = getattr(args, keyword)
@@ -191,8 +252,10 @@ def backend_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
                 continue
             try:
                 value = kind(text)
-            except ValueError:
-                raise StartupError(f"{env_name}={text!r} is not a valid {flag} value") from None
+            except ValueError as exc:
+                raise StartupError(
+                    f"{env_name}={text!r} is not a valid {flag} value ({exc})"
+                ) from None
         elif isinstance(value, str) and value.strip().lower() in UNSET_VALUES:
             continue
         options[keyword] = value
@@ -253,6 +316,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
+    startup_log = logging.getLogger("manipulation_policy.policy_server")
+    args.backend, why = choose_backend(args.backend, os.environ)
+    if why != "--backend":
+        startup_log.info("backend %s (%s)", args.backend, why)
+    for warning in environment_warnings(os.environ):
+        startup_log.warning(warning)
     try:
         config = build_config(args, os.environ)
         options = backend_options(args, os.environ)
@@ -268,7 +337,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
     raise_open_file_limit()
     app = create_app(backend, config)
-    logging.getLogger("manipulation_policy.policy_server").info(
+    startup_log.info(
         "backend %s ready; auth %s, max queue %d, max body %d bytes",
         args.backend,
         "on" if config.api_key else "off",

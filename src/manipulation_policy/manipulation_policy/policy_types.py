@@ -53,6 +53,21 @@ class JointStateData:
 
 DEFAULT_REFERENCE_FRAME = "base_link"
 
+Bounds = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class ActionOverrides:
+    """Per-request action post-processing a client asked for (upstream's ``openvla_*``
+    request fields); ``None`` keeps the server's own setting. Checked by the contract."""
+
+    position_scale: Optional[float] = None
+    rotation_scale: Optional[float] = None
+    clip_actions: Optional[bool] = None
+    position_bounds: Optional[Bounds] = None
+    rotation_bounds: Optional[Bounds] = None
+    gripper_bounds: Optional[Bounds] = None
+
 
 @dataclass(frozen=True, eq=False)
 class Observation:
@@ -61,6 +76,7 @@ class Observation:
     image: HxWx3 uint8 RGB array, or None when no camera frame is available.
     eef_pose: current end-effector pose in reference_frame, when known; lets a
     delta-predicting model answer with an absolute target.
+    action_overrides: the client's per-request scaling/clipping, if any.
     """
 
     joint_state: JointStateData = field(default_factory=JointStateData)
@@ -68,6 +84,7 @@ class Observation:
     reference_frame: str = DEFAULT_REFERENCE_FRAME
     instruction: str = ""
     eef_pose: Optional[Pose] = None
+    action_overrides: Optional[ActionOverrides] = None
 
 
 class EefTargetMode(str, enum.Enum):
@@ -83,7 +100,7 @@ class PolicyAction:
     eef_target: Optional[Pose] = None
     eef_target_mode: EefTargetMode = EefTargetMode.DELTA
     joint_deltas: Optional[tuple[float, ...]] = None
-    gripper_command: Optional[float] = None
+    gripper_command: Optional[float] = None  # 0.0 closed .. 1.0 open (upstream's, OpenVLA's)
     base_velocity_hint: Optional[Twist] = None
     confidence: float = 0.0
 

@@ -38,8 +38,10 @@ from typing import Any, Optional
 from .errors import InputError
 from .http_exchange import AnswerRefused, DeadlineExceeded, ExchangeError, HttpAnswer, HttpPoster
 from .json_body import parse_json_body
+from .openvla_actions import ActionConversionOptions
 from .policy_types import PolicyAction
 from .response_validation import Expectation, ResponseLimits, validate_answer
+from .upstream_compat import canonical_answer
 
 # Statuses worth another attempt: the server is overloaded, restarting or broken for now.
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -58,6 +60,8 @@ class RemoteSettings:
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     retry_after_max_sec: float = 30.0
     limits: ResponseLimits = field(default_factory=ResponseLimits)
+    # How a raw OpenVLA action vector in an upstream-shaped answer is converted.
+    raw_action_options: Optional[ActionConversionOptions] = None
 
     @property
     def infer_url(self) -> str:
@@ -307,7 +311,9 @@ class RemoteClient:
             )
         if answer.status == 200:
             try:
-                action = decode_answer(answer.body, expect, settings.limits)
+                action = decode_answer(
+                    answer.body, expect, settings.limits, settings.raw_action_options
+                )
             except InputError as exc:
                 return _Attempt(failure=f"invalid response from server: {printable(exc)}")
             if time.monotonic() - started > settings.timeout_sec:
@@ -317,9 +323,19 @@ class RemoteClient:
         return _refusal(answer, settings)
 
 
-def decode_answer(raw: bytes, expect: Expectation, limits: ResponseLimits) -> PolicyAction:
-    """Body bytes of a 200 answer -> the validated action; InputError says why not."""
-    return validate_answer(parse_json_body(raw), expect, limits)
+def decode_answer(
+    raw: bytes,
+    expect: Expectation,
+    limits: ResponseLimits,
+    raw_action_options: Optional[ActionConversionOptions] = None,
+) -> PolicyAction:
+    """Body bytes of a 200 answer -> the validated action; InputError says why not.
+
+    An upstream-shaped answer (a raw OpenVLA action vector) is first turned into
+    the canonical fields, in the frame the robot asked for, then validated alike.
+    """
+    payload = canonical_answer(parse_json_body(raw), raw_action_options, expect.reference_frame)
+    return validate_answer(payload, expect, limits)
 
 
 def _refusal(answer: HttpAnswer, settings: RemoteSettings) -> _Attempt:

@@ -23,13 +23,19 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Optional
 
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import String
 
 from .client_api_key import ApiKeyUnusable, read_api_key
-from .contract import observation_to_request
+from .contract import observation_to_request, parse_request, request_action_overrides
 from .imaging import resize_rgb
-from .node_parameters import REMOTE_NODE_PARAMETERS
+from .node_parameters import (
+    REMOTE_NODE_PARAMETERS,
+    UPSTREAM_ACTION_PARAMETERS,
+    upstream_action_fields,
+)
+from .openvla_actions import ActionConversionOptions
 from .policy_node_base import LOG_THROTTLE_SEC, PolicyNodeBase, run_node
 from .policy_types import JointStateData, Observation, PolicyAction
 from .remote_client import BreakerState, RemoteClient, RemoteSettings, printable
@@ -101,8 +107,10 @@ class RemoteActionSource:
         report_breaker: Callable[[BreakerState, BreakerState, str], None] = (
             lambda old, new, failure: None
         ),
+        extra_fields: Optional[dict[str, Any]] = None,
     ):
         self.client = client
+        self._extra_fields = dict(extra_fields or {})
         self._parameter_values = parameter_values
         self._report_failure = report_failure
         self._report_recovery = report_recovery
@@ -151,7 +159,9 @@ class RemoteActionSource:
         if observation.image is not None:
             sized = resize_rgb(observation.image, values["image_width"], values["image_height"])
             observation = replace(observation, image=sized)
-        return observation_to_request(observation, jpeg_quality=values["jpeg_quality"])
+        body = observation_to_request(observation, jpeg_quality=values["jpeg_quality"])
+        body.update(self._extra_fields)
+        return body
 
     def _drain_transitions(self, failure: str) -> None:
         with self._transitions_lock:
@@ -164,11 +174,41 @@ class RemoteActionSource:
 
 
 class RemotePolicyNode(PolicyNodeBase):
+    remote = True
+
     def __init__(self, **node_kwargs: Any):
         super().__init__("remote_policy_node", REMOTE_NODE_PARAMETERS, **node_kwargs)
 
+    def _upstream_action_fields(self) -> dict[str, Any]:
+        """Upstream's openvla_* parameters, when given: request fields (read at start)."""
+        given = {}
+        for name in UPSTREAM_ACTION_PARAMETERS:
+            value = self.declare_parameter(
+                name,
+                None,
+                ParameterDescriptor(
+                    description="upstream MobileManipulationCore per-request action setting, "
+                    "sent with every request when set (read at start)",
+                    dynamic_typing=True,
+                    read_only=True,
+                ),
+            ).value
+            if value is not None:
+                given[name] = value
+        fields = upstream_action_fields(given)
+        if fields:
+            self.get_logger().info(f"sending upstream action settings with each request: {fields}")
+        return fields
+
     def create_action_source(self) -> RemoteActionSource:
-        settings = remote_settings(self.parameter_values())
+        extra_fields = self._upstream_action_fields()
+        # A raw action vector in the answer is converted with the same settings.
+        raw_options = ActionConversionOptions().with_overrides(
+            request_action_overrides(parse_request(extra_fields))
+        )
+        settings = replace(
+            remote_settings(self.parameter_values()), raw_action_options=raw_options
+        )
         self._status_lock = threading.Lock()
         self._last_status: Optional[tuple] = None
         self._status_publisher = self.create_publisher(
@@ -192,6 +232,7 @@ class RemotePolicyNode(PolicyNodeBase):
             self._report_failure,
             self._report_recovery,
             self._report_breaker,
+            extra_fields,
         )
         self._publish_status(source, "")
         return source

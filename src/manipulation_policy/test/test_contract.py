@@ -58,8 +58,17 @@ def test_empty_body_uses_defaults_and_unknown_fields_are_ignored():
     "payload, field",
     [
         ({"joint_states": {"name": ["a"], "position": ["0.1"]}}, "joint_states.position[0]"),
-        ({"joint_states": {"name": ["a"], "position": [math.nan]}}, "joint_states.position[0]"),
-        ({"joint_states": {"name": ["a"], "velocity": [math.inf]}}, "joint_states.velocity[0]"),
+        # NaN is "unknown" in joint arrays only; elsewhere a number is required.
+        ({"eef_pose": {"position": {"x": math.nan}}}, "eef_pose.position.x"),
+        ({"openvla_xyz_scaling": math.inf}, "openvla_xyz_scaling"),
+        ({"openvla_xyz_scaling": 0.0}, "openvla_xyz_scaling"),
+        ({"openvla_rotation_scaling": 1000.0}, "openvla_rotation_scaling"),  # over the cap
+        ({"openvla_clip_actions": "true"}, "openvla_clip_actions"),
+        ({"openvla_position_bounds": [0.1]}, "openvla_position_bounds"),
+        ({"openvla_rotation_bounds": [1.0, -1.0]}, "openvla_rotation_bounds"),
+        ({"openvla_gripper_bounds": [0.0, math.nan]}, "openvla_gripper_bounds[1]"),
+        ({"task": 7}, "task"),
+        ({"task_text": "x" * 1025}, "task_text"),
         ({"joint_states": {"name": ["a", "b"], "position": [0.1]}}, "joint_states.position"),
         ({"joint_states": {"name": [], "effort": [1.0]}}, "joint_states.effort"),
         ({"joint_states": {"name": [1]}}, "joint_states.name[0]"),

@@ -2,6 +2,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from manipulation_policy.openvla_actions import (
     MODEL_CONFIDENCE,
@@ -9,8 +11,10 @@ from manipulation_policy.openvla_actions import (
     convert_openvla_action,
     gripper_command,
     limit_length,
+    normalize_gripper,
 )
 from manipulation_policy.policy_types import (
+    ActionOverrides,
     EefTargetMode,
     Observation,
     Pose,
@@ -54,9 +58,22 @@ def test_zero_rotation_is_the_identity_quaternion():
     assert action.eef_target.orientation == Quaternion(0.0, 0.0, 0.0, 1.0)
 
 
+# PolicyOutput's gripper meaning is upstream's and OpenVLA's: 0 = closed, 1 = open.
+# A raw value outside [0, 1] is read as a [-1, 1] model's, (v + 1) / 2, as upstream does.
 @pytest.mark.parametrize(
     "model_gripper, open_is_one, close_is_one",
-    [(1.0, 0.0, 1.0), (0.0, 1.0, 0.0), (0.25, 0.75, 0.25), (1.7, 0.0, 1.0), (-0.4, 1.0, 0.0)],
+    [
+        (1.0, 1.0, 0.0),
+        (0.0, 0.0, 1.0),
+        (0.25, 0.25, 0.75),
+        (0.996, 0.996, 0.004),
+        (1.7, 1.0, 0.0),
+        (1.2, 1.0, 0.0),  # (1.2 + 1) / 2 = 1.1, clamped
+        (-0.4, 0.3, 0.7),
+        (-1.0, 0.0, 1.0),
+        (-0.5, 0.25, 0.75),
+        (-7.0, 0.0, 1.0),
+    ],
 )
 def test_gripper_conventions_map_to_message_range_and_clamp(
     model_gripper, open_is_one, close_is_one
@@ -82,7 +99,7 @@ def test_scales_apply_per_component():
     action = convert(raw, position_scale=2.0, rotation_scale=0.5).action
     np.testing.assert_allclose(position(action), [0.02, 0.04, -0.06])
     np.testing.assert_allclose(rpy(action), [0.05, 0.1, -0.15], atol=1e-12)
-    assert action.gripper_command == 0.0  # the gripper is not scaled
+    assert action.gripper_command == 1.0  # the gripper is not scaled
 
 
 def test_zero_scale_freezes_that_part():
@@ -181,4 +198,61 @@ def test_bad_options_are_refused_naming_the_option(options, field):
 def test_default_options_are_used_when_none_given():
     observation = Observation(reference_frame=FRAME)
     result = convert_openvla_action([0, 0, 0, 0, 0, 0, 1.0], observation)
-    assert result.action.gripper_command == 0.0  # open_is_one by default
+    assert result.action.gripper_command == 1.0  # open_is_one by default: 1 stays open
+
+
+def upstream_gripper(value):
+    """Upstream MobileManipulationCore's documented mapping of OpenVLA's gripper value."""
+    if value < 0.0 or value > 1.0:
+        value = (value + 1.0) * 0.5
+    return max(0.0, min(1.0, value))
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6))
+def test_gripper_matches_upstream_for_every_finite_input(value):
+    assert normalize_gripper(value) == upstream_gripper(value)
+    assert convert([0, 0, 0, 0, 0, 0, value]).action.gripper_command == upstream_gripper(value)
+
+
+def test_clip_actions_clamps_each_axis_then_the_server_cap_still_applies():
+    raw = [0.5, -0.02, 2.0, 0.0, -3.0, 0.1, 1.5]
+    options = dict(clip_actions=True, position_bounds=(-0.1, 0.1), rotation_bounds=(-0.35, 0.35),
+                   gripper_bounds=(0.0, 0.8))
+    action = convert(raw, **options).action
+    np.testing.assert_allclose(position(action), [0.1, -0.02, 0.1])
+    np.testing.assert_allclose(rpy(action), [0.0, -0.35, 0.1], atol=1e-12)
+    assert action.gripper_command == pytest.approx(0.8)  # raw clamped before normalising
+    capped = convert(raw, max_position_step=0.05, **options).action
+    assert np.linalg.norm(position(capped)) == pytest.approx(0.05)
+
+
+def test_clip_is_off_by_default():
+    np.testing.assert_allclose(position(convert([2.0, 0, 0, 0, 0, 0, 0]).action), [2.0, 0, 0])
+
+
+def test_per_request_overrides_replace_scaling_and_clipping_but_not_the_caps():
+    overrides = ActionOverrides(position_scale=10.0, rotation_scale=2.0, clip_actions=True,
+                                position_bounds=(-0.05, 0.05))
+    observation = Observation(reference_frame=FRAME, action_overrides=overrides)
+    options = ActionConversionOptions(position_scale=3.0, max_position_step=0.06)
+    action = convert_openvla_action([0.001, 0.02, -0.003, 0.1, 0, 0, 1.0], observation,
+                                    options).action
+    np.testing.assert_allclose(position(action), [0.01, 0.05, -0.03])  # 10x, then clamped
+    np.testing.assert_allclose(rpy(action), [0.2, 0, 0], atol=1e-12)
+    capped = convert_openvla_action([0.05, 0.05, 0.05, 0, 0, 0, 1.0], observation,
+                                    options).action
+    assert np.linalg.norm(position(capped)) == pytest.approx(0.06)  # the server's cap wins
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"position_bounds": (1.0, -1.0)}, "position_bounds"),
+        ({"rotation_bounds": (0.0, math.inf)}, "rotation_bounds"),
+        ({"gripper_bounds": (0.0,)}, "gripper_bounds"),
+        ({"clip_actions": "yes"}, "clip_actions"),
+    ],
+)
+def test_bad_clip_options_are_refused(options, field):
+    with pytest.raises(ValueError, match=field):
+        ActionConversionOptions(**options)

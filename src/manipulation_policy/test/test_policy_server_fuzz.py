@@ -156,17 +156,22 @@ REQUEST_FIELDS = [
 
 @st.composite
 def hostile_bodies(draw) -> tuple[str, bytes]:
-    kind = draw(st.sampled_from(["bytes", "fields", "non-finite"]))
+    kind = draw(st.sampled_from(["bytes", "fields", "non-finite", "unknown-joint"]))
     if kind == "bytes":
         return kind, draw(st.binary(max_size=300))
     body = draw(st.dictionaries(st.sampled_from(REQUEST_FIELDS), JSON_VALUES, max_size=5))
     if kind == "fields":
         return kind, json.dumps(body).encode()
-    # A valid body plus one NaN/Infinity (no JSON encoder writes these; Python's parser reads them).
+    # A body plus one NaN/Infinity (no JSON encoder writes these; Python's parser reads them):
+    # refused outside joint arrays, "unknown" inside them.
     literal = draw(st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400"]))
-    rest = json.dumps({k: v for k, v in body.items() if k != "joint_states"})[:-1]
-    joints = f'"joint_states": {{"name": ["a"], "position": [{literal}]}}'
-    return kind, (rest + (", " if rest != "{" else "") + joints + "}").encode()
+    if kind == "non-finite":
+        rest = json.dumps({k: v for k, v in body.items() if k != "eef_pose"})[:-1]
+        extra = f'"eef_pose": {{"position": {{"x": {literal}}}}}'
+    else:
+        rest = json.dumps({k: v for k, v in body.items() if k != "joint_states"})[:-1]
+        extra = f'"joint_states": {{"name": ["a"], "position": [{literal}]}}'
+    return kind, (rest + (", " if rest != "{" else "") + extra + "}").encode()
 
 
 def test_arbitrary_bodies_get_4xx_naming_a_field_or_200(server, session):
@@ -186,7 +191,9 @@ def test_arbitrary_bodies_get_4xx_naming_a_field_or_200(server, session):
             assert error["field"] and error["detail"], error
         if kind == "non-finite":
             assert answer.status_code == 400
-            assert answer.json()["field"] == "joint_states.position[0]"
+            assert answer.json()["field"] == "eef_pose.position.x"
+        if kind == "unknown-joint" and answer.status_code != 200:
+            assert not answer.json()["field"].startswith("joint_states"), answer.text
 
     run()
     assert_healthy(server)

@@ -433,6 +433,10 @@ class OpenVLABackend:
         max_position_step: Optional[float] = None,
         max_rotation_step: Optional[float] = None,
         check_image_sensitivity: bool = True,
+        clip_actions: bool = False,
+        position_bounds: Optional[Sequence[float]] = None,
+        rotation_bounds: Optional[Sequence[float]] = None,
+        gripper_bounds: Optional[Sequence[float]] = None,
     ):
         if _unset(model):
             raise BackendStartupError("model must name a Hub id or a checkpoint directory")
@@ -444,6 +448,16 @@ class OpenVLABackend:
                 rotation_scale=rotation_scale,
                 max_position_step=None if _unset(max_position_step) else max_position_step,
                 max_rotation_step=None if _unset(max_rotation_step) else max_rotation_step,
+                clip_actions=clip_actions,
+                **{
+                    name: tuple(value)
+                    for name, value in (
+                        ("position_bounds", position_bounds),
+                        ("rotation_bounds", rotation_bounds),
+                        ("gripper_bounds", gripper_bounds),
+                    )
+                    if value is not None
+                },
             )
         except ValueError as exc:
             raise BackendStartupError(str(exc)) from exc
@@ -714,6 +728,10 @@ class OpenVLABackend:
             "rotation_scale": self._conversion.rotation_scale,
             "max_position_step": self._conversion.max_position_step,
             "max_rotation_step": self._conversion.max_rotation_step,
+            "clip_actions": self._conversion.clip_actions,
+            "position_bounds": list(self._conversion.position_bounds),
+            "rotation_bounds": list(self._conversion.rotation_bounds),
+            "gripper_bounds": list(self._conversion.gripper_bounds),
             "image_sensitivity_checked": self.image_sensitivity_checked,
             "kv_cache": self.kv_cache,
         }

@@ -1,19 +1,24 @@
 """The default backend: deterministic, no GPU, answers derived from the observation.
 
 It exists so that the whole stack (nodes, server, launch, demo) runs and can
-be tested anywhere. Its answers are small and depend on every part of the
-observation, so tests can tell answers to different observations apart:
+be tested anywhere. Its answers are synthetic (no model looks at anything),
+which it says in the log when it starts and in ``describe()`` (so on the
+server's /info). They are small and depend on every part of the observation,
+so tests can tell answers to different observations apart:
 
 - eef target: a delta of at most 1 cm per axis, from the mean colour of the
   image (red -> x, green -> y, blue -> z, mid-grey -> 0); absolute (composed
   with ``eef_pose``) when the observation carries the current pose;
-- joint deltas: each joint 10 % of the way back to zero, at most 0.05 rad;
-- gripper: the image brightness in [0, 1] (no image: inactive);
+- joint deltas: each joint 10 % of the way back to zero, at most 0.05 rad
+  (0 for a joint whose position is unknown, NaN);
+- gripper: the image brightness in [0, 1], PolicyOutput's 0 = closed .. 1 = open,
+  so a bright image opens it (no image: inactive);
 - confidence: 0.5 (a hold is 0).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -25,13 +30,19 @@ MAX_STEP_M = 0.01
 MAX_JOINT_STEP = 0.05
 JOINT_GAIN = 0.1
 CONFIDENCE = 0.5
+SYNTHETIC_NOTE = (
+    "the stub backend's answers are synthetic (derived from image colour and joint "
+    "positions, no model): do not drive a robot with them; use --backend openvla"
+)
+
+logger = logging.getLogger(__name__)
 
 
 class StubBackend:
     name = "stub"
 
     def __init__(self, **_ignored: Any):
-        pass
+        logger.warning(SYNTHETIC_NOTE)
 
     def predict(self, observation: Observation) -> PolicyAction:
         if observation.image is not None:
@@ -51,6 +62,7 @@ class StubBackend:
         joint_deltas = None
         if positions.size:
             steps = np.clip(-JOINT_GAIN * positions, -MAX_JOINT_STEP, MAX_JOINT_STEP)
+            steps = np.where(np.isfinite(positions), steps, 0.0)
             joint_deltas = tuple(float(v) for v in steps)
 
         return PolicyAction(
@@ -64,4 +76,10 @@ class StubBackend:
         )
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "model": "stub", "device": "cpu"}
+        return {
+            "backend": self.name,
+            "model": "stub",
+            "device": "cpu",
+            "synthetic": True,
+            "warning": SYNTHETIC_NOTE,
+        }
