@@ -20,6 +20,8 @@ import base64
 import io
 import json
 import math
+from dataclasses import replace
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -43,6 +45,7 @@ from manipulation_policy.policy_types import ActionOverrides, Observation, Quate
 from manipulation_policy.pose_math import rpy_from_quaternion
 from manipulation_policy.remote_client import RemoteClient, RemoteSettings
 from manipulation_policy.remote_policy_node import RemotePolicyNode
+from manipulation_policy.response_validation import ResponseLimits
 from manipulation_policy.ros_conversion import policy_output_to_action
 from manipulation_policy.server_app import ApiError, decode_infer_body
 from manipulation_policy.server_auth import API_KEY_ENV
@@ -342,9 +345,12 @@ def upstream_server():
         yield server
 
 
-def ask(server: ScriptedPolicyServer, answer: dict):
+def ask(server: ScriptedPolicyServer, answer: dict, limits: Optional[ResponseLimits] = None):
     server.raw_answer = (200, json.dumps(answer).encode())
-    client = RemoteClient(RemoteSettings(url=server.url, timeout_sec=5.0, retry_attempts=0))
+    settings = RemoteSettings(url=server.url, timeout_sec=5.0, retry_attempts=0)
+    if limits is not None:
+        settings = replace(settings, limits=limits)
+    client = RemoteClient(settings)
     try:
         return client.infer({"reference_frame": "base_link"})
     finally:
@@ -352,7 +358,11 @@ def ask(server: ScriptedPolicyServer, answer: dict):
 
 
 def test_upstream_answers_keep_their_meaning(upstream_server):
-    result = ask(upstream_server, UPSTREAM_EXAMPLE_ANSWER)
+    # The documented example moves 0.42 m in one step: over the robot's default bound on
+    # a delta, so refused as it stands (never a surprise leap), taken once the bound allows.
+    refused = ask(upstream_server, UPSTREAM_EXAMPLE_ANSWER)
+    assert not refused.ok and "max_eef_delta_m" in refused.failure
+    result = ask(upstream_server, UPSTREAM_EXAMPLE_ANSWER, ResponseLimits(max_eef_delta_m=0.5))
     assert result.ok, result.failure
     action = result.action
     assert action.gripper_command == 0.5 and action.confidence == 0.0
@@ -398,11 +408,14 @@ def test_no_op_fields_beside_a_vector_keep_their_values(upstream_server):
 
 def test_answers_own_gripper_and_confidence_win_over_the_vectors(upstream_server):
     answer = {"action": VECTOR, "gripper_command": 0.75, "confidence": 0.4,
-              "reference_frame": "arm"}  # fmt: skip
+              "reference_frame": "base_link"}  # fmt: skip
     action = ask(upstream_server, answer).action
     assert action.gripper_command == 0.75 and action.confidence == 0.4
-    assert action.reference_frame == "arm"
-    assert action.eef_target == expected_from_vector(VECTOR, "arm").eef_target
+    assert action.reference_frame == "base_link"
+    assert action.eef_target == expected_from_vector(VECTOR, "base_link").eef_target
+    # Unlike upstream, the robot keeps its own frame: an answer in another one is refused.
+    refused = ask(upstream_server, {**answer, "reference_frame": "arm"})
+    assert not refused.ok and "reference_frame" in refused.failure
 
 
 @pytest.mark.parametrize(
@@ -443,8 +456,10 @@ def test_remote_node_sends_upstreams_openvla_parameters_and_applies_them_to_vect
     settings = {"openvla_xyz_scaling": 10.0, "openvla_clip_actions": True,
                 "openvla_position_bounds": [-0.15, 0.15], "openvla_gripper_bounds": [0.0, 0.9]}
     with Rig() as rig:
+        # A 10x step is over the default bound on a delta (0.1 m): this robot allows more.
         node = rig.add(RemotePolicyNode(**rig.node_kwargs(
-            remote_url=upstream_server.url, inference_rate=20.0, **settings)))  # fmt: skip
+            remote_url=upstream_server.url, inference_rate=20.0, max_eef_delta_m=0.5,
+            **settings)))  # fmt: skip
         rig.stream_joint_states()
         rig.stream_camera(sample_image())
         # The server is sent the settings with every request ...
