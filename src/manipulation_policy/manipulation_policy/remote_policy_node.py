@@ -9,13 +9,12 @@ is not a valid action, the node publishes a safe hold
 (``remote_fallback_on_failure``) or nothing.
 
 The circuit breaker's state is logged when it opens and closes, and
-published on ``~/remote_status`` (std_msgs/String holding a JSON object,
-transient local: a late ``ros2 topic echo`` gets the current state).
+reported on /diagnostics (diagnostic_msgs/DiagnosticArray) when it changes
+and once a second, as ROS monitoring tools expect.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import threading
@@ -23,9 +22,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Optional
 
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-from std_msgs.msg import String
 
 from .client_api_key import ApiKeyUnusable, read_api_key
 from .contract import observation_to_request, parse_request, request_action_overrides
@@ -39,9 +37,10 @@ from .openvla_actions import ActionConversionOptions
 from .policy_node_base import LOG_THROTTLE_SEC, PolicyNodeBase, run_node
 from .policy_types import JointStateData, Observation, PolicyAction
 from .remote_client import BreakerState, RemoteClient, RemoteSettings, printable
+from .remote_diagnostics import DIAGNOSTICS_TOPIC, ServerLinkState, server_link_status
 from .response_validation import ResponseLimits
 
-STATUS_TOPIC = "~/remote_status"
+DIAGNOSTICS_PERIOD_SEC = 1.0
 
 # Parameters that make up RemoteSettings: a change to any of them updates the client.
 SETTINGS_PARAMETERS = frozenset({
@@ -210,16 +209,11 @@ class RemotePolicyNode(PolicyNodeBase):
             remote_settings(self.parameter_values()), raw_action_options=raw_options
         )
         self._status_lock = threading.Lock()
-        self._last_status: Optional[tuple] = None
-        self._status_publisher = self.create_publisher(
-            String,
-            STATUS_TOPIC,
-            QoSProfile(
-                depth=1,
-                reliability=ReliabilityPolicy.RELIABLE,
-                durability=DurabilityPolicy.TRANSIENT_LOCAL,
-            ),
+        self._last_status: Optional[ServerLinkState] = None
+        self._diagnostics_publisher = self.create_publisher(
+            DiagnosticArray, DIAGNOSTICS_TOPIC, 10
         )
+        self.create_timer(DIAGNOSTICS_PERIOD_SEC, self._republish_status)
         self.get_logger().info(
             f"policy server {settings.url} (deadline {settings.timeout_sec:g} s per attempt, "
             f"{settings.retry_attempts} retries: an answer comes within "
@@ -284,26 +278,36 @@ class RemotePolicyNode(PolicyNodeBase):
             self.get_logger().info(f"circuit breaker closed (was {old.value})")
 
     def _publish_status(self, source: RemoteActionSource, failure: str) -> None:
-        """Publish the breaker state on ~/remote_status when it, or failing/ok, changed."""
+        """Report the link to the server on /diagnostics when its state changed."""
         client = source.client
-        state = client.breaker.state
-        key = (state, source.failing, client.settings.url)
+        state = ServerLinkState(
+            server=client.settings.url,
+            breaker=client.breaker.state,
+            failing=source.failing,
+            next_probe_sec=round(client.breaker.seconds_until_probe(), 3),
+            last_failure=failure,
+        )
         with self._status_lock:
-            if key == self._last_status:
+            last = self._last_status
+            if last is not None and (last.breaker, last.failing, last.server) == (
+                state.breaker, state.failing, state.server
+            ):
                 return
-            self._last_status = key
-        status = {
-            "server": client.settings.url,
-            "breaker": state.value,
-            "failing": source.failing,
-            "next_probe_sec": round(client.breaker.seconds_until_probe(), 3),
-            "last_failure": failure,
-        }
-        msg = String()
-        msg.data = json.dumps(status)
-        if not self._closing:
-            self._status_publisher.publish(msg)
+            self._last_status = state
+        self._send_diagnostics(state)
 
+    def _republish_status(self) -> None:
+        with self._status_lock:
+            state = self._last_status
+        if state is not None:
+            self._send_diagnostics(state)
+
+    def _send_diagnostics(self, state: ServerLinkState) -> None:
+        msg = DiagnosticArray()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.status = [server_link_status(self.get_fully_qualified_name(), state)]
+        if not self._closing:
+            self._diagnostics_publisher.publish(msg)
 
 def main(args: Optional[list[str]] = None) -> int:
     return run_node(RemotePolicyNode, args)

@@ -4,18 +4,18 @@ What the robot must see, whatever the server does: no command from an answer
 that is late, oversized or not a valid action; a hold (fallback on) within
 the bound the client promises, stamped with the observation it answers; a
 worker that goes on with the next frame; the circuit breaker's state in the
-log and on ~/remote_status.
+log and on /diagnostics.
 """
 
 from __future__ import annotations
 
-import json
 import resource
 import threading
 import time
 from functools import lru_cache
 
 import pytest
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from hostile_servers import (
     RawPolicyServer,
     answering,
@@ -27,8 +27,6 @@ from hostile_servers import (
 )
 from node_harness import Rig, sample_image, wait_until
 from rcl_interfaces.msg import Log
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-from std_msgs.msg import String
 
 from manipulation_msgs.msg import PolicyOutput
 from manipulation_policy.policy_node_base import PolicyNodeBase
@@ -46,7 +44,7 @@ MARGIN_SEC = 1.0
 
 class Watch:
     """Records, on the rig's node, outputs with their arrival time on the ROS clock, the
-    node's ~/remote_status and its log lines on /rosout."""
+    node's reports on /diagnostics and its log lines on /rosout."""
 
     def __init__(self, rig: Rig):
         self._rig = rig
@@ -56,20 +54,20 @@ class Watch:
         self.logs: list[str] = []
         node = rig.node
         node.create_subscription(PolicyOutput, rig.topics["output_topic"], self._on_output, 50)
-        latched = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        node.create_subscription(
-            String, f"{rig.namespace}/remote_policy_node/remote_status", self._on_status, latched
-        )
+        self._status_name = f"{rig.namespace}/remote_policy_node: policy server"
+        node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 50)
         node.create_subscription(Log, "/rosout", self._on_log, 100)
 
     def _on_output(self, msg: PolicyOutput) -> None:
         with self._lock:
             self.outputs.append((self._rig.node.get_clock().now().nanoseconds, msg))
 
-    def _on_status(self, msg: String) -> None:
-        with self._lock:
-            self.statuses.append(json.loads(msg.data))
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if status.name == self._status_name:
+                values = {pair.key: pair.value for pair in status.values}
+                with self._lock:
+                    self.statuses.append({**values, "level": status.level})
 
     def _on_log(self, msg: Log) -> None:
         if msg.name.endswith("remote_policy_node"):
@@ -286,12 +284,14 @@ def test_the_breaker_state_is_logged_and_published_as_it_changes(rig):
         assert wait_until(lambda: "open" in watch.breaker_states(), 10.0), watch.statuses
         assert wait_until(lambda: watch.logged("circuit breaker open"), 5.0)
         opened = next(s for s in watch.statuses if s["breaker"] == "open")
-        assert opened["failing"] and "500" in opened["last_failure"]
+        assert opened["failing"] == "true" and "500" in opened["last_failure"]
+        assert opened["level"] == DiagnosticStatus.ERROR
         server.behaviour = answering(lambda r: good_answer(r.joint_count()))
         assert wait_until(lambda: watch.breaker_states()[-1] == "closed", 10.0)
         assert wait_until(lambda: watch.logged("circuit breaker closed"), 5.0)
         assert wait_until(lambda: len(watch.commands()) >= 1, 5.0)
-    assert watch.statuses[0]["breaker"] == "closed"  # the state at start, latched
+    assert watch.statuses[0]["breaker"] == "closed"  # the state at start
+    assert watch.statuses[0]["level"] == DiagnosticStatus.OK
 
 
 class ScriptedNode(PolicyNodeBase):
