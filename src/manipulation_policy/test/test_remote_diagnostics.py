@@ -17,7 +17,8 @@ from manipulation_policy.remote_diagnostics import ServerLinkState, server_link_
     ],
 )
 def test_level_and_message_follow_the_link(breaker, failing, level, message):
-    state = ServerLinkState("http://gpu:5000", breaker, failing, 0.5, "timed out" if failing else "")
+    failure = "timed out" if failing else ""
+    state = ServerLinkState("http://gpu:5000", breaker, failing, 0.5, failure)
     status = server_link_status("/robot1/remote_policy_node", state)
     assert (status.level, status.message) == (level, message)
     assert status.name == "/robot1/remote_policy_node: policy server"
