@@ -52,6 +52,19 @@ def url(server):
     return server.base_url
 
 
+@pytest.fixture(autouse=True)
+def server_survives(request):
+    """After every test that used the shared server, whatever it sent: still up, healthy,
+    and no traceback in its log (checked per test, so it holds in any order and alone)."""
+    yield
+    if "server" not in request.fixturenames:
+        return
+    server = request.getfixturevalue("server")
+    assert server.process.poll() is None
+    assert requests.get(f"{server.base_url}/health", timeout=5).json() == {"status": "ok"}
+    assert "Traceback" not in server.log()
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -399,9 +412,3 @@ def test_openapi_declares_the_wire_contract(url):
     assert {"/health", "/infer", "/info", "/metrics"} <= document["paths"].keys()
     docs = requests.get(f"{url}/docs", timeout=5)
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
-
-
-def test_server_survived_everything_above(server):
-    assert server.process.poll() is None
-    assert requests.get(f"{server.base_url}/health", timeout=5).json() == {"status": "ok"}
-    assert "Traceback" not in server.log()
