@@ -5,6 +5,10 @@ so predictions run one by one on a dedicated thread, never on the asyncio
 event loop. Requests are admitted only while fewer than ``max_queue`` wait
 behind the one being predicted; past that the caller is told at once
 (QueueFullError, answered 503), instead of every request getting slower.
+
+With ``max_batch_size > 1`` the requests waiting for the model run together
+as one batch (``batching.MicroBatcher``: the backend's ``predict_batch`` when
+it has one); the admission limit is then one running batch + ``max_queue``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+from .batching import MicroBatcher, isolated_batch_call
 from .policy_types import Observation, PolicyAction
 
 
@@ -34,7 +39,16 @@ class InferenceWorker:
     only ``predict`` runs on the worker thread.
     """
 
-    def __init__(self, predict: Callable[[Observation], PolicyAction], max_queue: int):
+    def __init__(
+        self,
+        predict: Callable[[Observation], PolicyAction],
+        max_queue: int,
+        *,
+        predict_batch: Optional[Callable[[list[Observation]], list]] = None,
+        max_batch_size: int = 1,
+        batch_window_s: float = 0.0,
+        on_batch: Optional[Callable[[int, float], None]] = None,
+    ):
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self._predict = predict
@@ -43,22 +57,36 @@ class InferenceWorker:
         self._model_turn: Optional[asyncio.Lock] = None
         self._admitted = 0
         self._busy = 0
+        self._batcher = self._make_batcher(predict_batch, max_batch_size, batch_window_s, on_batch)
 
     @property
     def queue_depth(self) -> int:
         """Admitted requests not being predicted right now (decoding or waiting)."""
-        return max(self._admitted - self._busy, 0)
+        return max(self._admitted - self.in_prediction, 0)
 
     @property
     def busy(self) -> int:
-        """1 while the backend runs a prediction."""
-        return self._busy
+        """1 while the backend runs a prediction (or a batch)."""
+        return 1 if self.in_prediction else 0
+
+    @property
+    def in_prediction(self) -> int:
+        """Requests whose prediction is running now (a whole batch when batching)."""
+        return self._batcher.running if self._batcher is not None else self._busy
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._batcher.max_batch_size if self._batcher is not None else 1
+
+    @property
+    def batcher(self) -> Optional[MicroBatcher]:
+        return self._batcher
 
     @contextlib.contextmanager
     def admission(self) -> Iterator[None]:
         """Hold a place for one request; raises QueueFullError when none is left."""
-        # One running + max_queue waiting. Only touched on the event loop: no lock needed.
-        if self._admitted >= self.max_queue + 1:
+        # One batch running + max_queue waiting. Only touched on the event loop: no lock.
+        if self._admitted >= self.max_queue + self.max_batch_size:
             raise QueueFullError(
                 f"{self._admitted} requests already admitted (queue limit {self.max_queue})"
             )
@@ -78,6 +106,8 @@ class InferenceWorker:
         ``client_gone`` is asked just before the model runs, so that a request
         whose client gave up while waiting does not cost a prediction.
         """
+        if self._batcher is not None:
+            return await self._batcher.submit(observation, client_gone)
         if self._model_turn is None:
             self._model_turn = asyncio.Lock()
         async with self._model_turn:
@@ -97,4 +127,33 @@ class InferenceWorker:
 
     def close(self) -> None:
         """Stop taking work; a prediction already running finishes on its thread."""
+        if self._batcher is not None:
+            self._batcher.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- micro-batching (max_batch_size > 1) ---------------------------------------
+
+    def _make_batcher(self, predict_batch, max_batch_size, window_s, on_batch):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_batch_size == 1:
+            return None
+        predict = self._predict
+
+        def run_batch(observations: list[Observation]) -> list:
+            self._busy = 1
+            try:
+                return isolated_batch_call(predict, predict_batch, observations)
+            finally:
+                self._busy = 0
+
+        return MicroBatcher(
+            run_batch,
+            self._executor,
+            max_batch_size=max_batch_size,
+            window_s=window_s,
+            # Admitted requests still being read or decoded will join: worth the window.
+            more_coming=lambda: self._admitted > self._batcher.pending + self._batcher.running,
+            gone_error=ClientGoneError,
+            on_batch=on_batch,
+        )

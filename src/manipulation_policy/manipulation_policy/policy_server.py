@@ -5,8 +5,10 @@ GET /health, POST /infer, GET /info, GET /metrics, GET /docs and /openapi.json.
 Model options fall back to environment variables (OPENVLA_MODEL, OPENVLA_UNNORM_KEY,
 ...; see --help). With an API key (--api-key-file or MANIPULATION_POLICY_API_KEY),
 every path but /health, /docs and /openapi.json needs ``Authorization: Bearer <key>``
-(/metrics too: Prometheus can send one). Predictions run one at a time; past
---max-queue waiting requests the server answers 503 with Retry-After at once.
+(/metrics too: Prometheus can send one). Observations that arrive together are
+predicted together, up to --max-batch-size per model call, collected for at most
+--batch-window-ms (only while other requests are on their way; 1 turns batching
+off); past --max-queue waiting requests the server answers 503 with Retry-After.
 SIGTERM or Ctrl-C stops taking connections and lets requests in flight finish.
 """
 
@@ -20,6 +22,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+from .batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE
 from .errors import BackendStartupError
 from .imaging import DEFAULT_MAX_IMAGE_PIXELS
 from .server_app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, ServerConfig
@@ -100,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serving.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
     serving.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_MAX_BATCH_SIZE,
+        help="most observations predicted together in one model call (1: one at a time)",
+    )
+    serving.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=DEFAULT_BATCH_WINDOW_MS,
+        help="longest wait for more observations to join a batch, while others are on "
+        "their way (a lone request never waits)",
+    )
+    serving.add_argument(
         "--graceful-timeout",
         type=float,
         default=30.0,
@@ -148,6 +164,8 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
             max_queue=args.max_queue,
             max_image_pixels=args.max_image_pixels,
             api_key=api_key,
+            max_batch_size=args.max_batch_size,
+            batch_window_ms=args.batch_window_ms,
         )
     except (ApiKeyError, ValueError) as exc:
         raise StartupError(str(exc)) from None
@@ -183,11 +201,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     app = create_app(backend, config)
     logging.getLogger("manipulation_policy.policy_server").info(
-        "backend %s ready; auth %s, max queue %d, max body %d bytes",
+        "backend %s ready; auth %s, max queue %d, max body %d bytes, max batch %d, "
+        "batch window %g ms",
         args.backend,
         "on" if config.api_key else "off",
         config.max_queue,
         config.max_body_bytes,
+        config.max_batch_size,
+        config.batch_window_ms,
     )
     server = uvicorn.Server(
         uvicorn.Config(
