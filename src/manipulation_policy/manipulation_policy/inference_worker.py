@@ -8,7 +8,7 @@ behind the one being predicted; past that the caller is told at once
 
 With ``max_batch_size > 1`` the requests waiting for the model run together
 as one batch (``batching.MicroBatcher``: the backend's ``predict_batch`` when
-it has one); the admission limit is then one running batch + ``max_queue``.
+it has one); ``max_queue`` still counts the requests waiting behind it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class ClientGoneError(Exception):
 
 
 class InferenceWorker:
-    """Serialises ``predict`` calls on one thread and bounds how many requests wait.
+    """Serialises ``predict`` calls (or batches) on one thread and bounds how many requests wait.
 
     Admission (``admission()``) and waiting happen on the event loop thread;
     only ``predict`` runs on the worker thread.
@@ -85,8 +85,9 @@ class InferenceWorker:
     @contextlib.contextmanager
     def admission(self) -> Iterator[None]:
         """Hold a place for one request; raises QueueFullError when none is left."""
-        # One batch running + max_queue waiting. Only touched on the event loop: no lock.
-        if self._admitted >= self.max_queue + self.max_batch_size:
+        # The prediction (or batch) running + max_queue waiting behind it. Only touched
+        # on the event loop: no lock needed.
+        if self._admitted >= self.max_queue + max(self.in_prediction, 1):
             raise QueueFullError(
                 f"{self._admitted} requests already admitted (queue limit {self.max_queue})"
             )

@@ -6,6 +6,7 @@ Each test runs its own event loop; waits are for conditions, bounded, never slee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -288,28 +289,26 @@ def test_batcher_refuses_nonsense_settings(executor):
 # --- the worker with batching ----------------------------------------------------------
 
 
-def test_worker_admits_one_batch_plus_the_queue_then_refuses():
+def test_worker_admits_max_queue_behind_the_running_batch_then_refuses():
     worker = InferenceWorker(lambda o: o, max_queue=2, max_batch_size=4)
     try:
-        with contextlib_stack(worker, 6):
+        # Nothing running: one to run + 2 waiting, as without batching.
+        with admitted(worker, 3):
             with pytest.raises(QueueFullError):
                 with worker.admission():
                     pass
-    finally:
-        worker.close()
-    unbatched = InferenceWorker(lambda o: o, max_queue=2)
-    try:
-        with contextlib_stack(unbatched, 3):
-            with pytest.raises(QueueFullError):
-                with unbatched.admission():
+        # A batch of 3 running: 2 may still wait behind it.
+        worker.batcher.running = 3
+        with admitted(worker, 5):
+            with pytest.raises(QueueFullError, match="5 requests"):
+                with worker.admission():
                     pass
     finally:
-        unbatched.close()
+        worker.batcher.running = 0
+        worker.close()
 
 
-def contextlib_stack(worker, count):
-    import contextlib
-
+def admitted(worker, count):
     stack = contextlib.ExitStack()
     for _ in range(count):
         stack.enter_context(worker.admission())

@@ -147,8 +147,8 @@ def test_batch_sizes_reach_the_metrics(server):
 
 
 def test_queue_full_is_still_503_with_batching():
-    # Room for one running batch of 2 and one waiting request: 3 admitted, the 4th refused.
-    with start_server("--max-batch-size", "2", "--max-queue", "1") as process:
+    # --max-queue 2: two may wait behind the running prediction, the next is refused.
+    with start_server("--max-batch-size", "4", "--max-queue", "2") as process:
         url = process.base_url
         with ThreadPoolExecutor(4) as pool:
             hold = pool.submit(post, url, observation(0, f"sleep {HOLD_S}"))
