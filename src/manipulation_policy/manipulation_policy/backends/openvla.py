@@ -42,6 +42,7 @@ from ..openvla_actions import (
     convert_openvla_action,
 )
 from ..policy_types import Observation, PolicyAction
+from . import openvla_batching
 
 logger = logging.getLogger(__name__)
 
@@ -348,6 +349,7 @@ class OpenVLABackend:
         if check_image_sensitivity:
             self._check_image_sensitivity()
             self.image_sensitivity_checked = True
+        self.batched_decoding_off_reason = self._check_batched_decoding()
 
     # --- start-up -------------------------------------------------------------------
 
@@ -529,6 +531,79 @@ class OpenVLABackend:
             logger.warning("OpenVLA output rejected: %s", converted.hold_reason)
         return converted.action
 
+    # --- batched inference (openvla_batching.py) --------------------------------------
+
+    def _check_batched_decoding(self) -> Optional[str]:
+        """Why observations cannot be batched with this model, or None when they can:
+        the batched path must answer the probe images exactly as one at a time.
+        (Also warms up the batched shapes before the first request.)"""
+        owner = self._action_model()
+        reason = openvla_batching.generation_differs(getattr(owner, "generation_config", None))
+        if reason is None:
+            prompt = build_prompt(PROBE_INSTRUCTION)
+            images = [Image.fromarray(p) for p in image_probes()]
+            try:
+                alone = [self._predict_raw(image, prompt) for image in images]
+                together = self._predict_raw_batch([(image, prompt) for image in images])
+            except Exception as exc:  # noqa: BLE001 - any failure means: do not batch
+                reason = f"the batched path failed: {type(exc).__name__}: {exc}"
+            else:
+                if any(not np.array_equal(a, b) for a, b in zip(alone, together, strict=True)):
+                    reason = "batched answers differ from single ones on the probe images"
+        if reason is not None:
+            logger.warning("OpenVLA: observations are predicted one at a time: %s", reason)
+        return reason
+
+    def _action_model(self) -> Any:
+        """The OpenVLA model itself (under a peft wrapper, if any)."""
+        return getattr(getattr(self._model, "predict_action", None), "__self__", self._model)
+
+    def _predict_raw_batch(self, inputs: Sequence[tuple[Image.Image, str]]) -> list[np.ndarray]:
+        with self._lock, torch.inference_mode():
+            rows = [
+                openvla_batching.with_prompt_end(
+                    self._processor(prompt, image).to(self._input_device, dtype=self.dtype)
+                )
+                for image, prompt in inputs
+            ]
+            return openvla_batching.predict_raw_batch(
+                self._action_model(),
+                rows,
+                self.unnorm_key,
+                use_cache=getattr(self, "kv_cache", True),
+            )
+
+    def predict_batch(self, observations: Sequence[Observation]) -> list[Any]:
+        """One answer per observation, each what ``predict`` answers it alone; an
+        observation that cannot be predicted has its InputError as its answer."""
+        outcomes: list[Any] = [None] * len(observations)
+        ready: list[tuple[int, Image.Image, str]] = []
+        for index, observation in enumerate(observations):
+            if missing_model_input(observation) is not None:
+                outcomes[index] = self.predict(observation)  # the safe hold
+                continue
+            try:
+                image = image_from_observation(observation.image)
+            except InputError as exc:
+                outcomes[index] = exc
+                continue
+            ready.append((index, image, build_prompt(observation.instruction or "")))
+        if self.batched_decoding_off_reason is not None or len(ready) < 2:
+            for index, _image, _prompt in ready:
+                try:
+                    outcomes[index] = self.predict(observations[index])
+                except InputError as exc:
+                    outcomes[index] = exc
+            return outcomes
+        raw_actions = self._predict_raw_batch([(image, prompt) for _, image, prompt in ready])
+        for (index, _image, _prompt), raw in zip(ready, raw_actions, strict=True):
+            converted = convert_openvla_action(raw, observations[index], self._conversion)
+            self.last_hold_reason = converted.hold_reason
+            if converted.hold_reason is not None:
+                logger.warning("OpenVLA output rejected: %s", converted.hold_reason)
+            outcomes[index] = converted.action
+        return outcomes
+
     def describe(self) -> dict[str, Any]:
         return {
             "backend": self.name,
@@ -549,4 +624,6 @@ class OpenVLABackend:
             "max_position_step": self._conversion.max_position_step,
             "max_rotation_step": self._conversion.max_rotation_step,
             "image_sensitivity_checked": self.image_sensitivity_checked,
+            "batched_decoding": self.batched_decoding_off_reason is None,
+            "batched_decoding_off_reason": self.batched_decoding_off_reason,
         }
