@@ -6,8 +6,11 @@ requests into one batch and runs it as a single call on the model thread:
 
 - a batch starts with the oldest waiting request and closes as soon as
   ``max_batch_size`` requests are in, or ``window_s`` after the oldest
-  arrived, or at once when no other admitted request is still on its way
-  (``more_coming``), so a lone robot never waits for the window;
+  arrived, or at once when no more requests are expected: none admitted and
+  still on its way (``more_coming``: being read or decoded), and fewer than
+  the previous batch held are waiting (the robots of a fleet answered together
+  come back together, a few milliseconds apart). So a lone robot never waits
+  for the window, and a fleet's batches do not split in two;
 - while a batch runs, new requests wait and form the next batch;
 - each request gets its own result or its own exception, never another's.
 
@@ -30,7 +33,7 @@ from typing import Any, Optional
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 8
-DEFAULT_BATCH_WINDOW_MS = 5.0
+DEFAULT_BATCH_WINDOW_MS = 10.0
 
 # One observation's outcome: its result, or the exception that is its answer.
 Outcome = Any
@@ -133,6 +136,7 @@ class MicroBatcher:
         self._collector: Optional[asyncio.Task] = None
         self._closed = False
         self.running = 0
+        self._last_size = 0
         self._batches = 0
         self._requests = 0
         self._largest = 0
@@ -195,7 +199,7 @@ class MicroBatcher:
                 self._clock(),
                 self.max_batch_size,
                 self.window_s,
-                self._more_coming(),
+                self._more_coming() or self.pending < self._last_size,
             )
             if wait > 0:
                 self._wakeup.clear()
@@ -223,7 +227,7 @@ class MicroBatcher:
         if not live:
             return
         loop = asyncio.get_running_loop()
-        self.running = len(live)
+        self.running = self._last_size = len(live)
         started = time.perf_counter()
         try:
             outcomes = await loop.run_in_executor(

@@ -137,7 +137,8 @@ def test_maximum_batch_size_closes_a_batch_before_the_window(executor):
 
 def test_requests_waiting_behind_a_batch_form_batches_of_at_most_the_maximum(executor):
     recorder = Recorder(hold_first=True)
-    batcher = MicroBatcher(recorder, executor, max_batch_size=2, window_s=30.0,
+    # No window: only the maximum splits the five that wait behind the first.
+    batcher = MicroBatcher(recorder, executor, max_batch_size=2, window_s=0.0,
                            more_coming=lambda: False)  # fmt: skip
 
     async def main():
@@ -161,6 +162,29 @@ def test_a_lone_request_does_not_wait_for_the_window(executor):
     started = time.monotonic()
     assert run(batcher.submit(4))[0] == 40
     assert time.monotonic() - started < BOUND_S  # a 30 s window was not waited for
+
+
+def test_after_a_batch_of_several_the_next_waits_for_the_fleet_to_come_back(executor):
+    recorder = Recorder()
+    batcher = MicroBatcher(recorder, executor, max_batch_size=8, window_s=30.0,
+                           more_coming=lambda: False)  # fmt: skip
+
+    async def main():
+        # Three arrive together while nothing else is admitted: one batch, at once.
+        await asyncio.gather(*(batcher.submit(i) for i in (1, 2, 3)))
+        # The fleet's robots come back a little apart: the first waits for the others
+        # (nothing admitted, but the last batch held three).
+        first = asyncio.ensure_future(batcher.submit(4))
+        await wait_until(lambda: batcher.pending == 1)
+        second = asyncio.ensure_future(batcher.submit(5))
+        await wait_until(lambda: batcher.pending == 2)
+        assert recorder.batches == [[1, 2, 3]]  # still waiting for the third
+        third = asyncio.ensure_future(batcher.submit(6))
+        return await asyncio.gather(first, second, third)
+
+    results = run(main())
+    assert [r for r, _ in results] == [40, 50, 60]
+    assert recorder.batches == [[1, 2, 3], [4, 5, 6]]
 
 
 def test_the_window_bounds_the_wait_for_requests_on_their_way(executor):
