@@ -469,12 +469,30 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
     return app
 
 
+def batching_off_reason(backend: PolicyBackend, config: ServerConfig) -> Optional[str]:
+    """Why observations are predicted one at a time, or None when they are batched.
+
+    Collecting requests pays only when the backend predicts them together: a backend
+    without ``predict_batch``, or one whose ``batches_observations`` is false (say, a
+    model that failed its batched check), is served one observation at a time."""
+    if config.max_batch_size == 1:
+        return "max_batch_size is 1"
+    if not callable(getattr(backend, "predict_batch", None)):
+        return "the backend has no predict_batch"
+    if not getattr(backend, "batches_observations", True):
+        return "the backend predicts one observation at a time (see its describe())"
+    return None
+
+
 def _make_worker(backend: PolicyBackend, config: ServerConfig) -> InferenceWorker:
+    off = batching_off_reason(backend, config)
+    if off is not None and config.max_batch_size > 1:
+        logger.info("micro-batching off: %s", off)
     return InferenceWorker(
         backend.predict,
         config.max_queue,
         predict_batch=getattr(backend, "predict_batch", None),
-        max_batch_size=config.max_batch_size,
+        max_batch_size=config.max_batch_size if off is None else 1,
         batch_window_s=config.batch_window_ms / 1e3,
     )
 
@@ -487,6 +505,7 @@ def _batching_report(
     stats = batcher.stats() if batcher is not None else None
     return {
         "enabled": batcher is not None,
+        "off_reason": batching_off_reason(backend, config),
         "max_batch_size": config.max_batch_size,
         "window_ms": config.batch_window_ms,
         "backend_predict_batch": callable(getattr(backend, "predict_batch", None)),

@@ -13,8 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.batching import MicroBatcher, batch_wait_s, isolated_batch_call
 from manipulation_policy.inference_worker import ClientGoneError, InferenceWorker, QueueFullError
+from manipulation_policy.server_app import ServerConfig, batching_off_reason, create_app
 
 BOUND_S = 5.0  # every wait in these tests ends well before this, or the test fails
 
@@ -370,3 +372,39 @@ def test_worker_batches_through_predict_batch_and_answers_each_request():
     assert [r[0] for i, r in enumerate(results) if i != 2] == [101, 102, 104]
     assert isinstance(results[2], BadItem)
     assert worker.queue_depth == 0 and worker.busy == 0
+
+
+# --- which backends the server batches ----------------------------------------------------
+
+
+class OneAtATime:
+    name = "one-at-a-time"
+
+    def predict(self, observation):
+        return StubBackend().predict(observation)
+
+    def describe(self):
+        return {"backend": self.name}
+
+
+class DeclinesBatching(StubBackend):
+    batches_observations = False
+
+
+@pytest.mark.parametrize(
+    ("backend", "config", "reason"),
+    [
+        (StubBackend(), ServerConfig(), None),
+        (StubBackend(), ServerConfig(max_batch_size=1), "max_batch_size is 1"),
+        (OneAtATime(), ServerConfig(), "no predict_batch"),
+        (DeclinesBatching(), ServerConfig(), "one observation at a time"),
+    ],
+)
+def test_the_server_batches_only_backends_that_predict_together(backend, config, reason):
+    found = batching_off_reason(backend, config)
+    assert found is None if reason is None else reason in found
+    worker = create_app(backend, config).state.worker
+    try:
+        assert (worker.batcher is not None) is (reason is None)
+    finally:
+        worker.close()

@@ -179,6 +179,7 @@ def batch_sizes(backend):
 def test_describe_says_whether_observations_are_batched(backend):
     info = backend.describe()
     assert info["batched_decoding"] is (backend.batched_decoding_off_reason is None)
+    assert backend.batches_observations is info["batched_decoding"]  # what the server asks
     if not TINY_DECODES_LIKE_OPENVLA:
         assert "batched path failed" in info["batched_decoding_off_reason"]
 

@@ -554,6 +554,12 @@ class OpenVLABackend:
             logger.warning("OpenVLA: observations are predicted one at a time: %s", reason)
         return reason
 
+    @property
+    def batches_observations(self) -> bool:
+        """Whether predict_batch really predicts observations together (the server
+        collects requests into batches only then)."""
+        return self.batched_decoding_off_reason is None
+
     def _action_model(self) -> Any:
         """The OpenVLA model itself (under a peft wrapper, if any)."""
         return getattr(getattr(self._model, "predict_action", None), "__self__", self._model)
