@@ -7,11 +7,14 @@ Model options fall back to environment variables (OPENVLA_MODEL, OPENVLA_UNNORM_
 upstream MobileManipulationCore server is), it serves the openvla backend.
 With an API key (--api-key-file or MANIPULATION_POLICY_API_KEY),
 every path but /health, /docs and /openapi.json needs ``Authorization: Bearer <key>``
-(/metrics too: Prometheus can send one). Predictions run one at a time; past
---max-queue waiting requests the server answers 503 with Retry-After at once.
-A prediction past --inference-timeout is answered 504, and /health answers 503
-until the backend returns. SIGTERM or Ctrl-C stops taking connections and lets
-requests in flight finish, for --graceful-timeout seconds at most.
+(/metrics too: Prometheus can send one). Observations that arrive together are
+predicted together, up to --max-batch-size per model call, collected for at most
+--batch-window-ms (only while other requests are on their way; 1 turns batching
+off); past --max-queue waiting requests the server answers 503 with Retry-After.
+A model call (one prediction or one batch) past --inference-timeout is answered
+504 to each of its requests, and /health answers 503 until the backend returns.
+SIGTERM or Ctrl-C stops taking connections and lets requests in flight finish,
+for --graceful-timeout seconds at most.
 """
 
 from __future__ import annotations
@@ -25,10 +28,16 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+from .batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE
 from .errors import BackendStartupError
 from .imaging import DEFAULT_MAX_IMAGE_PIXELS
 from .inference_worker import DEFAULT_DEADLINE_S
-from .server_app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, ServerConfig
+from .server_app import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_QUEUE,
+    MAX_BATCH_WINDOW_MS,
+    ServerConfig,
+)
 from .server_auth import API_KEY_ENV, ApiKeyError, load_api_key
 
 PROG = "policy_server"
@@ -166,6 +175,20 @@ def _seconds(allow_zero: bool):
     return parse
 
 
+def _milliseconds(high: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number of ms") from None
+        if not 0 <= value <= high:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text[:40]!r}: must be from 0 to {high:g} ms")
+        return value
+
+    parse.__name__ = "milliseconds"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, description=__doc__.split("\n", 1)[1], formatter_class=_HelpFormatter
@@ -221,6 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
         "answers 503 until the backend returns",
     )
     serving.add_argument(
+        "--max-batch-size",
+        type=_bounded_int(1, what="an observation count"),
+        default=DEFAULT_MAX_BATCH_SIZE,
+        help="most observations predicted together in one model call (1: one at a time)",
+    )
+    serving.add_argument(
+        "--batch-window-ms",
+        type=_milliseconds(MAX_BATCH_WINDOW_MS),
+        default=DEFAULT_BATCH_WINDOW_MS,
+        help="longest wait for more observations to join a batch, while others are on "
+        "their way (a lone request never waits)",
+    )
+    serving.add_argument(
         "--graceful-timeout",
         type=_seconds(allow_zero=True),
         default=30.0,
@@ -273,6 +309,8 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
             max_image_pixels=args.max_image_pixels,
             api_key=api_key,
             inference_timeout_s=args.inference_timeout,
+            max_batch_size=args.max_batch_size,
+            batch_window_ms=args.batch_window_ms,
         )
     except (ApiKeyError, ValueError) as exc:
         raise StartupError(str(exc)) from None
@@ -338,11 +376,14 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     raise_open_file_limit()
     app = create_app(backend, config)
     startup_log.info(
-        "backend %s ready; auth %s, max queue %d, max body %d bytes",
+        "backend %s ready; auth %s, max queue %d, max body %d bytes, max batch %d, "
+        "batch window %g ms",
         args.backend,
         "on" if config.api_key else "off",
         config.max_queue,
         config.max_body_bytes,
+        config.max_batch_size,
+        config.batch_window_ms,
     )
     server = uvicorn.Server(
         uvicorn.Config(

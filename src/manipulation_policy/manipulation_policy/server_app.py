@@ -31,6 +31,7 @@ from starlette.requests import ClientDisconnect
 
 from . import __version__
 from .backends import PolicyBackend
+from .batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE
 from .contract import (
     ErrorResponse,
     HealthResponse,
@@ -63,6 +64,8 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_QUEUE = 8
 # nginx's code for "client closed the request": logged and counted, never received.
 CLIENT_CLOSED_REQUEST = 499
+# A window longer than this would make every robot wait for nothing.
+MAX_BATCH_WINDOW_MS = 1000.0
 KNOWN_ENDPOINTS = frozenset({"/health", "/infer", "/info", "/metrics"}) | OPEN_PATHS
 # A body still arriving when the server answers early is read and dropped, up to these
 # bounds, before a closing connection is closed (see drain_before_close).
@@ -80,16 +83,32 @@ class ServerConfig:
     api_key: Optional[str] = None
     retry_after_s: int = 1
     decode_threads: int = 2
+    # Deadline of one model call: one prediction, or one batch of them.
     inference_timeout_s: float = DEFAULT_DEADLINE_S
+    # Micro-batching (batching.py): at most this many observations per model call,
+    # collected for at most this long while other admitted requests are on their way.
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_image_pixels", "retry_after_s", "decode_threads"):
+        for name in (
+            "max_body_bytes",
+            "max_image_pixels",
+            "retry_after_s",
+            "decode_threads",
+            "max_batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if not 0 < self.inference_timeout_s < float("inf"):
             raise ValueError(f"inference_timeout_s must be > 0, got {self.inference_timeout_s}")
+        if not 0 <= self.batch_window_ms <= MAX_BATCH_WINDOW_MS:
+            raise ValueError(
+                f"batch_window_ms must be in [0, {MAX_BATCH_WINDOW_MS:g}], "
+                f"got {self.batch_window_ms}"
+            )
 
 
 class ApiError(Exception):
@@ -442,7 +461,7 @@ def _describe(backend: PolicyBackend) -> dict[str, Any]:
 def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) -> FastAPI:
     """The FastAPI application serving ``backend`` (already loaded)."""
     config = config or ServerConfig()
-    worker = InferenceWorker(backend.predict, config.max_queue, config.inference_timeout_s)
+    worker = _make_worker(backend, config)
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="policy-decode")
     description = _describe(backend)
     metrics = ServerMetrics(
@@ -473,6 +492,8 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
         lifespan=lifespan,
         redoc_url=None,
     )
+    if worker.batcher is not None:
+        worker.batcher.on_batch = lambda size, _seconds: metrics.batch_size.observe(size)
     app.state.worker = worker
     app.state.metrics = metrics
     app.state.config = config
@@ -506,7 +527,7 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
         },
     )
     async def infer(request: Request) -> Response:
-        """One observation in, one policy answer out (predictions run one at a time)."""
+        """One observation in, one policy answer out (run alone, or batched with others)."""
         # Admitted already (AdmissionMiddleware), before the body was read.
         check_json_content_type(request.headers.get("content-type"))
         raw = await read_body(request, config.max_body_bytes)
@@ -517,6 +538,8 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
             metrics.count_error("client_disconnected")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         metrics.inference_seconds.observe(seconds)
+        if worker.batcher is None:
+            metrics.batch_size.observe(1)
         try:
             body = checked_response(
                 action, request_id=parsed.request_id, inference_time_ms=round(seconds * 1e3, 3)
@@ -595,6 +618,7 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
                     "max": worker.max_queue,
                     "inference_in_progress": worker.busy,
                 },
+                "batching": _batching_report(worker, backend, config),
                 "limits": {
                     "max_body_bytes": config.max_body_bytes,
                     "max_image_pixels": config.max_image_pixels,
@@ -642,6 +666,57 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.openapi = lambda: _openapi_document(app, auth=config.api_key is not None)
     return app
+
+
+def batching_off_reason(backend: PolicyBackend, config: ServerConfig) -> Optional[str]:
+    """Why observations are predicted one at a time, or None when they are batched.
+
+    Collecting requests pays only when the backend predicts them together: a backend
+    without ``predict_batch``, or one whose ``batches_observations`` is false (say, a
+    model that failed its batched check), is served one observation at a time."""
+    if config.max_batch_size == 1:
+        return "max_batch_size is 1"
+    if not callable(getattr(backend, "predict_batch", None)):
+        return "the backend has no predict_batch"
+    if not getattr(backend, "batches_observations", True):
+        return "the backend predicts one observation at a time (see its describe())"
+    return None
+
+
+def _make_worker(backend: PolicyBackend, config: ServerConfig) -> InferenceWorker:
+    off = batching_off_reason(backend, config)
+    if off is not None and config.max_batch_size > 1:
+        logger.info("micro-batching off: %s", off)
+    return InferenceWorker(
+        backend.predict,
+        config.max_queue,
+        config.inference_timeout_s,
+        predict_batch=getattr(backend, "predict_batch", None),
+        max_batch_size=config.max_batch_size if off is None else 1,
+        batch_window_s=config.batch_window_ms / 1e3,
+    )
+
+
+def _batching_report(
+    worker: InferenceWorker, backend: PolicyBackend, config: ServerConfig
+) -> dict[str, Any]:
+    """/info's view of micro-batching: the settings and what they have done so far."""
+    batcher = worker.batcher
+    stats = batcher.stats() if batcher is not None else None
+    return {
+        "enabled": batcher is not None,
+        "off_reason": batching_off_reason(backend, config),
+        "max_batch_size": config.max_batch_size,
+        "window_ms": config.batch_window_ms,
+        "backend_predict_batch": callable(getattr(backend, "predict_batch", None)),
+        "batches_total": stats.batches if stats else None,
+        "batched_requests_total": stats.requests if stats else None,
+        "largest_batch": stats.largest if stats else None,
+        "mean_batch_size": (
+            round(stats.requests / stats.batches, 3) if stats and stats.batches else None
+        ),
+        "in_prediction": worker.in_prediction,
+    }
 
 
 def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:

@@ -19,6 +19,8 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
 LabelValues = tuple[str, ...]
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
@@ -215,6 +217,11 @@ class ServerMetrics:
             "policy_server_inference_duration_seconds",
             "Time the backend spent in predict() for one /infer request.",
         )
+        self.batch_size = Histogram(
+            "policy_server_batch_size",
+            "Observations the backend predicted together in one call (1 without batching).",
+            buckets=BATCH_SIZE_BUCKETS,
+        )
         self.errors = Counter(
             "policy_server_errors_total",
             "Requests answered with an error, by kind (the error field of the body).",
@@ -225,6 +232,7 @@ class ServerMetrics:
             self.request_seconds,
             self.preprocess_seconds,
             self.inference_seconds,
+            self.batch_size,
             self.errors,
             Gauge(
                 "policy_server_queue_depth",

@@ -1,9 +1,14 @@
 """Policy backends, chosen by name.
 
 A backend is a small class with ``predict(observation) -> PolicyAction`` and
-``describe() -> dict``. Adding a model means adding one module and one line
-in ``BACKEND_MODULES``; the module is imported only when its backend is
-chosen, so the stub needs neither torch nor transformers.
+``describe() -> dict``; it may add ``predict_batch(observations) -> list``
+(one answer per observation, in order, each equal to what ``predict`` gives
+it alone, an exception instance as the answer of an observation that failed),
+which the server uses to predict observations that arrive together at once
+(unless the backend's optional ``batches_observations`` attribute is false).
+Adding a model means adding one module and one line in ``BACKEND_MODULES``;
+the module is imported only when its backend is chosen, so the stub needs
+neither torch nor transformers.
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ from ..openvla_actions import (
     convert_openvla_action,
 )
 from ..policy_types import Observation, PolicyAction
+from . import openvla_batching
 
 logger = logging.getLogger(__name__)
 
@@ -325,6 +326,11 @@ def action_token_range(model: Any) -> Optional[tuple[int, int]]:
     return vocab_size - bins, vocab_size
 
 
+def action_model(model: Any) -> Any:
+    """The OpenVLA model itself, owner of ``predict_action`` (under a peft wrapper, if any)."""
+    return getattr(getattr(model, "predict_action", None), "__self__", model)
+
+
 @contextlib.contextmanager
 def recording_generated_tokens(model: Any) -> Iterator[list]:
     """Record the ids that predict_action's ``self.generate`` call produces.
@@ -333,7 +339,7 @@ def recording_generated_tokens(model: Any) -> Iterator[list]:
     check needs the tokens behind it. An instance attribute shadows the
     ``generate`` method for the duration (start-up only, one thread).
     """
-    target = getattr(getattr(model, "predict_action", None), "__self__", model)
+    target = action_model(model)
     original = getattr(target, "generate", None)
     record: list = []
     if original is None:
@@ -525,6 +531,7 @@ class OpenVLABackend:
         if check_image_sensitivity:
             self._check_image_sensitivity()
             self.image_sensitivity_checked = True
+        self.batched_decoding_off_reason = self._check_batched_decoding()
 
     # --- start-up -------------------------------------------------------------------
 
@@ -666,32 +673,49 @@ class OpenVLABackend:
                 actions.append(self._predict_raw(Image.fromarray(probe), prompt))
                 tokens.append(record[index] if len(record) > index else None)
         refusal = image_check_refusal(
-            self.model_id, actions, tokens, action_token_range(self._token_owner())
+            self.model_id, actions, tokens, action_token_range(action_model(self._model))
         )
         if refusal is not None:
             raise BackendStartupError(refusal)
 
-    def _token_owner(self) -> Any:
-        return getattr(getattr(self._model, "predict_action", None), "__self__", self._model)
-
     # --- inference ------------------------------------------------------------------
+
+    def _model_input(self, observation: Observation) -> tuple[Image.Image, str]:
+        """The image and the prompt the model gets for ``observation`` (InputError if none)."""
+        image = image_from_observation(observation.image)
+        instruction = (observation.instruction or "").strip()
+        if not instruction:
+            raise InputError("instruction", "the openvla backend needs a task instruction")
+        return image, build_prompt(instruction)
+
+    def _prepared(self, image: Image.Image, prompt: str) -> Any:
+        """One row of model input on the model's device, ending with token 29871 and its
+        mask entry (call under the lock and inference_mode)."""
+        inputs = self._processor(prompt, image).to(self._input_device, dtype=self.dtype)
+        return append_prompt_end_token(inputs)
 
     def _predict_raw(self, image: Image.Image, prompt: str) -> np.ndarray:
         with self._lock, torch.inference_mode():
-            inputs = self._processor(prompt, image).to(self._input_device, dtype=self.dtype)
-            inputs = append_prompt_end_token(inputs)
             action = self._model.predict_action(
-                **inputs, unnorm_key=self.unnorm_key, do_sample=False, **self._generate_options
+                **self._prepared(image, prompt),
+                unnorm_key=self.unnorm_key,
+                do_sample=False,
+                **self._generate_options,
             )
         return np.asarray(action, dtype=np.float64).reshape(-1)
 
     def predict_raw(self, observation: Observation) -> np.ndarray:
         """The model's un-normalised 7-dim action for ``observation``."""
-        image = image_from_observation(observation.image)
-        instruction = (observation.instruction or "").strip()
-        if not instruction:
-            raise InputError("instruction", "the openvla backend needs a task instruction")
-        return self._predict_raw(image, build_prompt(instruction))
+        return self._predict_raw(*self._model_input(observation))
+
+    def _to_action(self, raw: np.ndarray, observation: Observation) -> PolicyAction:
+        """The model's raw action as the answer to ``observation``: its own per-request
+        overrides, the gripper meaning, the step bounds; a rejected output is a hold."""
+        converted = convert_openvla_action(raw, observation, self._conversion)
+        self.last_hold_reason = converted.hold_reason
+        if converted.hold_reason is not None:
+            logger.warning("OpenVLA output rejected: %s", converted.hold_reason)
+        return converted.action
 
     def predict(self, observation: Observation) -> PolicyAction:
         # The contract makes image and instruction optional (the guide's minimal
@@ -701,13 +725,66 @@ class OpenVLABackend:
         if missing is not None:
             self.last_hold_reason = missing
             return PolicyAction.hold(observation.reference_frame)
-        converted = convert_openvla_action(
-            self.predict_raw(observation), observation, self._conversion
-        )
-        self.last_hold_reason = converted.hold_reason
-        if converted.hold_reason is not None:
-            logger.warning("OpenVLA output rejected: %s", converted.hold_reason)
-        return converted.action
+        return self._to_action(self.predict_raw(observation), observation)
+
+    # --- batched inference (openvla_batching.py) --------------------------------------
+
+    def _check_batched_decoding(self) -> Optional[str]:
+        """Why observations cannot be batched with this model, or None when they can:
+        the batched path must answer the probe images exactly as one at a time.
+        (Also warms up the batched shapes before the first request.)"""
+        owner = action_model(self._model)
+        reason = openvla_batching.generation_differs(getattr(owner, "generation_config", None))
+        if reason is None:
+            prompt = build_prompt(PROBE_INSTRUCTION)
+            images = [Image.fromarray(p) for p in image_probes()]
+            try:
+                alone = [self._predict_raw(image, prompt) for image in images]
+                together = self._predict_raw_batch([(image, prompt) for image in images])
+            except Exception as exc:  # noqa: BLE001 - any failure means: do not batch
+                reason = f"the batched path failed: {type(exc).__name__}: {exc}"
+            else:
+                if any(not np.array_equal(a, b) for a, b in zip(alone, together, strict=True)):
+                    reason = "batched answers differ from single ones on the probe images"
+        if reason is not None:
+            logger.warning("OpenVLA: observations are predicted one at a time: %s", reason)
+        return reason
+
+    @property
+    def batches_observations(self) -> bool:
+        """Whether predict_batch really predicts observations together (the server
+        collects requests into batches only then)."""
+        return self.batched_decoding_off_reason is None
+
+    def _predict_raw_batch(self, inputs: Sequence[tuple[Image.Image, str]]) -> list[np.ndarray]:
+        with self._lock, torch.inference_mode():
+            rows = [self._prepared(image, prompt) for image, prompt in inputs]
+            # Without a KV cache where transformers' cache makes the remote code drop
+            # the image (4.50-4.57), as predict_action is called there.
+            return openvla_batching.predict_raw_batch(
+                action_model(self._model), rows, self.unnorm_key, use_cache=self.kv_cache
+            )
+
+    def predict_batch(self, observations: Sequence[Observation]) -> list[Any]:
+        """One answer per observation, each what ``predict`` answers it alone; an
+        observation that cannot be predicted has its InputError as its answer."""
+        outcomes: list[Any] = [None] * len(observations)
+        ready: list[tuple[int, Image.Image, str]] = []
+        for index, observation in enumerate(observations):
+            try:
+                if missing_model_input(observation) is not None:
+                    outcomes[index] = self.predict(observation)  # the safe hold
+                else:
+                    ready.append((index, *self._model_input(observation)))
+            except InputError as exc:
+                outcomes[index] = exc
+        if self.batched_decoding_off_reason is not None or len(ready) < 2:
+            raw_actions = [self._predict_raw(image, prompt) for _, image, prompt in ready]
+        else:
+            raw_actions = self._predict_raw_batch([(image, prompt) for _, image, prompt in ready])
+        for (index, _image, _prompt), raw in zip(ready, raw_actions, strict=True):
+            outcomes[index] = self._to_action(raw, observations[index])
+        return outcomes
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -734,4 +811,6 @@ class OpenVLABackend:
             "gripper_bounds": list(self._conversion.gripper_bounds),
             "image_sensitivity_checked": self.image_sensitivity_checked,
             "kv_cache": self.kv_cache,
+            "batched_decoding": self.batched_decoding_off_reason is None,
+            "batched_decoding_off_reason": self.batched_decoding_off_reason,
         }

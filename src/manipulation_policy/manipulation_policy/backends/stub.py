@@ -19,6 +19,7 @@ so tests can tell answers to different observations apart:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,17 @@ class StubBackend:
             base_velocity_hint=None,
             confidence=CONFIDENCE,
         )
+
+    def predict_batch(self, observations: Sequence[Observation]) -> list[Any]:
+        """One answer per observation, each what ``predict`` gives it alone; an
+        observation that fails has its exception as its answer."""
+        outcomes: list[Any] = []
+        for observation in observations:
+            try:
+                outcomes.append(self.predict(observation))
+            except Exception as exc:  # noqa: BLE001 - that observation's own answer
+                outcomes.append(exc)
+        return outcomes
 
     def describe(self) -> dict[str, Any]:
         return {
