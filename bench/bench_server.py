@@ -12,19 +12,24 @@ small). Rows: GET /health (HTTP + framework floor), /infer without image,
 
 In this process, the same work without HTTP: JPEG decode alone (base64 +
 Pillow, what the server must do to any image), the whole body decode
-(JSON parse, validation, JPEG decode) and the stub's predict. The ratio column
-is a row's p50 over the JPEG decode alone: how many decodes one request costs.
+(JSON parse, validation, JPEG decode) and the stub's predict. The floor rows
+send the same requests to bench/http_floor.py, a bare asyncio responder that
+only parses the JSON and decodes the JPEG. Ratio columns: a row's p50 over
+the JPEG decode alone, and a server row's p50 over the floor's for the same
+request and client count (1.00 = no overhead beyond the unavoidable work).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import http.client
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -35,7 +40,9 @@ import numpy as np
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.imaging import decode_base64_image, encode_jpeg
 from manipulation_policy.server_app import decode_infer_body
-from manipulation_policy.server_process import ServerProcess
+from manipulation_policy.server_process import ServerProcess, free_port
+
+FLOOR_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "http_floor.py")
 
 
 def scene_jpeg(size: int = 224, quality: int = 90) -> bytes:
@@ -105,6 +112,31 @@ def load(
     return len(merged) / elapsed, merged, sum(failures)
 
 
+def measure(port: int, plan: list, seconds: float) -> list:
+    rows = []
+    for label, method, path, body, concurrency in plan:
+        load(port, method, path, body, concurrency, min(0.5, seconds))  # warm-up
+        rate, latencies, failures = load(port, method, path, body, concurrency, seconds)
+        rows.append((label, rate, latencies, failures))
+    return rows
+
+
+@contextlib.contextmanager
+def floor_process():
+    """bench/http_floor.py on a free loopback port, until the block ends."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, FLOOR_SCRIPT, "--port", str(port)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        if "listening" not in (process.stdout.readline() or ""):
+            raise RuntimeError("the floor responder did not start")
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 def machine() -> str:
     model = platform.processor() or "unknown CPU"
     try:
@@ -150,40 +182,40 @@ def main(argv: list[str] | None = None) -> int:
     )
     decode_p50 = statistics.median(floors["JPEG decode alone (in process)"])
 
-    rows = []
+    plan = [("GET /health", "GET", "/health", b"", 1),
+            ("POST /infer, no image", "POST", "/infer", no_image, 1)]  # fmt: skip
+    plan += [
+        (f"POST /infer, 224x224 JPEG, {c} client{'s' if c > 1 else ''}", "POST", "/infer",
+         with_image, c)
+        for c in args.concurrency
+    ]  # fmt: skip
     queue = str(max(args.concurrency) * 2)
     with ServerProcess("--backend", "stub", "--no-access-log", "--max-queue", queue) as server:
-        plan = [("GET /health", "GET", "/health", b"", 1),
-                ("POST /infer, no image", "POST", "/infer", no_image, 1)]  # fmt: skip
-        plan += [
-            (f"POST /infer, 224x224 JPEG, {c} client{'s' if c > 1 else ''}", "POST", "/infer",
-             with_image, c)
-            for c in args.concurrency
-        ]  # fmt: skip
-        for label, method, path, body, concurrency in plan:
-            load(server.port, method, path, body, concurrency, min(0.5, args.seconds))  # warm-up
-            rate, latencies, failures = load(
-                server.port, method, path, body, concurrency, args.seconds
-            )
-            rows.append((label, rate, latencies, failures))
+        rows = measure(server.port, plan, args.seconds)
+    with floor_process() as port:
+        floor_rows = measure(port, plan[1:], args.seconds)
+    floor_p50 = {label: percentile(latencies, 0.5) for label, _, latencies, _ in floor_rows}
 
     print(f"machine: {machine()}")
     print(f"image: 224x224 JPEG q90, {len(jpeg)} bytes; request body {len(with_image)} bytes")
     print(f"{args.seconds:g} s per load row, client and server on the same machine\n")
-    print("| what | requests/s | p50 ms | p99 ms | p50 / JPEG decode |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| what | requests/s | p50 ms | p99 ms | p50 / JPEG decode | p50 / floor |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for label, samples in floors.items():
         print(
             f"| {label} | {1 / statistics.median(samples):,.0f} | "
             f"{percentile(samples, 0.5) * 1e3:.3f} | {percentile(samples, 0.99) * 1e3:.3f} | "
-            f"{statistics.median(samples) / decode_p50:.2f} |"
+            f"{statistics.median(samples) / decode_p50:.2f} | |"
         )
-    for label, rate, latencies, failures in rows:
+    labelled = [(label, row) for label, *row in rows]
+    labelled += [(f"floor: {label}", row) for label, *row in floor_rows]
+    for label, (rate, latencies, failures) in labelled:
         note = f" ({failures} non-200)" if failures else ""
+        p50 = percentile(latencies, 0.5)
+        ratio = f"{p50 / floor_p50[label]:.2f}" if label in floor_p50 else ""
         print(
-            f"| {label}{note} | {rate:,.0f} | {percentile(latencies, 0.5) * 1e3:.3f} | "
-            f"{percentile(latencies, 0.99) * 1e3:.3f} | "
-            f"{percentile(latencies, 0.5) / decode_p50:.2f} |"
+            f"| {label}{note} | {rate:,.0f} | {p50 * 1e3:.3f} | "
+            f"{percentile(latencies, 0.99) * 1e3:.3f} | {p50 / decode_p50:.2f} | {ratio} |"
         )
     return 1 if any(failures for *_, failures in rows) else 0
 

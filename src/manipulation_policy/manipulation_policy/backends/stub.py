@@ -39,6 +39,16 @@ SYNTHETIC_NOTE = (
 logger = logging.getLogger(__name__)
 
 
+def mean_colour(rgb: np.ndarray) -> np.ndarray:
+    """Mean R, G, B of an HxWx3 uint8 image (exact: sums of integers).
+
+    A sum per channel plane is ~10x faster than ``reshape(-1, 3).mean(axis=0)``,
+    whose reduction strides across the interleaved channels; the stub's cost is
+    what the server's own overhead is measured against."""
+    sums = [int(rgb[..., channel].sum(dtype=np.int64)) for channel in range(3)]
+    return np.array(sums, dtype=float) / (rgb.shape[0] * rgb.shape[1])
+
+
 class StubBackend:
     name = "stub"
 
@@ -47,7 +57,7 @@ class StubBackend:
 
     def predict(self, observation: Observation) -> PolicyAction:
         if observation.image is not None:
-            mean_rgb = observation.image.reshape(-1, 3).mean(axis=0) / 255.0
+            mean_rgb = mean_colour(observation.image) / 255.0
             dx, dy, dz = (float(c) for c in (mean_rgb - 0.5) * 2 * MAX_STEP_M)
             gripper = float(mean_rgb.mean())
         else:
