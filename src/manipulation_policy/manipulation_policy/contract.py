@@ -41,7 +41,8 @@ JointValue = Annotated[float, Field(strict=True)]
 Text = Annotated[str, Field(strict=True)]
 # JSON true/false only: "yes", 1 or "true" are not a flag.
 Flag = Annotated[bool, Field(strict=True)]
-InstructionText = Annotated[str, Field(strict=True, max_length=1024)]
+MAX_INSTRUCTION_CHARS = 1024  # also the instruction parameter's limit (node_parameters)
+InstructionText = Annotated[str, Field(strict=True, max_length=MAX_INSTRUCTION_CHARS)]
 MAX_JOINTS = 256
 MAX_IMAGE_SIDE = 8192
 MAX_FRAME_LENGTH = 256

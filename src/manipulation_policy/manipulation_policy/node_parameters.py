@@ -16,15 +16,22 @@ from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
+from . import model_options
 from .backends import BACKEND_MODULES
-from .client_api_key import ApiKeyUnusable, read_api_key
-from .contract import MAX_IMAGE_SIDE, MAX_REQUEST_SCALE
+from .client_api_key import API_KEY_ENV, ApiKeyUnusable, read_api_key
+from .contract import MAX_IMAGE_SIDE, MAX_INSTRUCTION_CHARS
+from .model_options import (  # noqa: F401 - the model options' vocabularies, defined there
+    ATTN_IMPLEMENTATIONS,
+    DTYPES,
+    GRIPPER_CONVENTIONS,
+    QUANTIZATIONS,
+    device_name,
+)
 from .remote_client import DEFAULT_MAX_RESPONSE_BYTES
 from .response_validation import frame_id_problem
 
 Check = Callable[[Any], Optional[str]]
 
-MAX_INSTRUCTION_CHARS = 1024  # the wire contract's limit on `instruction`
 MAX_INFERENCE_RATE_HZ = 1000.0
 MAX_TIMEOUT_SEC = 300.0
 MAX_RETRY_ATTEMPTS = 20
@@ -34,11 +41,6 @@ MAX_BOUND = 1000.0  # upper end of the answer bounds: they must stay finite numb
 MAX_STEPS = 1_000_000_000
 
 IMAGE_TRANSPORTS = ("raw", "compressed")
-QUANTIZATIONS = ("none", "8bit", "4bit")
-DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half", "float")
-ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
-GRIPPER_CONVENTIONS = ("open_is_one", "close_is_one")
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 PLUGIN_BACKEND_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -134,12 +136,6 @@ def http_url(value: str) -> Optional[str]:
     return None
 
 
-def device_name(value: str) -> Optional[str]:
-    if not DEVICE_PATTERN.match(value.strip().lower()):
-        return f"must be auto, cpu, cuda or cuda:<index>; got {value!r}"
-    return None
-
-
 def backend_name(value: str) -> Optional[str]:
     if value in BACKEND_MODULES or PLUGIN_BACKEND_PATTERN.match(value):
         return None
@@ -153,7 +149,7 @@ def no_secret_here(value: str) -> Optional[str]:
     if value:
         return (
             "must stay empty: any ROS peer can read a parameter; put the key in a file named "
-            "by remote_api_key_file, or in the MANIPULATION_POLICY_API_KEY environment variable"
+            f"by remote_api_key_file, or in the {API_KEY_ENV} environment variable"
         )
     return None
 
@@ -168,12 +164,6 @@ def usable_api_key_file(value: str) -> Optional[str]:
 
 def frame_id(value: str) -> Optional[str]:
     return frame_id_problem(value)
-
-
-def finite_positive_scale(value: float) -> Optional[str]:
-    if not math.isfinite(value) or value <= 0:
-        return f"must be a finite number > 0, got {value!r}"
-    return None
 
 
 # ---------------------------------------------------------------- the parameters
@@ -225,29 +215,13 @@ POLICY_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
                   "Policy backend: " + ", ".join(sorted(BACKEND_MODULES))
                   + ", or module.path:ClassName of another backend class.",
                   backend_name, live=False),
-    ParameterSpec("model", "openvla/openvla-7b",
-                  "Hugging Face model id or local directory.", non_empty_text(1024), live=False),
-    ParameterSpec("unnorm_key", "",
-                  "Dataset statistics used to un-normalize actions (empty: the model's only "
-                  "or default key).", live=False),
-    ParameterSpec("device", "auto", "Torch device: auto, cpu, cuda or cuda:<index>.", device_name,
-                  live=False),
-    ParameterSpec("dtype", "auto", "Model weights dtype: " + ", ".join(DTYPES),
-                  one_of(DTYPES), live=False),
-    ParameterSpec("quantization", "none", "Weight quantization: " + ", ".join(QUANTIZATIONS),
-                  one_of(QUANTIZATIONS), live=False),
-    ParameterSpec("lora_adapter", "", "Path or id of a LoRA adapter (empty: none).",
-                  live=False),
-    ParameterSpec("attn_implementation", "auto",
-                  "Attention kernel: " + ", ".join(ATTN_IMPLEMENTATIONS),
-                  one_of(ATTN_IMPLEMENTATIONS), live=False),
-    ParameterSpec("gripper_convention", "open_is_one",
-                  "What the model's gripper value 1 means: open_is_one or close_is_one.",
-                  one_of(GRIPPER_CONVENTIONS), live=False),
-    ParameterSpec("position_scale", 1.0, "Factor applied to predicted translations.",
-                  finite_positive_scale, live=False),
-    ParameterSpec("rotation_scale", 1.0, "Factor applied to predicted rotations.",
-                  finite_positive_scale, live=False),
+    # The model options, from their one definition (model_options.MODEL_OPTIONS).
+    *(
+        ParameterSpec(option.name, option.parameter_default, option.help, option.refusal,
+                      live=option.live)
+        for option in model_options.MODEL_OPTIONS
+        if option.node_parameter
+    ),
 )
 
 REMOTE_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
@@ -265,10 +239,10 @@ REMOTE_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
                   "confidence 0), false publishes nothing."),
     ParameterSpec("remote_api_key", "",
                   "Must stay empty: any ROS peer can read a parameter. The key comes from "
-                  "remote_api_key_file or the MANIPULATION_POLICY_API_KEY environment variable.",
+                  f"remote_api_key_file or the {API_KEY_ENV} environment variable.",
                   no_secret_here),
     ParameterSpec("remote_api_key_file", "",
-                  "File holding the server's bearer key (empty: the MANIPULATION_POLICY_API_KEY "
+                  f"File holding the server's bearer key (empty: the {API_KEY_ENV} "
                   "environment variable, else no key).", usable_api_key_file),
     ParameterSpec("remote_max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES,
                   "Largest answer accepted, in bytes, on the wire and after decompression.",
@@ -321,23 +295,13 @@ def reason_to_refuse(
     return None
 
 
-def _unset_if_empty(value: str) -> Optional[str]:
-    return value if value.strip() and value.strip().lower() != "none" else None
-
-
 def backend_options(values: Mapping[str, Any]) -> dict[str, Any]:
-    """create_backend keyword arguments from the policy node's parameter values."""
+    """create_backend keyword arguments from the policy node's parameter values: each
+    model option's typed value (None: unset), as its definition reads it."""
     return {
-        "model": values["model"],
-        "unnorm_key": _unset_if_empty(values["unnorm_key"]),
-        "device": values["device"],
-        "dtype": values["dtype"],
-        "quantization": _unset_if_empty(values["quantization"]),
-        "lora_adapter": _unset_if_empty(values["lora_adapter"]),
-        "attn_implementation": values["attn_implementation"],
-        "gripper_convention": values["gripper_convention"],
-        "position_scale": float(values["position_scale"]),
-        "rotation_scale": float(values["rotation_scale"]),
+        option.name: option.from_parameter(values[option.name])
+        for option in model_options.MODEL_OPTIONS
+        if option.node_parameter
     }
 
 
@@ -426,7 +390,7 @@ def upstream_action_fields(given: Mapping[str, Any]) -> dict[str, Any]:
         if name.endswith("_scaling"):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} expected float, got {type(value).__name__} {value!r}")
-            reason = positive_number(MAX_REQUEST_SCALE)(float(value))
+            reason = model_options.scale(float(value))  # the server's own check
             if reason is not None:
                 raise ValueError(f"{name} {reason}")
             fields[name] = float(value)

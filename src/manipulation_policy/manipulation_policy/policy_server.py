@@ -28,6 +28,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+from . import model_options
 from .batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE
 from .errors import BackendStartupError
 from .imaging import DEFAULT_MAX_IMAGE_PIXELS
@@ -45,62 +46,20 @@ BACKEND_ENV = "MANIPULATION_POLICY_BACKEND"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def parse_bool(text: str) -> bool:
-    """Upstream's spellings of a boolean environment variable."""
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
+def _model_flag_type(option: model_options.ModelOption):
+    """argparse type of a model option's flag: its own parse (None: unset), its words."""
+
+    def parse(text: str) -> Any:
+        try:
+            return option.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text[:60]!r}: {exc}") from None
+
+    parse.__name__ = option.kind.__name__ if option.kind is not model_options.Bounds else (
+        "'lower,upper'")
+    return parse
 
 
-def parse_bounds(text: str) -> tuple[float, float]:
-    """"lower,upper" (upstream's OPENVLA_*_BOUNDS format) -> two finite numbers, ordered."""
-    parts = [part.strip() for part in text.split(",")]
-    if len(parts) != 2:
-        raise ValueError(f"expected 'lower,upper', got {text!r}")
-    lower, upper = (float(part) for part in parts)
-    if not (math.isfinite(lower) and math.isfinite(upper)) or lower > upper:
-        raise ValueError(f"expected finite lower <= upper, got {text!r}")
-    return (lower, upper)
-
-
-parse_bool.__name__ = "true/false"
-parse_bounds.__name__ = "'lower,upper'"
-
-# CLI flag -> (backend keyword, type, environment variables). Only set options are passed
-# on. The second variable names are those of the original remote-server guide.
-MODEL_OPTIONS: dict[str, tuple[str, type, tuple[str, ...]]] = {
-    "--model": ("model", str, ("OPENVLA_MODEL", "OPENVLA_MODEL_ID")),
-    "--unnorm-key": ("unnorm_key", str, ("OPENVLA_UNNORM_KEY",)),
-    "--device": ("device", str, ("OPENVLA_DEVICE",)),
-    "--dtype": ("dtype", str, ("OPENVLA_DTYPE",)),
-    "--quantization": ("quantization", str, ("OPENVLA_QUANTIZATION",)),
-    "--lora-adapter": ("lora_adapter", str, ("OPENVLA_LORA_ADAPTER",)),
-    "--attn-implementation": (
-        "attn_implementation",
-        str,
-        ("OPENVLA_ATTN_IMPLEMENTATION", "OPENVLA_ATTENTION_IMPL"),
-    ),
-    "--gripper-convention": ("gripper_convention", str, ("OPENVLA_GRIPPER_CONVENTION",)),
-    "--position-scale": (
-        "position_scale",
-        float,
-        ("OPENVLA_POSITION_SCALE", "OPENVLA_XYZ_SCALING"),
-    ),
-    "--rotation-scale": (
-        "rotation_scale",
-        float,
-        ("OPENVLA_ROTATION_SCALE", "OPENVLA_ROTATION_SCALING"),
-    ),
-    "--max-position-step": ("max_position_step", float, ("OPENVLA_MAX_POSITION_STEP",)),
-    "--max-rotation-step": ("max_rotation_step", float, ("OPENVLA_MAX_ROTATION_STEP",)),
-    "--clip-actions": ("clip_actions", parse_bool, ("OPENVLA_CLIP_ACTIONS",)),
-    "--position-bounds": ("position_bounds", parse_bounds, ("OPENVLA_POSITION_BOUNDS",)),
-    "--rotation-bounds": ("rotation_bounds", parse_bounds, ("OPENVLA_ROTATION_BOUNDS",)),
-    "--gripper-bounds": ("gripper_bounds", parse_bounds, ("OPENVLA_GRIPPER_BOUNDS",)),
-}
 # Upstream variables this server does not implement: named in a warning when set.
 UNSUPPORTED_ENVIRONMENT = {
     "OPENVLA_INCLUDE_JOINT_STATES_IN_PROMPT": "the prompt never carries joint states here",
@@ -128,7 +87,6 @@ def environment_warnings(environ: Mapping[str, str]) -> list[str]:
         for name, why in UNSUPPORTED_ENVIRONMENT.items()
         if environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
     ]
-UNSET_VALUES = ("", "none")
 
 
 class StartupError(Exception):
@@ -207,9 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"{BACKEND_ENV}, else openvla when any OPENVLA_* variable is set, else stub",
     )
     model = parser.add_argument_group("model options (passed to the backend when set)")
-    for flag, (_keyword, kind, env_names) in MODEL_OPTIONS.items():
+    for option in model_options.MODEL_OPTIONS:
+        # default None: a flag not given leaves the option to the environment, else to
+        # the backend, whose default is the same definition's.
         model.add_argument(
-            flag, type=kind, default=None, help=f"openvla: env {' or '.join(env_names)}"
+            option.flag,
+            type=_model_flag_type(option),
+            default=None,
+            help=f"{option.help} Default {option.parameter_default!r}; "
+            f"openvla: env {' or '.join(option.env)}",
         )
     model.add_argument(
         "--skip-image-sensitivity-check",
@@ -272,29 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def backend_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
     """Backend keyword arguments from flags, else (for openvla) the OPENVLA_* environment;
-    unset and empty ones omitted."""
+    options not given, and those given as unset (empty / none), are omitted."""
     use_environ = choose_backend(args.backend, environ)[0] == "openvla"
     options: dict[str, Any] = {}
-    for flag, (keyword, kind, env_names) in MODEL_OPTIONS.items():
-        value = getattr(args, keyword)
-        if value is None:
-            if not use_environ:
-                continue
-            env_name, text = next(
-                ((name, environ[name].strip()) for name in env_names if name in environ),
-                ("", ""),
-            )
-            if text.lower() in UNSET_VALUES:
-                continue
-            try:
-                value = kind(text)
-            except ValueError as exc:
-                raise StartupError(
-                    f"{env_name}={text!r} is not a valid {flag} value ({exc})"
-                ) from None
-        elif isinstance(value, str) and value.strip().lower() in UNSET_VALUES:
-            continue
-        options[keyword] = value
+    for option in model_options.MODEL_OPTIONS:
+        value = getattr(args, option.name)
+        if value is None and use_environ:
+            env_name, text = model_options.from_environment(option, environ)
+            if env_name:
+                try:
+                    value = option.parse(text)
+                except ValueError as exc:
+                    raise StartupError(
+                        f"{env_name}={text!r} is not a valid {option.flag} value ({exc})"
+                    ) from None
+        if value is not None:
+            options[option.name] = value
     if args.skip_image_sensitivity_check:
         options["check_image_sensitivity"] = False
     return options

@@ -16,8 +16,9 @@ import stat
 from collections.abc import Callable, Mapping
 from typing import Optional
 
-API_KEY_ENV = "MANIPULATION_POLICY_API_KEY"
-MAX_KEY_FILE_BYTES = 4096
+# One variable name and one size limit for the server and the robot side.
+from .client_api_key import API_KEY_ENV, MAX_KEY_FILE_BYTES
+
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 
 

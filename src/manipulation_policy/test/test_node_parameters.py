@@ -64,6 +64,16 @@ def test_the_shared_names_and_defaults():
         ("dtype", "int8", "bfloat16"),
         ("gripper_convention", "sideways", "open_is_one"),
         ("position_scale", 0.0, "> 0"),
+        ("rotation_scale", 101.0, "at most 100"),
+        ("device", "mps", "cuda:<index>"),
+        ("device", "", "cuda:<index>"),
+        ("model", "", "empty"),
+        ("max_position_step", -0.1, ">= 0"),
+        ("max_rotation_step", float("inf"), "finite"),
+        ("position_bounds", "1,-1", "lower <= upper"),
+        ("rotation_bounds", "-1", "lower,upper"),
+        ("gripper_bounds", "0,nan", "finite"),
+        ("clip_actions", "true", "expected bool"),
         ("remote_fallback_on_failure", 1, "expected bool"),
         ("remote_retry_attempts", True, "expected int"),
         ("remote_timeout_sec", "1.0", "expected float"),
@@ -87,6 +97,10 @@ def test_bad_values_are_refused_with_a_reason_naming_the_parameter(name, value, 
         ("backend", "my_robot.policies:OctoBackend"),
         ("device", "cuda:1"),
         ("dtype", "BF16"),
+        ("unnorm_key", ""),
+        ("quantization", "None"),
+        ("max_position_step", 0.0),  # no cap
+        ("position_bounds", "-0.02, 0.02"),
     ],
 )
 def test_good_values_are_accepted(name, value):
@@ -106,7 +120,13 @@ def test_backend_options_turn_empty_and_none_into_unset():
     assert set(options) == {
         "model", "unnorm_key", "device", "dtype", "quantization", "lora_adapter",
         "attn_implementation", "gripper_convention", "position_scale", "rotation_scale",
+        "max_position_step", "max_rotation_step", "clip_actions",
+        "position_bounds", "rotation_bounds", "gripper_bounds",
     }
+    # Bounds are "lower,upper" text as parameters, a pair of numbers for the backend.
+    assert options["position_bounds"] == (-1.0, 1.0)
+    assert backend_options({**values, "gripper_bounds": " -0.5, 0.9"})["gripper_bounds"] == (
+        -0.5, 0.9)
 
 
 def test_an_int_for_a_float_parameter_becomes_a_float():

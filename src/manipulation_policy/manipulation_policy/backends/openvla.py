@@ -50,6 +50,7 @@ import transformers
 from packaging.version import Version
 from PIL import Image
 
+from .. import model_options
 from ..errors import BackendStartupError, InputError
 from ..openvla_actions import (
     OPENVLA_ACTION_DIM,
@@ -64,8 +65,9 @@ logger = logging.getLogger(__name__)
 # transformers 4.x calls the auto class AutoModelForVision2Seq; 5.x renamed it
 # AutoModelForImageTextToText. OpenVLA's config.json names the 4.x one.
 VISION2SEQ_AUTO_CLASS_NAMES = ("AutoModelForVision2Seq", "AutoModelForImageTextToText")
-QUANTIZATION_CHOICES = ("8bit", "4bit")
-ATTN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
+# The vocabularies are model_options'; "none" and "auto" are resolved below.
+QUANTIZATION_CHOICES = tuple(q for q in model_options.QUANTIZATIONS if q != "none")
+ATTN_IMPLEMENTATIONS = tuple(a for a in model_options.ATTN_IMPLEMENTATIONS if a != "auto")
 DTYPE_NAMES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
@@ -91,8 +93,7 @@ PROMPT_END_TOKEN_ID = 29871
 ATTN_REFUSALS = (ValueError, ImportError, AttributeError)
 
 
-def _unset(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
+_unset = model_options.is_unset
 
 
 def build_prompt(instruction: str) -> str:
@@ -426,47 +427,55 @@ class OpenVLABackend:
 
     def __init__(
         self,
-        model: str = "openvla/openvla-7b",
+        # Model options: None means the default of their one definition
+        # (model_options.MODEL_OPTIONS), whose checks refuse a bad value here as the
+        # server's flags and the node's parameters do.
+        model: Optional[str] = None,
         unnorm_key: Optional[str] = None,
-        device: str = "auto",
-        dtype: str = "auto",
+        device: Optional[str] = None,
+        dtype: Optional[str] = None,
         quantization: Optional[str] = None,
         lora_adapter: Optional[str] = None,
-        attn_implementation: str = "auto",
-        gripper_convention: str = "open_is_one",
-        position_scale: float = 1.0,
-        rotation_scale: float = 1.0,
+        attn_implementation: Optional[str] = None,
+        gripper_convention: Optional[str] = None,
+        position_scale: Optional[float] = None,
+        rotation_scale: Optional[float] = None,
         max_position_step: Optional[float] = None,
         max_rotation_step: Optional[float] = None,
         check_image_sensitivity: bool = True,
-        clip_actions: bool = False,
+        clip_actions: Optional[bool] = None,
         position_bounds: Optional[Sequence[float]] = None,
         rotation_bounds: Optional[Sequence[float]] = None,
         gripper_bounds: Optional[Sequence[float]] = None,
     ):
-        if _unset(model):
-            raise BackendStartupError("model must name a Hub id or a checkpoint directory")
-        self.model_id = str(model).strip()
         try:
+            chosen = model_options.backend_arguments({
+                "model": model, "unnorm_key": unnorm_key, "device": device, "dtype": dtype,
+                "quantization": quantization, "lora_adapter": lora_adapter,
+                "attn_implementation": attn_implementation,
+                "gripper_convention": gripper_convention,
+                "position_scale": position_scale, "rotation_scale": rotation_scale,
+                "max_position_step": max_position_step, "max_rotation_step": max_rotation_step,
+                "clip_actions": clip_actions, "position_bounds": position_bounds,
+                "rotation_bounds": rotation_bounds, "gripper_bounds": gripper_bounds,
+            })  # fmt: skip
             self._conversion = ActionConversionOptions(
-                gripper_convention=gripper_convention,
-                position_scale=position_scale,
-                rotation_scale=rotation_scale,
-                max_position_step=None if _unset(max_position_step) else max_position_step,
-                max_rotation_step=None if _unset(max_rotation_step) else max_rotation_step,
-                clip_actions=clip_actions,
-                **{
-                    name: tuple(value)
-                    for name, value in (
-                        ("position_bounds", position_bounds),
-                        ("rotation_bounds", rotation_bounds),
-                        ("gripper_bounds", gripper_bounds),
-                    )
-                    if value is not None
-                },
+                gripper_convention=chosen["gripper_convention"].strip().lower(),
+                position_scale=chosen["position_scale"],
+                rotation_scale=chosen["rotation_scale"],
+                max_position_step=chosen["max_position_step"] or None,  # 0: no cap
+                max_rotation_step=chosen["max_rotation_step"] or None,
+                clip_actions=chosen["clip_actions"],
+                position_bounds=chosen["position_bounds"],
+                rotation_bounds=chosen["rotation_bounds"],
+                gripper_bounds=chosen["gripper_bounds"],
             )
         except ValueError as exc:
             raise BackendStartupError(str(exc)) from exc
+        self.model_id = chosen["model"]
+        device, dtype, quantization = chosen["device"], chosen["dtype"], chosen["quantization"]
+        lora_adapter, unnorm_key = chosen["lora_adapter"], chosen["unnorm_key"]
+        attn_implementation = chosen["attn_implementation"]
 
         cuda = torch.cuda.is_available()
         self.device = resolve_device(device, cuda)
