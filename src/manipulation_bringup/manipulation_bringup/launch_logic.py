@@ -19,6 +19,7 @@ from typing import Any, Union
 
 import yaml
 
+from manipulation_policy.model_options import MODEL_OPTIONS
 from manipulation_policy.node_parameters import (
     COMMON_PARAMETERS,
     POLICY_NODE_PARAMETERS,
@@ -156,11 +157,12 @@ LAUNCH_ARGUMENTS = (
     LaunchArgument("instruction", "task text, e.g. 'pick up the red cup'"),
     LaunchArgument("inference_rate", "policy outputs per second, > 0"),
     LaunchArgument("backend", "openvla or stub (local mode)"),
-    LaunchArgument("model", "Hugging Face model id or local directory (local mode)"),
-    LaunchArgument("unnorm_key", "action un-normalization key, e.g. bridge_orig (local mode)"),
-    LaunchArgument("device", "auto, cpu, mps, cuda or cuda:N (local mode)"),
-    LaunchArgument("quantization", "none, 8bit or 4bit (local mode, CUDA only)"),
-    LaunchArgument("lora_adapter", "directory of a LoRA adapter to load (local mode)"),
+    # The model options that are launch arguments, described by their one definition.
+    *(
+        LaunchArgument(option.name, f"{option.help} (local mode)")
+        for option in MODEL_OPTIONS
+        if option.launch_argument
+    ),
 )
 LAUNCH_ARGUMENT_NAMES = tuple(argument.name for argument in LAUNCH_ARGUMENTS)
 # Launch arguments that choose things rather than set one node parameter.

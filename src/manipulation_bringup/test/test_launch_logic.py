@@ -47,6 +47,12 @@ LOCAL_DEFAULTS = {
     "gripper_convention": "open_is_one",
     "position_scale": 1.0,
     "rotation_scale": 1.0,
+    "clip_actions": False,
+    "position_bounds": "-1.0,1.0",
+    "rotation_bounds": "-3.141592653589793,3.141592653589793",
+    "gripper_bounds": "0.0,1.0",
+    "max_position_step": 0.0,
+    "max_rotation_step": 0.0,
 }
 REMOTE_DEFAULTS = {
     "remote_url": "http://localhost:5000",

@@ -13,11 +13,12 @@ Rules that hold for every option:
 - Text (a flag, an environment variable, a launch argument, a string
   parameter) goes through ``ModelOption.parse``. Empty or ``none`` (any case)
   means *unset* only for options declared ``unset_ok`` (``unnorm_key``,
-  ``lora_adapter``, ``quantization``); elsewhere it is refused like any bad value.
+  ``lora_adapter``, ``quantization``, the step caps); elsewhere it is refused
+  like any bad value.
 - An environment variable set to an empty string counts as not set.
 - A backend argument of ``None`` means the option's default.
-- ``max_position_step`` / ``max_rotation_step`` of 0 mean "no cap" (a ROS
-  parameter cannot be null); a scale of 0 is refused everywhere (it would
+- ``max_position_step`` / ``max_rotation_step`` of 0 (or unset) mean "no
+  cap" (a ROS parameter cannot be null); a scale of 0 is refused everywhere (it would
   silently stop the arm), as the wire contract refuses it per request.
 - ``device`` is auto, cpu, cuda or cuda:N everywhere: ``mps`` is refused
   (the backend is not tested on Apple GPUs; bitsandbytes and flash-attention
@@ -302,11 +303,11 @@ MODEL_OPTIONS: tuple[ModelOption, ...] = (
     _option("max_position_step", float, 0.0,
             "Safety cap on the length of each translation step, m (0: no cap); applies "
             "last, after any per-request scaling.",
-            step_cap, env=("OPENVLA_MAX_POSITION_STEP",), launch_argument=True),
+            step_cap, env=("OPENVLA_MAX_POSITION_STEP",), unset_ok=True, launch_argument=True),
     _option("max_rotation_step", float, 0.0,
             "Safety cap on the length of each rotation step (roll, pitch, yaw vector), rad "
             "(0: no cap); applies last.",
-            step_cap, env=("OPENVLA_MAX_ROTATION_STEP",), launch_argument=True),
+            step_cap, env=("OPENVLA_MAX_ROTATION_STEP",), unset_ok=True, launch_argument=True),
     _option("clip_actions", bool, False,
             "Clamp each translation axis to position_bounds, each rotation axis to "
             "rotation_bounds and the raw gripper value to gripper_bounds.",

@@ -523,8 +523,12 @@ def test_kv_cache_is_off_where_it_makes_openvla_drop_the_image(backend):
         ({"dtype": "int4"}, "dtype"),
         ({"gripper_convention": "sideways"}, "gripper_convention"),
         ({"position_scale": -1}, "position_scale"),
-        ({"max_rotation_step": 0}, "max_rotation_step"),
+        ({"position_scale": 0}, "position_scale"),  # refused everywhere, as per request
+        ({"max_rotation_step": -0.1}, "max_rotation_step"),  # 0 is "no cap"
         ({"attn_implementation": "xformers"}, "attn_implementation"),
+        ({"device": "mps"}, "device"),
+        ({"position_bounds": (1.0, -1.0)}, "position_bounds"),
+        ({"clip_actions": "maybe"}, "clip_actions"),
     ],
 )
 def test_bad_options_are_refused_at_startup(tiny_openvla_dir, options, match):
