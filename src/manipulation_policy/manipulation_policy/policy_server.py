@@ -23,6 +23,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -98,6 +99,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # "--position-bounds -0.1,0.1": argparse takes a value starting with "-" for a
+        # flag unless it looks like a negative number; a negative "lower,upper" is one too.
+        self._negative_number_matcher = re.compile(r"^-\d*\.?\d+([eE][-+]?\d+)?(,.*)?$")
+
     def error(self, message: str):
         """One line, not usage plus error: a bad value is refused in words that fit a log."""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -166,12 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = parser.add_argument_group("model options (passed to the backend when set)")
     for option in model_options.MODEL_OPTIONS:
-        # default None: a flag not given leaves the option to the environment, else to
-        # the backend, whose default is the same definition's.
+        # No default here: a flag not given leaves the option to the environment, else
+        # to the backend, whose default is the same definition's (named in the help).
         model.add_argument(
             option.flag,
             type=_model_flag_type(option),
-            default=None,
+            default=argparse.SUPPRESS,
             help=f"{option.help} Default {option.parameter_default!r}; "
             f"openvla: env {' or '.join(option.env)}",
         )
@@ -240,7 +247,7 @@ def backend_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
     use_environ = choose_backend(args.backend, environ)[0] == "openvla"
     options: dict[str, Any] = {}
     for option in model_options.MODEL_OPTIONS:
-        value = getattr(args, option.name)
+        value = getattr(args, option.name, None)
         if value is None and use_environ:
             env_name, text = model_options.from_environment(option, environ)
             if env_name:

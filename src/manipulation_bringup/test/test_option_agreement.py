@@ -1,0 +1,260 @@
+"""Each OpenVLA model option is defined once (manipulation_policy.model_options), and
+every place that takes it agrees: the policy server's flag and OPENVLA_* variables,
+the policy node's parameter, the launch argument, the shipped params YAML and the
+OpenVLA backend's argument. Same default, same good values, same refusals."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from manipulation_bringup import launch_logic
+from manipulation_policy import client_api_key, contract, model_options, policy_server, server_auth
+from manipulation_policy.model_options import MODEL_OPTIONS, OPTIONS_BY_NAME, Bounds
+from manipulation_policy.node_parameters import (
+    COMMON_PARAMETERS,
+    POLICY_NODE_PARAMETERS,
+    backend_options,
+    specs_by_name,
+)
+
+PARAMS_FILE = Path(__file__).resolve().parents[1] / "config" / "policy_params.yaml"
+NODE_SPECS = specs_by_name(POLICY_NODE_PARAMETERS)
+LAUNCH_ARGUMENTS = {argument.name: argument for argument in launch_logic.LAUNCH_ARGUMENTS}
+
+# name -> (text, typed value) of a good value other than the default.
+GOOD = {
+    "model": ("/models/finetuned", "/models/finetuned"),
+    "unnorm_key": ("bridge_orig", "bridge_orig"),
+    "device": ("cuda:1", "cuda:1"),
+    "dtype": ("BF16", "BF16"),
+    "quantization": ("8bit", "8bit"),
+    "lora_adapter": ("/adapters/pick", "/adapters/pick"),
+    "attn_implementation": ("sdpa", "sdpa"),
+    "gripper_convention": ("close_is_one", "close_is_one"),
+    "position_scale": ("2.5", 2.5),
+    "rotation_scale": ("0.5", 0.5),
+    "max_position_step": ("0.05", 0.05),
+    "max_rotation_step": ("0.2", 0.2),
+    "clip_actions": ("true", True),
+    "position_bounds": ("-0.1, 0.1", (-0.1, 0.1)),
+    "rotation_bounds": ("-0.35,0.35", (-0.35, 0.35)),
+    "gripper_bounds": ("-0.5,0.9", (-0.5, 0.9)),
+}
+# name -> texts every form refuses.
+BAD = {
+    "model": ["", "   ", "x" * 1025],
+    "unnorm_key": ["k" * 257],
+    "device": ["mps", "gpu0", "cuda:x", ""],
+    "dtype": ["int8", ""],
+    "quantization": ["3bit"],
+    "lora_adapter": ["a" * 1025],
+    "attn_implementation": ["xformers", ""],
+    "gripper_convention": ["sideways"],
+    "position_scale": ["0", "-1", "nan", "inf", "101", "fast", ""],
+    "rotation_scale": ["0", "-0.5", "1e9"],
+    "max_position_step": ["-0.1", "inf", "1001", "far"],
+    "max_rotation_step": ["-1", "nan"],
+    "clip_actions": ["maybe", "2"],
+    "position_bounds": ["1,-1", "0,nan", "1", "a,b", "-1,0,1"],
+    "rotation_bounds": ["-inf,1", "3,2"],
+    "gripper_bounds": ["0;1", "1,0"],
+}
+
+
+def test_the_tables_cover_every_option():
+    assert set(GOOD) == set(BAD) == set(OPTIONS_BY_NAME)
+
+
+def _parameter_form(option, text):
+    """What a params file or `ros2 param set` gives the node for ``text``."""
+    try:
+        if option.kind is float:
+            return float(text)
+        if option.kind is bool:
+            return model_options.parse_bool(text)
+    except ValueError:
+        return text  # a string for a double or bool parameter: refused by its type
+    return text
+
+
+def _server_parse(argv):
+    return policy_server.build_parser().parse_args(["--backend", "openvla", *argv])
+
+
+# ------------------------------------------------------------------ defaults
+
+
+@pytest.mark.parametrize("option", MODEL_OPTIONS, ids=lambda option: option.name)
+def test_one_default_everywhere(option):
+    spec = NODE_SPECS[option.name]
+    assert spec.default == option.parameter_default
+    assert spec.description == option.help and spec.live is option.live is False
+    assert spec.reason_to_refuse(spec.default) is None
+    # The server passes on only what was set; the backend's default is the definition's.
+    args = _server_parse([])
+    assert getattr(args, option.name, None) is None
+    assert policy_server.backend_options(args, {}) == {}
+    assert model_options.backend_arguments({})[option.name] == option.resolve(option.default)
+    assert backend_options({n: s.default for n, s in NODE_SPECS.items()})[option.name] == (
+        option.resolve(option.default))
+    actions = policy_server.build_parser()._actions
+    action = next(a for a in actions if option.flag in a.option_strings)
+    assert repr(option.parameter_default) in action.help
+    assert all(name in action.help for name in option.env)
+
+
+def test_the_yaml_holds_every_node_option_with_its_default():
+    section = yaml.safe_load(PARAMS_FILE.read_text())["/**/policy_node"]["ros__parameters"]
+    for option in MODEL_OPTIONS:
+        assert option.node_parameter, option.name
+        assert section[option.name] == option.parameter_default, option.name
+    assert "mps" not in PARAMS_FILE.read_text()
+
+
+def test_launch_arguments_are_the_declared_options_with_their_help():
+    for option in MODEL_OPTIONS:
+        argument = LAUNCH_ARGUMENTS.get(option.name)
+        assert (argument is not None) is option.launch_argument, option.name
+        if argument is not None:
+            assert argument.description.startswith(option.help) and argument.default == ""
+    # The safety caps can be set from the command line.
+    assert {"max_position_step", "max_rotation_step", "device", "model"} <= set(LAUNCH_ARGUMENTS)
+
+
+def test_the_backend_takes_every_option_defaulting_to_the_definition():
+    openvla = pytest.importorskip("manipulation_policy.backends.openvla")
+    parameters = inspect.signature(openvla.OpenVLABackend.__init__).parameters
+    for option in MODEL_OPTIONS:
+        assert parameters[option.name].default is None, option.name
+    # Its resolution tables speak the same vocabulary.
+    assert set(openvla.DTYPE_NAMES) | {"auto"} == set(model_options.DTYPES)
+    assert set(openvla.QUANTIZATION_CHOICES) | {"none"} == set(model_options.QUANTIZATIONS)
+    assert set(openvla.ATTN_IMPLEMENTATIONS) | {"auto"} == set(
+        model_options.ATTN_IMPLEMENTATIONS)
+
+
+# ---------------------------------------------------------------- good values
+
+
+@pytest.mark.parametrize("option", MODEL_OPTIONS, ids=lambda option: option.name)
+def test_a_good_value_means_the_same_everywhere(option):
+    text, typed = GOOD[option.name]
+    # Server flag.
+    assert policy_server.backend_options(_server_parse([option.flag, text]), {}) == {
+        option.name: typed}
+    # Each environment variable, upstream's names included.
+    for env_name in option.env:
+        args = _server_parse([])
+        assert policy_server.backend_options(args, {env_name: text}) == {option.name: typed}
+    # Node parameter, then what the node hands the backend.
+    value = _parameter_form(option, text)
+    assert NODE_SPECS[option.name].reason_to_refuse(value) is None
+    defaults = {n: s.default for n, s in NODE_SPECS.items()}
+    assert backend_options({**defaults, option.name: value})[option.name] == typed
+    # Launch argument.
+    if option.launch_argument:
+        spec = launch_logic._ALL_PARAMETERS[option.name]
+        assert launch_logic.parse_argument(spec, text) == value
+    # Backend argument, typed or as text.
+    assert model_options.backend_arguments({option.name: typed})[option.name] == typed
+
+
+# ----------------------------------------------------------------- bad values
+
+
+@pytest.mark.parametrize(
+    ("option", "text"),
+    [(OPTIONS_BY_NAME[name], text) for name, texts in BAD.items() for text in texts],
+    ids=lambda v: v.name if isinstance(v, model_options.ModelOption) else repr(v)[:12],
+)
+def test_a_bad_value_is_refused_everywhere_in_the_same_words(option, text, capsys):
+    reason = option.refusal(text if option.kind is not float else _parameter_form(option, text))
+    assert reason is not None
+    # Server flag: the real argparse parser, one line naming the flag.
+    with pytest.raises(SystemExit) as exited:
+        _server_parse([option.flag, text])
+    assert exited.value.code == 2
+    assert option.flag in capsys.readouterr().err
+    # Environment variables (an empty one counts as not set).
+    if text.strip():
+        for env_name in option.env:
+            with pytest.raises(policy_server.StartupError, match=env_name):
+                policy_server.backend_options(_server_parse([]), {env_name: text})
+    # Node parameter (`ros2 param set` and the params file).
+    value = _parameter_form(option, text)
+    refused = NODE_SPECS[option.name].reason_to_refuse(value)
+    assert refused is not None
+    if isinstance(value, type(NODE_SPECS[option.name].default)):
+        assert refused == reason  # the same words as the definition's check
+    # Launch argument.
+    if option.launch_argument:
+        with pytest.raises(launch_logic.LaunchArgumentError, match=option.name):
+            launch_logic.plan_policy_node(
+                {option.name: text}, default_params_file=PARAMS_FILE
+            ) if text.strip() else launch_logic.parse_argument(
+                launch_logic._ALL_PARAMETERS[option.name], text)
+    # Backend argument: the same check, before anything is loaded.
+    with pytest.raises(ValueError, match=f"^{option.name} "):
+        model_options.backend_arguments({option.name: value})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("position_scale", 0), ("rotation_scale", 0.0), ("device", "mps"),
+     ("max_position_step", -0.1), ("position_bounds", (1.0, -1.0)), ("clip_actions", "maybe"),
+     ("model", "")],
+)
+def test_the_openvla_backend_itself_refuses_before_loading(name, value):
+    openvla = pytest.importorskip("manipulation_policy.backends.openvla")
+    from manipulation_policy.errors import BackendStartupError
+
+    # No such checkpoint: a refusal naming the option proves the check ran first.
+    with pytest.raises(BackendStartupError, match=f"^{name} "):
+        openvla.OpenVLABackend(**{"model": "/nonexistent/checkpoint", name: value})
+
+
+# --------------------------------------------------------- the shared rules
+
+
+def test_unset_is_one_rule():
+    for text in ("", "  ", "none", "None", " NONE "):
+        assert model_options.is_unset(text)
+    assert model_options.is_unset(None) and not model_options.is_unset("nonex")
+    unset_ok = {o.name for o in MODEL_OPTIONS if o.unset_ok}
+    assert unset_ok == {"unnorm_key", "lora_adapter", "quantization",
+                        "max_position_step", "max_rotation_step"}
+    for name in unset_ok:
+        option = OPTIONS_BY_NAME[name]
+        assert option.parse("none") is None and option.parse("") is None
+        assert policy_server.backend_options(_server_parse([option.flag, "None"]), {}) == {}
+        assert policy_server.backend_options(_server_parse([]), {option.env[0]: "none"}) == {}
+
+
+def test_zero_step_cap_is_no_cap_and_zero_scale_is_refused():
+    assert OPTIONS_BY_NAME["max_position_step"].resolve(0.0) == 0.0
+    assert OPTIONS_BY_NAME["position_scale"].refusal(0.0) is not None
+    # The per-request gain has the same range as the server's own scale.
+    assert OPTIONS_BY_NAME["position_scale"].numeric_range == (0.0, contract.MAX_REQUEST_SCALE)
+    assert model_options.scale(contract.MAX_REQUEST_SCALE) is None
+    assert model_options.scale(math.nextafter(contract.MAX_REQUEST_SCALE, math.inf)) is not None
+
+
+def test_bounds_are_written_lower_comma_upper_everywhere():
+    for option in MODEL_OPTIONS:
+        if option.kind is Bounds:
+            assert option.parse(option.parameter_default) == option.resolve(option.default)
+
+
+def test_the_instruction_limit_and_the_api_key_variable_are_defined_once():
+    instruction = specs_by_name(COMMON_PARAMETERS)["instruction"]
+    limit = contract.MAX_INSTRUCTION_CHARS
+    assert instruction.reason_to_refuse("x" * limit) is None
+    assert f"at most {limit}" in instruction.reason_to_refuse("x" * (limit + 1))
+    with pytest.raises(ValueError):
+        contract.parse_request({"instruction": "x" * (limit + 1)})
+    assert server_auth.API_KEY_ENV is client_api_key.API_KEY_ENV
