@@ -297,6 +297,40 @@ def test_tiny_openvla_model_in_process(rig, tiny_openvla_dir):
     assert_actions_close(got, want, tol=1e-9)
 
 
+def test_action_conversion_parameters_reach_the_openvla_backend(rig, tiny_openvla_dir):
+    """The server's action options are node parameters too: a scale and a step cap set
+    on the node shape its answer exactly as the same options given to the backend."""
+    from manipulation_policy.backends.openvla import OpenVLABackend
+
+    options = {"position_scale": 40.0, "max_position_step": 0.002, "max_rotation_step": 0.01}
+    image = sample_image()
+    node = start_node(
+        rig, backend="openvla", model=str(tiny_openvla_dir), device="cpu",
+        instruction="pick up the red cup", inference_rate=10.0, **options,
+    )
+    rig.stream_joint_states()
+    rig.stream_camera(image)
+    outputs = rig.wait_for_outputs(1, timeout=30.0)
+    assert outputs, node.counters
+    got = policy_output_to_action(outputs[-1])
+    position = got.eef_target.position
+    length = float(np.linalg.norm([position.x, position.y, position.z]))
+    assert length == pytest.approx(0.002, abs=1e-9)  # scaled past the cap, then capped
+
+    reference = OpenVLABackend(model=str(tiny_openvla_dir), device="cpu", **options)
+    want = reference.predict(
+        Observation(
+            joint_state=JointStateData(name=JOINT_NAMES, position=JOINT_POSITIONS),
+            image=image,
+            instruction="pick up the red cup",
+        )
+    )
+    assert_actions_close(got, want, tol=1e-9)
+    # Read at start: the node refuses a change instead of ignoring it.
+    [result] = rig.set_parameters("policy_node", max_position_step=1.0)
+    assert not result.successful
+
+
 def test_a_frame_is_used_on_arrival_and_the_rate_still_caps_outputs(rig):
     # Period of 20 s: waiting for the timer would leave the first frame unanswered for
     # seconds; dispatching on arrival answers it at once, and the cap holds back the rest.
