@@ -40,6 +40,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import model_options
 from .policy_types import (
     ActionOverrides,
     Bounds,
@@ -102,8 +103,10 @@ class ActionConversionOptions:
                 f"got {self.gripper_convention!r}"
             )
         for name in ("position_scale", "rotation_scale"):
-            if _check_number(name, getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+            _check_number(name, getattr(self, name))
+            reason = model_options.scale(getattr(self, name))  # the option's own check
+            if reason is not None:
+                raise ValueError(f"{name} {reason}")
         for name in ("max_position_step", "max_rotation_step"):
             value = getattr(self, name)
             if value is not None and _check_number(name, value) <= 0:

@@ -102,9 +102,13 @@ def test_scales_apply_per_component():
     assert action.gripper_command == 1.0  # the gripper is not scaled
 
 
-def test_zero_scale_freezes_that_part():
-    action = convert([0.01, 0.02, 0.03, 0.1, 0.2, 0.3, 0.0], position_scale=0.0).action
-    np.testing.assert_allclose(position(action), [0, 0, 0])
+def test_zero_scale_is_refused_as_everywhere_else():
+    # A scale of 0 would silently stop that part of the motion; the node parameter,
+    # the server flag and the per-request field refuse it too (model_options.scale).
+    with pytest.raises(ValueError, match="position_scale must be a finite number > 0"):
+        ActionConversionOptions(position_scale=0.0)
+    action = convert([0.01, 0.02, 0.03, 0.1, 0.2, 0.3, 0.0], position_scale=1e-9).action
+    np.testing.assert_allclose(position(action), [0, 0, 0], atol=1e-9)
     np.testing.assert_allclose(rpy(action), [0.1, 0.2, 0.3], atol=1e-12)
 
 
