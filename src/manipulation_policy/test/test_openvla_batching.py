@@ -211,7 +211,7 @@ def test_each_observation_in_a_batch_keeps_its_own_action_overrides(backend, bat
     image = picture(30)
     overrides = [
         None,
-        ActionOverrides(position_scale=0.5, rotation_scale=0.0),
+        ActionOverrides(position_scale=0.5, rotation_scale=0.01),
         ActionOverrides(clip_actions=True, position_bounds=(-1e-4, 1e-4)),
         ActionOverrides(clip_actions=True, gripper_bounds=(0.0, 0.0)),
     ]
