@@ -18,6 +18,7 @@ from node_harness import (
     wait_until,
 )
 from sensor_msgs.msg import CompressedImage
+from server_test_backends import FIXED_DELTA, FixedDeltaBackend
 from std_msgs.msg import String
 
 from manipulation_msgs.msg import PolicyOutput
@@ -116,6 +117,28 @@ def test_current_eef_pose_turns_the_delta_into_an_absolute_target(rig):
     # The stub's absolute target is its delta composed with the pose that was published.
     delta = expected_stub_action(image).eef_target
     assert got.eef_target == apply_delta(current, delta)
+
+
+def test_a_backend_that_never_composes_gets_its_delta_composed_once_by_the_node(rig):
+    start_node(rig, backend_instance=FixedDeltaBackend())
+    current = Pose(Vector3(0.4, -0.1, 0.3), Quaternion(0.0, 0.0, 0.0, 1.0))
+
+    def publish_pose():
+        msg = PoseStamped()
+        msg.header.stamp = rig.now()
+        msg.header.frame_id = "base_link"
+        msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = 0.4, -0.1, 0.3
+        msg.pose.orientation.w = 1.0
+        rig.eef_pub.publish(msg)
+
+    rig.stream(50.0, publish_pose)
+    rig.stream_joint_states()
+    rig.stream_camera(sample_image())
+    assert wait_until(
+        lambda: any(m.eef_target_mode == PolicyOutput.EEF_TARGET_ABSOLUTE for m in rig.outputs())
+    )
+    msg = next(m for m in rig.outputs() if m.eef_target_mode == PolicyOutput.EEF_TARGET_ABSOLUTE)
+    assert policy_output_to_action(msg).eef_target == apply_delta(current, FIXED_DELTA.eef_target)
 
 
 def test_bgr8_with_row_padding_gives_the_same_answer_as_rgb8(rig):
