@@ -3,6 +3,11 @@
 No ROS, no torch: everything between the two ROS conversions is testable
 without either. Optional fields stand for the message's has_* flags: a
 PolicyAction with ``eef_target=None`` publishes ``has_eef_target=False``.
+
+Vector3 / Quaternion / Pose / Twist are the one pose and twist type of the
+package. The wire models (contract) and geometry_msgs share their field names;
+``geometry_parts`` describes them once and drives every conversion
+(contract's ``pose_to_wire`` ..., ros_conversion's ``pose_to_msg`` ...).
 """
 
 from __future__ import annotations
