@@ -29,7 +29,7 @@ from typing import Any, Generic, Optional, TypeVar
 import rclpy
 from geometry_msgs.msg import PoseStamped
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
-from rclpy.exceptions import ParameterException
+from rclpy.exceptions import InvalidParameterValueException, ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -48,9 +48,9 @@ from .node_parameters import (
     resolve_upstream_parameters,
     specs_by_name,
 )
+from .parameter_declarations import as_declared_type, descriptor_for, refusal_reason
 from .policy_types import JointStateData, Observation, PolicyAction
 from .scheduling import (
-    RATE_TOLERANCE,  # noqa: F401 - re-exported: part of this module's interface
     EefUse,
     FrameInfo,
     FrameScheduler,
@@ -175,19 +175,10 @@ class PolicyNodeBase(Node):
         # Registered before declaring, so invalid start values are refused too.
         self.add_on_set_parameters_callback(self._on_set_parameters)
         upstream = self._declare_upstream_parameters()
+        self._prepare_start_values()
         for spec in self._specs.values():
             self.declare_parameter(
-                spec.name,
-                upstream.defaults.get(spec.name, spec.default),
-                ParameterDescriptor(
-                    description=spec.description
-                    + ("" if spec.live else " (read at start; restart to change)"),
-                    read_only=not spec.live,
-                    # rclpy's own type check answers "expected '2' got '3'"; the spec's
-                    # check refuses a wrong type with a reason a user can read, and lets
-                    # `ros2 param set ... inference_rate 10` (an integer) through.
-                    dynamic_typing=True,
-                ),
+                spec.name, upstream.defaults.get(spec.name, spec.default), descriptor_for(spec)
             )
         with self._values_lock:
             self._values = {
@@ -260,6 +251,41 @@ class PolicyNodeBase(Node):
                 given[name] = value
         return resolve_upstream_parameters(given, remote=self.remote)
 
+    def _prepare_start_values(self) -> None:
+        """Start values (parameter_overrides, -p, params files) as declared: an integer for
+        a double becomes a double; a bad one stops the node with the spec's reason, not
+        rclpy's "wrong parameter type". rclpy keeps them in ``_parameter_overrides`` from
+        Humble on; declaring reads them there."""
+        overrides = getattr(self, "_parameter_overrides", None)
+        if not isinstance(overrides, dict):
+            return
+        for name, spec in self._specs.items():
+            given = overrides.get(name)
+            if given is None:
+                continue
+            given = as_declared_type(spec, given)
+            reason = refusal_reason(spec, given.value, started=False)
+            if reason is not None:
+                raise InvalidParameterValueException(name, given.value, reason)
+            overrides[name] = given
+
+    def set_parameters(self, parameter_list: list[Parameter]) -> list[SetParametersResult]:
+        return [self.set_parameters_atomically([parameter]) for parameter in parameter_list]
+
+    def set_parameters_atomically(self, parameter_list: list[Parameter]) -> SetParametersResult:
+        """rclpy's, with integers for doubles made doubles and the specs asked first.
+
+        The parameter services (``ros2 param set``, parameter clients) call this too."""
+        parameters = [as_declared_type(self._specs.get(p.name), p) for p in parameter_list]
+        for parameter in parameters:
+            reason = refusal_reason(
+                self._specs.get(parameter.name), parameter.value, started=self._ready
+            )
+            if reason is not None:
+                self.get_logger().warning(f"refused parameter change: {reason}")
+                return SetParametersResult(successful=False, reason=reason)
+        return super().set_parameters_atomically(parameters)
+
     def parameter_values(self) -> dict[str, Any]:
         """A snapshot of the current values of this node's parameters."""
         with self._values_lock:
@@ -272,19 +298,10 @@ class PolicyNodeBase(Node):
         if reason is not None:
             if self._ready:
                 self.get_logger().warning(f"refused parameter change: {reason}")
-                self._restore_descriptor_types(changes)
             return SetParametersResult(successful=False, reason=reason)
         if self._ready and changes:
             self._apply(changes)
         return SetParametersResult(successful=True)
-
-    def _restore_descriptor_types(self, refused: dict[str, Any]) -> None:
-        """With dynamic typing, rclpy records the offered value's type in the descriptor
-        before asking this callback; after a refusal the value keeps its old type, and so
-        must the descriptor, or `ros2 param describe` would report the refused type."""
-        for name in refused:
-            if self.has_parameter(name):
-                self.describe_parameter(name).type = self.get_parameter(name).type_.value
 
     def _apply(self, changes: dict[str, Any]) -> None:
         with self._values_lock:
