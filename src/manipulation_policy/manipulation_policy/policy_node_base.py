@@ -276,11 +276,11 @@ class PolicyNodeBase(Node):
         """rclpy's, with integers for doubles made doubles and the specs asked first.
 
         The parameter services (``ros2 param set``, parameter clients) call this too."""
-        parameters = [as_declared_type(self._specs.get(p.name), p) for p in parameter_list]
+        # getattr: rclpy's Node.__init__ may set parameters before ours has run.
+        specs, started = getattr(self, "_specs", {}), getattr(self, "_ready", False)
+        parameters = [as_declared_type(specs.get(p.name), p) for p in parameter_list]
         for parameter in parameters:
-            reason = refusal_reason(
-                self._specs.get(parameter.name), parameter.value, started=self._ready
-            )
+            reason = refusal_reason(specs.get(parameter.name), parameter.value, started)
             if reason is not None:
                 self.get_logger().warning(f"refused parameter change: {reason}")
                 return SetParametersResult(successful=False, reason=reason)
