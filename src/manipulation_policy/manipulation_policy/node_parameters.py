@@ -4,7 +4,9 @@ Pure code (no ROS): each check takes a value and returns ``None`` when it is
 acceptable, else the reason it is refused. The nodes turn these specs into
 declared parameters and answer ``ros2 param set`` with the reasons.
 Parameters marked ``live=False`` are read once at start (topics, model
-loading); the nodes declare them read-only.
+loading); the nodes declare them read-only. A numeric check is a
+``NumberRange``: the same bounds refuse values here and are shown as the
+parameter's range in its descriptor (``ros2 param describe``).
 """
 
 from __future__ import annotations
@@ -61,32 +63,55 @@ class ParameterSpec:
 
     def normalized(self, value: Any) -> Any:
         """An accepted value in the default's type (an int given for a float becomes a float)."""
-        if isinstance(self.default, float) and isinstance(value, int):
+        if isinstance(self.default, float) and isinstance(value, int) and not isinstance(
+            value, bool
+        ):
             return float(value)
         return value
+
+    @property
+    def number_range(self) -> Optional[NumberRange]:
+        """The bounds of a numeric parameter, when its check is one."""
+        return self.check if isinstance(self.check, NumberRange) else None
 
 
 # ---------------------------------------------------------------- checks
 
 
-def positive_number(upper: float) -> Check:
-    def check(value: float) -> Optional[str]:
-        if not math.isfinite(value) or value <= 0:
-            return f"must be a finite number > 0, got {value!r}"
-        if value > upper:
-            return f"must be at most {upper:g}, got {value!r}"
+@dataclass(frozen=True)
+class NumberRange:
+    """A check for a number in [low, high] (low excluded when ``low_open``), finite."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    integer: bool = False
+
+    def __call__(self, value: float) -> Optional[str]:
+        if self.integer:
+            if not self.low <= value <= self.high:
+                return f"must be between {self.low} and {self.high}, got {value!r}"
+            return None
+        if not math.isfinite(value) or (value <= self.low if self.low_open else value < self.low):
+            relation = ">" if self.low_open else ">="
+            return f"must be a finite number {relation} {self.low:g}, got {value!r}"
+        if value > self.high:
+            return f"must be at most {self.high:g}, got {value!r}"
         return None
 
-    return check
+    def describe(self) -> str:
+        if self.integer:
+            return f"{self.low} to {self.high}"
+        low = f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
+        return low if math.isinf(self.high) else f"{low}, <= {self.high:g}"
 
 
-def integer_in(low: int, high: int) -> Check:
-    def check(value: int) -> Optional[str]:
-        if not low <= value <= high:
-            return f"must be between {low} and {high}, got {value!r}"
-        return None
+def positive_number(upper: float) -> NumberRange:
+    return NumberRange(0.0, upper, low_open=True)
 
-    return check
+
+def integer_in(low: int, high: int) -> NumberRange:
+    return NumberRange(low, high, integer=True)
 
 
 def one_of(choices: Sequence[str]) -> Check:
@@ -170,10 +195,7 @@ def frame_id(value: str) -> Optional[str]:
     return frame_id_problem(value)
 
 
-def finite_positive_scale(value: float) -> Optional[str]:
-    if not math.isfinite(value) or value <= 0:
-        return f"must be a finite number > 0, got {value!r}"
-    return None
+finite_positive_scale = NumberRange(0.0, math.inf, low_open=True)
 
 
 # ---------------------------------------------------------------- the parameters

@@ -173,8 +173,7 @@ def test_unsupported_encoding_is_logged_once_and_skipped(rig, capfd):
     timer = rig.stream(20.0, publish_yuv)
     assert wait_until(lambda: node.counters["unsupported_images"] >= 6)
     timer.cancel()
-    time.sleep(0.3)  # a few ticks that must not publish anything
-    assert rig.outputs() == []
+    assert not wait_until(rig.outputs, timeout=0.3)  # a few ticks that publish nothing
     log = capfd.readouterr()
     assert (log.out + log.err).count("unsupported image encoding 'yuv422'") == 1
 
@@ -210,8 +209,9 @@ def test_slow_inference_skips_frames_instead_of_queueing_them(rig):
     joint_states_during = node.counters["joint_states"]
     camera.cancel()
     calls_at_stop = backend.count()
-    time.sleep(1.0)  # a queue would keep feeding the backend now; skipping does not
-    assert backend.count() <= calls_at_stop + 1  # at most the one already running
+    # A queue would keep feeding the backend now; skipping does not: at most the one
+    # already running finishes.
+    assert not wait_until(lambda: backend.count() > calls_at_stop + 1, timeout=1.0)
     assert node.counters["busy_skipped"] > 0
     # The executor thread kept receiving joint states while the backend slept.
     assert joint_states_during > 4 * 0.3 * 100 * 0.5
@@ -321,12 +321,15 @@ def test_tiny_openvla_model_in_process(rig, tiny_openvla_dir):
 
 
 def test_a_frame_is_used_on_arrival_and_the_rate_still_caps_outputs(rig):
-    # Period of 20 s: waiting for the timer would leave the first frame unanswered for
-    # seconds; dispatching on arrival answers it at once, and the cap holds back the rest.
+    # End to end; the rate's details are in test_scheduling. Period of 20 s: waiting for
+    # the timer would leave the first frame unanswered for seconds; dispatching on arrival
+    # answers it at once, and the cap holds back the rest.
     node = start_node(rig, inference_rate=0.05)
     image = sample_image()
     rig.stream_joint_states()
-    time.sleep(0.5)  # the node is up and idle
+    # The node is up and its camera subscription matched: the first frame is not lost.
+    assert wait_until(lambda: rig.image_pub.get_subscription_count() >= 1)
+    assert wait_until(lambda: node.counters["joint_states"] >= 1)
     rig.publish_image(image)
     assert rig.wait_for_outputs(1, timeout=3.0), node.counters
     camera = rig.stream(20.0, lambda: rig.publish_image(image))
