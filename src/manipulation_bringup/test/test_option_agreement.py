@@ -95,6 +95,10 @@ def test_one_default_everywhere(option):
     assert spec.default == option.parameter_default
     assert spec.description == option.help and spec.live is option.live is False
     assert spec.reason_to_refuse(spec.default) is None
+    # A number option's range is the node's: `ros2 param describe` shows it.
+    if option.kind is float:
+        assert isinstance(option.check, model_options.NumberRange)
+        assert spec.number_range is option.check
     # The server passes on only what was set; the backend's default is the definition's.
     args = _server_parse([])
     assert getattr(args, option.name, None) is None
@@ -240,7 +244,8 @@ def test_zero_step_cap_is_no_cap_and_zero_scale_is_refused():
     assert OPTIONS_BY_NAME["max_position_step"].resolve(0.0) == 0.0
     assert OPTIONS_BY_NAME["position_scale"].refusal(0.0) is not None
     # The per-request gain has the same range as the server's own scale.
-    assert OPTIONS_BY_NAME["position_scale"].numeric_range == (0.0, contract.MAX_REQUEST_SCALE)
+    assert OPTIONS_BY_NAME["position_scale"].check == model_options.NumberRange(
+        0.0, contract.MAX_REQUEST_SCALE, low_open=True)
     assert model_options.scale(contract.MAX_REQUEST_SCALE) is None
     assert model_options.scale(math.nextafter(contract.MAX_REQUEST_SCALE, math.inf)) is not None
 

@@ -28,9 +28,9 @@ from .policy_types import (
     Observation,
     PolicyAction,
     Pose,
-    Quaternion,
     Twist,
-    Vector3,
+    geometry_from,
+    geometry_to_dict,
 )
 
 # JSON numbers only (no "1.0" strings, no booleans), finite.
@@ -228,25 +228,24 @@ def parse_response(payload: Any) -> InferResponse:
 # ---------------------------------------------------------------- conversions
 
 
-def _pose_from_model(model: PoseModel) -> Pose:
-    p, q = model.position, model.orientation
-    return Pose(Vector3(p.x, p.y, p.z), Quaternion(q.x, q.y, q.z, q.w))
+# The plain types (policy_types) are THE pose/twist type; the models above only
+# describe and validate the wire. These are the only converters between the two.
 
 
-def _pose_to_dict(pose: Pose) -> dict:
-    p, q = pose.position, pose.orientation
-    return {
-        "position": {"x": p.x, "y": p.y, "z": p.z},
-        "orientation": {"x": q.x, "y": q.y, "z": q.z, "w": q.w},
-    }
+def pose_from_wire(model: PoseModel) -> Pose:
+    return geometry_from(Pose, model)
 
 
-def _twist_to_dict(twist: Twist) -> dict:
-    lin, ang = twist.linear, twist.angular
-    return {
-        "linear": {"x": lin.x, "y": lin.y, "z": lin.z},
-        "angular": {"x": ang.x, "y": ang.y, "z": ang.z},
-    }
+def twist_from_wire(model: TwistModel) -> Twist:
+    return geometry_from(Twist, model)
+
+
+def pose_to_wire(pose: Pose) -> dict:
+    return geometry_to_dict(pose, Pose)
+
+
+def twist_to_wire(twist: Twist) -> dict:
+    return geometry_to_dict(twist, Twist)
 
 
 def request_to_observation(
@@ -273,7 +272,7 @@ def request_to_observation(
         image=image,
         reference_frame=request.reference_frame,
         instruction=request_instruction(request),
-        eef_pose=_pose_from_model(request.eef_pose) if request.eef_pose is not None else None,
+        eef_pose=pose_from_wire(request.eef_pose) if request.eef_pose is not None else None,
         action_overrides=request_action_overrides(request),
     )
 
@@ -329,7 +328,7 @@ def observation_to_request(
     if observation.instruction:
         body["instruction"] = observation.instruction
     if observation.eef_pose is not None:
-        body["eef_pose"] = _pose_to_dict(observation.eef_pose)
+        body["eef_pose"] = pose_to_wire(observation.eef_pose)
     if request_id is not None:
         body["request_id"] = request_id
     return body
@@ -343,13 +342,13 @@ def action_to_response(
     """The full PolicyOutput-shaped JSON for an action (every field present)."""
     body = {
         "has_eef_target": action.eef_target is not None,
-        "eef_target_pose": _pose_to_dict(action.eef_target or Pose()),
+        "eef_target_pose": pose_to_wire(action.eef_target or Pose()),
         "has_joint_deltas": action.joint_deltas is not None,
         "joint_deltas": list(action.joint_deltas or ()),
         "gripper_command": action.gripper_command if action.gripper_command is not None else 0.0,
         "gripper_active": action.gripper_command is not None,
         "has_base_hint": action.base_velocity_hint is not None,
-        "base_velocity_hint": _twist_to_dict(action.base_velocity_hint or Twist()),
+        "base_velocity_hint": twist_to_wire(action.base_velocity_hint or Twist()),
         "reference_frame": action.reference_frame,
         "confidence": action.confidence,
         "eef_target_mode": EefTargetMode(action.eef_target_mode).value,
@@ -361,20 +360,14 @@ def action_to_response(
 
 
 def response_to_action(response: InferResponse) -> PolicyAction:
-    twist = response.base_velocity_hint
     return PolicyAction(
         reference_frame=response.reference_frame,
-        eef_target=_pose_from_model(response.eef_target_pose) if response.has_eef_target else None,
+        eef_target=pose_from_wire(response.eef_target_pose) if response.has_eef_target else None,
         eef_target_mode=EefTargetMode(response.eef_target_mode),
         joint_deltas=tuple(response.joint_deltas) if response.has_joint_deltas else None,
         gripper_command=response.gripper_command if response.gripper_active else None,
         base_velocity_hint=(
-            Twist(
-                Vector3(twist.linear.x, twist.linear.y, twist.linear.z),
-                Vector3(twist.angular.x, twist.angular.y, twist.angular.z),
-            )
-            if response.has_base_hint
-            else None
+            twist_from_wire(response.base_velocity_hint) if response.has_base_hint else None
         ),
         confidence=response.confidence,
     )

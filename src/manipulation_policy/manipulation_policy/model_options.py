@@ -92,22 +92,41 @@ def text_up_to(max_chars: int) -> Check:
     return check
 
 
-def scale(value: Any) -> Optional[str]:
-    number = _number(value)
-    if number is None or not math.isfinite(number) or number <= 0:
-        return f"must be a finite number > 0, got {value!r}"
-    if number > MAX_REQUEST_SCALE:
-        return f"must be at most {MAX_REQUEST_SCALE:g}, got {value!r}"
-    return None
+@dataclass(frozen=True)
+class NumberRange:
+    """A check for a number in [low, high] (low excluded when ``low_open``), finite.
+
+    Here, below node_parameters, so that a model option's range is the very object the
+    node shows in its parameter descriptor (``ros2 param describe``)."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    integer: bool = False
+
+    def __call__(self, value: float) -> Optional[str]:
+        if self.integer:
+            if not self.low <= value <= self.high:
+                return f"must be between {self.low} and {self.high}, got {value!r}"
+            return None
+        if not math.isfinite(value) or (value <= self.low if self.low_open else value < self.low):
+            relation = ">" if self.low_open else ">="
+            return f"must be a finite number {relation} {self.low:g}, got {value!r}"
+        if value > self.high:
+            return f"must be at most {self.high:g}, got {value!r}"
+        return None
+
+    def describe(self) -> str:
+        if self.integer:
+            return f"{self.low} to {self.high}"
+        low = f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
+        return low if math.isinf(self.high) else f"{low}, <= {self.high:g}"
 
 
-def step_cap(value: Any) -> Optional[str]:
-    number = _number(value)
-    if number is None or not math.isfinite(number) or number < 0:
-        return f"must be a finite number >= 0 (0: no cap), got {value!r}"
-    if number > MAX_STEP_CAP:
-        return f"must be at most {MAX_STEP_CAP:g} (0: no cap), got {value!r}"
-    return None
+# A scale: > 0 (0 would silently freeze that motion), up to what a request may ask for.
+scale = NumberRange(0.0, MAX_REQUEST_SCALE, low_open=True)
+# A step cap: 0 is "no cap".
+step_cap = NumberRange(0.0, MAX_STEP_CAP)
 
 
 def switch(value: Any) -> Optional[str]:
@@ -188,15 +207,6 @@ class ModelOption:
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
-
-    @property
-    def numeric_range(self) -> Optional[tuple[float, float]]:
-        """Inclusive [low, high] of a number option, for a ROS range descriptor."""
-        if self.check is scale:
-            return (0.0, MAX_REQUEST_SCALE)  # 0 itself is refused by the check
-        if self.check is step_cap:
-            return (0.0, MAX_STEP_CAP)
-        return None
 
     def refusal(self, value: Any) -> Optional[str]:
         """Why a typed value (or text, for a str or Bounds option) is refused; None if fine."""

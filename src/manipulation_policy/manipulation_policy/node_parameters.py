@@ -4,7 +4,9 @@ Pure code (no ROS): each check takes a value and returns ``None`` when it is
 acceptable, else the reason it is refused. The nodes turn these specs into
 declared parameters and answer ``ros2 param set`` with the reasons.
 Parameters marked ``live=False`` are read once at start (topics, model
-loading); the nodes declare them read-only.
+loading); the nodes declare them read-only. A numeric check is a
+``NumberRange``: the same bounds refuse values here and are shown as the
+parameter's range in its descriptor (``ros2 param describe``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .model_options import (  # noqa: F401 - the model options' vocabularies, de
     DTYPES,
     GRIPPER_CONVENTIONS,
     QUANTIZATIONS,
+    NumberRange,
     device_name,
 )
 from .remote_client import DEFAULT_MAX_RESPONSE_BYTES
@@ -63,32 +66,27 @@ class ParameterSpec:
 
     def normalized(self, value: Any) -> Any:
         """An accepted value in the default's type (an int given for a float becomes a float)."""
-        if isinstance(self.default, float) and isinstance(value, int):
+        if isinstance(self.default, float) and isinstance(value, int) and not isinstance(
+            value, bool
+        ):
             return float(value)
         return value
+
+    @property
+    def number_range(self) -> Optional[NumberRange]:
+        """The bounds of a numeric parameter, when its check is one."""
+        return self.check if isinstance(self.check, NumberRange) else None
 
 
 # ---------------------------------------------------------------- checks
 
 
-def positive_number(upper: float) -> Check:
-    def check(value: float) -> Optional[str]:
-        if not math.isfinite(value) or value <= 0:
-            return f"must be a finite number > 0, got {value!r}"
-        if value > upper:
-            return f"must be at most {upper:g}, got {value!r}"
-        return None
-
-    return check
+def positive_number(upper: float) -> NumberRange:
+    return NumberRange(0.0, upper, low_open=True)
 
 
-def integer_in(low: int, high: int) -> Check:
-    def check(value: int) -> Optional[str]:
-        if not low <= value <= high:
-            return f"must be between {low} and {high}, got {value!r}"
-        return None
-
-    return check
+def integer_in(low: int, high: int) -> NumberRange:
+    return NumberRange(low, high, integer=True)
 
 
 def one_of(choices: Sequence[str]) -> Check:
@@ -217,7 +215,9 @@ POLICY_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
                   backend_name, live=False),
     # The model options, from their one definition (model_options.MODEL_OPTIONS).
     *(
-        ParameterSpec(option.name, option.parameter_default, option.help, option.refusal,
+        # A number option's check is its NumberRange itself: the descriptor shows it.
+        ParameterSpec(option.name, option.parameter_default, option.help,
+                      option.check if option.kind is float else option.refusal,
                       live=option.live)
         for option in model_options.MODEL_OPTIONS
         if option.node_parameter

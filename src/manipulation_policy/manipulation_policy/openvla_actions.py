@@ -10,8 +10,10 @@ training data:
 - droll, dpitch, dyaw: a rotation about the reference frame's fixed X, Y and Z
   axes, in radians, turned into a quaternion with
   ``pose_math.quaternion_from_rpy`` (R = Rz(yaw) * Ry(pitch) * Rx(roll), the
-  tf2 ``setRPY`` convention) and applied about the reference frame's axes by
-  ``pose_math.apply_delta``.
+  tf2 ``setRPY`` convention). The result is always that delta; the caller of
+  the backend makes it absolute when the current pose is known
+  (``pose_math.compose_with_current_pose``, which applies it about the
+  reference frame's axes).
 - gripper: OpenVLA and Bridge use 1 = open, 0 = closed ("open_is_one"), and so
   does PolicyOutput (upstream MobileManipulationCore's meaning). The value is
   normalised exactly as upstream does it (``normalize_gripper``): a value in
@@ -50,7 +52,7 @@ from .policy_types import (
     Pose,
     Vector3,
 )
-from .pose_math import apply_delta, quaternion_from_rpy
+from .pose_math import quaternion_from_rpy
 
 OPENVLA_ACTION_DIM = 7
 ACTION_COMPONENTS = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
@@ -172,10 +174,8 @@ def convert_openvla_action(
     observation: Observation,
     options: Optional[ActionConversionOptions] = None,
 ) -> ConvertedAction:
-    """Turn one OpenVLA output into the PolicyAction to publish.
-
-    Absolute target (composed with ``observation.eef_pose``) when the current
-    pose is known, otherwise the delta itself. ``observation.action_overrides``
+    """Turn one OpenVLA output into the PolicyAction to publish: a delta target
+    (``backends.predictor`` composes it with the current pose). ``observation.action_overrides``
     (a client's per-request scaling/clipping) replace the matching ``options``.
     """
     options = options if options is not None else ActionConversionOptions()
@@ -205,14 +205,10 @@ def convert_openvla_action(
         position=Vector3(*(float(v) for v in translation)),
         orientation=quaternion_from_rpy(*(float(v) for v in rotation)),
     )
-    if observation.eef_pose is not None:
-        target, mode = apply_delta(observation.eef_pose, delta), EefTargetMode.ABSOLUTE
-    else:
-        target, mode = delta, EefTargetMode.DELTA
     action = PolicyAction(
         reference_frame=frame,
-        eef_target=target,
-        eef_target_mode=mode,
+        eef_target=delta,
+        eef_target_mode=EefTargetMode.DELTA,
         joint_deltas=None,
         gripper_command=gripper_command(gripper, options.gripper_convention),
         base_velocity_hint=None,

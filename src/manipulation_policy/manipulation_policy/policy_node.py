@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Optional
 
-from .backends import PolicyBackend, create_backend
+from .backends import PolicyBackend, create_backend, predictor
 from .node_parameters import POLICY_NODE_PARAMETERS, backend_options
 from .policy_node_base import ActionSource, PolicyNodeBase, run_node
 
@@ -29,7 +29,7 @@ class PolicyNode(PolicyNodeBase):
             backend = create_backend(values["backend"], **backend_options(values))
         self.backend = backend
         self.get_logger().info(f"backend ready: {backend.describe()}")
-        return backend.predict
+        return predictor(backend)
 
 
 def main(args: Optional[list[str]] = None) -> int:

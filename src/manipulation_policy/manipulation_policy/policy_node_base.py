@@ -13,6 +13,8 @@ Rate: a frame is handed over as soon as it arrives, unless the previous one
 was handed over less than one period (1 / ``inference_rate``) ago; a timer at
 ``inference_rate`` picks up a frame that arrived inside that window. Waiting
 for the timer alone would add up to a whole period of latency to every output.
+These decisions (rate, task, staleness, which EEF pose goes along) are made
+by ``scheduling.FrameScheduler``; this module is the ROS glue around it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, Generic, Optional, TypeVar
 import rclpy
 from geometry_msgs.msg import PoseStamped
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
-from rclpy.exceptions import ParameterException
+from rclpy.exceptions import InvalidParameterValueException, ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -46,13 +48,21 @@ from .node_parameters import (
     resolve_upstream_parameters,
     specs_by_name,
 )
-from .policy_types import JointStateData, Observation, PolicyAction, Pose
+from .parameter_declarations import as_declared_type, descriptor_for, refusal_reason
+from .policy_types import JointStateData, Observation, PolicyAction
+from .scheduling import (
+    EefUse,
+    FrameInfo,
+    FrameScheduler,
+    ScheduleSettings,
+    StampedPose,
+    Verdict,
+    task_active_at_start,
+)
 
 ActionSource = Callable[[Observation], Optional[PolicyAction]]
 
 LOG_THROTTLE_SEC = 5.0
-# Frames arrive with jitter: one a little early still counts as on time.
-RATE_TOLERANCE = 0.9
 WORKER_STOP_TIMEOUT_SEC = 5.0
 SECRET_PARAMETERS = frozenset({"remote_api_key"})
 
@@ -115,8 +125,7 @@ class SkippingWorker(Generic[Job]):
 @dataclass(frozen=True)
 class _Frame:
     msg: Any  # sensor_msgs Image or CompressedImage, converted on the worker
-    stamp_ns: int
-    sequence: int
+    info: FrameInfo
 
 
 @dataclass(frozen=True)
@@ -141,9 +150,9 @@ class PolicyNodeBase(Node):
         self._specs = specs_by_name(COMMON_PARAMETERS, extra_parameters)
         # A task is what the node acts on: the instruction, until max_steps decisions
         # were published or an empty instruction message cleared it.
-        self._task_active = False
-        self._task_generation = 0
-        self._task_steps = 0
+        self._scheduler = FrameScheduler(
+            time.monotonic_ns, lambda: self.get_clock().now().nanoseconds, task_active=False
+        )
         self._values_lock = threading.Lock()
         self._values: dict[str, Any] = {}
         self._ready = False
@@ -151,16 +160,12 @@ class PolicyNodeBase(Node):
         self._state_lock = threading.Lock()
         self._latest_frame: Optional[_Frame] = None
         self._latest_joint_state = JointStateData()
-        self._latest_eef_pose: Optional[tuple[Pose, int, str]] = None
-        self._last_used_sequence = -1
-        self._last_dispatch_ns: Optional[int] = None
+        self._latest_eef_pose: Optional[StampedPose] = None
         self._reported_encodings: set[str] = set()
-        self.counters = {
+        self._counters = {
             "images": 0,
             "joint_states": 0,
             "unsupported_images": 0,
-            "stale_skipped": 0,
-            "busy_skipped": 0,
             "inferences": 0,
             "published": 0,
             "no_action": 0,
@@ -170,19 +175,10 @@ class PolicyNodeBase(Node):
         # Registered before declaring, so invalid start values are refused too.
         self.add_on_set_parameters_callback(self._on_set_parameters)
         upstream = self._declare_upstream_parameters()
+        self._prepare_start_values()
         for spec in self._specs.values():
             self.declare_parameter(
-                spec.name,
-                upstream.defaults.get(spec.name, spec.default),
-                ParameterDescriptor(
-                    description=spec.description
-                    + ("" if spec.live else " (read at start; restart to change)"),
-                    read_only=not spec.live,
-                    # rclpy's own type check answers "expected '2' got '3'"; the spec's
-                    # check refuses a wrong type with a reason a user can read, and lets
-                    # `ros2 param set ... inference_rate 10` (an integer) through.
-                    dynamic_typing=True,
-                ),
+                spec.name, upstream.defaults.get(spec.name, spec.default), descriptor_for(spec)
             )
         with self._values_lock:
             self._values = {
@@ -192,7 +188,8 @@ class PolicyNodeBase(Node):
         values = self.parameter_values()
         for note in upstream.notes:
             self.get_logger().warning(note)
-        self._task_active = upstream.task_given or not values["wait_for_task"]
+        if task_active_at_start(values["wait_for_task"], upstream.task_given):
+            self._scheduler.start_task()
 
         self.action_source: ActionSource = self.create_action_source()
 
@@ -254,6 +251,41 @@ class PolicyNodeBase(Node):
                 given[name] = value
         return resolve_upstream_parameters(given, remote=self.remote)
 
+    def _prepare_start_values(self) -> None:
+        """Start values (parameter_overrides, -p, params files) as declared: an integer for
+        a double becomes a double; a bad one stops the node with the spec's reason, not
+        rclpy's "wrong parameter type". rclpy keeps them in ``_parameter_overrides`` from
+        Humble on; declaring reads them there."""
+        overrides = getattr(self, "_parameter_overrides", None)
+        if not isinstance(overrides, dict):
+            return
+        for name, spec in self._specs.items():
+            given = overrides.get(name)
+            if given is None:
+                continue
+            given = as_declared_type(spec, given)
+            reason = refusal_reason(spec, given.value, started=False)
+            if reason is not None:
+                raise InvalidParameterValueException(name, given.value, reason)
+            overrides[name] = given
+
+    def set_parameters(self, parameter_list: list[Parameter]) -> list[SetParametersResult]:
+        return [self.set_parameters_atomically([parameter]) for parameter in parameter_list]
+
+    def set_parameters_atomically(self, parameter_list: list[Parameter]) -> SetParametersResult:
+        """rclpy's, with integers for doubles made doubles and the specs asked first.
+
+        The parameter services (``ros2 param set``, parameter clients) call this too."""
+        # getattr: rclpy's Node.__init__ may set parameters before ours has run.
+        specs, started = getattr(self, "_specs", {}), getattr(self, "_ready", False)
+        parameters = [as_declared_type(specs.get(p.name), p) for p in parameter_list]
+        for parameter in parameters:
+            reason = refusal_reason(specs.get(parameter.name), parameter.value, started)
+            if reason is not None:
+                self.get_logger().warning(f"refused parameter change: {reason}")
+                return SetParametersResult(successful=False, reason=reason)
+        return super().set_parameters_atomically(parameters)
+
     def parameter_values(self) -> dict[str, Any]:
         """A snapshot of the current values of this node's parameters."""
         with self._values_lock:
@@ -266,19 +298,10 @@ class PolicyNodeBase(Node):
         if reason is not None:
             if self._ready:
                 self.get_logger().warning(f"refused parameter change: {reason}")
-                self._restore_descriptor_types(changes)
             return SetParametersResult(successful=False, reason=reason)
         if self._ready and changes:
             self._apply(changes)
         return SetParametersResult(successful=True)
-
-    def _restore_descriptor_types(self, refused: dict[str, Any]) -> None:
-        """With dynamic typing, rclpy records the offered value's type in the descriptor
-        before asking this callback; after a refusal the value keeps its old type, and so
-        must the descriptor, or `ros2 param describe` would report the refused type."""
-        for name in refused:
-            if self.has_parameter(name):
-                self.describe_parameter(name).type = self.get_parameter(name).type_.value
 
     def _apply(self, changes: dict[str, Any]) -> None:
         with self._values_lock:
@@ -295,16 +318,23 @@ class PolicyNodeBase(Node):
 
     # ------------------------------------------------------------ inputs
 
+    @property
+    def counters(self) -> dict[str, int]:
+        """A snapshot: inputs received, frames skipped (stale, busy), inferences, outputs."""
+        with self._state_lock:
+            counters = dict(self._counters)
+        counters.update(self._scheduler.counts())
+        return counters
+
     def _count(self, name: str) -> None:
         with self._state_lock:
-            self.counters[name] += 1
+            self._counters[name] += 1
 
     def _store_frame(self, msg) -> None:
+        stamp_ns = ros_conversion.stamp_to_nanoseconds(msg.header.stamp)
         with self._state_lock:
-            self.counters["images"] += 1
-            sequence = self.counters["images"]
-            stamp_ns = ros_conversion.stamp_to_nanoseconds(msg.header.stamp)
-            self._latest_frame = _Frame(msg, stamp_ns, sequence)
+            self._counters["images"] += 1
+            self._latest_frame = _Frame(msg, FrameInfo(self._counters["images"], stamp_ns))
         if self._ready:
             self._dispatch_newest()
 
@@ -312,7 +342,7 @@ class PolicyNodeBase(Node):
         encoding = ros_conversion.unsupported_encoding(msg)
         if encoding is not None:
             with self._state_lock:
-                self.counters["unsupported_images"] += 1
+                self._counters["unsupported_images"] += 1
                 first_time = encoding not in self._reported_encodings
                 self._reported_encodings.add(encoding)
             if first_time:
@@ -329,22 +359,19 @@ class PolicyNodeBase(Node):
     def _on_joint_state(self, msg: JointState) -> None:
         state = ros_conversion.joint_state_to_data(msg)
         with self._state_lock:
-            self.counters["joint_states"] += 1
+            self._counters["joint_states"] += 1
             self._latest_joint_state = state
 
     def _on_eef_pose(self, msg) -> None:
         pose = ros_conversion.pose_stamped_to_pose(msg)
         stamp_ns = ros_conversion.stamp_to_nanoseconds(msg.header.stamp)
         with self._state_lock:
-            self._latest_eef_pose = (pose, stamp_ns, msg.header.frame_id)
+            self._latest_eef_pose = StampedPose(pose, stamp_ns, msg.header.frame_id)
 
     def _on_instruction(self, msg: String) -> None:
         if not msg.data.strip():
             # Upstream's "stop"/"clear": an empty task ends the current one.
-            with self._state_lock:
-                was_active, self._task_active = self._task_active, False
-                self._task_generation += 1
-            if was_active:
+            if self._scheduler.clear_task():
                 self.get_logger().info(f"task cleared; waiting for a task on {self._task_topic}")
             return
         # Through the parameter, so `ros2 param get` shows it and validation applies;
@@ -354,10 +381,7 @@ class PolicyNodeBase(Node):
             self.get_logger().warning(f"instruction message refused: {result.reason}")
 
     def _start_task(self, instruction: str) -> None:
-        with self._state_lock:
-            self._task_active = True
-            self._task_generation += 1
-            self._task_steps = 0
+        self._scheduler.start_task()
         steps = self.parameter_values()["max_steps"]
         self.get_logger().info(
             f"task: {instruction!r} ("
@@ -367,14 +391,7 @@ class PolicyNodeBase(Node):
     def _count_task_step(self, generation: int) -> None:
         """One decision of the task ``generation`` was published; end it at max_steps."""
         max_steps = self.parameter_values()["max_steps"]
-        with self._state_lock:
-            if generation != self._task_generation or not self._task_active:
-                return
-            self._task_steps += 1
-            finished = 0 < max_steps <= self._task_steps
-            if finished:
-                self._task_active = False
-        if finished:
+        if self._scheduler.count_step(generation, max_steps):
             self.get_logger().info(
                 f"task reached max_steps={max_steps}; waiting for the next task on "
                 f"{self._task_topic}"
@@ -382,88 +399,65 @@ class PolicyNodeBase(Node):
 
     @property
     def task_active(self) -> bool:
-        with self._state_lock:
-            return self._task_active
+        return self._scheduler.task_active
 
     # ------------------------------------------------------------ the rate
 
     def _on_tick(self) -> None:
         self._dispatch_newest()
 
-    def _rate_allows_dispatch(self, period_sec: float) -> bool:
-        if self._last_dispatch_ns is None:
-            return True
-        elapsed_ns = time.monotonic_ns() - self._last_dispatch_ns
-        return elapsed_ns >= RATE_TOLERANCE * period_sec * 1e9
-
     def _dispatch_newest(self) -> None:
-        """Hand the newest unused, fresh frame to the worker if the rate and worker allow.
+        """Hand the newest frame to the worker if the scheduler and the worker allow.
 
         Runs in the image callback and the timer, never concurrently with itself: all
         of the node's callbacks share its default, mutually exclusive callback group.
         """
         values = self.parameter_values()
-        if not self._rate_allows_dispatch(1.0 / values["inference_rate"]):
-            return
         with self._state_lock:
             frame = self._latest_frame
             joint_state = self._latest_joint_state
             eef = self._latest_eef_pose
-            task_active, generation = self._task_active, self._task_generation
-        if not task_active:
-            self.get_logger().info(
-                f"waiting for a task on {self._task_topic}",
-                throttle_duration_sec=LOG_THROTTLE_SEC,
-            )
+        decision = self._scheduler.decide(
+            frame.info if frame is not None else None, eef, ScheduleSettings.from_values(values)
+        )
+        if decision.verdict is not Verdict.HAND_OVER:
+            self._log_held_back(decision, values)
             return
-        if frame is None:
-            self.get_logger().info(
-                f"waiting for images on {self._camera_topic}",
-                throttle_duration_sec=LOG_THROTTLE_SEC,
-            )
-            return
-        if frame.sequence == self._last_used_sequence:
-            return  # nothing new: each frame is used at most once
-        now_ns = self.get_clock().now().nanoseconds
-        max_age_ns = int(values["max_observation_age_sec"] * 1e9)
-        age_ns = now_ns - frame.stamp_ns
-        if abs(age_ns) > max_age_ns:
-            self._count("stale_skipped")
+        assert frame is not None
+        if decision.eef is EefUse.WRONG_FRAME:
             self.get_logger().warning(
-                f"newest image is {age_ns / 1e9:.3f} s old (max_observation_age_sec="
-                f"{values['max_observation_age_sec']:g}); not used. Check the camera and that "
-                "its clock matches this node's.",
+                f"end-effector pose is in {decision.eef_frame_id!r}, not reference_frame "
+                f"{values['reference_frame']!r}; ignored",
                 throttle_duration_sec=LOG_THROTTLE_SEC,
             )
-            return
         observation = Observation(
             joint_state=joint_state,
             image=None,
             reference_frame=values["reference_frame"],
             instruction=values["instruction"],
-            eef_pose=self._usable_eef_pose(eef, now_ns, max_age_ns, values["reference_frame"]),
+            eef_pose=decision.eef_pose,
         )
-        if self._worker.try_submit(_Job(frame, observation, generation)):
-            self._last_used_sequence = frame.sequence
-            self._last_dispatch_ns = time.monotonic_ns()
-        else:
-            self._count("busy_skipped")
+        accepted = self._worker.try_submit(_Job(frame, observation, decision.task_generation))
+        self._scheduler.handed_over(frame.info, accepted)
 
-    def _usable_eef_pose(self, eef, now_ns: int, max_age_ns: int, frame_id: str) -> Optional[Pose]:
-        """The current EEF pose if fresh and in the reference frame: a stale one would
-        turn a delta into a wrong absolute target."""
-        if eef is None:
-            return None
-        pose, stamp_ns, pose_frame = eef
-        if pose_frame and pose_frame != frame_id:
-            self.get_logger().warning(
-                f"end-effector pose is in {pose_frame!r}, not reference_frame {frame_id!r}; "
-                "ignored", throttle_duration_sec=LOG_THROTTLE_SEC,
+    def _log_held_back(self, decision, values: dict[str, Any]) -> None:
+        if decision.verdict is Verdict.NO_TASK:
+            self.get_logger().info(
+                f"waiting for a task on {self._task_topic}",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
             )
-            return None
-        if abs(now_ns - stamp_ns) > max_age_ns:
-            return None
-        return pose
+        elif decision.verdict is Verdict.NO_FRAME:
+            self.get_logger().info(
+                f"waiting for images on {self._camera_topic}",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+        elif decision.verdict is Verdict.STALE:
+            self.get_logger().warning(
+                f"newest image is {decision.frame_age_ns / 1e9:.3f} s old "
+                f"(max_observation_age_sec={values['max_observation_age_sec']:g}); not used. "
+                "Check the camera and that its clock matches this node's.",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
 
     # ------------------------------------------------------------ the worker
 

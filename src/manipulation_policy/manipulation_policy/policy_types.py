@@ -3,13 +3,20 @@
 No ROS, no torch: everything between the two ROS conversions is testable
 without either. Optional fields stand for the message's has_* flags: a
 PolicyAction with ``eef_target=None`` publishes ``has_eef_target=False``.
+
+Vector3 / Quaternion / Pose / Twist are the one pose and twist type of the
+package. The wire models (contract) and geometry_msgs share their field names;
+``geometry_parts`` describes them once and drives every conversion
+(contract's ``pose_to_wire`` ..., ros_conversion's ``pose_to_msg`` ...).
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Optional
+import functools
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, TypeVar, Union
 
 import numpy as np
 
@@ -39,6 +46,43 @@ class Pose:
 class Twist:
     linear: Vector3 = field(default_factory=Vector3)
     angular: Vector3 = field(default_factory=Vector3)
+
+
+Geometry = Union[Vector3, Quaternion, Pose, Twist]
+GEOMETRY_TYPES = (Vector3, Quaternion, Pose, Twist)
+G = TypeVar("G", Vector3, Quaternion, Pose, Twist)
+
+
+@functools.cache
+def geometry_parts(kind: type) -> tuple[tuple[str, Optional[type]], ...]:
+    """(field name, geometry type of the field or None for a number), in field order.
+
+    Vector3 / Quaternion / Pose / Twist share their field names with the wire
+    models (contract.PointModel ...) and geometry_msgs, so this one description
+    drives every conversion to and from them."""
+    hints = typing.get_type_hints(kind)
+    return tuple(
+        (f.name, hints[f.name] if hints[f.name] in GEOMETRY_TYPES else None) for f in fields(kind)
+    )
+
+
+def geometry_from(kind: type[G], source: Any) -> G:
+    """A ``kind`` read from any object with the same attribute names (a wire model,
+    a geometry_msgs message, another plain value)."""
+    return kind(
+        *(
+            geometry_from(part, getattr(source, name)) if part else getattr(source, name)
+            for name, part in geometry_parts(kind)
+        )
+    )
+
+
+def geometry_to_dict(value: Geometry, kind: Optional[type] = None) -> dict[str, Any]:
+    """The nested JSON object of a pose, twist, vector or quaternion (the wire's shape)."""
+    return {
+        name: geometry_to_dict(getattr(value, name), part) if part else getattr(value, name)
+        for name, part in geometry_parts(kind or type(value))
+    }
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ R = Rz(yaw) * Ry(pitch) * Rx(roll). Quaternions are (x, y, z, w), unit length.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from typing import Optional
 
-from .policy_types import Pose, Quaternion, Vector3
+from .policy_types import EefTargetMode, PolicyAction, Pose, Quaternion, Vector3
 
 
 def quaternion_from_rpy(roll: float, pitch: float, yaw: float) -> Quaternion:
@@ -63,3 +65,23 @@ def apply_delta(current: Pose, delta: Pose) -> Pose:
     )
     orientation = normalized(quaternion_multiply(delta.orientation, current.orientation))
     return Pose(position=position, orientation=orientation)
+
+
+def compose_with_current_pose(action: PolicyAction, current: Optional[Pose]) -> PolicyAction:
+    """The one place a delta end-effector target becomes absolute.
+
+    With the current pose known, a delta target is composed with it
+    (``apply_delta``) and marked absolute; without it, or for an absolute
+    target or none, the action is returned as it is. Backends answer deltas;
+    the code that calls them (``backends.predictor``) composes, for the server
+    and the in-process node alike.
+    """
+    if current is None or action.eef_target is None:
+        return action
+    if action.eef_target_mode != EefTargetMode.DELTA:
+        return action
+    return replace(
+        action,
+        eef_target=apply_delta(current, action.eef_target),
+        eef_target_mode=EefTargetMode.ABSOLUTE,
+    )

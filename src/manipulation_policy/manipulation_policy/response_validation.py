@@ -101,14 +101,21 @@ def _require(model: BaseModel, path: str, names: Iterable[str], because: str) ->
             raise InputError(f"{path}.{name}" if path else name, f"is missing, but {because}")
 
 
+def _require_complete(model: BaseModel, path: str, because: str) -> None:
+    """Every field of a pose/twist part is given, level by level (a part announced by
+    its flag must not be read from defaults)."""
+    _require(model, path, type(model).model_fields, because)
+    for name in type(model).model_fields:
+        part = getattr(model, name)
+        if isinstance(part, BaseModel):
+            _require_complete(part, f"{path}.{name}", because)
+
+
 def _check_required_parts(response: InferResponse) -> None:
     if response.has_eef_target:
         because = "has_eef_target is true"
         _require(response, "", ["eef_target_pose"], because)
-        pose = response.eef_target_pose
-        _require(pose, "eef_target_pose", ["position", "orientation"], because)
-        _require(pose.position, "eef_target_pose.position", "xyz", because)
-        _require(pose.orientation, "eef_target_pose.orientation", "xyzw", because)
+        _require_complete(response.eef_target_pose, "eef_target_pose", because)
     if response.has_joint_deltas:
         _require(response, "", ["joint_deltas"], "has_joint_deltas is true")
     if response.gripper_active:
@@ -116,10 +123,7 @@ def _check_required_parts(response: InferResponse) -> None:
     if response.has_base_hint:
         because = "has_base_hint is true"
         _require(response, "", ["base_velocity_hint"], because)
-        hint = response.base_velocity_hint
-        _require(hint, "base_velocity_hint", ["linear", "angular"], because)
-        _require(hint.linear, "base_velocity_hint.linear", "xyz", because)
-        _require(hint.angular, "base_velocity_hint.angular", "xyz", because)
+        _require_complete(response.base_velocity_hint, "base_velocity_hint", because)
 
 
 # ---------------------------------------------------------------- ranges

@@ -7,7 +7,7 @@ on Observation / PolicyAction and is testable without ROS.
 from __future__ import annotations
 
 import array
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 from builtin_interfaces.msg import Time
@@ -25,9 +25,9 @@ from .policy_types import (
     JointStateData,
     PolicyAction,
     Pose,
-    Quaternion,
     Twist,
-    Vector3,
+    geometry_from,
+    geometry_parts,
 )
 
 NANOSECONDS = 1_000_000_000
@@ -109,32 +109,37 @@ def joint_state_to_data(msg: JointState) -> JointStateData:
     )
 
 
+# One set of converters for geometry_msgs Pose/Point/Quaternion/Twist/Vector3: the
+# plain types share their field names, so policy_types' description drives both ways.
+
+
+def _fill_msg(msg: Any, value: Any, kind: type) -> Any:
+    for name, part in geometry_parts(kind):
+        if part is None:
+            setattr(msg, name, float(getattr(value, name)))
+        else:
+            _fill_msg(getattr(msg, name), getattr(value, name), part)
+    return msg
+
+
 def pose_from_msg(msg: PoseMsg) -> Pose:
-    p, q = msg.position, msg.orientation
-    return Pose(Vector3(p.x, p.y, p.z), Quaternion(q.x, q.y, q.z, q.w))
+    return geometry_from(Pose, msg)
+
+
+def pose_to_msg(pose: Pose) -> PoseMsg:
+    return _fill_msg(PoseMsg(), pose, Pose)
+
+
+def twist_from_msg(msg: TwistMsg) -> Twist:
+    return geometry_from(Twist, msg)
+
+
+def twist_to_msg(twist: Twist) -> TwistMsg:
+    return _fill_msg(TwistMsg(), twist, Twist)
 
 
 def pose_stamped_to_pose(msg: PoseStamped) -> Pose:
     return pose_from_msg(msg.pose)
-
-
-def _pose_to_msg(pose: Pose) -> PoseMsg:
-    msg = PoseMsg()
-    msg.position.x, msg.position.y, msg.position.z = (
-        float(pose.position.x), float(pose.position.y), float(pose.position.z),
-    )
-    q = pose.orientation
-    msg.orientation.x, msg.orientation.y = float(q.x), float(q.y)
-    msg.orientation.z, msg.orientation.w = float(q.z), float(q.w)
-    return msg
-
-
-def _twist_to_msg(twist: Twist) -> TwistMsg:
-    msg = TwistMsg()
-    lin, ang = twist.linear, twist.angular
-    msg.linear.x, msg.linear.y, msg.linear.z = float(lin.x), float(lin.y), float(lin.z)
-    msg.angular.x, msg.angular.y, msg.angular.z = float(ang.x), float(ang.y), float(ang.z)
-    return msg
 
 
 # ---------------------------------------------------------------- decisions
@@ -148,7 +153,7 @@ def action_to_policy_output(action: PolicyAction, stamp: Time) -> PolicyOutput:
     msg.reference_frame = action.reference_frame
     msg.has_eef_target = action.eef_target is not None
     if action.eef_target is not None:
-        msg.eef_target_pose = _pose_to_msg(action.eef_target)
+        msg.eef_target_pose = pose_to_msg(action.eef_target)
     msg.eef_target_mode = EEF_MODE_TO_MSG[EefTargetMode(action.eef_target_mode)]
     msg.has_joint_deltas = action.joint_deltas is not None
     msg.joint_deltas = [float(v) for v in action.joint_deltas or ()]
@@ -156,27 +161,19 @@ def action_to_policy_output(action: PolicyAction, stamp: Time) -> PolicyOutput:
     msg.gripper_command = float(action.gripper_command or 0.0)
     msg.has_base_hint = action.base_velocity_hint is not None
     if action.base_velocity_hint is not None:
-        msg.base_velocity_hint = _twist_to_msg(action.base_velocity_hint)
+        msg.base_velocity_hint = twist_to_msg(action.base_velocity_hint)
     msg.confidence = float(action.confidence)
     return msg
 
 
 def policy_output_to_action(msg: PolicyOutput) -> PolicyAction:
     """The inverse of action_to_policy_output (for consumers, tests and the demo)."""
-    hint = msg.base_velocity_hint
     return PolicyAction(
         reference_frame=msg.reference_frame,
         eef_target=pose_from_msg(msg.eef_target_pose) if msg.has_eef_target else None,
         eef_target_mode=EEF_MODE_FROM_MSG[msg.eef_target_mode],
         joint_deltas=tuple(msg.joint_deltas) if msg.has_joint_deltas else None,
         gripper_command=msg.gripper_command if msg.gripper_active else None,
-        base_velocity_hint=(
-            Twist(
-                Vector3(hint.linear.x, hint.linear.y, hint.linear.z),
-                Vector3(hint.angular.x, hint.angular.y, hint.angular.z),
-            )
-            if msg.has_base_hint
-            else None
-        ),
+        base_velocity_hint=twist_from_msg(msg.base_velocity_hint) if msg.has_base_hint else None,
         confidence=msg.confidence,
     )

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from pydantic import ValidationError
 
 from .contract import InferResponse, action_to_response, field_path
-from .policy_types import EefTargetMode, PolicyAction, Pose, Quaternion, Twist, Vector3
+from .policy_types import EefTargetMode, PolicyAction, Pose, Twist, geometry_parts
 
 
 class BackendAnswerError(ValueError):
@@ -53,15 +53,12 @@ def _check_fields(value: Any, kind: type, field: str) -> None:
     """A Vector3 / Quaternion / Pose / Twist made of numbers, recursively."""
     if type(value) is not kind:
         raise BackendAnswerError(field, f"expected {kind.__name__}, got {_type_name(value)}")
-    for name in kind.__dataclass_fields__:
-        part = getattr(value, name)
+    for name, part in geometry_parts(kind):
         path = f"{field}.{name}"
-        if kind is Pose:
-            _check_fields(part, Vector3 if name == "position" else Quaternion, path)
-        elif kind is Twist:
-            _check_fields(part, Vector3, path)
+        if part is None:
+            _check_number(getattr(value, name), path)
         else:
-            _check_number(part, path)
+            _check_fields(getattr(value, name), part, path)
 
 
 def check_action_types(action: Any) -> None:

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from . import __version__
-from .backends import PolicyBackend
+from .backends import PolicyBackend, batch_predictor, predictor
 from .batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE
 from .contract import (
     ErrorResponse,
@@ -688,10 +688,10 @@ def _make_worker(backend: PolicyBackend, config: ServerConfig) -> InferenceWorke
     if off is not None and config.max_batch_size > 1:
         logger.info("micro-batching off: %s", off)
     return InferenceWorker(
-        backend.predict,
+        predictor(backend),
         config.max_queue,
         config.inference_timeout_s,
-        predict_batch=getattr(backend, "predict_batch", None),
+        predict_batch=batch_predictor(backend),
         max_batch_size=config.max_batch_size if off is None else 1,
         batch_window_s=config.batch_window_ms / 1e3,
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+from .contract import pose_to_wire
 from .openvla_actions import OPENVLA_ACTION_DIM, ActionConversionOptions, convert_openvla_action
 from .policy_types import DEFAULT_REFERENCE_FRAME, Observation
 
@@ -92,15 +93,7 @@ def canonical_answer(
     canonical = dict(payload)
     canonical.update(
         has_eef_target=True,
-        eef_target_pose={
-            "position": {"x": target.position.x, "y": target.position.y, "z": target.position.z},
-            "orientation": {
-                "x": target.orientation.x,
-                "y": target.orientation.y,
-                "z": target.orientation.z,
-                "w": target.orientation.w,
-            },
-        },
+        eef_target_pose=pose_to_wire(target),
         eef_target_mode="delta",
         reference_frame=frame,
     )

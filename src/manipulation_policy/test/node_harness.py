@@ -37,6 +37,7 @@ from std_msgs.msg import String
 
 from manipulation_msgs.msg import PolicyOutput
 from manipulation_policy import ros_conversion
+from manipulation_policy.backends import predictor
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.contract import (
     action_to_response,
@@ -274,7 +275,8 @@ def expected_stub_action(
     reference_frame: str = "base_link",
     eef_pose: Optional[Pose] = None,
 ) -> PolicyAction:
-    """The stub's answer to the rig's joint state plus ``image``."""
+    """The stub's answer to the rig's joint state plus ``image``, as the node publishes
+    it (a delta composed with ``eef_pose`` when given)."""
     observation = Observation(
         joint_state=JointStateData(name=JOINT_NAMES, position=JOINT_POSITIONS),
         image=image,
@@ -282,7 +284,7 @@ def expected_stub_action(
         instruction=instruction,
         eef_pose=eef_pose,
     )
-    return StubBackend().predict(observation)
+    return predictor(StubBackend())(observation)
 
 
 # ---------------------------------------------------------------- HTTP

@@ -13,11 +13,19 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.errors import InputError
-from manipulation_policy.policy_types import Observation, PolicyAction
+from manipulation_policy.policy_types import (
+    EefTargetMode,
+    Observation,
+    PolicyAction,
+    Pose,
+    Vector3,
+)
+from manipulation_policy.pose_math import quaternion_from_rpy
 
 # answer <kind> -> (the action, the response field the server must name)
 BAD_ANSWERS = {
@@ -68,3 +76,33 @@ class UnloadableBackend:
 
     def __init__(self, **_options: Any):
         raise OSError("no weights at /models/missing\n(a second line that must not be shown)")
+
+
+FIXED_DELTA = PolicyAction(
+    eef_target=Pose(Vector3(0.01, -0.02, 0.005), quaternion_from_rpy(0.0, 0.0, 0.1)),
+    eef_target_mode=EefTargetMode.DELTA,
+    gripper_command=0.25,
+    confidence=0.5,
+)
+FIXED_ABSOLUTE = PolicyAction(
+    eef_target=Pose(Vector3(0.3, 0.1, 0.4)),
+    eef_target_mode=EefTargetMode.ABSOLUTE,
+    confidence=0.5,
+)
+
+
+class FixedDeltaBackend:
+    """Answers FIXED_DELTA whatever the observation (eef_pose included): a backend that
+    never composes; the instruction ``absolute`` gets FIXED_ABSOLUTE instead."""
+
+    name = "fixed-delta"
+
+    def __init__(self, **_options: Any):
+        pass
+
+    def predict(self, observation: Observation) -> PolicyAction:
+        answer = FIXED_ABSOLUTE if observation.instruction == "absolute" else FIXED_DELTA
+        return replace(answer, reference_frame=observation.reference_frame)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "model": "fixed", "device": "cpu"}

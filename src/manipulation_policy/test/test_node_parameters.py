@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from manipulation_policy.node_parameters import (
@@ -134,3 +136,47 @@ def test_an_int_for_a_float_parameter_becomes_a_float():
     normalized = SPECS["inference_rate"].normalized(10)
     assert normalized == 10.0 and isinstance(normalized, float)
     assert SPECS["remote_retry_attempts"].normalized(3) == 3
+
+
+def test_every_numeric_parameter_has_bounds_that_its_check_and_descriptor_share():
+    for spec in SPECS.values():
+        numeric = isinstance(spec.default, (int, float)) and not isinstance(spec.default, bool)
+        bounds = spec.number_range
+        assert (bounds is not None) == numeric, spec.name
+        if bounds is None:
+            continue
+        assert bounds.integer is isinstance(spec.default, int), spec.name
+        assert bounds.low <= spec.default <= bounds.high, spec.name
+        # The check refuses just outside the bounds and accepts the ends it includes.
+        kind = type(spec.default)
+        step = 1 if bounds.integer else 1e-6
+        if bounds.low_open:
+            assert spec.reason_to_refuse(kind(bounds.low)) is not None, spec.name
+        else:
+            assert spec.reason_to_refuse(kind(bounds.low)) is None, spec.name
+            assert spec.reason_to_refuse(kind(bounds.low - step)) is not None, spec.name
+        if math.isfinite(bounds.high):
+            assert spec.reason_to_refuse(kind(bounds.high)) is None, spec.name
+            assert spec.reason_to_refuse(kind(bounds.high) * (1 + step) + step) is not None
+
+
+def test_number_ranges_describe_themselves():
+    assert SPECS["inference_rate"].number_range.describe() == "> 0, <= 1000"
+    assert SPECS["position_scale"].number_range.describe() == "> 0, <= 100"  # as per request
+    assert SPECS["max_position_step"].number_range.describe() == ">= 0, <= 1000"  # 0: no cap
+    assert SPECS["jpeg_quality"].number_range.describe() == "1 to 100"
+    assert SPECS["position_scale"].reason_to_refuse(float("inf")) is not None
+
+
+def test_an_int_for_a_float_parameter_is_offered_as_a_double():
+    from rclpy.parameter import Parameter
+
+    from manipulation_policy.parameter_declarations import as_declared_type
+
+    converted = as_declared_type(SPECS["remote_timeout_sec"], Parameter("remote_timeout_sec",
+                                                                        value=2))  # fmt: skip
+    assert converted.type_ is Parameter.Type.DOUBLE and converted.value == 2.0
+    for spec, value in ((SPECS["jpeg_quality"], 90), (SPECS["remote_timeout_sec"], True),
+                        (None, 3), (SPECS["remote_timeout_sec"], "2")):  # fmt: skip
+        given = Parameter("x", value=value)
+        assert as_declared_type(spec, given) is given

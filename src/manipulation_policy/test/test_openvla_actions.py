@@ -21,7 +21,12 @@ from manipulation_policy.policy_types import (
     Quaternion,
     Vector3,
 )
-from manipulation_policy.pose_math import apply_delta, quaternion_from_rpy, rpy_from_quaternion
+from manipulation_policy.pose_math import (
+    apply_delta,
+    compose_with_current_pose,
+    quaternion_from_rpy,
+    rpy_from_quaternion,
+)
 
 FRAME = "odom"
 
@@ -154,7 +159,9 @@ def test_non_finite_output_becomes_hold_with_reason(index, name, bad):
 def test_eef_pose_gives_absolute_target_composed_with_apply_delta():
     current = Pose(Vector3(0.5, -0.1, 0.3), quaternion_from_rpy(0.0, 0.0, math.pi / 2))
     raw = [0.01, 0.02, -0.01, 0.0, 0.0, 0.1, 0.0]
-    action = convert(raw, eef_pose=current).action
+    delta = convert(raw, eef_pose=current).action
+    assert delta.eef_target_mode is EefTargetMode.DELTA  # the backend's caller composes
+    action = compose_with_current_pose(delta, current)
     assert action.eef_target_mode is EefTargetMode.ABSOLUTE
     expected = apply_delta(
         current, Pose(Vector3(0.01, 0.02, -0.01), quaternion_from_rpy(0.0, 0.0, 0.1))
@@ -166,7 +173,8 @@ def test_eef_pose_gives_absolute_target_composed_with_apply_delta():
 
 def test_absolute_target_uses_the_scaled_and_limited_delta():
     current = Pose(Vector3(1.0, 0.0, 0.0))
-    action = convert([0.05, 0, 0, 0, 0, 0, 0], eef_pose=current, max_position_step=0.02).action
+    delta = convert([0.05, 0, 0, 0, 0, 0, 0], eef_pose=current, max_position_step=0.02).action
+    action = compose_with_current_pose(delta, current)
     np.testing.assert_allclose(position(action), [1.02, 0, 0])
 
 

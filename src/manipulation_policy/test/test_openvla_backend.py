@@ -15,7 +15,7 @@ import torch
 import transformers
 from PIL import Image
 
-from manipulation_policy.backends import create_backend
+from manipulation_policy.backends import create_backend, predictor
 from manipulation_policy.backends.openvla import (
     FIXED_STACK_PIP,
     PROMPT_END_TOKEN_ID,
@@ -37,6 +37,7 @@ from manipulation_policy.backends.openvla import (
 from manipulation_policy.errors import BackendStartupError, InputError
 from manipulation_policy.openvla_actions import ActionConversionOptions, convert_openvla_action
 from manipulation_policy.policy_types import EefTargetMode, Observation, Pose, Vector3
+from manipulation_policy.pose_math import apply_delta
 
 INSTRUCTION = "pick up the red cup"
 
@@ -196,7 +197,10 @@ def test_predict_is_the_conversion_of_the_raw_model_output(tiny_openvla_dir):
     expected = convert_openvla_action(backend.predict_raw(observation), observation, options)
     action = backend.predict(observation)
     assert action == expected.action
-    assert action.eef_target_mode is EefTargetMode.ABSOLUTE
+    assert action.eef_target_mode is EefTargetMode.DELTA
+    composed = predictor(backend)(observation)
+    assert composed.eef_target_mode is EefTargetMode.ABSOLUTE
+    assert composed.eef_target == apply_delta(current, action.eef_target)
 
 
 def test_actions_depend_on_the_image_and_are_deterministic(backend):

@@ -18,6 +18,7 @@ from node_harness import (
     wait_until,
 )
 from sensor_msgs.msg import CompressedImage
+from server_test_backends import FIXED_DELTA, FixedDeltaBackend
 from std_msgs.msg import String
 
 from manipulation_msgs.msg import PolicyOutput
@@ -118,6 +119,28 @@ def test_current_eef_pose_turns_the_delta_into_an_absolute_target(rig):
     assert got.eef_target == apply_delta(current, delta)
 
 
+def test_a_backend_that_never_composes_gets_its_delta_composed_once_by_the_node(rig):
+    start_node(rig, backend_instance=FixedDeltaBackend())
+    current = Pose(Vector3(0.4, -0.1, 0.3), Quaternion(0.0, 0.0, 0.0, 1.0))
+
+    def publish_pose():
+        msg = PoseStamped()
+        msg.header.stamp = rig.now()
+        msg.header.frame_id = "base_link"
+        msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = 0.4, -0.1, 0.3
+        msg.pose.orientation.w = 1.0
+        rig.eef_pub.publish(msg)
+
+    rig.stream(50.0, publish_pose)
+    rig.stream_joint_states()
+    rig.stream_camera(sample_image())
+    assert wait_until(
+        lambda: any(m.eef_target_mode == PolicyOutput.EEF_TARGET_ABSOLUTE for m in rig.outputs())
+    )
+    msg = next(m for m in rig.outputs() if m.eef_target_mode == PolicyOutput.EEF_TARGET_ABSOLUTE)
+    assert policy_output_to_action(msg).eef_target == apply_delta(current, FIXED_DELTA.eef_target)
+
+
 def test_bgr8_with_row_padding_gives_the_same_answer_as_rgb8(rig):
     start_node(rig)
     image = sample_image()
@@ -150,8 +173,7 @@ def test_unsupported_encoding_is_logged_once_and_skipped(rig, capfd):
     timer = rig.stream(20.0, publish_yuv)
     assert wait_until(lambda: node.counters["unsupported_images"] >= 6)
     timer.cancel()
-    time.sleep(0.3)  # a few ticks that must not publish anything
-    assert rig.outputs() == []
+    assert not wait_until(rig.outputs, timeout=0.3)  # a few ticks that publish nothing
     log = capfd.readouterr()
     assert (log.out + log.err).count("unsupported image encoding 'yuv422'") == 1
 
@@ -187,8 +209,9 @@ def test_slow_inference_skips_frames_instead_of_queueing_them(rig):
     joint_states_during = node.counters["joint_states"]
     camera.cancel()
     calls_at_stop = backend.count()
-    time.sleep(1.0)  # a queue would keep feeding the backend now; skipping does not
-    assert backend.count() <= calls_at_stop + 1  # at most the one already running
+    # A queue would keep feeding the backend now; skipping does not: at most the one
+    # already running finishes.
+    assert not wait_until(lambda: backend.count() > calls_at_stop + 1, timeout=1.0)
     assert node.counters["busy_skipped"] > 0
     # The executor thread kept receiving joint states while the backend slept.
     assert joint_states_during > 4 * 0.3 * 100 * 0.5
@@ -332,12 +355,15 @@ def test_action_conversion_parameters_reach_the_openvla_backend(rig, tiny_openvl
 
 
 def test_a_frame_is_used_on_arrival_and_the_rate_still_caps_outputs(rig):
-    # Period of 20 s: waiting for the timer would leave the first frame unanswered for
-    # seconds; dispatching on arrival answers it at once, and the cap holds back the rest.
+    # End to end; the rate's details are in test_scheduling. Period of 20 s: waiting for
+    # the timer would leave the first frame unanswered for seconds; dispatching on arrival
+    # answers it at once, and the cap holds back the rest.
     node = start_node(rig, inference_rate=0.05)
     image = sample_image()
     rig.stream_joint_states()
-    time.sleep(0.5)  # the node is up and idle
+    # The node is up and its camera subscription matched: the first frame is not lost.
+    assert wait_until(lambda: rig.image_pub.get_subscription_count() >= 1)
+    assert wait_until(lambda: node.counters["joint_states"] >= 1)
     rig.publish_image(image)
     assert rig.wait_for_outputs(1, timeout=3.0), node.counters
     camera = rig.stream(20.0, lambda: rig.publish_image(image))

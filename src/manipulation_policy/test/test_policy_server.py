@@ -16,6 +16,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 import manipulation_policy
+from manipulation_policy.backends import predictor
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.contract import (
     action_to_response,
@@ -156,7 +157,7 @@ def test_answer_equals_the_in_process_backend_on_the_same_observation(url):
     answer = post_infer(url, request)
     assert answer.status_code == 200, answer.text
     body = answer.json()
-    local = StubBackend().predict(request_to_observation(parse_request(request)))
+    local = predictor(StubBackend())(request_to_observation(parse_request(request)))
     expected = action_to_response(local, request_id="req-42")
     del body["inference_time_ms"], expected["inference_time_ms"]
     assert body == expected

@@ -104,8 +104,15 @@ def test_non_finite_backend_output_is_a_500_not_invalid_json(scripted):
 
 
 def test_backend_errors_are_counted(scripted):
-    errors = requests.get(f"{scripted.base_url}/info", timeout=5).json()["errors_by_kind"]
-    assert errors.get("backend_error", 0) >= 2
+    def backend_errors() -> int:
+        info = requests.get(f"{scripted.base_url}/info", timeout=5).json()
+        return info["errors_by_kind"].get("backend_error", 0)
+
+    before = backend_errors()
+    assert infer(scripted.base_url, "raise").status_code == 500
+    assert infer(scripted.base_url, "nan").status_code == 500
+    assert infer(scripted.base_url, "").status_code == 200
+    assert backend_errors() == before + 2
     assert requests.get(f"{scripted.base_url}/info", timeout=5).json()["backend"]["model"] == (
         "scripted-test-model"
     )

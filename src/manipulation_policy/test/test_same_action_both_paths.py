@@ -9,11 +9,13 @@ JPEG is lossy and the server only ever sees the JPEG.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import requests
+from server_test_backends import FIXED_ABSOLUTE, FIXED_DELTA, FixedDeltaBackend
 
-from manipulation_policy.backends import create_backend
+from manipulation_policy.backends import create_backend, predictor
 from manipulation_policy.contract import (
     observation_to_request,
     parse_request,
@@ -22,13 +24,17 @@ from manipulation_policy.contract import (
     response_to_action,
 )
 from manipulation_policy.policy_types import (
+    EefTargetMode,
     JointStateData,
     Observation,
     Pose,
     Quaternion,
     Vector3,
 )
+from manipulation_policy.pose_math import apply_delta
 from manipulation_policy.server_process import running_server
+
+TEST_DIR = str(Path(__file__).resolve().parent)
 
 INSTRUCTION = "put the carrot on the plate"
 
@@ -62,7 +68,7 @@ def assert_same_action_both_ways(server_args, backend):
             assert reply.status_code == 200, reply.text
             remote = response_to_action(parse_response(reply.json()))
             as_server_sees_it = request_to_observation(parse_request(body))
-            local = backend.predict(as_server_sees_it)
+            local = predictor(backend)(as_server_sees_it)  # what policy_node calls
             assert remote == local
             assert not remote.is_hold
             answers.append(remote)
@@ -78,3 +84,29 @@ def test_openvla_backend_same_action_in_process_and_remote(tiny_openvla_dir):
     backend = create_backend("openvla", **options)
     server_args = ("--backend", "openvla", "--model", str(tiny_openvla_dir), "--device", "cpu")
     assert_same_action_both_ways(server_args, backend)
+
+
+def test_a_delta_answer_is_composed_with_eef_pose_once_on_both_paths():
+    # The backend never composes; the server and the in-process node's predictor do, once.
+    backend = FixedDeltaBackend()
+    current = Pose(Vector3(0.35, 0.05, 0.25), Quaternion(0.0, 0.0, math.sqrt(0.5), math.sqrt(0.5)))
+    expected = apply_delta(current, FIXED_DELTA.eef_target)
+    with running_server(
+        "--backend", "server_test_backends:FixedDeltaBackend", extra_pythonpath=[TEST_DIR]
+    ) as base_url:
+        for instruction, eef_pose, mode, target in (
+            ("", current, EefTargetMode.ABSOLUTE, expected),
+            ("", None, EefTargetMode.DELTA, FIXED_DELTA.eef_target),
+            # An answer that is absolute already is not composed a second time.
+            ("absolute", current, EefTargetMode.ABSOLUTE, FIXED_ABSOLUTE.eef_target),
+        ):
+            observation = Observation(instruction=instruction, eef_pose=eef_pose)
+            reply = requests.post(
+                f"{base_url}/infer", json=observation_to_request(observation), timeout=30
+            )
+            assert reply.status_code == 200, reply.text
+            remote = response_to_action(parse_response(reply.json()))
+            local = predictor(backend)(observation)
+            assert remote == local
+            assert remote.eef_target_mode is mode
+            assert remote.eef_target == target

@@ -3,7 +3,7 @@ import sys
 import numpy as np
 import pytest
 
-from manipulation_policy.backends import UnknownBackendError, create_backend
+from manipulation_policy.backends import UnknownBackendError, create_backend, predictor
 from manipulation_policy.errors import BackendStartupError
 from manipulation_policy.policy_types import (
     EefTargetMode,
@@ -44,9 +44,11 @@ def test_stub_joint_deltas_pull_towards_zero_and_are_bounded():
     assert action.joint_deltas == pytest.approx((-0.02, 0.01, -0.05))
 
 
-def test_stub_composes_absolute_target_when_eef_pose_known():
+def test_stub_answers_a_delta_which_its_caller_composes_with_eef_pose():
     current = Pose(Vector3(0.4, 0.1, 0.2))
-    action = create_backend("stub").predict(Observation(eef_pose=current))
+    stub = create_backend("stub")
+    assert stub.predict(Observation(eef_pose=current)).eef_target_mode is EefTargetMode.DELTA
+    action = predictor(stub)(Observation(eef_pose=current))
     assert action.eef_target_mode is EefTargetMode.ABSOLUTE
     assert action.eef_target.position == Vector3(0.4, 0.1, 0.2)
 

@@ -6,6 +6,10 @@ A backend is a small class with ``predict(observation) -> PolicyAction`` and
 it alone, an exception instance as the answer of an observation that failed),
 which the server uses to predict observations that arrive together at once
 (unless the backend's optional ``batches_observations`` attribute is false).
+A backend answers the model's own step: a delta target stays a delta even
+when the observation carries ``eef_pose``; ``predictor`` / ``batch_predictor``,
+which the server and the in-process node call, compose it with the current
+pose in one place (``pose_math.compose_with_current_pose``).
 Adding a model means adding one module and one line in ``BACKEND_MODULES``;
 the module is imported only when its backend is chosen, so the stub needs
 neither torch nor transformers.
@@ -14,10 +18,12 @@ neither torch nor transformers.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Protocol
 
 from ..errors import BackendStartupError
-from ..policy_types import Observation, PolicyAction
+from ..policy_types import EefTargetMode, Observation, PolicyAction, Pose
+from ..pose_math import compose_with_current_pose
 
 
 class PolicyBackend(Protocol):
@@ -26,6 +32,50 @@ class PolicyBackend(Protocol):
     def predict(self, observation: Observation) -> PolicyAction: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+def with_current_pose(answer: Any, observation: Observation) -> Any:
+    """A backend's answer with its delta eef target made absolute when ``observation``
+    carries the current pose. Anything that is not a well-typed delta target (an
+    exception, a wrong type, a non-finite number) is passed on as the backend gave it,
+    for the caller's own check of the answer to name."""
+    if (
+        observation.eef_pose is None
+        or not isinstance(answer, PolicyAction)
+        or type(answer.eef_target) is not Pose
+        or answer.eef_target_mode != EefTargetMode.DELTA
+    ):
+        return answer
+    try:
+        return compose_with_current_pose(answer, observation.eef_pose)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return answer
+
+
+def predictor(backend: PolicyBackend) -> Callable[[Observation], Any]:
+    """``backend.predict`` as the server and the in-process node call it: a delta
+    target composed with the observation's eef_pose (``with_current_pose``)."""
+    predict = backend.predict
+
+    def predict_with_current_pose(observation: Observation) -> Any:
+        return with_current_pose(predict(observation), observation)
+
+    return predict_with_current_pose
+
+
+def batch_predictor(backend: PolicyBackend) -> Optional[Callable[[Sequence[Observation]], list]]:
+    """``backend.predict_batch`` (None without one), each answer as ``predictor`` gives it."""
+    predict_batch = getattr(backend, "predict_batch", None)
+    if not callable(predict_batch):
+        return None
+
+    def predict_batch_with_current_pose(observations: Sequence[Observation]) -> list:
+        answers = list(predict_batch(observations))
+        if len(answers) != len(observations):
+            return answers  # the caller refuses the batch for its length
+        return [with_current_pose(a, o) for a, o in zip(answers, observations, strict=True)]
+
+    return predict_batch_with_current_pose
 
 
 # backend name -> "module:ClassName" relative to this package

@@ -7,8 +7,9 @@ server's /info). They are small and depend on every part of the observation,
 so tests can tell answers to different observations apart:
 
 - eef target: a delta of at most 1 cm per axis, from the mean colour of the
-  image (red -> x, green -> y, blue -> z, mid-grey -> 0); absolute (composed
-  with ``eef_pose``) when the observation carries the current pose;
+  image (red -> x, green -> y, blue -> z, mid-grey -> 0); the caller
+  (``backends.predictor``) makes it absolute when the observation carries
+  the current pose;
 - joint deltas: each joint 10 % of the way back to zero, at most 0.05 rad
   (0 for a joint whose position is unknown, NaN);
 - gripper: the image brightness in [0, 1], PolicyOutput's 0 = closed .. 1 = open,
@@ -25,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from ..policy_types import EefTargetMode, Observation, PolicyAction, Pose, Vector3
-from ..pose_math import apply_delta
 
 MAX_STEP_M = 0.01
 MAX_JOINT_STEP = 0.05
@@ -63,11 +63,6 @@ class StubBackend:
         else:
             dx = dy = dz = 0.0
             gripper = None
-        delta = Pose(position=Vector3(dx, dy, dz))
-        if observation.eef_pose is not None:
-            target, mode = apply_delta(observation.eef_pose, delta), EefTargetMode.ABSOLUTE
-        else:
-            target, mode = delta, EefTargetMode.DELTA
 
         positions = np.asarray(observation.joint_state.position, dtype=float)
         joint_deltas = None
@@ -78,8 +73,8 @@ class StubBackend:
 
         return PolicyAction(
             reference_frame=observation.reference_frame,
-            eef_target=target,
-            eef_target_mode=mode,
+            eef_target=Pose(position=Vector3(dx, dy, dz)),
+            eef_target_mode=EefTargetMode.DELTA,
             joint_deltas=joint_deltas,
             gripper_command=gripper,
             base_velocity_hint=None,
