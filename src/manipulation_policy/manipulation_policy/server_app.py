@@ -25,9 +25,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+
+try:  # a compiled JSON codec: strict RFC 8259 parsing, ~10x faster encoding
+    import orjson
+except ImportError:  # pragma: no cover - requirements install it; json still works
+    orjson = None
 
 from . import __version__
 from .backends import PolicyBackend
@@ -71,6 +77,8 @@ KNOWN_ENDPOINTS = frozenset({"/health", "/infer", "/info", "/metrics"}) | OPEN_P
 # bounds, before a closing connection is closed (see drain_before_close).
 DRAIN_MAX_BYTES = 64 * 1024 * 1024
 DRAIN_MAX_SECONDS = 5.0
+# A body up to this size is decoded on the event loop when its request is alone.
+INLINE_DECODE_MAX_BYTES = 128 * 1024
 # A connection refused again within this time waits out the rest of it (RefusalPacer).
 REFUSAL_COOLDOWN_S = 0.5
 
@@ -231,16 +239,11 @@ def _body_too_large(what: str, limit: int) -> ApiError:
 def decode_infer_body(raw: bytes, max_image_pixels: int) -> tuple[InferRequest, Observation]:
     """Body bytes to a validated request and its Observation (image decoded).
 
-    Runs on a worker thread: JSON parsing and JPEG decoding stay off the event loop.
+    Runs on a worker thread, or inline when small and alone (see ``decode_inline``).
     """
-    try:
-        payload = parse_json_body(raw)
-    except InputError as exc:
-        raise ApiError.from_input_error(400, "invalid_json", exc) from None
-    try:
-        request = parse_request(payload)
-    except InputError as exc:
-        raise ApiError.from_input_error(422, "invalid_request", exc) from None
+    request = _parse_strict_json_request(raw)
+    if request is None:
+        request = _parse_request_naming_the_field(raw)
     try:
         observation = request_to_observation(request, max_image_pixels)
     except InputError as exc:
@@ -254,7 +257,58 @@ def decode_infer_body(raw: bytes, max_image_pixels: int) -> tuple[InferRequest, 
     return request, observation
 
 
+def _parse_strict_json_request(raw: bytes) -> Optional[InferRequest]:
+    """The fast path: RFC 8259 JSON (orjson refuses NaN/Infinity, numbers that overflow,
+    lone surrogates, non-UTF-8 text and deep nesting) that the model accepts as it is.
+
+    None for anything else, which ``_parse_request_naming_the_field`` then parses
+    again to name the field at fault (and to read NaN in joint arrays as unknown).
+    Whatever passes here passes there too, with the same values."""
+    if orjson is None:
+        return None
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(payload, dict):
+        return None
+    try:
+        return InferRequest.model_validate(payload)
+    except (ValidationError, InputError):
+        return None
+
+
+def _parse_request_naming_the_field(raw: bytes) -> InferRequest:
+    """The request, or the ApiError naming what is wrong with it (400 invalid_json, 422)."""
+    try:
+        payload = parse_json_body(raw)
+    except InputError as exc:
+        raise ApiError.from_input_error(400, "invalid_json", exc) from None
+    try:
+        return parse_request(payload)
+    except InputError as exc:
+        raise ApiError.from_input_error(422, "invalid_request", exc) from None
+
+
+def decode_inline(body_bytes: int, queue_depth: int) -> bool:
+    """Whether a body is decoded on the event loop rather than on the decode pool.
+
+    The hop to a pool thread and back costs more than decoding a small body. Only
+    when this request is the only one admitted (``queue_depth`` counts it): then
+    no other request's work waits on the loop meanwhile, and the cost is bounded,
+    since a body this small holds an image of a few hundred thousand pixels at most
+    (a 224x224 JPEG: ~0.6 ms). /health and /metrics may wait that long."""
+    return queue_depth <= 1 and body_bytes <= INLINE_DECODE_MAX_BYTES
+
+
 # ------------------------------------------------------------------ responses
+
+
+def json_answer(body: dict[str, Any], status: int = 200) -> Response:
+    """A JSON response encoded by orjson when present (~20x faster than json.dumps)."""
+    if orjson is None:
+        return JSONResponse(body, status_code=status)
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
 def error_response(
@@ -552,7 +606,7 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
                 f"the backend's answer breaks the response contract: {exc}",
                 exc.field,
             ) from None
-        return JSONResponse(body)
+        return json_answer(body)
 
     def unavailable(exc: Exception) -> ApiError:
         if isinstance(exc, BackendStuckError):
@@ -565,9 +619,12 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
 
     async def decode(raw: bytes) -> tuple[InferRequest, Observation]:
         started = time.perf_counter()
-        decoded = await asyncio.get_running_loop().run_in_executor(
-            decode_pool, decode_infer_body, raw, config.max_image_pixels
-        )
+        if decode_inline(len(raw), worker.queue_depth):
+            decoded = decode_infer_body(raw, config.max_image_pixels)
+        else:
+            decoded = await asyncio.get_running_loop().run_in_executor(
+                decode_pool, decode_infer_body, raw, config.max_image_pixels
+            )
         metrics.preprocess_seconds.observe(time.perf_counter() - started)
         return decoded
 
