@@ -751,6 +751,7 @@ def _make_worker(backend: PolicyBackend, config: ServerConfig) -> InferenceWorke
         predict_batch=getattr(backend, "predict_batch", None),
         max_batch_size=config.max_batch_size if off is None else 1,
         batch_window_s=config.batch_window_ms / 1e3,
+        inline=getattr(backend, "predicts_inline", False) is True,
     )
 
 
