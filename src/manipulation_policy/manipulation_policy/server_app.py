@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
+import platform
 import sys
 import time
 import traceback
@@ -505,6 +507,26 @@ def gpu_memory_report() -> Optional[dict[str, Any]]:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def uvicorn_implementations() -> dict[str, str]:
+    """uvicorn's ``loop`` and ``http`` settings: its compiled event loop (uvloop) and
+    HTTP parser (httptools) when installed, else asyncio's loop and the pure-Python h11.
+    The same choice as uvicorn's "auto", made explicit so that /info can tell it."""
+    return {
+        "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+    }
+
+
+def runtime_report(loop_type: Optional[type]) -> dict[str, str]:
+    """What serves the requests (/info): Python, the event loop and HTTP parser, JSON codec."""
+    return {
+        "python": platform.python_version(),
+        "event_loop": f"{loop_type.__module__}.{loop_type.__qualname__}" if loop_type else "",
+        "http_parser": uvicorn_implementations()["http"],
+        "json": f"orjson {orjson.__version__}" if orjson is not None else "json",
+    }
+
+
 def _describe(backend: PolicyBackend) -> dict[str, Any]:
     try:
         return dict(backend.describe())
@@ -528,8 +550,12 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
         },
     )
 
+    loop_type: Optional[type] = None  # the event loop serving the app, for /info
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
+        nonlocal loop_type
+        loop_type = type(asyncio.get_running_loop())
         yield
         # uvicorn has let in-flight requests finish before it gets here.
         worker.close()
@@ -683,6 +709,7 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
                 },
                 "health_problem": worker.health_problem(),
                 "auth_required": config.api_key is not None,
+                "runtime": runtime_report(loop_type),
             }
         )
 
