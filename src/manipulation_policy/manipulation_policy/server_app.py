@@ -723,7 +723,7 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
         },
     )
     async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=EXPOSITION_CONTENT_TYPE)
+        return Response(metrics.render(), headers={"Content-Type": EXPOSITION_CONTENT_TYPE})
 
     _install_error_handlers(app, metrics)
 
@@ -778,8 +778,16 @@ def _make_worker(backend: PolicyBackend, config: ServerConfig) -> InferenceWorke
         predict_batch=getattr(backend, "predict_batch", None),
         max_batch_size=config.max_batch_size if off is None else 1,
         batch_window_s=config.batch_window_ms / 1e3,
-        inline=getattr(backend, "predicts_inline", False) is True,
+        inline=predicts_inline(backend),
     )
+
+
+def predicts_inline(backend: PolicyBackend) -> bool:
+    """Whether the backend's own class declares its predict cheap (``predicts_inline``).
+
+    Not inherited: a subclass that changes predict (a scripted test backend that
+    sleeps, say) makes no such promise by deriving from the stub."""
+    return vars(type(backend)).get("predicts_inline", False) is True
 
 
 def _batching_report(

@@ -6,6 +6,9 @@ A backend is a small class with ``predict(observation) -> PolicyAction`` and
 it alone, an exception instance as the answer of an observation that failed),
 which the server uses to predict observations that arrive together at once
 (unless the backend's optional ``batches_observations`` attribute is false).
+A backend whose predict is cheap, bounded CPU work (the stub) may set the class
+attribute ``predicts_inline = True``: an idle server then calls it on its event
+loop, without the model thread's hops (and so without its deadline).
 Adding a model means adding one module and one line in ``BACKEND_MODULES``;
 the module is imported only when its backend is chosen, so the stub needs
 neither torch nor transformers.
