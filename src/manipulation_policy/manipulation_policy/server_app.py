@@ -340,33 +340,28 @@ _KIND_BY_STATUS = {
 }
 
 
-def _json_content(schema_name: str, description: str) -> dict[str, Any]:
-    schema = {"$ref": f"#/components/schemas/{schema_name}"}
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+def _error(description: str) -> dict[str, Any]:
+    """An error answer in the OpenAPI document: FastAPI writes ErrorResponse's schema."""
+    return {"model": ErrorResponse, "description": description}
 
 
-def _error_content(description: str) -> dict[str, Any]:
-    return _json_content("ErrorResponse", description)
-
-
+# The answers of POST /infer; their schemas come from the models (contract.py).
 INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: _json_content("InferResponse", "The policy's answer, every PolicyOutput field present."),
-    400: _error_content("The body is not valid JSON (NaN/Infinity included); names the field."),
-    401: _error_content("Missing or wrong bearer token (only when an API key is set)."),
-    413: _error_content("The body exceeds the server's size limit."),
-    415: _error_content("Content-Type is not JSON."),
-    422: _error_content("A field has the wrong type or value, or the image is unusable."),
-    500: _error_content(
-        "The backend failed or its answer broke the contract (not the client's fault)."
-    ),
+    200: {"description": "The policy's answer, every PolicyOutput field present."},
+    400: _error("The body is not valid JSON (NaN/Infinity included); names the field."),
+    401: _error("Missing or wrong bearer token (only when an API key is set)."),
+    413: _error("The body exceeds the server's size limit."),
+    415: _error("Content-Type is not JSON."),
+    422: _error("A field has the wrong type or value, or the image is unusable."),
+    500: _error("The backend failed or its answer broke the contract (not the client's fault)."),
     503: {
-        **_error_content(
+        **_error(
             "Too many requests waiting for the model, or a prediction is stuck past its "
             "deadline; retry after Retry-After s."
         ),
         "headers": {"Retry-After": {"schema": {"type": "integer"}}},
     },
-    504: _error_content("The prediction did not finish within the server's deadline."),
+    504: _error("The prediction did not finish within the server's deadline."),
 }
 
 
@@ -536,30 +531,14 @@ def _describe(backend: PolicyBackend) -> dict[str, Any]:
 
 def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) -> FastAPI:
     """The FastAPI application serving ``backend`` (already loaded)."""
-    config = config or ServerConfig()
-    worker = _make_worker(backend, config)
-    decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="policy-decode")
-    description = _describe(backend)
-    metrics = ServerMetrics(
-        queue_depth=lambda: worker.queue_depth,
-        inference_busy=lambda: worker.busy,
-        info_labels={
-            "version": __version__,
-            "backend": str(description.get("backend", getattr(backend, "name", "unknown"))),
-            "model": str(description.get("model", "")),
-        },
-    )
-
-    loop_type: Optional[type] = None  # the event loop serving the app, for /info
+    server = PolicyService(backend, config or ServerConfig())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        nonlocal loop_type
-        loop_type = type(asyncio.get_running_loop())
+        server.loop_type = type(asyncio.get_running_loop())
         yield
         # uvicorn has let in-flight requests finish before it gets here.
-        worker.close()
-        decode_pool.shutdown(wait=False, cancel_futures=True)
+        server.close()
 
     app = FastAPI(
         title="MobileManipulationCore policy server",
@@ -572,54 +551,67 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
         lifespan=lifespan,
         redoc_url=None,
     )
-    if worker.batcher is not None:
-        worker.batcher.on_batch = lambda size, _seconds: metrics.batch_size.observe(size)
-    app.state.worker = worker
-    app.state.metrics = metrics
-    app.state.config = config
+    app.state.worker = server.worker
+    app.state.metrics = server.metrics
+    app.state.config = server.config
+    _add_routes(app, server)
+    _install_error_handlers(app, server.metrics)
+    _add_middleware(app, server)
+    app.openapi = lambda: _openapi_document(app, auth=server.config.api_key is not None)
+    return app
 
-    @app.get(
-        "/health",
-        responses={
-            200: _json_content("HealthResponse", "The server is up; never needs auth."),
-            503: _json_content(
-                "HealthResponse",
-                "Unhealthy: a prediction is stuck past its deadline; the reason says since when.",
-            ),
-        },
-    )
-    async def health() -> JSONResponse:
-        problem = worker.health_problem()
+
+class PolicyService:
+    """What the routes do: the worker, the decode pool and the metrics of one app."""
+
+    def __init__(self, backend: PolicyBackend, config: ServerConfig):
+        self.backend = backend
+        self.config = config
+        self.worker = _make_worker(backend, config)
+        self.decode_pool = ThreadPoolExecutor(
+            config.decode_threads, thread_name_prefix="policy-decode"
+        )
+        self.loop_type: Optional[type] = None  # the event loop serving the app, for /info
+        description = _describe(backend)
+        worker = self.worker
+        self.metrics = ServerMetrics(
+            queue_depth=lambda: worker.queue_depth,
+            inference_busy=lambda: worker.busy,
+            info_labels={
+                "version": __version__,
+                "backend": str(description.get("backend", getattr(backend, "name", "unknown"))),
+                "model": str(description.get("model", "")),
+            },
+        )
+        if worker.batcher is not None:
+            worker.batcher.on_batch = lambda size, _s: self.metrics.batch_size.observe(size)
+
+    def close(self) -> None:
+        self.worker.close()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- routes ---------------------------------------------------------------------
+
+    async def health(self) -> JSONResponse:
+        problem = self.worker.health_problem()
         if problem is not None:
             return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.post(
-        "/infer",
-        responses=INFER_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}
-                },
-            }
-        },
-    )
-    async def infer(request: Request) -> Response:
+    async def infer(self, request: Request) -> Response:
         """One observation in, one policy answer out (run alone, or batched with others)."""
         # Admitted already (AdmissionMiddleware), before the body was read.
         check_json_content_type(request.headers.get("content-type"))
-        raw = await read_body(request, config.max_body_bytes)
-        parsed, observation = await decode(raw)
+        raw = await read_body(request, self.config.max_body_bytes)
+        parsed, observation = await self.decode(raw)
         try:
-            action, seconds = await predict(observation, request)
+            action, seconds = await self.predict(observation, request)
         except ClientGoneError:
-            metrics.count_error("client_disconnected")
+            self.metrics.count_error("client_disconnected")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        metrics.inference_seconds.observe(seconds)
-        if worker.batcher is None:
-            metrics.batch_size.observe(1)
+        self.metrics.inference_seconds.observe(seconds)
+        if self.worker.batcher is None:
+            self.metrics.batch_size.observe(1)
         try:
             body = checked_response(
                 action, request_id=parsed.request_id, inference_time_ms=round(seconds * 1e3, 3)
@@ -634,33 +626,63 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
             ) from None
         return json_answer(body)
 
-    def unavailable(exc: Exception) -> ApiError:
-        if isinstance(exc, BackendStuckError):
-            kind, detail = "backend_stuck", f"the backend is not answering: {exc}"
-        else:
-            kind, detail = "queue_full", f"the model is busy: {exc}; retry later"
-        return ApiError(
-            503, kind, detail, headers={"Retry-After": str(config.retry_after_s)}
+    def info(self) -> JSONResponse:
+        described = _describe(self.backend)
+        metrics, worker, config = self.metrics, self.worker, self.config
+        return JSONResponse(
+            {
+                "version": __version__,
+                "backend": described,
+                "model": described.get("model"),
+                "device": described.get("device"),
+                "gpu_memory": gpu_memory_report(),
+                "uptime_s": round(metrics.uptime_seconds(), 3),
+                "requests_total": metrics.requests_total(),
+                "errors_total": sum(metrics.errors_by_kind().values()),
+                "errors_by_kind": metrics.errors_by_kind(),
+                "queue": {
+                    "depth": worker.queue_depth,
+                    "max": worker.max_queue,
+                    "inference_in_progress": worker.busy,
+                },
+                "batching": _batching_report(worker, self.backend, config),
+                "limits": {
+                    "max_body_bytes": config.max_body_bytes,
+                    "max_image_pixels": config.max_image_pixels,
+                    "inference_timeout_s": config.inference_timeout_s,
+                },
+                "health_problem": worker.health_problem(),
+                "auth_required": config.api_key is not None,
+                "runtime": runtime_report(self.loop_type),
+            }
         )
 
-    async def decode(raw: bytes) -> tuple[InferRequest, Observation]:
+    async def prometheus_metrics(self) -> Response:
+        return Response(self.metrics.render(), headers={"Content-Type": EXPOSITION_CONTENT_TYPE})
+
+    # --- the steps of /infer --------------------------------------------------------
+
+    async def decode(self, raw: bytes) -> tuple[InferRequest, Observation]:
         started = time.perf_counter()
-        if decode_inline(len(raw), worker.queue_depth):
-            decoded = decode_infer_body(raw, config.max_image_pixels)
+        limit = self.config.max_image_pixels
+        if decode_inline(len(raw), self.worker.queue_depth):
+            decoded = decode_infer_body(raw, limit)
         else:
             decoded = await asyncio.get_running_loop().run_in_executor(
-                decode_pool, decode_infer_body, raw, config.max_image_pixels
+                self.decode_pool, decode_infer_body, raw, limit
             )
-        metrics.preprocess_seconds.observe(time.perf_counter() - started)
+        self.metrics.preprocess_seconds.observe(time.perf_counter() - started)
         return decoded
 
-    async def predict(observation: Observation, request: Request) -> tuple[PolicyAction, float]:
+    async def predict(
+        self, observation: Observation, request: Request
+    ) -> tuple[PolicyAction, float]:
         try:
-            return await worker.predict(observation, request.is_disconnected)
+            return await self.worker.predict(observation, request.is_disconnected)
         except ClientGoneError:
             raise
         except BackendStuckError as exc:
-            raise unavailable(exc) from None
+            raise self.unavailable(exc) from None
         except PredictionTimeoutError as exc:
             logger.error("prediction timed out: %s", exc)
             raise ApiError(
@@ -682,39 +704,78 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
                 500, "backend_error", f"backend failed: {type(exc).__name__}: {exc}"
             ) from None
 
-    @app.get("/info", responses={200: {"description": "Backend, versions, counters."}})
-    def info() -> JSONResponse:
-        described = _describe(backend)
-        return JSONResponse(
-            {
-                "version": __version__,
-                "backend": described,
-                "model": described.get("model"),
-                "device": described.get("device"),
-                "gpu_memory": gpu_memory_report(),
-                "uptime_s": round(metrics.uptime_seconds(), 3),
-                "requests_total": metrics.requests_total(),
-                "errors_total": sum(metrics.errors_by_kind().values()),
-                "errors_by_kind": metrics.errors_by_kind(),
-                "queue": {
-                    "depth": worker.queue_depth,
-                    "max": worker.max_queue,
-                    "inference_in_progress": worker.busy,
-                },
-                "batching": _batching_report(worker, backend, config),
-                "limits": {
-                    "max_body_bytes": config.max_body_bytes,
-                    "max_image_pixels": config.max_image_pixels,
-                    "inference_timeout_s": config.inference_timeout_s,
-                },
-                "health_problem": worker.health_problem(),
-                "auth_required": config.api_key is not None,
-                "runtime": runtime_report(loop_type),
-            }
+    # --- refusals made by middleware ------------------------------------------------
+
+    def unavailable(self, exc: Exception) -> ApiError:
+        if isinstance(exc, BackendStuckError):
+            kind, detail = "backend_stuck", f"the backend is not answering: {exc}"
+        else:
+            kind, detail = "queue_full", f"the model is busy: {exc}; retry later"
+        return ApiError(
+            503, kind, detail, headers={"Retry-After": str(self.config.retry_after_s)}
         )
 
-    @app.get(
+    def refuse_admission(self, exc: Exception) -> JSONResponse:
+        error = self.unavailable(exc)
+        return error_response(
+            self.metrics, error.status, error.kind, error.detail, headers=error.headers
+        )
+
+    def unauthorized(self) -> JSONResponse:
+        return error_response(
+            self.metrics,
+            401,
+            "unauthorized",
+            "missing or wrong API key; send Authorization: Bearer <key>",
+            "authorization",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def _add_routes(app: FastAPI, server: PolicyService) -> None:
+    app.add_api_route(
+        "/health",
+        server.health,
+        methods=["GET"],
+        response_model=HealthResponse,
+        responses={
+            200: {"description": "The server is up; never needs auth."},
+            503: {
+                "model": HealthResponse,
+                "description": (
+                    "Unhealthy: a prediction is stuck past its deadline; the reason says "
+                    "since when."
+                ),
+            },
+        },
+    )
+    app.add_api_route(
+        "/infer",
+        server.infer,
+        methods=["POST"],
+        response_model=InferResponse,
+        responses=INFER_RESPONSES,
+        # The body is read by the route itself (admitted first, bounded while it streams,
+        # strict JSON): the document names the model it is validated against.
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}
+                },
+            }
+        },
+    )
+    app.add_api_route(
+        "/info",
+        server.info,
+        methods=["GET"],
+        responses={200: {"description": "Backend, versions, counters."}},
+    )
+    app.add_api_route(
         "/metrics",
+        server.prometheus_metrics,
+        methods=["GET"],
         responses={
             200: {
                 "description": "Prometheus text exposition format 0.0.4.",
@@ -722,34 +783,18 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
             }
         },
     )
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), headers={"Content-Type": EXPOSITION_CONTENT_TYPE})
 
-    _install_error_handlers(app, metrics)
 
-    def refuse_admission(exc: Exception):
-        error = unavailable(exc)
-        return error_response(
-            metrics, error.status, error.kind, error.detail, headers=error.headers
+def _add_middleware(app: FastAPI, server: PolicyService) -> None:
+    """Outermost last: metrics see every answer, auth comes before admission."""
+    app.add_middleware(
+        AdmissionMiddleware, worker=server.worker, refuse=server.refuse_admission
+    )
+    if server.config.api_key is not None:
+        app.add_middleware(
+            BearerAuthMiddleware, key=server.config.api_key, reject=server.unauthorized
         )
-
-    app.add_middleware(AdmissionMiddleware, worker=worker, refuse=refuse_admission)
-    if config.api_key is not None:
-
-        def unauthorized():
-            return error_response(
-                metrics,
-                401,
-                "unauthorized",
-                "missing or wrong API key; send Authorization: Bearer <key>",
-                "authorization",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-        app.add_middleware(BearerAuthMiddleware, key=config.api_key, reject=unauthorized)
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    app.openapi = lambda: _openapi_document(app, auth=config.api_key is not None)
-    return app
+    app.add_middleware(RequestMetricsMiddleware, metrics=server.metrics)
 
 
 def batching_off_reason(backend: PolicyBackend, config: ServerConfig) -> Optional[str]:
@@ -844,8 +889,9 @@ def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
 
 def _openapi_document(app: FastAPI, auth: bool) -> dict[str, Any]:
-    """FastAPI's document plus the wire contract's models, declared by hand because
-    /infer validates its body itself (to name fields in errors)."""
+    """FastAPI's document (its answers' schemas generated from the models) plus the
+    request model's schema, which /infer's requestBody refers to: the route reads its
+    body itself, so FastAPI does not see the model."""
     if app.openapi_schema is None:
         document = get_openapi(
             title=app.title,
@@ -854,14 +900,12 @@ def _openapi_document(app: FastAPI, auth: bool) -> dict[str, Any]:
             routes=app.routes,
         )
         _, schemas = models_json_schema(
-            [
-                (model, "validation")
-                for model in (InferRequest, InferResponse, ErrorResponse, HealthResponse)
-            ],
-            ref_template="#/components/schemas/{model}",
+            [(InferRequest, "validation")], ref_template="#/components/schemas/{model}"
         )
         components = document.setdefault("components", {})
-        components.setdefault("schemas", {}).update(schemas["$defs"])
+        known = components.setdefault("schemas", {})
+        for name, schema in schemas["$defs"].items():
+            known.setdefault(name, schema)
         if auth:
             components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
             for path, operations in document["paths"].items():
