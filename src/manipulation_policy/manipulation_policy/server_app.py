@@ -79,8 +79,10 @@ KNOWN_ENDPOINTS = frozenset({"/health", "/infer", "/info", "/metrics"}) | OPEN_P
 # bounds, before a closing connection is closed (see drain_before_close).
 DRAIN_MAX_BYTES = 64 * 1024 * 1024
 DRAIN_MAX_SECONDS = 5.0
-# A body up to this size is decoded on the event loop when its request is alone.
-INLINE_DECODE_MAX_BYTES = 128 * 1024
+# A body up to this size is parsed on the event loop when its request is alone, and its
+# image decoded there too when declared no larger than this (a 640x480 JPEG: ~3 ms).
+INLINE_PARSE_MAX_BYTES = 128 * 1024
+INLINE_DECODE_MAX_PIXELS = 640 * 480
 # A connection refused again within this time waits out the rest of it (RefusalPacer).
 REFUSAL_COOLDOWN_S = 0.5
 
@@ -241,13 +243,23 @@ def _body_too_large(what: str, limit: int) -> ApiError:
 def decode_infer_body(raw: bytes, max_image_pixels: int) -> tuple[InferRequest, Observation]:
     """Body bytes to a validated request and its Observation (image decoded).
 
-    Runs on a worker thread, or inline when small and alone (see ``decode_inline``).
+    Runs on a worker thread: JSON parsing and image decoding stay off the event loop
+    (PolicyService.decode runs small ones inline, see ``decode_inline``).
     """
+    request = parse_infer_body(raw)
+    return request, observation_of(request, max_image_pixels)
+
+
+def parse_infer_body(raw: bytes) -> InferRequest:
+    """Body bytes to a validated request, or the ApiError (400/422) naming the field."""
     request = _parse_strict_json_request(raw)
-    if request is None:
-        request = _parse_request_naming_the_field(raw)
+    return request if request is not None else _parse_request_naming_the_field(raw)
+
+
+def observation_of(request: InferRequest, max_image_pixels: int) -> Observation:
+    """The request's Observation, its image decoded (422 invalid_image when unusable)."""
     try:
-        observation = request_to_observation(request, max_image_pixels)
+        return request_to_observation(request, max_image_pixels)
     except InputError as exc:
         raise ApiError.from_input_error(422, "invalid_image", exc) from None
     except Exception as exc:  # noqa: BLE001 - only the client's image is decoded here
@@ -256,7 +268,6 @@ def decode_infer_body(raw: bytes, max_image_pixels: int) -> tuple[InferRequest, 
         raise ApiError(
             422, "invalid_image", f"image could not be decoded ({type(exc).__name__})", "image"
         ) from None
-    return request, observation
 
 
 def _parse_strict_json_request(raw: bytes) -> Optional[InferRequest]:
@@ -292,15 +303,26 @@ def _parse_request_naming_the_field(raw: bytes) -> InferRequest:
         raise ApiError.from_input_error(422, "invalid_request", exc) from None
 
 
-def decode_inline(body_bytes: int, queue_depth: int) -> bool:
-    """Whether a body is decoded on the event loop rather than on the decode pool.
+def parse_inline(body_bytes: int, queue_depth: int) -> bool:
+    """Whether a body is parsed on the event loop rather than on the decode pool.
 
-    The hop to a pool thread and back costs more than decoding a small body. Only
-    when this request is the only one admitted (``queue_depth`` counts it): then
-    no other request's work waits on the loop meanwhile, and the cost is bounded,
-    since a body this small holds an image of a few hundred thousand pixels at most
-    (a 224x224 JPEG: ~0.6 ms). /health and /metrics may wait that long."""
-    return queue_depth <= 1 and body_bytes <= INLINE_DECODE_MAX_BYTES
+    The hop to a pool thread and back costs more than parsing a small body. Only
+    when this request is the only one admitted (``queue_depth`` counts it): then no
+    other request's work waits on the loop meanwhile."""
+    return queue_depth <= 1 and body_bytes <= INLINE_PARSE_MAX_BYTES
+
+
+def decode_inline(request: InferRequest) -> bool:
+    """Whether a parsed request's image is decoded on the event loop too: no image, or
+    one whose declared size (checked against the image's header before any pixel is
+    decoded) is small, so that /health and /metrics wait a millisecond or two at most.
+    An image of undeclared size goes to the pool: a small body can hold a JPEG of
+    millions of pixels of one colour (~50 ms to decode)."""
+    if request.image is None:
+        return True
+    if request.image_width is None or request.image_height is None:
+        return False
+    return request.image_width * request.image_height <= INLINE_DECODE_MAX_PIXELS
 
 
 # ------------------------------------------------------------------ responses
@@ -665,12 +687,18 @@ class PolicyService:
     async def decode(self, raw: bytes) -> tuple[InferRequest, Observation]:
         started = time.perf_counter()
         limit = self.config.max_image_pixels
-        if decode_inline(len(raw), self.worker.queue_depth):
-            decoded = decode_infer_body(raw, limit)
+        loop = asyncio.get_running_loop()
+        if not parse_inline(len(raw), self.worker.queue_depth):
+            decoded = await loop.run_in_executor(self.decode_pool, decode_infer_body, raw, limit)
         else:
-            decoded = await asyncio.get_running_loop().run_in_executor(
-                self.decode_pool, decode_infer_body, raw, limit
-            )
+            request = parse_infer_body(raw)
+            if decode_inline(request):
+                observation = observation_of(request, limit)
+            else:
+                observation = await loop.run_in_executor(
+                    self.decode_pool, observation_of, request, limit
+                )
+            decoded = request, observation
         self.metrics.preprocess_seconds.observe(time.perf_counter() - started)
         return decoded
 

@@ -199,6 +199,20 @@ def test_a_cheap_backend_predicts_on_the_loop_only_when_the_server_is_idle():
     assert threads[1] != loop_thread
 
 
+def test_only_small_lone_bodies_and_small_declared_images_are_decoded_on_the_loop():
+    from manipulation_policy.contract import InferRequest
+    from manipulation_policy.server_app import decode_inline, parse_inline
+
+    assert parse_inline(16 * 1024, queue_depth=1)
+    assert not parse_inline(16 * 1024, queue_depth=2)  # others admitted: the pool
+    assert not parse_inline(8 * 1024 * 1024, queue_depth=1)
+    assert decode_inline(InferRequest())  # no image
+    assert decode_inline(InferRequest(image="x", image_width=224, image_height=224))
+    # A small body may hold a huge one-colour JPEG: undeclared or large sizes go to the pool.
+    assert not decode_inline(InferRequest(image="x"))
+    assert not decode_inline(InferRequest(image="x", image_width=4096, image_height=4096))
+
+
 def test_only_a_backend_class_that_declares_it_predicts_inline():
     from manipulation_policy.backends.stub import StubBackend
     from manipulation_policy.server_app import predicts_inline
