@@ -3,8 +3,11 @@
 Every error is a JSON body ``{"error": kind, "field": path-or-null, "detail": text}``;
 ``kind`` is also the label of ``policy_server_errors_total``. Bad input is a
 4xx naming the field; a 5xx means the server or the backend failed, never the
-client. The request body is validated here, by hand, so that each problem
-names its field; the OpenAPI document still declares the contract's models.
+client. /infer reads its body itself (admitted before it is read, bounded while
+it streams): strict JSON goes straight into the InferRequest model; a body that
+orjson or the model refuses is parsed again by json_body.py, which names the
+field at fault and reads NaN in joint arrays as unknown. The OpenAPI document
+is generated from the contract's models.
 """
 
 from __future__ import annotations
