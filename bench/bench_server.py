@@ -16,7 +16,9 @@ Pillow, what the server must do to any image), the whole body decode
 send the same requests to bench/http_floor.py, a bare asyncio responder that
 only parses the JSON and decodes the JPEG. Ratio columns: a row's p50 over
 the JPEG decode alone, and a server row's p50 over the floor's for the same
-request and client count (1.00 = no overhead beyond the unavoidable work).
+request and client count (1.00 = no overhead beyond the unavoidable work). The
+server and the floor run side by side and take turns within each row, so that
+the noise of a shared machine falls on both alike.
 """
 
 from __future__ import annotations
@@ -112,13 +114,30 @@ def load(
     return len(merged) / elapsed, merged, sum(failures)
 
 
-def measure(port: int, plan: list, seconds: float) -> list:
-    rows = []
+def measure(ports: list[int], plan: list, seconds: float, rounds: int = 3) -> list[list]:
+    """One list of rows per port. Each row's time is split into ``rounds`` turns that
+    alternate between the ports, so that the shared machine's noise falls on the
+    server and the floor alike, and the ratio of their p50s stays meaningful."""
+    results: list[list] = [[] for _ in ports]
     for label, method, path, body, concurrency in plan:
-        load(port, method, path, body, concurrency, min(0.5, seconds))  # warm-up
-        rate, latencies, failures = load(port, method, path, body, concurrency, seconds)
-        rows.append((label, rate, latencies, failures))
-    return rows
+        for port in ports:
+            load(port, method, path, body, concurrency, min(0.5, seconds))  # warm-up
+        merged = [(0, 0.0, [], 0) for _ in ports]  # (requests, seconds, latencies, failures)
+        for _ in range(rounds):
+            for index, port in enumerate(ports):
+                rate, latencies, failures = load(
+                    port, method, path, body, concurrency, seconds / rounds
+                )
+                count, spent, values, failed = merged[index]
+                merged[index] = (
+                    count + len(latencies),
+                    spent + len(latencies) / rate if rate else spent,
+                    values + latencies,
+                    failed + failures,
+                )
+        for index, (count, spent, values, failed) in enumerate(merged):
+            results[index].append((label, count / spent if spent else 0.0, sorted(values), failed))
+    return results
 
 
 @contextlib.contextmanager
@@ -135,6 +154,15 @@ def floor_process():
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def info(port: int) -> str:
+    """The server's versions and what uvicorn runs on, from its /info."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("GET", "/info")
+    report = json.loads(connection.getresponse().read())
+    connection.close()
+    return ", ".join(f"{name} {value}" for name, value in report.get("runtime", {}).items())
 
 
 def machine() -> str:
@@ -190,13 +218,17 @@ def main(argv: list[str] | None = None) -> int:
         for c in args.concurrency
     ]  # fmt: skip
     queue = str(max(args.concurrency) * 2)
-    with ServerProcess("--backend", "stub", "--no-access-log", "--max-queue", queue) as server:
-        rows = measure(server.port, plan, args.seconds)
-    with floor_process() as port:
-        floor_rows = measure(port, plan[1:], args.seconds)
+    with ServerProcess(
+        "--backend", "stub", "--no-access-log", "--max-queue", queue
+    ) as server, floor_process() as floor_port:
+        rows = measure([server.port], plan[:1], args.seconds)[0]
+        server_rows, floor_rows = measure([server.port, floor_port], plan[1:], args.seconds)
+        rows += server_rows
+        server_info = info(server.port)
     floor_p50 = {label: percentile(latencies, 0.5) for label, _, latencies, _ in floor_rows}
 
     print(f"machine: {machine()}")
+    print(f"server: {server_info}")
     print(f"image: 224x224 JPEG q90, {len(jpeg)} bytes; request body {len(with_image)} bytes")
     print(f"{args.seconds:g} s per load row, client and server on the same machine\n")
     print("| what | requests/s | p50 ms | p99 ms | p50 / JPEG decode | p50 / floor |")

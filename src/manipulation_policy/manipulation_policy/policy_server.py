@@ -335,7 +335,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     import uvicorn
 
     from . import server_logging
-    from .server_app import create_app
+    from .server_app import create_app, uvicorn_implementations
 
     raise_open_file_limit()
     app = create_app(backend, config)
@@ -358,6 +358,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             access_log=args.access_log,
             timeout_graceful_shutdown=args.graceful_timeout,
             server_header=False,
+            **uvicorn_implementations(),
         )
     )
     server_logging.install()  # after uvicorn.Config, which configures its loggers

@@ -94,23 +94,17 @@ def check_action_types(action: Any) -> None:
         ) from None
 
 
-def _first_unencodable_text(value: Any, location: tuple = ()) -> Optional[tuple]:
-    """Where a string holds a lone surrogate (which UTF-8 cannot carry), if anywhere."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return location
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            found = _first_unencodable_text(item, location + (key,))
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _first_unencodable_text(item, location + (index,))
-            if found is not None:
-                return found
+def _unencodable_text_field(body: dict) -> Optional[str]:
+    """The field whose text holds a lone surrogate (which UTF-8 cannot carry), if any.
+
+    Only top-level fields hold text: the strict InferResponse check before this
+    has made every nested part a number."""
+    for name, value in body.items():
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return name
     return None
 
 
@@ -132,7 +126,7 @@ def checked_response(
     except ValidationError as exc:
         error = exc.errors()[0]
         raise BackendAnswerError(field_path(tuple(error["loc"])), error["msg"]) from None
-    bad_text = _first_unencodable_text(body)
+    bad_text = _unencodable_text_field(body)
     if bad_text is not None:
-        raise BackendAnswerError(field_path(bad_text), "text is not valid Unicode (lone surrogate)")
+        raise BackendAnswerError(bad_text, "text is not valid Unicode (lone surrogate)")
     return body

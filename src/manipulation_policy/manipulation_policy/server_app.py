@@ -3,15 +3,20 @@
 Every error is a JSON body ``{"error": kind, "field": path-or-null, "detail": text}``;
 ``kind`` is also the label of ``policy_server_errors_total``. Bad input is a
 4xx naming the field; a 5xx means the server or the backend failed, never the
-client. The request body is validated here, by hand, so that each problem
-names its field; the OpenAPI document still declares the contract's models.
+client. /infer reads its body itself (admitted before it is read, bounded while
+it streams): strict JSON goes straight into the InferRequest model; a body that
+orjson or the model refuses is parsed again by json_body.py, which names the
+field at fault and reads NaN in joint arrays as unknown. The OpenAPI document
+is generated from the contract's models.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
+import platform
 import sys
 import time
 import traceback
@@ -25,9 +30,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+
+try:  # a compiled JSON codec: strict RFC 8259 parsing, ~10x faster encoding
+    import orjson
+except ImportError:  # pragma: no cover - requirements install it; json still works
+    orjson = None
 
 from . import __version__
 from .backends import PolicyBackend, batch_predictor, predictor
@@ -71,6 +82,10 @@ KNOWN_ENDPOINTS = frozenset({"/health", "/infer", "/info", "/metrics"}) | OPEN_P
 # bounds, before a closing connection is closed (see drain_before_close).
 DRAIN_MAX_BYTES = 64 * 1024 * 1024
 DRAIN_MAX_SECONDS = 5.0
+# A body up to this size is parsed on the event loop when its request is alone, and its
+# image decoded there too when declared no larger than this (a 640x480 JPEG: ~3 ms).
+INLINE_PARSE_MAX_BYTES = 128 * 1024
+INLINE_DECODE_MAX_PIXELS = 640 * 480
 # A connection refused again within this time waits out the rest of it (RefusalPacer).
 REFUSAL_COOLDOWN_S = 0.5
 
@@ -231,18 +246,23 @@ def _body_too_large(what: str, limit: int) -> ApiError:
 def decode_infer_body(raw: bytes, max_image_pixels: int) -> tuple[InferRequest, Observation]:
     """Body bytes to a validated request and its Observation (image decoded).
 
-    Runs on a worker thread: JSON parsing and JPEG decoding stay off the event loop.
+    Runs on a worker thread: JSON parsing and image decoding stay off the event loop
+    (PolicyService.decode runs small ones inline, see ``decode_inline``).
     """
+    request = parse_infer_body(raw)
+    return request, observation_of(request, max_image_pixels)
+
+
+def parse_infer_body(raw: bytes) -> InferRequest:
+    """Body bytes to a validated request, or the ApiError (400/422) naming the field."""
+    request = _parse_strict_json_request(raw)
+    return request if request is not None else _parse_request_naming_the_field(raw)
+
+
+def observation_of(request: InferRequest, max_image_pixels: int) -> Observation:
+    """The request's Observation, its image decoded (422 invalid_image when unusable)."""
     try:
-        payload = parse_json_body(raw)
-    except InputError as exc:
-        raise ApiError.from_input_error(400, "invalid_json", exc) from None
-    try:
-        request = parse_request(payload)
-    except InputError as exc:
-        raise ApiError.from_input_error(422, "invalid_request", exc) from None
-    try:
-        observation = request_to_observation(request, max_image_pixels)
+        return request_to_observation(request, max_image_pixels)
     except InputError as exc:
         raise ApiError.from_input_error(422, "invalid_image", exc) from None
     except Exception as exc:  # noqa: BLE001 - only the client's image is decoded here
@@ -251,10 +271,71 @@ def decode_infer_body(raw: bytes, max_image_pixels: int) -> tuple[InferRequest, 
         raise ApiError(
             422, "invalid_image", f"image could not be decoded ({type(exc).__name__})", "image"
         ) from None
-    return request, observation
+
+
+def _parse_strict_json_request(raw: bytes) -> Optional[InferRequest]:
+    """The fast path: RFC 8259 JSON (orjson refuses NaN/Infinity, numbers that overflow,
+    lone surrogates, non-UTF-8 text and deep nesting) that the model accepts as it is.
+
+    None for anything else, which ``_parse_request_naming_the_field`` then parses
+    again to name the field at fault (and to read NaN in joint arrays as unknown).
+    Whatever passes here passes there too, with the same values."""
+    if orjson is None:
+        return None
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(payload, dict):
+        return None
+    try:
+        return InferRequest.model_validate(payload)
+    except (ValidationError, InputError):
+        return None
+
+
+def _parse_request_naming_the_field(raw: bytes) -> InferRequest:
+    """The request, or the ApiError naming what is wrong with it (400 invalid_json, 422)."""
+    try:
+        payload = parse_json_body(raw)
+    except InputError as exc:
+        raise ApiError.from_input_error(400, "invalid_json", exc) from None
+    try:
+        return parse_request(payload)
+    except InputError as exc:
+        raise ApiError.from_input_error(422, "invalid_request", exc) from None
+
+
+def parse_inline(body_bytes: int, queue_depth: int) -> bool:
+    """Whether a body is parsed on the event loop rather than on the decode pool.
+
+    The hop to a pool thread and back costs more than parsing a small body. Only
+    when this request is the only one admitted (``queue_depth`` counts it): then no
+    other request's work waits on the loop meanwhile."""
+    return queue_depth <= 1 and body_bytes <= INLINE_PARSE_MAX_BYTES
+
+
+def decode_inline(request: InferRequest) -> bool:
+    """Whether a parsed request's image is decoded on the event loop too: no image, or
+    one whose declared size (checked against the image's header before any pixel is
+    decoded) is small, so that /health and /metrics wait a millisecond or two at most.
+    An image of undeclared size goes to the pool: a small body can hold a JPEG of
+    millions of pixels of one colour (~50 ms to decode)."""
+    if request.image is None:
+        return True
+    if request.image_width is None or request.image_height is None:
+        return False
+    return request.image_width * request.image_height <= INLINE_DECODE_MAX_PIXELS
 
 
 # ------------------------------------------------------------------ responses
+
+
+def json_answer(body: dict[str, Any], status: int = 200) -> Response:
+    """A JSON response encoded by orjson when present (~20x faster than json.dumps)."""
+    if orjson is None:
+        return JSONResponse(body, status_code=status)
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
 def error_response(
@@ -284,33 +365,28 @@ _KIND_BY_STATUS = {
 }
 
 
-def _json_content(schema_name: str, description: str) -> dict[str, Any]:
-    schema = {"$ref": f"#/components/schemas/{schema_name}"}
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+def _error(description: str) -> dict[str, Any]:
+    """An error answer in the OpenAPI document: FastAPI writes ErrorResponse's schema."""
+    return {"model": ErrorResponse, "description": description}
 
 
-def _error_content(description: str) -> dict[str, Any]:
-    return _json_content("ErrorResponse", description)
-
-
+# The answers of POST /infer; their schemas come from the models (contract.py).
 INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: _json_content("InferResponse", "The policy's answer, every PolicyOutput field present."),
-    400: _error_content("The body is not valid JSON (NaN/Infinity included); names the field."),
-    401: _error_content("Missing or wrong bearer token (only when an API key is set)."),
-    413: _error_content("The body exceeds the server's size limit."),
-    415: _error_content("Content-Type is not JSON."),
-    422: _error_content("A field has the wrong type or value, or the image is unusable."),
-    500: _error_content(
-        "The backend failed or its answer broke the contract (not the client's fault)."
-    ),
+    200: {"description": "The policy's answer, every PolicyOutput field present."},
+    400: _error("The body is not valid JSON (NaN/Infinity included); names the field."),
+    401: _error("Missing or wrong bearer token (only when an API key is set)."),
+    413: _error("The body exceeds the server's size limit."),
+    415: _error("Content-Type is not JSON."),
+    422: _error("A field has the wrong type or value, or the image is unusable."),
+    500: _error("The backend failed or its answer broke the contract (not the client's fault)."),
     503: {
-        **_error_content(
+        **_error(
             "Too many requests waiting for the model, or a prediction is stuck past its "
             "deadline; retry after Retry-After s."
         ),
         "headers": {"Retry-After": {"schema": {"type": "integer"}}},
     },
-    504: _error_content("The prediction did not finish within the server's deadline."),
+    504: _error("The prediction did not finish within the server's deadline."),
 }
 
 
@@ -451,6 +527,26 @@ def gpu_memory_report() -> Optional[dict[str, Any]]:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def uvicorn_implementations() -> dict[str, str]:
+    """uvicorn's ``loop`` and ``http`` settings: its compiled event loop (uvloop) and
+    HTTP parser (httptools) when installed, else asyncio's loop and the pure-Python h11.
+    The same choice as uvicorn's "auto", made explicit so that /info can tell it."""
+    return {
+        "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+    }
+
+
+def runtime_report(loop_type: Optional[type]) -> dict[str, str]:
+    """What serves the requests (/info): Python, the event loop and HTTP parser, JSON codec."""
+    return {
+        "python": platform.python_version(),
+        "event_loop": f"{loop_type.__module__}.{loop_type.__qualname__}" if loop_type else "",
+        "http_parser": uvicorn_implementations()["http"],
+        "json": f"orjson {orjson.__version__}" if orjson is not None else "json",
+    }
+
+
 def _describe(backend: PolicyBackend) -> dict[str, Any]:
     try:
         return dict(backend.describe())
@@ -460,26 +556,14 @@ def _describe(backend: PolicyBackend) -> dict[str, Any]:
 
 def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) -> FastAPI:
     """The FastAPI application serving ``backend`` (already loaded)."""
-    config = config or ServerConfig()
-    worker = _make_worker(backend, config)
-    decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="policy-decode")
-    description = _describe(backend)
-    metrics = ServerMetrics(
-        queue_depth=lambda: worker.queue_depth,
-        inference_busy=lambda: worker.busy,
-        info_labels={
-            "version": __version__,
-            "backend": str(description.get("backend", getattr(backend, "name", "unknown"))),
-            "model": str(description.get("model", "")),
-        },
-    )
+    server = PolicyService(backend, config or ServerConfig())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
+        server.loop_type = type(asyncio.get_running_loop())
         yield
         # uvicorn has let in-flight requests finish before it gets here.
-        worker.close()
-        decode_pool.shutdown(wait=False, cancel_futures=True)
+        server.close()
 
     app = FastAPI(
         title="MobileManipulationCore policy server",
@@ -492,54 +576,67 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
         lifespan=lifespan,
         redoc_url=None,
     )
-    if worker.batcher is not None:
-        worker.batcher.on_batch = lambda size, _seconds: metrics.batch_size.observe(size)
-    app.state.worker = worker
-    app.state.metrics = metrics
-    app.state.config = config
+    app.state.worker = server.worker
+    app.state.metrics = server.metrics
+    app.state.config = server.config
+    _add_routes(app, server)
+    _install_error_handlers(app, server.metrics)
+    _add_middleware(app, server)
+    app.openapi = lambda: _openapi_document(app, auth=server.config.api_key is not None)
+    return app
 
-    @app.get(
-        "/health",
-        responses={
-            200: _json_content("HealthResponse", "The server is up; never needs auth."),
-            503: _json_content(
-                "HealthResponse",
-                "Unhealthy: a prediction is stuck past its deadline; the reason says since when.",
-            ),
-        },
-    )
-    async def health() -> JSONResponse:
-        problem = worker.health_problem()
+
+class PolicyService:
+    """What the routes do: the worker, the decode pool and the metrics of one app."""
+
+    def __init__(self, backend: PolicyBackend, config: ServerConfig):
+        self.backend = backend
+        self.config = config
+        self.worker = _make_worker(backend, config)
+        self.decode_pool = ThreadPoolExecutor(
+            config.decode_threads, thread_name_prefix="policy-decode"
+        )
+        self.loop_type: Optional[type] = None  # the event loop serving the app, for /info
+        description = _describe(backend)
+        worker = self.worker
+        self.metrics = ServerMetrics(
+            queue_depth=lambda: worker.queue_depth,
+            inference_busy=lambda: worker.busy,
+            info_labels={
+                "version": __version__,
+                "backend": str(description.get("backend", getattr(backend, "name", "unknown"))),
+                "model": str(description.get("model", "")),
+            },
+        )
+        if worker.batcher is not None:
+            worker.batcher.on_batch = lambda size, _s: self.metrics.batch_size.observe(size)
+
+    def close(self) -> None:
+        self.worker.close()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- routes ---------------------------------------------------------------------
+
+    async def health(self) -> JSONResponse:
+        problem = self.worker.health_problem()
         if problem is not None:
             return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.post(
-        "/infer",
-        responses=INFER_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}
-                },
-            }
-        },
-    )
-    async def infer(request: Request) -> Response:
+    async def infer(self, request: Request) -> Response:
         """One observation in, one policy answer out (run alone, or batched with others)."""
         # Admitted already (AdmissionMiddleware), before the body was read.
         check_json_content_type(request.headers.get("content-type"))
-        raw = await read_body(request, config.max_body_bytes)
-        parsed, observation = await decode(raw)
+        raw = await read_body(request, self.config.max_body_bytes)
+        parsed, observation = await self.decode(raw)
         try:
-            action, seconds = await predict(observation, request)
+            action, seconds = await self.predict(observation, request)
         except ClientGoneError:
-            metrics.count_error("client_disconnected")
+            self.metrics.count_error("client_disconnected")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        metrics.inference_seconds.observe(seconds)
-        if worker.batcher is None:
-            metrics.batch_size.observe(1)
+        self.metrics.inference_seconds.observe(seconds)
+        if self.worker.batcher is None:
+            self.metrics.batch_size.observe(1)
         try:
             body = checked_response(
                 action, request_id=parsed.request_id, inference_time_ms=round(seconds * 1e3, 3)
@@ -552,32 +649,71 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
                 f"the backend's answer breaks the response contract: {exc}",
                 exc.field,
             ) from None
-        return JSONResponse(body)
+        return json_answer(body)
 
-    def unavailable(exc: Exception) -> ApiError:
-        if isinstance(exc, BackendStuckError):
-            kind, detail = "backend_stuck", f"the backend is not answering: {exc}"
-        else:
-            kind, detail = "queue_full", f"the model is busy: {exc}; retry later"
-        return ApiError(
-            503, kind, detail, headers={"Retry-After": str(config.retry_after_s)}
+    def info(self) -> JSONResponse:
+        described = _describe(self.backend)
+        metrics, worker, config = self.metrics, self.worker, self.config
+        return JSONResponse(
+            {
+                "version": __version__,
+                "backend": described,
+                "model": described.get("model"),
+                "device": described.get("device"),
+                "gpu_memory": gpu_memory_report(),
+                "uptime_s": round(metrics.uptime_seconds(), 3),
+                "requests_total": metrics.requests_total(),
+                "errors_total": sum(metrics.errors_by_kind().values()),
+                "errors_by_kind": metrics.errors_by_kind(),
+                "queue": {
+                    "depth": worker.queue_depth,
+                    "max": worker.max_queue,
+                    "inference_in_progress": worker.busy,
+                },
+                "batching": _batching_report(worker, self.backend, config),
+                "limits": {
+                    "max_body_bytes": config.max_body_bytes,
+                    "max_image_pixels": config.max_image_pixels,
+                    "inference_timeout_s": config.inference_timeout_s,
+                },
+                "health_problem": worker.health_problem(),
+                "auth_required": config.api_key is not None,
+                "runtime": runtime_report(self.loop_type),
+            }
         )
 
-    async def decode(raw: bytes) -> tuple[InferRequest, Observation]:
+    async def prometheus_metrics(self) -> Response:
+        return Response(self.metrics.render(), headers={"Content-Type": EXPOSITION_CONTENT_TYPE})
+
+    # --- the steps of /infer --------------------------------------------------------
+
+    async def decode(self, raw: bytes) -> tuple[InferRequest, Observation]:
         started = time.perf_counter()
-        decoded = await asyncio.get_running_loop().run_in_executor(
-            decode_pool, decode_infer_body, raw, config.max_image_pixels
-        )
-        metrics.preprocess_seconds.observe(time.perf_counter() - started)
+        limit = self.config.max_image_pixels
+        loop = asyncio.get_running_loop()
+        if not parse_inline(len(raw), self.worker.queue_depth):
+            decoded = await loop.run_in_executor(self.decode_pool, decode_infer_body, raw, limit)
+        else:
+            request = parse_infer_body(raw)
+            if decode_inline(request):
+                observation = observation_of(request, limit)
+            else:
+                observation = await loop.run_in_executor(
+                    self.decode_pool, observation_of, request, limit
+                )
+            decoded = request, observation
+        self.metrics.preprocess_seconds.observe(time.perf_counter() - started)
         return decoded
 
-    async def predict(observation: Observation, request: Request) -> tuple[PolicyAction, float]:
+    async def predict(
+        self, observation: Observation, request: Request
+    ) -> tuple[PolicyAction, float]:
         try:
-            return await worker.predict(observation, request.is_disconnected)
+            return await self.worker.predict(observation, request.is_disconnected)
         except ClientGoneError:
             raise
         except BackendStuckError as exc:
-            raise unavailable(exc) from None
+            raise self.unavailable(exc) from None
         except PredictionTimeoutError as exc:
             logger.error("prediction timed out: %s", exc)
             raise ApiError(
@@ -599,38 +735,78 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
                 500, "backend_error", f"backend failed: {type(exc).__name__}: {exc}"
             ) from None
 
-    @app.get("/info", responses={200: {"description": "Backend, versions, counters."}})
-    def info() -> JSONResponse:
-        described = _describe(backend)
-        return JSONResponse(
-            {
-                "version": __version__,
-                "backend": described,
-                "model": described.get("model"),
-                "device": described.get("device"),
-                "gpu_memory": gpu_memory_report(),
-                "uptime_s": round(metrics.uptime_seconds(), 3),
-                "requests_total": metrics.requests_total(),
-                "errors_total": sum(metrics.errors_by_kind().values()),
-                "errors_by_kind": metrics.errors_by_kind(),
-                "queue": {
-                    "depth": worker.queue_depth,
-                    "max": worker.max_queue,
-                    "inference_in_progress": worker.busy,
-                },
-                "batching": _batching_report(worker, backend, config),
-                "limits": {
-                    "max_body_bytes": config.max_body_bytes,
-                    "max_image_pixels": config.max_image_pixels,
-                    "inference_timeout_s": config.inference_timeout_s,
-                },
-                "health_problem": worker.health_problem(),
-                "auth_required": config.api_key is not None,
-            }
+    # --- refusals made by middleware ------------------------------------------------
+
+    def unavailable(self, exc: Exception) -> ApiError:
+        if isinstance(exc, BackendStuckError):
+            kind, detail = "backend_stuck", f"the backend is not answering: {exc}"
+        else:
+            kind, detail = "queue_full", f"the model is busy: {exc}; retry later"
+        return ApiError(
+            503, kind, detail, headers={"Retry-After": str(self.config.retry_after_s)}
         )
 
-    @app.get(
+    def refuse_admission(self, exc: Exception) -> JSONResponse:
+        error = self.unavailable(exc)
+        return error_response(
+            self.metrics, error.status, error.kind, error.detail, headers=error.headers
+        )
+
+    def unauthorized(self) -> JSONResponse:
+        return error_response(
+            self.metrics,
+            401,
+            "unauthorized",
+            "missing or wrong API key; send Authorization: Bearer <key>",
+            "authorization",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def _add_routes(app: FastAPI, server: PolicyService) -> None:
+    app.add_api_route(
+        "/health",
+        server.health,
+        methods=["GET"],
+        response_model=HealthResponse,
+        responses={
+            200: {"description": "The server is up; never needs auth."},
+            503: {
+                "model": HealthResponse,
+                "description": (
+                    "Unhealthy: a prediction is stuck past its deadline; the reason says "
+                    "since when."
+                ),
+            },
+        },
+    )
+    app.add_api_route(
+        "/infer",
+        server.infer,
+        methods=["POST"],
+        response_model=InferResponse,
+        responses=INFER_RESPONSES,
+        # The body is read by the route itself (admitted first, bounded while it streams,
+        # strict JSON): the document names the model it is validated against.
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}
+                },
+            }
+        },
+    )
+    app.add_api_route(
+        "/info",
+        server.info,
+        methods=["GET"],
+        responses={200: {"description": "Backend, versions, counters."}},
+    )
+    app.add_api_route(
         "/metrics",
+        server.prometheus_metrics,
+        methods=["GET"],
         responses={
             200: {
                 "description": "Prometheus text exposition format 0.0.4.",
@@ -638,34 +814,18 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
             }
         },
     )
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=EXPOSITION_CONTENT_TYPE)
 
-    _install_error_handlers(app, metrics)
 
-    def refuse_admission(exc: Exception):
-        error = unavailable(exc)
-        return error_response(
-            metrics, error.status, error.kind, error.detail, headers=error.headers
+def _add_middleware(app: FastAPI, server: PolicyService) -> None:
+    """Outermost last: metrics see every answer, auth comes before admission."""
+    app.add_middleware(
+        AdmissionMiddleware, worker=server.worker, refuse=server.refuse_admission
+    )
+    if server.config.api_key is not None:
+        app.add_middleware(
+            BearerAuthMiddleware, key=server.config.api_key, reject=server.unauthorized
         )
-
-    app.add_middleware(AdmissionMiddleware, worker=worker, refuse=refuse_admission)
-    if config.api_key is not None:
-
-        def unauthorized():
-            return error_response(
-                metrics,
-                401,
-                "unauthorized",
-                "missing or wrong API key; send Authorization: Bearer <key>",
-                "authorization",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-        app.add_middleware(BearerAuthMiddleware, key=config.api_key, reject=unauthorized)
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    app.openapi = lambda: _openapi_document(app, auth=config.api_key is not None)
-    return app
+    app.add_middleware(RequestMetricsMiddleware, metrics=server.metrics)
 
 
 def batching_off_reason(backend: PolicyBackend, config: ServerConfig) -> Optional[str]:
@@ -694,7 +854,16 @@ def _make_worker(backend: PolicyBackend, config: ServerConfig) -> InferenceWorke
         predict_batch=batch_predictor(backend),
         max_batch_size=config.max_batch_size if off is None else 1,
         batch_window_s=config.batch_window_ms / 1e3,
+        inline=predicts_inline(backend),
     )
+
+
+def predicts_inline(backend: PolicyBackend) -> bool:
+    """Whether the backend's own class declares its predict cheap (``predicts_inline``).
+
+    Not inherited: a subclass that changes predict (a scripted test backend that
+    sleeps, say) makes no such promise by deriving from the stub."""
+    return vars(type(backend)).get("predicts_inline", False) is True
 
 
 def _batching_report(
@@ -751,8 +920,9 @@ def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
 
 def _openapi_document(app: FastAPI, auth: bool) -> dict[str, Any]:
-    """FastAPI's document plus the wire contract's models, declared by hand because
-    /infer validates its body itself (to name fields in errors)."""
+    """FastAPI's document (its answers' schemas generated from the models) plus the
+    request model's schema, which /infer's requestBody refers to: the route reads its
+    body itself, so FastAPI does not see the model."""
     if app.openapi_schema is None:
         document = get_openapi(
             title=app.title,
@@ -761,14 +931,12 @@ def _openapi_document(app: FastAPI, auth: bool) -> dict[str, Any]:
             routes=app.routes,
         )
         _, schemas = models_json_schema(
-            [
-                (model, "validation")
-                for model in (InferRequest, InferResponse, ErrorResponse, HealthResponse)
-            ],
-            ref_template="#/components/schemas/{model}",
+            [(InferRequest, "validation")], ref_template="#/components/schemas/{model}"
         )
         components = document.setdefault("components", {})
-        components.setdefault("schemas", {}).update(schemas["$defs"])
+        known = components.setdefault("schemas", {})
+        for name, schema in schemas["$defs"].items():
+            known.setdefault(name, schema)
         if auth:
             components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
             for path, operations in document["paths"].items():

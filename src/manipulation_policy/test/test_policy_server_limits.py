@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from server_test_backends import BAD_ANSWERS
 
 from manipulation_policy.contract import InferResponse
@@ -46,6 +47,16 @@ def wait_until(condition, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.02)
+
+
+def predicting(url: str) -> bool:
+    """The server's policy_server_inference_in_progress gauge is 1 (read by the
+    Prometheus parser: a text search would also match the metric's HELP line)."""
+    text = requests.get(f"{url}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "policy_server_inference_in_progress":
+            return family.samples[0].value == 1
+    raise AssertionError("no policy_server_inference_in_progress in /metrics")
 
 
 def error_count(url: str, kind: str, headers=None) -> float:
@@ -137,8 +148,7 @@ def test_stuck_prediction_is_504_then_unhealthy_then_recovers():
         outcome = {}
 
         def queued_behind():
-            wait_until(lambda: "policy_server_inference_in_progress 1" in requests.get(
-                f"{url}/metrics", timeout=5).text)  # fmt: skip
+            wait_until(lambda: predicting(url))
             began = time.monotonic()
             outcome["answer"] = infer(url, timeout=20)
             outcome["seconds"] = time.monotonic() - began
@@ -180,8 +190,7 @@ def test_shutdown_is_bounded_by_the_graceful_timeout_with_a_hung_backend():
             session.post(f"{server.base_url}/infer", json={"instruction": "sleep 3600"}, timeout=1)
         except requests.exceptions.ReadTimeout:
             pass
-        wait_until(lambda: "inference_in_progress 1" in requests.get(
-            f"{server.base_url}/metrics", timeout=5).text)  # fmt: skip
+        wait_until(lambda: predicting(server.base_url))
         started = time.monotonic()
         server.terminate()
         server.process.wait(timeout=15)
@@ -212,8 +221,7 @@ def test_queue_full_is_answered_before_the_body_is_read():
             daemon=True,
         )
         runner.start()
-        wait_until(lambda: "inference_in_progress 1" in requests.get(
-            f"{url}/metrics", timeout=5).text)  # fmt: skip
+        wait_until(lambda: predicting(url))
         # Headers promise 100000 bytes; only 10 come. The 503 must not wait for the rest.
         with socket.create_connection((server.host, server.port), timeout=5) as sock:
             sock.sendall(
@@ -232,8 +240,7 @@ def test_a_client_ignoring_retry_after_is_paced_per_connection():
             target=lambda: infer(url, "sleep 3", timeout=20), daemon=True
         )
         runner.start()
-        wait_until(lambda: "inference_in_progress 1" in requests.get(
-            f"{url}/metrics", timeout=5).text)  # fmt: skip
+        wait_until(lambda: predicting(url))
         with requests.Session() as hammering:
             started = time.monotonic()
             first = hammering.post(f"{url}/infer", json={}, timeout=10)

@@ -40,7 +40,7 @@ from manipulation_policy.server_auth import (
     bearer_token_matches,
     load_api_key,
 )
-from manipulation_policy.server_metrics import Counter, Histogram, ServerMetrics
+from manipulation_policy.server_metrics import ServerMetrics
 
 # ------------------------------------------------------------------ strict JSON
 
@@ -124,21 +124,12 @@ def test_metrics_text_is_valid_prometheus_exposition():
     assert metrics.requests_total() == 3
 
 
-def test_label_values_are_escaped():
-    counter = Counter("odd_total", "Odd labels.", ("path",))
-    counter.inc(path='back\\slash "quoted"\nnewline')
-    family = parse_families(counter.render() + "\n")["odd"]
-    assert family.samples[0].labels["path"] == 'back\\slash "quoted"\nnewline'
-
-
-def test_metric_misuse_is_refused():
-    counter = Counter("c_total", "c", ("kind",))
-    with pytest.raises(ValueError):
-        counter.inc(-1, kind="x")
-    with pytest.raises(ValueError):
-        counter.inc(other="x")
-    with pytest.raises(ValueError):
-        Histogram("h", "h", buckets=(1.0, 0.5))
+def test_each_app_counts_in_its_own_registry():
+    first, second = ServerMetrics(), ServerMetrics()
+    first.count_error("invalid_image")
+    assert first.errors_by_kind() == {"invalid_image": 1}
+    assert second.errors_by_kind() == {}
+    assert "invalid_image" not in second.render()
 
 
 # ------------------------------------------------------------ inference worker
@@ -183,6 +174,56 @@ def test_predictions_run_one_at_a_time_off_the_event_loop():
     assert peak[0] == 1
     assert loop_thread not in threads and len(threads) == 1
     assert all(action.confidence == 0.5 and seconds >= 0.02 for action, seconds in results)
+
+
+def test_a_cheap_backend_predicts_on_the_loop_only_when_the_server_is_idle():
+    threads = []
+
+    def predict(observation: Observation) -> PolicyAction:
+        threads.append(threading.current_thread().name)
+        return PolicyAction(confidence=0.5)
+
+    worker = InferenceWorker(predict, max_queue=8, inline=True)
+
+    async def alone_then_two():
+        loop_thread = threading.current_thread().name
+        with worker.admission():
+            await worker.predict(Observation())
+        with worker.admission(), worker.admission():  # another request is admitted
+            await worker.predict(Observation())
+        return loop_thread
+
+    loop_thread = asyncio.run(alone_then_two())
+    worker.close()
+    assert threads[0] == loop_thread
+    assert threads[1] != loop_thread
+
+
+def test_only_small_lone_bodies_and_small_declared_images_are_decoded_on_the_loop():
+    from manipulation_policy.contract import InferRequest
+    from manipulation_policy.server_app import decode_inline, parse_inline
+
+    assert parse_inline(16 * 1024, queue_depth=1)
+    assert not parse_inline(16 * 1024, queue_depth=2)  # others admitted: the pool
+    assert not parse_inline(8 * 1024 * 1024, queue_depth=1)
+    assert decode_inline(InferRequest())  # no image
+    assert decode_inline(InferRequest(image="x", image_width=224, image_height=224))
+    # A small body may hold a huge one-colour JPEG: undeclared or large sizes go to the pool.
+    assert not decode_inline(InferRequest(image="x"))
+    assert not decode_inline(InferRequest(image="x", image_width=4096, image_height=4096))
+
+
+def test_only_a_backend_class_that_declares_it_predicts_inline():
+    from manipulation_policy.backends.stub import StubBackend
+    from manipulation_policy.server_app import predicts_inline
+
+    class SlowStub(StubBackend):  # changes predict: the stub's promise is not its own
+        def predict(self, observation):
+            time.sleep(1)
+            return super().predict(observation)
+
+    assert predicts_inline(StubBackend())
+    assert not predicts_inline(SlowStub())
 
 
 def test_a_request_whose_client_left_is_skipped():

@@ -10,6 +10,9 @@ A backend answers the model's own step: a delta target stays a delta even
 when the observation carries ``eef_pose``; ``predictor`` / ``batch_predictor``,
 which the server and the in-process node call, compose it with the current
 pose in one place (``pose_math.compose_with_current_pose``).
+A backend whose predict is cheap, bounded CPU work (the stub) may set the class
+attribute ``predicts_inline = True``: an idle server then calls it on its event
+loop, without the model thread's hops (and so without its deadline).
 Adding a model means adding one module and one line in ``BACKEND_MODULES``;
 the module is imported only when its backend is chosen, so the stub needs
 neither torch nor transformers.
