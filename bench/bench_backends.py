@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from manipulation_policy.backends.stub import StubBackend
-from manipulation_policy.policy_types import Observation, PolicyAction
+from manipulation_policy.core.policy_types import Observation, PolicyAction
 
 
 class FixedCostBackend(StubBackend):

@@ -48,8 +48,8 @@ from typing import Any, Optional
 import numpy as np
 
 import manipulation_policy
-from manipulation_policy.imaging import encode_jpeg
-from manipulation_policy.server_process import ServerProcess
+from manipulation_policy.core.imaging import encode_jpeg
+from manipulation_policy.server.process import ServerProcess
 
 BENCH_DIR = Path(__file__).resolve().parent
 TEST_DIR = BENCH_DIR.parent / "src" / "manipulation_policy" / "test"

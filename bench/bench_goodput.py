@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from manipulation_policy.backends.stub import StubBackend
-from manipulation_policy.imaging import encode_jpeg
-from manipulation_policy.server_process import ServerProcess
+from manipulation_policy.core.imaging import encode_jpeg
+from manipulation_policy.server.process import ServerProcess
 
 BENCH_DIR = str(Path(__file__).resolve().parent)
 CLIENT_COUNTS = (8, 16, 64)

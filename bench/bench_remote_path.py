@@ -44,11 +44,15 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
 
 from manipulation_msgs.msg import PolicyOutput
-from manipulation_policy.contract import observation_to_request
-from manipulation_policy.imaging import decode_image_bytes, encode_jpeg, resize_rgb
-from manipulation_policy.policy_types import JointStateData, Observation
-from manipulation_policy.ros_conversion import image_to_rgb, rgb_to_image, stamp_to_nanoseconds
-from manipulation_policy.server_process import ServerProcess, free_port
+from manipulation_policy.core.contract import observation_to_request
+from manipulation_policy.core.imaging import decode_image_bytes, encode_jpeg, resize_rgb
+from manipulation_policy.core.policy_types import JointStateData, Observation
+from manipulation_policy.nodes.ros_conversion import (
+    image_to_rgb,
+    rgb_to_image,
+    stamp_to_nanoseconds,
+)
+from manipulation_policy.server.process import ServerProcess, free_port
 
 WIDTH, HEIGHT, SENT_SIDE, JPEG_QUALITY = 640, 480, 224, 90
 JOINT_NAMES = ["j1", "j2", "j3", "j4", "j5", "j6", "gripper"]
@@ -198,7 +202,7 @@ def end_to_end(server_url: str, inference_rate: float, camera_hz: float, seconds
     prefix = f"/bench_{os.getpid()}_{int(inference_rate)}"
     node = subprocess.Popen(
         [
-            sys.executable, "-m", "manipulation_policy.remote_policy_node", "--ros-args",
+            sys.executable, "-m", "manipulation_policy.nodes.remote_policy_node", "--ros-args",
             "-p", f"remote_url:={server_url}",
             "-p", f"inference_rate:={float(inference_rate)}",
             "-p", f"camera_topic:={prefix}/image",

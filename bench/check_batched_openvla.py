@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from manipulation_policy.backends.openvla import OpenVLABackend
-    from manipulation_policy.policy_types import Observation
+    from manipulation_policy.core.policy_types import Observation
 
     backend = OpenVLABackend(
         model=args.model, unnorm_key=args.unnorm_key, dtype=args.dtype, device=args.device,

@@ -52,8 +52,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import openvla_checkpoint  # noqa: E402
-from manipulation_policy.imaging import encode_jpeg  # noqa: E402
-from manipulation_policy.server_process import ServerProcess, ServerStartError  # noqa: E402
+from manipulation_policy.core.imaging import encode_jpeg  # noqa: E402
+from manipulation_policy.server.process import ServerProcess, ServerStartError  # noqa: E402
 
 UNNORM_KEY = "bridge_orig"
 VERSION_PACKAGES = ("torch", "transformers", "tokenizers", "timm", "torchvision", "flash_attn")

@@ -20,8 +20,8 @@ setup(
     entry_points={
         "console_scripts": [
             "policy_server = manipulation_policy.policy_server:main",
-            "policy_node = manipulation_policy.policy_node:main",
-            "remote_policy_node = manipulation_policy.remote_policy_node:main",
+            "policy_node = manipulation_policy.nodes.policy_node:main",
+            "remote_policy_node = manipulation_policy.nodes.remote_policy_node:main",
         ],
     },
 )

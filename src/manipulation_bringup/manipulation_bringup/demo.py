@@ -26,9 +26,9 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
 
 from manipulation_msgs.msg import PolicyOutput
-from manipulation_policy.remote_policy_node import RemotePolicyNode
-from manipulation_policy.ros_conversion import rgb_to_image, stamp_to_nanoseconds
-from manipulation_policy.server_process import ServerProcess, ServerStartError
+from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
+from manipulation_policy.nodes.ros_conversion import rgb_to_image, stamp_to_nanoseconds
+from manipulation_policy.server.process import ServerProcess, ServerStartError
 
 WIDTH, HEIGHT = 640, 480
 JOINT_NAMES = ["base", "shoulder", "elbow", "wrist_1", "wrist_2", "wrist_3", "gripper"]

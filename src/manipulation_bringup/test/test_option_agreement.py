@@ -1,4 +1,4 @@
-"""Each OpenVLA model option is defined once (manipulation_policy.model_options), and
+"""Each OpenVLA model option is defined once (manipulation_policy.core.model_options), and
 every place that takes it agrees: the policy server's flag and OPENVLA_* variables,
 the policy node's parameter, the launch argument, the shipped params YAML and the
 OpenVLA backend's argument. Same default, same good values, same refusals."""
@@ -13,14 +13,17 @@ import pytest
 import yaml
 
 from manipulation_bringup import launch_logic
-from manipulation_policy import client_api_key, contract, model_options, policy_server, server_auth
-from manipulation_policy.model_options import MODEL_OPTIONS, OPTIONS_BY_NAME, Bounds
-from manipulation_policy.node_parameters import (
+from manipulation_policy import policy_server
+from manipulation_policy.core import contract, model_options
+from manipulation_policy.core.model_options import MODEL_OPTIONS, OPTIONS_BY_NAME, Bounds
+from manipulation_policy.nodes import client_api_key
+from manipulation_policy.nodes.node_parameters import (
     COMMON_PARAMETERS,
     POLICY_NODE_PARAMETERS,
     backend_options,
     specs_by_name,
 )
+from manipulation_policy.server import auth as server_auth
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "config" / "policy_params.yaml"
 NODE_SPECS = specs_by_name(POLICY_NODE_PARAMETERS)
@@ -216,7 +219,7 @@ def test_a_bad_value_is_refused_everywhere_in_the_same_words(option, text, capsy
 )
 def test_the_openvla_backend_itself_refuses_before_loading(name, value):
     openvla = pytest.importorskip("manipulation_policy.backends.openvla")
-    from manipulation_policy.errors import BackendStartupError
+    from manipulation_policy.core.errors import BackendStartupError
 
     # No such checkpoint: a refusal naming the option proves the check ran first.
     with pytest.raises(BackendStartupError, match=f"^{name} "):

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from manipulation_bringup.launch_logic import LAUNCH_ARGUMENT_NAMES, NODE_PARAMETERS
-from manipulation_policy.contract import InferResponse, parse_request, parse_response
+from manipulation_policy.core.contract import InferResponse, parse_request, parse_response
 
 README = (Path(__file__).resolve().parents[3] / "README.md").read_text()
 

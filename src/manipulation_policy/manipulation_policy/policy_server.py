@@ -29,18 +29,18 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
-from . import model_options
-from .batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE
-from .errors import BackendStartupError
-from .imaging import DEFAULT_MAX_IMAGE_PIXELS
-from .inference_worker import DEFAULT_DEADLINE_S
-from .server_app import (
+from manipulation_policy.core import model_options
+from manipulation_policy.core.errors import BackendStartupError
+from manipulation_policy.core.imaging import DEFAULT_MAX_IMAGE_PIXELS
+from manipulation_policy.server.app import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
     MAX_BATCH_WINDOW_MS,
     ServerConfig,
 )
-from .server_auth import API_KEY_ENV, ApiKeyError, load_api_key
+from manipulation_policy.server.auth import API_KEY_ENV, ApiKeyError, load_api_key
+from manipulation_policy.server.batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE
+from manipulation_policy.server.inference_worker import DEFAULT_DEADLINE_S
 
 PROG = "policy_server"
 BACKEND_ENV = "MANIPULATION_POLICY_BACKEND"
@@ -281,7 +281,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
 
 
 def load_backend(name: str, options: dict[str, Any]):
-    from .backends import UnknownBackendError, create_backend
+    from manipulation_policy.backends import UnknownBackendError, create_backend
 
     try:
         return create_backend(name, **options)
@@ -334,8 +334,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
     import uvicorn
 
-    from . import server_logging
-    from .server_app import create_app, uvicorn_implementations
+    from manipulation_policy.server import log_limits as server_logging
+    from manipulation_policy.server.app import create_app, uvicorn_implementations
 
     raise_open_file_limit()
     app = create_app(backend, config)

@@ -7,7 +7,7 @@
 - ``ScriptedPolicyServer``: a real HTTP server on 127.0.0.1 speaking the
   wire contract with the stub backend, recording what it receives, with
   switches for delay and failure statuses.
-The project's policy server process comes from manipulation_policy.server_process.
+The project's policy server process comes from manipulation_policy.server.process.
 """
 
 from __future__ import annotations
@@ -36,17 +36,17 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 
 from manipulation_msgs.msg import PolicyOutput
-from manipulation_policy import ros_conversion
 from manipulation_policy.backends import predictor
 from manipulation_policy.backends.stub import StubBackend
-from manipulation_policy.contract import (
+from manipulation_policy.core.contract import (
     action_to_response,
     parse_request,
     request_to_observation,
 )
-from manipulation_policy.errors import InputError
-from manipulation_policy.imaging import decode_image_bytes, encode_jpeg, resize_rgb
-from manipulation_policy.policy_types import JointStateData, Observation, PolicyAction, Pose
+from manipulation_policy.core.errors import InputError
+from manipulation_policy.core.imaging import decode_image_bytes, encode_jpeg, resize_rgb
+from manipulation_policy.core.policy_types import JointStateData, Observation, PolicyAction, Pose
+from manipulation_policy.nodes import ros_conversion
 
 WAIT_SEC = 15.0
 _rig_numbers = itertools.count()

@@ -17,15 +17,15 @@ from dataclasses import replace
 from typing import Any
 
 from manipulation_policy.backends.stub import StubBackend
-from manipulation_policy.errors import InputError
-from manipulation_policy.policy_types import (
+from manipulation_policy.core.errors import InputError
+from manipulation_policy.core.policy_types import (
     EefTargetMode,
     Observation,
     PolicyAction,
     Pose,
     Vector3,
 )
-from manipulation_policy.pose_math import quaternion_from_rpy
+from manipulation_policy.core.pose_math import quaternion_from_rpy
 
 # answer <kind> -> (the action, the response field the server must name)
 BAD_ANSWERS = {

@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from manipulation_policy.backends.stub import StubBackend
-from manipulation_policy.batching import MicroBatcher, batch_wait_s, isolated_batch_call
-from manipulation_policy.inference_worker import (
+from manipulation_policy.server.app import ServerConfig, batching_off_reason, create_app
+from manipulation_policy.server.batching import MicroBatcher, batch_wait_s, isolated_batch_call
+from manipulation_policy.server.inference_worker import (
     BackendCrashError,
     BackendStuckError,
     ClientGoneError,
@@ -23,7 +24,6 @@ from manipulation_policy.inference_worker import (
     PredictionTimeoutError,
     QueueFullError,
 )
-from manipulation_policy.server_app import ServerConfig, batching_off_reason, create_app
 
 BOUND_S = 5.0  # every wait in these tests ends well before this, or the test fails
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from manipulation_policy.contract import (
+from manipulation_policy.core.contract import (
     InferResponse,
     action_to_response,
     observation_to_request,
@@ -15,9 +15,9 @@ from manipulation_policy.contract import (
     request_to_observation,
     response_to_action,
 )
-from manipulation_policy.errors import InputError
-from manipulation_policy.imaging import encode_jpeg
-from manipulation_policy.policy_types import (
+from manipulation_policy.core.errors import InputError
+from manipulation_policy.core.imaging import encode_jpeg
+from manipulation_policy.core.policy_types import (
     EefTargetMode,
     JointStateData,
     Observation,

@@ -9,7 +9,7 @@ import pytest
 from server_test_backends import FIXED_ABSOLUTE, FIXED_DELTA, FixedDeltaBackend
 
 from manipulation_policy.backends import batch_predictor, predictor, with_current_pose
-from manipulation_policy.policy_types import (
+from manipulation_policy.core.policy_types import (
     EefTargetMode,
     Observation,
     PolicyAction,
@@ -17,7 +17,7 @@ from manipulation_policy.policy_types import (
     Quaternion,
     Vector3,
 )
-from manipulation_policy.pose_math import apply_delta, compose_with_current_pose
+from manipulation_policy.core.pose_math import apply_delta, compose_with_current_pose
 
 CURRENT = Pose(Vector3(0.5, 0.0, 0.2), Quaternion(0.0, 0.0, math.sqrt(0.5), math.sqrt(0.5)))
 

@@ -14,7 +14,7 @@ from geometry_msgs.msg import Quaternion as QuaternionMsg
 from geometry_msgs.msg import Twist as TwistMsg
 from geometry_msgs.msg import Vector3 as Vector3Msg
 
-from manipulation_policy.contract import (
+from manipulation_policy.core.contract import (
     PointModel,
     PoseModel,
     QuaternionModel,
@@ -24,14 +24,14 @@ from manipulation_policy.contract import (
     twist_from_wire,
     twist_to_wire,
 )
-from manipulation_policy.policy_types import (
+from manipulation_policy.core.policy_types import (
     Pose,
     Quaternion,
     Twist,
     Vector3,
     geometry_parts,
 )
-from manipulation_policy.ros_conversion import (
+from manipulation_policy.nodes.ros_conversion import (
     pose_from_msg,
     pose_to_msg,
     twist_from_msg,

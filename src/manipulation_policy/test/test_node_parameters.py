@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from manipulation_policy.node_parameters import (
+from manipulation_policy.nodes.node_parameters import (
     COMMON_PARAMETERS,
     POLICY_NODE_PARAMETERS,
     REMOTE_NODE_PARAMETERS,
@@ -171,7 +171,7 @@ def test_number_ranges_describe_themselves():
 def test_an_int_for_a_float_parameter_is_offered_as_a_double():
     from rclpy.parameter import Parameter
 
-    from manipulation_policy.parameter_declarations import as_declared_type
+    from manipulation_policy.nodes.parameter_declarations import as_declared_type
 
     converted = as_declared_type(SPECS["remote_timeout_sec"], Parameter("remote_timeout_sec",
                                                                         value=2))  # fmt: skip

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from manipulation_policy.openvla_actions import (
+from manipulation_policy.core.openvla_actions import (
     MODEL_CONFIDENCE,
     ActionConversionOptions,
     convert_openvla_action,
@@ -13,7 +13,7 @@ from manipulation_policy.openvla_actions import (
     limit_length,
     normalize_gripper,
 )
-from manipulation_policy.policy_types import (
+from manipulation_policy.core.policy_types import (
     ActionOverrides,
     EefTargetMode,
     Observation,
@@ -21,7 +21,7 @@ from manipulation_policy.policy_types import (
     Quaternion,
     Vector3,
 )
-from manipulation_policy.pose_math import (
+from manipulation_policy.core.pose_math import (
     apply_delta,
     compose_with_current_pose,
     quaternion_from_rpy,

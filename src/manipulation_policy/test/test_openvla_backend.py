@@ -34,10 +34,10 @@ from manipulation_policy.backends.openvla import (
     resolve_quantization,
     select_unnorm_key,
 )
-from manipulation_policy.errors import BackendStartupError, InputError
-from manipulation_policy.openvla_actions import ActionConversionOptions, convert_openvla_action
-from manipulation_policy.policy_types import EefTargetMode, Observation, Pose, Vector3
-from manipulation_policy.pose_math import apply_delta
+from manipulation_policy.core.errors import BackendStartupError, InputError
+from manipulation_policy.core.openvla_actions import ActionConversionOptions, convert_openvla_action
+from manipulation_policy.core.policy_types import EefTargetMode, Observation, Pose, Vector3
+from manipulation_policy.core.pose_math import apply_delta
 
 INSTRUCTION = "pick up the red cup"
 

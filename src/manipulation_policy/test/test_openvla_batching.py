@@ -24,8 +24,8 @@ from manipulation_policy.backends.openvla_batching import (
     group_by_length,
     stack_rows,
 )
-from manipulation_policy.errors import InputError
-from manipulation_policy.policy_types import ActionOverrides, Observation
+from manipulation_policy.core.errors import InputError
+from manipulation_policy.core.policy_types import ActionOverrides, Observation
 
 # --- pure pieces ------------------------------------------------------------------------
 

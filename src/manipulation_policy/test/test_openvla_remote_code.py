@@ -35,8 +35,8 @@ from manipulation_policy.backends.openvla import (
     decodes_without_kv_cache,
     image_probes,
 )
-from manipulation_policy.errors import BackendStartupError
-from manipulation_policy.policy_types import Observation
+from manipulation_policy.core.errors import BackendStartupError
+from manipulation_policy.core.policy_types import Observation
 
 BENCH = Path(__file__).resolve().parents[3] / "bench"
 HF_DIR = os.environ.get("OPENVLA_HF_DIR", "")

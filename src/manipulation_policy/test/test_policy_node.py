@@ -23,9 +23,8 @@ from std_msgs.msg import String
 
 from manipulation_msgs.msg import PolicyOutput
 from manipulation_policy.backends.stub import StubBackend
-from manipulation_policy.imaging import decode_image_bytes, encode_jpeg
-from manipulation_policy.policy_node import PolicyNode
-from manipulation_policy.policy_types import (
+from manipulation_policy.core.imaging import decode_image_bytes, encode_jpeg
+from manipulation_policy.core.policy_types import (
     EefTargetMode,
     JointStateData,
     Observation,
@@ -33,8 +32,9 @@ from manipulation_policy.policy_types import (
     Quaternion,
     Vector3,
 )
-from manipulation_policy.pose_math import apply_delta
-from manipulation_policy.ros_conversion import (
+from manipulation_policy.core.pose_math import apply_delta
+from manipulation_policy.nodes.policy_node import PolicyNode
+from manipulation_policy.nodes.ros_conversion import (
     policy_output_to_action,
     rgb_to_image,
     stamp_to_nanoseconds,

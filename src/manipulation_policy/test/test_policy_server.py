@@ -18,14 +18,14 @@ from prometheus_client.parser import text_string_to_metric_families
 import manipulation_policy
 from manipulation_policy.backends import predictor
 from manipulation_policy.backends.stub import StubBackend
-from manipulation_policy.contract import (
+from manipulation_policy.core.contract import (
     action_to_response,
     parse_request,
     request_to_observation,
 )
-from manipulation_policy.imaging import encode_jpeg
-from manipulation_policy.server_auth import API_KEY_ENV
-from manipulation_policy.server_process import ServerProcess
+from manipulation_policy.core.imaging import encode_jpeg
+from manipulation_policy.server.auth import API_KEY_ENV
+from manipulation_policy.server.process import ServerProcess
 
 MAX_BODY = 256 * 1024
 MINIMAL_GUIDE_REQUEST = {

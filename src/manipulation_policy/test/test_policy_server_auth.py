@@ -6,8 +6,8 @@ import pytest
 import requests
 
 from manipulation_policy import policy_server
-from manipulation_policy.server_auth import API_KEY_ENV
-from manipulation_policy.server_process import running_server
+from manipulation_policy.server.auth import API_KEY_ENV
+from manipulation_policy.server.process import running_server
 
 KEY = "s3cret-key-for-tests"
 MINIMAL = {"joint_states": {"name": [], "position": [], "velocity": [], "effort": []}}

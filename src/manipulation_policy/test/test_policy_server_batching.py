@@ -18,8 +18,8 @@ import pytest
 import requests
 from PIL import Image
 
-from manipulation_policy.server_auth import API_KEY_ENV
-from manipulation_policy.server_process import ServerProcess
+from manipulation_policy.server.auth import API_KEY_ENV
+from manipulation_policy.server.process import ServerProcess
 
 TEST_DIR = str(Path(__file__).resolve().parent)
 SCRIPTED = "server_test_backends:ScriptedBackend"

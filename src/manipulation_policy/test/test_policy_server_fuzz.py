@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from schemathesis import GenerationMode, checks
 
-from manipulation_policy.imaging import encode_jpeg
-from manipulation_policy.server_auth import API_KEY_ENV
-from manipulation_policy.server_process import ServerProcess
+from manipulation_policy.core.imaging import encode_jpeg
+from manipulation_policy.server.auth import API_KEY_ENV
+from manipulation_policy.server.process import ServerProcess
 
 FUZZ = settings(
     max_examples=150,

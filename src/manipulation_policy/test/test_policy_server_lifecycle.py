@@ -15,8 +15,8 @@ import pytest
 import requests
 
 from manipulation_policy import policy_server
-from manipulation_policy.server_auth import API_KEY_ENV
-from manipulation_policy.server_process import ServerProcess, ServerStartError
+from manipulation_policy.server.auth import API_KEY_ENV
+from manipulation_policy.server.process import ServerProcess, ServerStartError
 
 TEST_DIR = str(Path(__file__).resolve().parent)
 SCRIPTED = "server_test_backends:ScriptedBackend"

@@ -21,9 +21,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from server_test_backends import BAD_ANSWERS
 
-from manipulation_policy.contract import InferResponse
-from manipulation_policy.server_auth import API_KEY_ENV
-from manipulation_policy.server_process import ServerProcess
+from manipulation_policy.core.contract import InferResponse
+from manipulation_policy.server.auth import API_KEY_ENV
+from manipulation_policy.server.process import ServerProcess
 
 TEST_DIR = str(Path(__file__).resolve().parent)
 SCRIPTED = "server_test_backends:ScriptedBackend"

@@ -14,33 +14,33 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from manipulation_policy.backends import UnknownBackendError, create_backend
 from manipulation_policy.backends.stub import StubBackend
-from manipulation_policy.errors import InputError
-from manipulation_policy.inference_worker import (
-    ClientGoneError,
-    InferenceWorker,
-    QueueFullError,
-)
-from manipulation_policy.json_body import parse_json_body
+from manipulation_policy.core.errors import InputError
+from manipulation_policy.core.json_body import parse_json_body
+from manipulation_policy.core.policy_types import Observation, PolicyAction
 from manipulation_policy.policy_server import (
     StartupError,
     backend_options,
     build_config,
     build_parser,
 )
-from manipulation_policy.policy_types import Observation, PolicyAction
-from manipulation_policy.server_app import (
+from manipulation_policy.server.app import (
     ApiError,
     ServerConfig,
     check_json_content_type,
     gpu_memory_report,
 )
-from manipulation_policy.server_auth import (
+from manipulation_policy.server.auth import (
     API_KEY_ENV,
     ApiKeyError,
     bearer_token_matches,
     load_api_key,
 )
-from manipulation_policy.server_metrics import ServerMetrics
+from manipulation_policy.server.inference_worker import (
+    ClientGoneError,
+    InferenceWorker,
+    QueueFullError,
+)
+from manipulation_policy.server.metrics import ServerMetrics
 
 # ------------------------------------------------------------------ strict JSON
 
@@ -200,8 +200,8 @@ def test_a_cheap_backend_predicts_on_the_loop_only_when_the_server_is_idle():
 
 
 def test_only_small_lone_bodies_and_small_declared_images_are_decoded_on_the_loop():
-    from manipulation_policy.contract import InferRequest
-    from manipulation_policy.server_app import decode_inline, parse_inline
+    from manipulation_policy.core.contract import InferRequest
+    from manipulation_policy.server.app import decode_inline, parse_inline
 
     assert parse_inline(16 * 1024, queue_depth=1)
     assert not parse_inline(16 * 1024, queue_depth=2)  # others admitted: the pool
@@ -215,7 +215,7 @@ def test_only_small_lone_bodies_and_small_declared_images_are_decoded_on_the_loo
 
 def test_only_a_backend_class_that_declares_it_predicts_inline():
     from manipulation_policy.backends.stub import StubBackend
-    from manipulation_policy.server_app import predicts_inline
+    from manipulation_policy.server.app import predicts_inline
 
     class SlowStub(StubBackend):  # changes predict: the stub's promise is not its own
         def predict(self, observation):
@@ -347,7 +347,7 @@ def test_gpu_report_does_not_import_torch_for_a_stub_server():
     code = (
         "import sys\n"
         "from manipulation_policy.backends import create_backend\n"
-        "from manipulation_policy.server_app import gpu_memory_report, create_app\n"
+        "from manipulation_policy.server.app import gpu_memory_report, create_app\n"
         "create_app(create_backend('stub'))\n"
         "assert gpu_memory_report() is None\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

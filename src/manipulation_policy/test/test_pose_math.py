@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from manipulation_policy.policy_types import Pose, Quaternion, Vector3
-from manipulation_policy.pose_math import (
+from manipulation_policy.core.policy_types import Pose, Quaternion, Vector3
+from manipulation_policy.core.pose_math import (
     apply_delta,
     quaternion_from_rpy,
     quaternion_multiply,

@@ -9,16 +9,16 @@ import pytest
 from node_harness import ScriptedPolicyServer, assert_actions_close, sample_image, wait_until
 
 from manipulation_policy.backends.stub import StubBackend
-from manipulation_policy.contract import observation_to_request
-from manipulation_policy.imaging import decode_base64_image
-from manipulation_policy.policy_types import JointStateData, Observation
-from manipulation_policy.remote_client import (
+from manipulation_policy.core.contract import observation_to_request
+from manipulation_policy.core.imaging import decode_base64_image
+from manipulation_policy.core.policy_types import JointStateData, Observation
+from manipulation_policy.nodes.remote_client import (
     BreakerState,
     CircuitBreaker,
     RemoteClient,
     RemoteSettings,
 )
-from manipulation_policy.server_process import ServerProcess, free_port
+from manipulation_policy.server.process import ServerProcess, free_port
 
 OBSERVATION = Observation(
     joint_state=JointStateData(name=("a", "b"), position=(0.2, -0.4)),

@@ -21,7 +21,7 @@ from hostile_servers import (
 )
 from node_harness import wait_until
 
-from manipulation_policy.remote_client import (
+from manipulation_policy.nodes.remote_client import (
     BreakerState,
     CircuitBreaker,
     RemoteClient,

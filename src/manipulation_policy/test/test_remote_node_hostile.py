@@ -29,11 +29,11 @@ from node_harness import Rig, sample_image, wait_until
 from rcl_interfaces.msg import Log
 
 from manipulation_msgs.msg import PolicyOutput
-from manipulation_policy.policy_node_base import PolicyNodeBase
-from manipulation_policy.policy_types import PolicyAction
-from manipulation_policy.remote_client import CircuitBreaker
-from manipulation_policy.remote_policy_node import RemotePolicyNode
-from manipulation_policy.ros_conversion import policy_output_to_action, stamp_to_nanoseconds
+from manipulation_policy.core.policy_types import PolicyAction
+from manipulation_policy.nodes.policy_node_base import PolicyNodeBase
+from manipulation_policy.nodes.remote_client import CircuitBreaker
+from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
+from manipulation_policy.nodes.ros_conversion import policy_output_to_action, stamp_to_nanoseconds
 
 MIB = 1024 * 1024
 # Time from an image's stamp to the decision's arrival besides the client's own bound:

@@ -22,11 +22,11 @@ from node_harness import (
 )
 from rclpy.parameter import Parameter
 
-from manipulation_policy.policy_types import Observation
-from manipulation_policy.remote_client import RemoteClient, RemoteSettings
-from manipulation_policy.remote_policy_node import RemoteActionSource, RemotePolicyNode
-from manipulation_policy.ros_conversion import policy_output_to_action, stamp_to_nanoseconds
-from manipulation_policy.server_process import ServerProcess, free_port
+from manipulation_policy.core.policy_types import Observation
+from manipulation_policy.nodes.remote_client import RemoteClient, RemoteSettings
+from manipulation_policy.nodes.remote_policy_node import RemoteActionSource, RemotePolicyNode
+from manipulation_policy.nodes.ros_conversion import policy_output_to_action, stamp_to_nanoseconds
+from manipulation_policy.server.process import ServerProcess, free_port
 
 STUB_CONFIDENCE = 0.5
 DEFAULT_INSTRUCTION = "pick up the object"
@@ -259,7 +259,8 @@ def test_the_api_key_parameter_refuses_to_hold_a_secret(rig, scripted_server, tm
 
 def node_process(*ros_args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "manipulation_policy.remote_policy_node", "--ros-args", *ros_args],
+        [sys.executable, "-m", "manipulation_policy.nodes.remote_policy_node",
+         "--ros-args", *ros_args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 

@@ -13,8 +13,8 @@ from PIL import Image as PILImage
 from sensor_msgs.msg import CompressedImage, Image, JointState
 
 from manipulation_msgs.msg import PolicyOutput
-from manipulation_policy.errors import InputError
-from manipulation_policy.policy_types import (
+from manipulation_policy.core.errors import InputError
+from manipulation_policy.core.policy_types import (
     EefTargetMode,
     PolicyAction,
     Pose,
@@ -22,7 +22,7 @@ from manipulation_policy.policy_types import (
     Twist,
     Vector3,
 )
-from manipulation_policy.ros_conversion import (
+from manipulation_policy.nodes.ros_conversion import (
     action_to_policy_output,
     compressed_image_to_rgb,
     image_to_rgb,

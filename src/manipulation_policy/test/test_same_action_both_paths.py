@@ -16,14 +16,14 @@ import requests
 from server_test_backends import FIXED_ABSOLUTE, FIXED_DELTA, FixedDeltaBackend
 
 from manipulation_policy.backends import create_backend, predictor
-from manipulation_policy.contract import (
+from manipulation_policy.core.contract import (
     observation_to_request,
     parse_request,
     parse_response,
     request_to_observation,
     response_to_action,
 )
-from manipulation_policy.policy_types import (
+from manipulation_policy.core.policy_types import (
     EefTargetMode,
     JointStateData,
     Observation,
@@ -31,8 +31,8 @@ from manipulation_policy.policy_types import (
     Quaternion,
     Vector3,
 )
-from manipulation_policy.pose_math import apply_delta
-from manipulation_policy.server_process import running_server
+from manipulation_policy.core.pose_math import apply_delta
+from manipulation_policy.server.process import running_server
 
 TEST_DIR = str(Path(__file__).resolve().parent)
 

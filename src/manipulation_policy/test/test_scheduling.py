@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from manipulation_policy.policy_types import Pose, Quaternion, Vector3
-from manipulation_policy.scheduling import (
+from manipulation_policy.core.policy_types import Pose, Quaternion, Vector3
+from manipulation_policy.nodes.scheduling import (
     RATE_TOLERANCE,
     EefUse,
     FrameInfo,

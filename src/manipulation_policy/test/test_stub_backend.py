@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from manipulation_policy.backends import UnknownBackendError, create_backend, predictor
-from manipulation_policy.errors import BackendStartupError
-from manipulation_policy.policy_types import (
+from manipulation_policy.core.errors import BackendStartupError
+from manipulation_policy.core.policy_types import (
     EefTargetMode,
     JointStateData,
     Observation,

@@ -34,23 +34,23 @@ from std_msgs.msg import String
 from manipulation_policy import policy_server
 from manipulation_policy.backends.openvla import OpenVLABackend
 from manipulation_policy.backends.stub import StubBackend
-from manipulation_policy.contract import parse_request, request_to_observation
-from manipulation_policy.node_parameters import (
+from manipulation_policy.core.contract import parse_request, request_to_observation
+from manipulation_policy.core.openvla_actions import convert_openvla_action
+from manipulation_policy.core.policy_types import ActionOverrides, Observation, Quaternion
+from manipulation_policy.core.pose_math import rpy_from_quaternion
+from manipulation_policy.core.upstream_compat import canonical_answer
+from manipulation_policy.nodes.node_parameters import (
     resolve_upstream_parameters,
     upstream_action_fields,
 )
-from manipulation_policy.openvla_actions import convert_openvla_action
-from manipulation_policy.policy_node import PolicyNode
-from manipulation_policy.policy_types import ActionOverrides, Observation, Quaternion
-from manipulation_policy.pose_math import rpy_from_quaternion
-from manipulation_policy.remote_client import RemoteClient, RemoteSettings
-from manipulation_policy.remote_policy_node import RemotePolicyNode
-from manipulation_policy.response_validation import ResponseLimits
-from manipulation_policy.ros_conversion import policy_output_to_action
-from manipulation_policy.server_app import ApiError, decode_infer_body
-from manipulation_policy.server_auth import API_KEY_ENV
-from manipulation_policy.server_process import ServerProcess
-from manipulation_policy.upstream_compat import canonical_answer
+from manipulation_policy.nodes.policy_node import PolicyNode
+from manipulation_policy.nodes.remote_client import RemoteClient, RemoteSettings
+from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
+from manipulation_policy.nodes.response_validation import ResponseLimits
+from manipulation_policy.nodes.ros_conversion import policy_output_to_action
+from manipulation_policy.server.app import ApiError, decode_infer_body
+from manipulation_policy.server.auth import API_KEY_ENV
+from manipulation_policy.server.process import ServerProcess
 
 # The response fields of upstream's docs/openvla_remote.md, every one always present.
 UPSTREAM_RESPONSE_FIELDS = {

@@ -24,9 +24,9 @@ import importlib
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Protocol
 
-from ..errors import BackendStartupError
-from ..policy_types import EefTargetMode, Observation, PolicyAction, Pose
-from ..pose_math import compose_with_current_pose
+from manipulation_policy.core.errors import BackendStartupError
+from manipulation_policy.core.policy_types import EefTargetMode, Observation, PolicyAction, Pose
+from manipulation_policy.core.pose_math import compose_with_current_pose
 
 
 class PolicyBackend(Protocol):

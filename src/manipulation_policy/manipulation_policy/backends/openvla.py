@@ -50,15 +50,15 @@ import transformers
 from packaging.version import Version
 from PIL import Image
 
-from .. import model_options
-from ..errors import BackendStartupError, InputError
-from ..openvla_actions import (
+from manipulation_policy.backends import openvla_batching
+from manipulation_policy.core import model_options
+from manipulation_policy.core.errors import BackendStartupError, InputError
+from manipulation_policy.core.openvla_actions import (
     OPENVLA_ACTION_DIM,
     ActionConversionOptions,
     convert_openvla_action,
 )
-from ..policy_types import Observation, PolicyAction
-from . import openvla_batching
+from manipulation_policy.core.policy_types import Observation, PolicyAction
 
 logger = logging.getLogger(__name__)
 

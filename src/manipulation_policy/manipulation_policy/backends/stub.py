@@ -25,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from ..policy_types import EefTargetMode, Observation, PolicyAction, Pose, Vector3
+from manipulation_policy.core.policy_types import (
+    EefTargetMode,
+    Observation,
+    PolicyAction,
+    Pose,
+    Vector3,
+)
 
 MAX_STEP_M = 0.01
 MAX_JOINT_STEP = 0.05

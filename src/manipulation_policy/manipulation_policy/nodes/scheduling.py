@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .policy_types import Pose
+from manipulation_policy.core.policy_types import Pose
 
 NanosecondClock = Callable[[], int]
 

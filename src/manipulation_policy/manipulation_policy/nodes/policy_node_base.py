@@ -38,9 +38,9 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 
 from manipulation_msgs.msg import PolicyOutput
-
-from . import ros_conversion
-from .node_parameters import (
+from manipulation_policy.core.policy_types import JointStateData, Observation, PolicyAction
+from manipulation_policy.nodes import ros_conversion
+from manipulation_policy.nodes.node_parameters import (
     COMMON_PARAMETERS,
     UPSTREAM_PARAMETER_NAMES,
     ParameterSpec,
@@ -48,9 +48,12 @@ from .node_parameters import (
     resolve_upstream_parameters,
     specs_by_name,
 )
-from .parameter_declarations import as_declared_type, descriptor_for, refusal_reason
-from .policy_types import JointStateData, Observation, PolicyAction
-from .scheduling import (
+from manipulation_policy.nodes.parameter_declarations import (
+    as_declared_type,
+    descriptor_for,
+    refusal_reason,
+)
+from manipulation_policy.nodes.scheduling import (
     EefUse,
     FrameInfo,
     FrameScheduler,

@@ -17,10 +17,9 @@ from geometry_msgs.msg import Twist as TwistMsg
 from sensor_msgs.msg import CompressedImage, Image, JointState
 
 from manipulation_msgs.msg import PolicyOutput
-
-from .errors import InputError
-from .imaging import RAW_ENCODINGS, decode_image_bytes, raw_image_to_rgb
-from .policy_types import (
+from manipulation_policy.core.errors import InputError
+from manipulation_policy.core.imaging import RAW_ENCODINGS, decode_image_bytes, raw_image_to_rgb
+from manipulation_policy.core.policy_types import (
     EefTargetMode,
     JointStateData,
     PolicyAction,

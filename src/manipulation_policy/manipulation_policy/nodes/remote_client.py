@@ -35,13 +35,23 @@ from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
 from typing import Any, Optional
 
-from .errors import InputError
-from .http_exchange import AnswerRefused, DeadlineExceeded, ExchangeError, HttpAnswer, HttpPoster
-from .json_body import parse_json_body
-from .openvla_actions import ActionConversionOptions
-from .policy_types import PolicyAction
-from .response_validation import Expectation, ResponseLimits, validate_answer
-from .upstream_compat import canonical_answer
+from manipulation_policy.core.errors import InputError
+from manipulation_policy.core.json_body import parse_json_body
+from manipulation_policy.core.openvla_actions import ActionConversionOptions
+from manipulation_policy.core.policy_types import PolicyAction
+from manipulation_policy.core.upstream_compat import canonical_answer
+from manipulation_policy.nodes.http_exchange import (
+    AnswerRefused,
+    DeadlineExceeded,
+    ExchangeError,
+    HttpAnswer,
+    HttpPoster,
+)
+from manipulation_policy.nodes.response_validation import (
+    Expectation,
+    ResponseLimits,
+    validate_answer,
+)
 
 # Statuses worth another attempt: the server is overloaded, restarting or broken for now.
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .server_logging import clip
+from manipulation_policy.server.log_limits import clip
 
 logger = logging.getLogger(__name__)
 

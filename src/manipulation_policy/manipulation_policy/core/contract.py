@@ -18,9 +18,13 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import InputError
-from .imaging import DEFAULT_MAX_IMAGE_PIXELS, decode_base64_image, encode_base64_jpeg
-from .policy_types import (
+from manipulation_policy.core.errors import InputError
+from manipulation_policy.core.imaging import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    decode_base64_image,
+    encode_base64_jpeg,
+)
+from manipulation_policy.core.policy_types import (
     DEFAULT_REFERENCE_FRAME,
     ActionOverrides,
     EefTargetMode,

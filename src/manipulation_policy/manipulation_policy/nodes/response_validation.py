@@ -28,9 +28,9 @@ from typing import Any, Optional
 
 from pydantic import BaseModel
 
-from .contract import InferResponse, parse_response, response_to_action
-from .errors import InputError
-from .policy_types import EefTargetMode, PolicyAction
+from manipulation_policy.core.contract import InferResponse, parse_response, response_to_action
+from manipulation_policy.core.errors import InputError
+from manipulation_policy.core.policy_types import EefTargetMode, PolicyAction
 
 MAX_FRAME_ID_CHARS = 256
 QUATERNION_NORM_TOLERANCE = 1e-3

@@ -16,8 +16,14 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from .contract import InferResponse, action_to_response, field_path
-from .policy_types import EefTargetMode, PolicyAction, Pose, Twist, geometry_parts
+from manipulation_policy.core.contract import InferResponse, action_to_response, field_path
+from manipulation_policy.core.policy_types import (
+    EefTargetMode,
+    PolicyAction,
+    Pose,
+    Twist,
+    geometry_parts,
+)
 
 
 class BackendAnswerError(ValueError):

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
-from . import model_options
-from .backends import BACKEND_MODULES
-from .client_api_key import API_KEY_ENV, ApiKeyUnusable, read_api_key
-from .contract import MAX_IMAGE_SIDE, MAX_INSTRUCTION_CHARS
-from .model_options import (  # noqa: F401 - the model options' vocabularies, defined there
+from manipulation_policy.backends import BACKEND_MODULES
+from manipulation_policy.core import model_options
+from manipulation_policy.core.contract import MAX_IMAGE_SIDE, MAX_INSTRUCTION_CHARS
+from manipulation_policy.core.model_options import (  # noqa: F401 - the model options' vocabularies, defined there
     ATTN_IMPLEMENTATIONS,
     DTYPES,
     GRIPPER_CONVENTIONS,
@@ -30,8 +29,9 @@ from .model_options import (  # noqa: F401 - the model options' vocabularies, de
     NumberRange,
     device_name,
 )
-from .remote_client import DEFAULT_MAX_RESPONSE_BYTES
-from .response_validation import frame_id_problem
+from manipulation_policy.nodes.client_api_key import API_KEY_ENV, ApiKeyUnusable, read_api_key
+from manipulation_policy.nodes.remote_client import DEFAULT_MAX_RESPONSE_BYTES
+from manipulation_policy.nodes.response_validation import frame_id_problem
 
 Check = Callable[[Any], Optional[str]]
 

@@ -19,8 +19,8 @@ import json
 import re
 from typing import Any, Optional
 
-from .contract import field_path
-from .errors import InputError
+from manipulation_policy.core.contract import field_path
+from manipulation_policy.core.errors import InputError
 
 
 class _NonFinite:

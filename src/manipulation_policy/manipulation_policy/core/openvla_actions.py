@@ -42,8 +42,8 @@ from typing import Optional
 
 import numpy as np
 
-from . import model_options
-from .policy_types import (
+from manipulation_policy.core import model_options
+from manipulation_policy.core.policy_types import (
     ActionOverrides,
     Bounds,
     EefTargetMode,
@@ -52,7 +52,7 @@ from .policy_types import (
     Pose,
     Vector3,
 )
-from .pose_math import quaternion_from_rpy
+from manipulation_policy.core.pose_math import quaternion_from_rpy
 
 OPENVLA_ACTION_DIM = 7
 ACTION_COMPONENTS = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")

@@ -25,20 +25,33 @@ from typing import Any, Optional
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import ParameterDescriptor
 
-from .client_api_key import ApiKeyUnusable, read_api_key
-from .contract import observation_to_request, parse_request, request_action_overrides
-from .imaging import resize_rgb
-from .node_parameters import (
+from manipulation_policy.core.contract import (
+    observation_to_request,
+    parse_request,
+    request_action_overrides,
+)
+from manipulation_policy.core.imaging import resize_rgb
+from manipulation_policy.core.openvla_actions import ActionConversionOptions
+from manipulation_policy.core.policy_types import JointStateData, Observation, PolicyAction
+from manipulation_policy.nodes.client_api_key import ApiKeyUnusable, read_api_key
+from manipulation_policy.nodes.node_parameters import (
     REMOTE_NODE_PARAMETERS,
     UPSTREAM_ACTION_PARAMETERS,
     upstream_action_fields,
 )
-from .openvla_actions import ActionConversionOptions
-from .policy_node_base import LOG_THROTTLE_SEC, PolicyNodeBase, run_node
-from .policy_types import JointStateData, Observation, PolicyAction
-from .remote_client import BreakerState, RemoteClient, RemoteSettings, printable
-from .remote_diagnostics import DIAGNOSTICS_TOPIC, ServerLinkState, server_link_status
-from .response_validation import ResponseLimits
+from manipulation_policy.nodes.policy_node_base import LOG_THROTTLE_SEC, PolicyNodeBase, run_node
+from manipulation_policy.nodes.remote_client import (
+    BreakerState,
+    RemoteClient,
+    RemoteSettings,
+    printable,
+)
+from manipulation_policy.nodes.remote_diagnostics import (
+    DIAGNOSTICS_TOPIC,
+    ServerLinkState,
+    server_link_status,
+)
+from manipulation_policy.nodes.response_validation import ResponseLimits
 
 DIAGNOSTICS_PERIOD_SEC = 1.0
 

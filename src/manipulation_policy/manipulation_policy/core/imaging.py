@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError
+from manipulation_policy.core.errors import InputError
 
 # 4096 x 4096: far above any camera a policy needs, far below a decompression bomb.
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096

@@ -40,10 +40,9 @@ try:  # a compiled JSON codec: strict RFC 8259 parsing, ~10x faster encoding
 except ImportError:  # pragma: no cover - requirements install it; json still works
     orjson = None
 
-from . import __version__
-from .backends import PolicyBackend, batch_predictor, predictor
-from .batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE
-from .contract import (
+from manipulation_policy import __version__
+from manipulation_policy.backends import PolicyBackend, batch_predictor, predictor
+from manipulation_policy.core.contract import (
     ErrorResponse,
     HealthResponse,
     InferRequest,
@@ -52,9 +51,14 @@ from .contract import (
     parse_request,
     request_to_observation,
 )
-from .errors import InputError
-from .imaging import DEFAULT_MAX_IMAGE_PIXELS
-from .inference_worker import (
+from manipulation_policy.core.errors import InputError
+from manipulation_policy.core.imaging import DEFAULT_MAX_IMAGE_PIXELS
+from manipulation_policy.core.json_body import parse_json_body
+from manipulation_policy.core.policy_types import Observation, PolicyAction
+from manipulation_policy.server.answer import BackendAnswerError, checked_response
+from manipulation_policy.server.auth import OPEN_PATHS, BearerAuthMiddleware
+from manipulation_policy.server.batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE
+from manipulation_policy.server.inference_worker import (
     DEFAULT_DEADLINE_S,
     BackendStuckError,
     ClientGoneError,
@@ -62,12 +66,8 @@ from .inference_worker import (
     PredictionTimeoutError,
     QueueFullError,
 )
-from .json_body import parse_json_body
-from .policy_types import Observation, PolicyAction
-from .server_answer import BackendAnswerError, checked_response
-from .server_auth import OPEN_PATHS, BearerAuthMiddleware
-from .server_logging import clip
-from .server_metrics import EXPOSITION_CONTENT_TYPE, ServerMetrics
+from manipulation_policy.server.log_limits import clip
+from manipulation_policy.server.metrics import EXPOSITION_CONTENT_TYPE, ServerMetrics
 
 logger = logging.getLogger("manipulation_policy.policy_server")
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Optional
 
 # One variable name and one size limit for the server and the robot side.
-from .client_api_key import API_KEY_ENV, MAX_KEY_FILE_BYTES
+from manipulation_policy.nodes.client_api_key import API_KEY_ENV, MAX_KEY_FILE_BYTES
 
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 

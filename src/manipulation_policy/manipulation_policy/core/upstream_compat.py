@@ -19,9 +19,13 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from .contract import pose_to_wire
-from .openvla_actions import OPENVLA_ACTION_DIM, ActionConversionOptions, convert_openvla_action
-from .policy_types import DEFAULT_REFERENCE_FRAME, Observation
+from manipulation_policy.core.contract import pose_to_wire
+from manipulation_policy.core.openvla_actions import (
+    OPENVLA_ACTION_DIM,
+    ActionConversionOptions,
+    convert_openvla_action,
+)
+from manipulation_policy.core.policy_types import DEFAULT_REFERENCE_FRAME, Observation
 
 VECTOR_KEYS = ("action", "actions", "action_values", "openvla_action")
 NESTED_VECTOR_KEYS = ("action", "actions", "action_values", "values", "data")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 from typing import Any, Optional
 
-from .backends import PolicyBackend, create_backend, predictor
-from .node_parameters import POLICY_NODE_PARAMETERS, backend_options
-from .policy_node_base import ActionSource, PolicyNodeBase, run_node
+from manipulation_policy.backends import PolicyBackend, create_backend, predictor
+from manipulation_policy.nodes.node_parameters import POLICY_NODE_PARAMETERS, backend_options
+from manipulation_policy.nodes.policy_node_base import ActionSource, PolicyNodeBase, run_node
 
 
 class PolicyNode(PolicyNodeBase):

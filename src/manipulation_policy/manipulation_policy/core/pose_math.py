@@ -11,7 +11,13 @@ import math
 from dataclasses import replace
 from typing import Optional
 
-from .policy_types import EefTargetMode, PolicyAction, Pose, Quaternion, Vector3
+from manipulation_policy.core.policy_types import (
+    EefTargetMode,
+    PolicyAction,
+    Pose,
+    Quaternion,
+    Vector3,
+)
 
 
 def quaternion_from_rpy(roll: float, pitch: float, yaw: float) -> Quaternion:

@@ -31,8 +31,8 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, Optional
 
-from .batching import MicroBatcher, isolated_batch_call
-from .policy_types import Observation, PolicyAction
+from manipulation_policy.core.policy_types import Observation, PolicyAction
+from manipulation_policy.server.batching import MicroBatcher, isolated_batch_call
 
 DEFAULT_DEADLINE_S = 10.0
 

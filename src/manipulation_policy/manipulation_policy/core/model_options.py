@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .contract import MAX_REQUEST_SCALE
+from manipulation_policy.core.contract import MAX_REQUEST_SCALE
 
 Check = Callable[[Any], Optional[str]]
 Bounds = tuple[float, float]
