@@ -110,48 +110,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _bounded_int(low: int, high: Optional[int] = None, what: str = "an integer"):
-    def parse(text: str) -> int:
+def _cli_number(check: model_options.NumberRange, what: str):
+    """An argparse type: a number ``check`` accepts, else one line saying why."""
+
+    def parse(text: str):
         try:
-            value = int(text.strip())
+            value = int(text.strip()) if check.integer else float(text.strip())
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {what}") from None
-        if value < low or (high is not None and value > high):
-            bounds = f"from {low} to {high}" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"{text[:40]!r}: must be {bounds}")
+        reason = check(value)
+        if reason is not None:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} ({what}): {reason}")
         return value
 
     parse.__name__ = what  # argparse names the type in its messages
     return parse
 
 
-def _seconds(allow_zero: bool):
-    def parse(text: str) -> float:
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number of seconds") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-            need = ">= 0" if allow_zero else "> 0"
-            raise argparse.ArgumentTypeError(f"{text[:40]!r}: must be finite and {need} seconds")
-        return value
-
-    parse.__name__ = "seconds"
-    return parse
-
-
-def _milliseconds(high: float):
-    def parse(text: str) -> float:
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number of ms") from None
-        if not 0 <= value <= high:  # NaN fails too
-            raise argparse.ArgumentTypeError(f"{text[:40]!r}: must be from 0 to {high:g} ms")
-        return value
-
-    parse.__name__ = "milliseconds"
-    return parse
+def _count(low: int, what: str):
+    return _cli_number(model_options.NumberRange(low, math.inf, integer=True), what)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument(
         "--port",
-        type=_bounded_int(1, 65535, "a TCP port"),
+        type=_cli_number(model_options.NumberRange(1, 65535, integer=True), "a TCP port"),
         default=5000,
         help="TCP port to listen on (1-65535)",
     )
@@ -193,43 +170,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serving.add_argument(
         "--max-body-bytes",
-        type=_bounded_int(1, what="a byte count"),
+        type=_count(1, "a byte count"),
         default=DEFAULT_MAX_BODY_BYTES,
     )
     serving.add_argument(
         "--max-queue",
-        type=_bounded_int(0, what="a request count"),
+        type=_count(0, "a request count"),
         default=DEFAULT_MAX_QUEUE,
         help="requests that may wait behind the running prediction before 503",
     )
     serving.add_argument(
         "--max-image-pixels",
-        type=_bounded_int(1, what="a pixel count"),
+        type=_count(1, "a pixel count"),
         default=DEFAULT_MAX_IMAGE_PIXELS,
     )
     serving.add_argument(
         "--inference-timeout",
-        type=_seconds(allow_zero=False),
+        type=_cli_number(model_options.NumberRange(0.0, math.inf, low_open=True), "seconds"),
         default=DEFAULT_DEADLINE_S,
         help="deadline of one prediction: past it the request gets 504, and /health "
         "answers 503 until the backend returns",
     )
     serving.add_argument(
         "--max-batch-size",
-        type=_bounded_int(1, what="an observation count"),
+        type=_count(1, "an observation count"),
         default=DEFAULT_MAX_BATCH_SIZE,
         help="most observations predicted together in one model call (1: one at a time)",
     )
     serving.add_argument(
         "--batch-window-ms",
-        type=_milliseconds(MAX_BATCH_WINDOW_MS),
+        type=_cli_number(model_options.NumberRange(0.0, MAX_BATCH_WINDOW_MS), "milliseconds"),
         default=DEFAULT_BATCH_WINDOW_MS,
         help="longest wait for more observations to join a batch, while others are on "
         "their way (a lone request never waits)",
     )
     serving.add_argument(
         "--graceful-timeout",
-        type=_seconds(allow_zero=True),
+        type=_cli_number(model_options.NumberRange(0.0, math.inf), "seconds"),
         default=30.0,
         help="seconds requests in flight get to finish after SIGTERM; the process "
         "exits by then whatever the backend does",

@@ -107,6 +107,8 @@ class NumberRange:
     def __call__(self, value: float) -> Optional[str]:
         if self.integer:
             if not self.low <= value <= self.high:
+                if math.isinf(self.high):
+                    return f"must be at least {self.low}, got {value!r}"
                 return f"must be between {self.low} and {self.high}, got {value!r}"
             return None
         if not math.isfinite(value) or (value <= self.low if self.low_open else value < self.low):
@@ -118,7 +120,7 @@ class NumberRange:
 
     def describe(self) -> str:
         if self.integer:
-            return f"{self.low} to {self.high}"
+            return f">= {self.low}" if math.isinf(self.high) else f"{self.low} to {self.high}"
         low = f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
         return low if math.isinf(self.high) else f"{low}, <= {self.high:g}"
 
