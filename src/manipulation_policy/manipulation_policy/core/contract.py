@@ -14,7 +14,7 @@ the server and the client share one definition.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -36,6 +36,8 @@ from manipulation_policy.core.policy_types import (
     geometry_from,
     geometry_to_dict,
 )
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 # JSON numbers only (no "1.0" strings, no booleans), finite.
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -211,22 +213,21 @@ def first_input_error(exc: ValidationError) -> InputError:
     return InputError(field_path(tuple(error["loc"])), error["msg"])
 
 
-def parse_request(payload: Any) -> InferRequest:
+def _validated(model: type[ModelT], payload: Any, what: str) -> ModelT:
     if not isinstance(payload, dict):
-        raise InputError("body", "request body must be a JSON object")
+        raise InputError("body", f"{what} body must be a JSON object")
     try:
-        return InferRequest.model_validate(payload)
+        return model.model_validate(payload)
     except ValidationError as exc:
         raise first_input_error(exc) from None
+
+
+def parse_request(payload: Any) -> InferRequest:
+    return _validated(InferRequest, payload, "request")
 
 
 def parse_response(payload: Any) -> InferResponse:
-    if not isinstance(payload, dict):
-        raise InputError("body", "response body must be a JSON object")
-    try:
-        return InferResponse.model_validate(payload)
-    except ValidationError as exc:
-        raise first_input_error(exc) from None
+    return _validated(InferResponse, payload, "response")
 
 
 # ---------------------------------------------------------------- conversions
