@@ -41,8 +41,8 @@ import numpy as np
 
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.core.imaging import decode_base64_image, encode_jpeg
-from manipulation_policy.server.app import decode_infer_body
 from manipulation_policy.server.process import ServerProcess, free_port
+from manipulation_policy.server.request_decoding import decode_infer_body
 
 FLOOR_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "http_floor.py")
 

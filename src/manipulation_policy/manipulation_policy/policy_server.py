@@ -312,7 +312,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     import uvicorn
 
     from manipulation_policy.server import log_limits as server_logging
-    from manipulation_policy.server.app import create_app, uvicorn_implementations
+    from manipulation_policy.server.app import create_app
+    from manipulation_policy.server.reports import uvicorn_implementations
 
     raise_open_file_limit()
     app = create_app(backend, config)

@@ -18,7 +18,6 @@ from manipulation_policy.core.json_body import parse_json_body
 from manipulation_policy.core.policy_types import Observation, PolicyAction, Pose, Vector3
 from manipulation_policy.policy_server import build_parser
 from manipulation_policy.server.answer import BackendAnswerError, checked_response
-from manipulation_policy.server.app import RefusalPacer
 from manipulation_policy.server.auth import ApiKeyError, load_api_key
 from manipulation_policy.server.inference_worker import (
     BackendStuckError,
@@ -28,6 +27,7 @@ from manipulation_policy.server.inference_worker import (
 )
 from manipulation_policy.server.log_limits import AccessLogRedactor, RateLimitFilter, clip
 from manipulation_policy.server.metrics import ServerMetrics, counter_values
+from manipulation_policy.server.middleware import RefusalPacer
 
 # ------------------------------------------------------------ request text
 

@@ -23,24 +23,22 @@ from manipulation_policy.policy_server import (
     build_config,
     build_parser,
 )
-from manipulation_policy.server.app import (
-    ApiError,
-    ServerConfig,
-    check_json_content_type,
-    gpu_memory_report,
-)
+from manipulation_policy.server.app import ServerConfig
 from manipulation_policy.server.auth import (
     API_KEY_ENV,
     ApiKeyError,
     bearer_token_matches,
     load_api_key,
 )
+from manipulation_policy.server.errors import ApiError
+from manipulation_policy.server.http_body import check_json_content_type
 from manipulation_policy.server.inference_worker import (
     ClientGoneError,
     InferenceWorker,
     QueueFullError,
 )
 from manipulation_policy.server.metrics import ServerMetrics
+from manipulation_policy.server.reports import gpu_memory_report
 
 # ------------------------------------------------------------------ strict JSON
 
@@ -201,7 +199,7 @@ def test_a_cheap_backend_predicts_on_the_loop_only_when_the_server_is_idle():
 
 def test_only_small_lone_bodies_and_small_declared_images_are_decoded_on_the_loop():
     from manipulation_policy.core.contract import InferRequest
-    from manipulation_policy.server.app import decode_inline, parse_inline
+    from manipulation_policy.server.request_decoding import decode_inline, parse_inline
 
     assert parse_inline(16 * 1024, queue_depth=1)
     assert not parse_inline(16 * 1024, queue_depth=2)  # others admitted: the pool
@@ -347,7 +345,8 @@ def test_gpu_report_does_not_import_torch_for_a_stub_server():
     code = (
         "import sys\n"
         "from manipulation_policy.backends import create_backend\n"
-        "from manipulation_policy.server.app import gpu_memory_report, create_app\n"
+        "from manipulation_policy.server.app import create_app\n"
+        "from manipulation_policy.server.reports import gpu_memory_report\n"
         "create_app(create_backend('stub'))\n"
         "assert gpu_memory_report() is None\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

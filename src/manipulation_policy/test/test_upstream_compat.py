@@ -48,9 +48,10 @@ from manipulation_policy.nodes.remote_client import RemoteClient, RemoteSettings
 from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
 from manipulation_policy.nodes.response_validation import ResponseLimits
 from manipulation_policy.nodes.ros_conversion import policy_output_to_action
-from manipulation_policy.server.app import ApiError, decode_infer_body
 from manipulation_policy.server.auth import API_KEY_ENV
+from manipulation_policy.server.errors import ApiError
 from manipulation_policy.server.process import ServerProcess
+from manipulation_policy.server.request_decoding import decode_infer_body
 
 # The response fields of upstream's docs/openvla_remote.md, every one always present.
 UPSTREAM_RESPONSE_FIELDS = {

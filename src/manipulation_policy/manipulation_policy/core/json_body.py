@@ -1,8 +1,8 @@
 """Strict JSON parsing of request bodies: RFC 8259 JSON only, errors that name the field.
 
-The server's fast path (orjson into the pydantic model, server_app.py) takes every
-valid request; this parser runs for the others, to tell the client which field
-is wrong, and for bodies whose joint arrays hold NaN/Infinity (see below).
+The server's fast path (orjson into the pydantic model, server/request_decoding.py)
+takes every valid request; this parser runs for the others, to tell the client
+which field is wrong, and for bodies whose joint arrays hold NaN/Infinity (see below).
 
 Python's ``json`` module accepts ``NaN``, ``Infinity`` and ``-Infinity`` and turns
 ``1e999`` into ``inf``; none of these is a JSON number a client may send. They
