@@ -90,6 +90,11 @@ def environment_warnings(environ: Mapping[str, str]) -> list[str]:
     ]
 
 
+# Upstream's attention variable: a preference with fallback, not a requirement.
+UPSTREAM_ATTENTION_ENV = "OPENVLA_ATTENTION_IMPL"
+ATTENTION_OPTION = model_options.OPTIONS_BY_NAME["attn_implementation"]
+
+
 class StartupError(Exception):
     """A configuration or backend problem that stops the server before it listens."""
 
@@ -236,6 +241,20 @@ def backend_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
                     ) from None
         if value is not None:
             options[option.name] = value
+    if (
+        getattr(args, "attn_implementation", None) is None
+        and use_environ
+        and model_options.from_environment(ATTENTION_OPTION, environ)[0] == UPSTREAM_ATTENTION_ENV
+        and options.get("attn_implementation") == "flash_attention_2"
+    ):
+        # Upstream's variable names a preference: flash-attention when it loads, else the
+        # model's default. "auto" tries flash_attention_2 first on CUDA, then sdpa, eager.
+        logging.getLogger("manipulation_policy.policy_server").warning(
+            "%s=flash_attention_2 taken as upstream does: flash-attention when it loads, "
+            "else sdpa, else eager (set --attn-implementation flash_attention_2 to require it)",
+            UPSTREAM_ATTENTION_ENV,
+        )
+        options["attn_implementation"] = "auto"
     if args.skip_image_sensitivity_check:
         options["check_image_sensitivity"] = False
     return options

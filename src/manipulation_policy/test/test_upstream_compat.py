@@ -302,6 +302,28 @@ def test_backend_choice_and_openvla_environment():
     assert policy_server.environment_warnings({prompt_joints: "no"}) == []
 
 
+def test_upstreams_flash_attention_variable_is_a_preference_not_a_requirement(caplog):
+    # Upstream's docs export OPENVLA_ATTENTION_IMPL=flash_attention_2 and its server falls
+    # back when flash-attention does not load: so does this one ("auto" tries it first).
+    parse = policy_server.build_parser().parse_args
+    upstream = {"OPENVLA_MODEL_ID": "m", "OPENVLA_ATTENTION_IMPL": "flash_attention_2"}
+    with caplog.at_level("WARNING"):
+        assert policy_server.backend_options(parse([]), upstream)["attn_implementation"] == "auto"
+    assert "OPENVLA_ATTENTION_IMPL=flash_attention_2 taken as upstream does" in caplog.text
+    # Any other value, this project's own variable, or the flag: taken as a requirement.
+    assert policy_server.backend_options(
+        parse([]), {**upstream, "OPENVLA_ATTENTION_IMPL": "eager"}
+    )["attn_implementation"] == "eager"
+    own = {"OPENVLA_MODEL_ID": "m", "OPENVLA_ATTN_IMPLEMENTATION": "flash_attention_2"}
+    assert policy_server.backend_options(parse([]), own)["attn_implementation"] == (
+        "flash_attention_2"
+    )
+    flag = parse(["--attn-implementation", "flash_attention_2"])
+    assert policy_server.backend_options(flag, upstream)["attn_implementation"] == (
+        "flash_attention_2"
+    )
+
+
 @pytest.mark.parametrize("level", ["error", "critical"])
 def test_upstreams_log_levels_are_accepted(level):
     assert policy_server.build_parser().parse_args(["--log-level", level]).log_level == level
