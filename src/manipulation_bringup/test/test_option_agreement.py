@@ -14,9 +14,8 @@ import yaml
 
 from manipulation_bringup import launch_logic
 from manipulation_policy import policy_server
-from manipulation_policy.core import contract, model_options
+from manipulation_policy.core import api_key, contract, model_options
 from manipulation_policy.core.model_options import MODEL_OPTIONS, OPTIONS_BY_NAME, Bounds
-from manipulation_policy.nodes import client_api_key
 from manipulation_policy.nodes.node_parameters import (
     COMMON_PARAMETERS,
     POLICY_NODE_PARAMETERS,
@@ -266,4 +265,10 @@ def test_the_instruction_limit_and_the_api_key_variable_are_defined_once():
     assert f"at most {limit}" in instruction.reason_to_refuse("x" * (limit + 1))
     with pytest.raises(ValueError):
         contract.parse_request({"instruction": "x" * (limit + 1)})
-    assert server_auth.API_KEY_ENV is client_api_key.API_KEY_ENV
+    # Server and robot read the key through one reader: the same variable, the same rules.
+    environ = {api_key.API_KEY_ENV: "s3cret"}
+    assert server_auth.load_api_key(None, environ) == "s3cret"
+    assert api_key.read_api_key("", environ) == "s3cret"
+    for bad in ("two words", "clé"):
+        with pytest.raises(api_key.ApiKeyUnusable):
+            server_auth.load_api_key(None, {api_key.API_KEY_ENV: bad})

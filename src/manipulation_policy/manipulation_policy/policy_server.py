@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from manipulation_policy.core import model_options
+from manipulation_policy.core.api_key import API_KEY_ENV, ApiKeyUnusable
 from manipulation_policy.core.errors import BackendStartupError
 from manipulation_policy.core.imaging import DEFAULT_MAX_IMAGE_PIXELS
 from manipulation_policy.server.app import (
@@ -38,7 +39,7 @@ from manipulation_policy.server.app import (
     MAX_BATCH_WINDOW_MS,
     ServerConfig,
 )
-from manipulation_policy.server.auth import API_KEY_ENV, ApiKeyError, load_api_key
+from manipulation_policy.server.auth import load_api_key
 from manipulation_policy.server.batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE
 from manipulation_policy.server.inference_worker import DEFAULT_DEADLINE_S
 
@@ -272,7 +273,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
             max_batch_size=args.max_batch_size,
             batch_window_ms=args.batch_window_ms,
         )
-    except (ApiKeyError, ValueError) as exc:
+    except (ApiKeyUnusable, ValueError) as exc:
         raise StartupError(str(exc)) from None
 
 

@@ -18,13 +18,13 @@ from prometheus_client.parser import text_string_to_metric_families
 import manipulation_policy
 from manipulation_policy.backends import predictor
 from manipulation_policy.backends.stub import StubBackend
+from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.core.contract import (
     action_to_response,
     parse_request,
     request_to_observation,
 )
 from manipulation_policy.core.imaging import encode_jpeg
-from manipulation_policy.server.auth import API_KEY_ENV
 from manipulation_policy.server.process import ServerProcess
 
 MAX_BODY = 256 * 1024

@@ -6,7 +6,7 @@ import pytest
 import requests
 
 from manipulation_policy import policy_server
-from manipulation_policy.server.auth import API_KEY_ENV
+from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.server.process import running_server
 
 KEY = "s3cret-key-for-tests"

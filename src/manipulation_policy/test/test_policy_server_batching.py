@@ -18,7 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
-from manipulation_policy.server.auth import API_KEY_ENV
+from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.server.process import ServerProcess
 
 TEST_DIR = str(Path(__file__).resolve().parent)

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from schemathesis import GenerationMode, checks
 
+from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.core.imaging import encode_jpeg
-from manipulation_policy.server.auth import API_KEY_ENV
 from manipulation_policy.server.process import ServerProcess
 
 FUZZ = settings(

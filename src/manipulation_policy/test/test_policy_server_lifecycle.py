@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from manipulation_policy import policy_server
-from manipulation_policy.server.auth import API_KEY_ENV
+from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.server.process import ServerProcess, ServerStartError
 
 TEST_DIR = str(Path(__file__).resolve().parent)

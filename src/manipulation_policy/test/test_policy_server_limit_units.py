@@ -13,12 +13,13 @@ import time
 import pytest
 from server_test_backends import BAD_ANSWERS
 
+from manipulation_policy.core.api_key import ApiKeyUnusable
 from manipulation_policy.core.errors import InputError
 from manipulation_policy.core.json_body import parse_json_body
 from manipulation_policy.core.policy_types import Observation, PolicyAction, Pose, Vector3
 from manipulation_policy.policy_server import build_parser
 from manipulation_policy.server.answer import BackendAnswerError, checked_response
-from manipulation_policy.server.auth import ApiKeyError, load_api_key
+from manipulation_policy.server.auth import load_api_key
 from manipulation_policy.server.inference_worker import (
     BackendStuckError,
     InferenceWorker,
@@ -109,7 +110,7 @@ def test_api_key_file_that_is_a_fifo_is_refused_at_once(tmp_path):
     def load():
         try:
             load_api_key(str(fifo), {})
-        except ApiKeyError as exc:
+        except ApiKeyUnusable as exc:
             outcome["error"] = str(exc)
 
     thread = threading.Thread(target=load, daemon=True)
@@ -125,7 +126,7 @@ def test_api_key_file_that_is_a_fifo_is_refused_at_once(tmp_path):
 def test_api_key_file_over_the_size_limit_is_refused(tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text("k" * 100_000)
-    with pytest.raises(ApiKeyError, match="over"):
+    with pytest.raises(ApiKeyUnusable, match="over"):
         load_api_key(str(key_file), {})
 
 

@@ -21,8 +21,8 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from server_test_backends import BAD_ANSWERS
 
+from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.core.contract import InferResponse
-from manipulation_policy.server.auth import API_KEY_ENV
 from manipulation_policy.server.process import ServerProcess
 
 TEST_DIR = str(Path(__file__).resolve().parent)
@@ -268,6 +268,21 @@ def test_urllib_client_sees_the_413_not_a_connection_reset():
                 urllib.request.urlopen(request, timeout=10)
             assert caught.value.code == 413
             assert json.loads(caught.value.read())["error"] == "payload_too_large"
+
+
+def test_urllib_client_without_the_key_sees_the_401_not_a_connection_reset(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret")
+    with scripted_server("--api-key-file", str(key_file), "--no-access-log") as server:
+        body = json.dumps({"instruction": "pick", "pad": "x" * 4_000_000}).encode()
+        for _ in range(3):
+            request = urllib.request.Request(
+                f"{server.base_url}/infer", data=body, headers={"Content-Type": "application/json"}
+            )
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(request, timeout=10)
+            assert caught.value.code == 401
+            assert json.loads(caught.value.read())["error"] == "unauthorized"
 
 
 # ------------------------------------------------------- metrics and logs

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from manipulation_policy.backends import UnknownBackendError, create_backend
 from manipulation_policy.backends.stub import StubBackend
+from manipulation_policy.core.api_key import API_KEY_ENV, ApiKeyUnusable
 from manipulation_policy.core.errors import InputError
 from manipulation_policy.core.json_body import parse_json_body
 from manipulation_policy.core.policy_types import Observation, PolicyAction
@@ -24,12 +25,7 @@ from manipulation_policy.policy_server import (
     build_parser,
 )
 from manipulation_policy.server.app import ServerConfig
-from manipulation_policy.server.auth import (
-    API_KEY_ENV,
-    ApiKeyError,
-    bearer_token_matches,
-    load_api_key,
-)
+from manipulation_policy.server.auth import bearer_token_matches, load_api_key
 from manipulation_policy.server.errors import ApiError
 from manipulation_policy.server.http_body import check_json_content_type
 from manipulation_policy.server.inference_worker import (
@@ -273,9 +269,9 @@ def test_api_key_file_wins_over_environment(tmp_path):
     assert load_api_key(None, {API_KEY_ENV: " from-env "}) == "from-env"
     assert load_api_key(None, {API_KEY_ENV: ""}) is None
     assert load_api_key(None, {}) is None
-    with pytest.raises(ApiKeyError, match="cannot read"):
+    with pytest.raises(ApiKeyUnusable, match="cannot read"):
         load_api_key(str(tmp_path / "missing"), {})
-    with pytest.raises(ApiKeyError, match="ASCII"):
+    with pytest.raises(ApiKeyUnusable, match="ASCII"):
         load_api_key(None, {API_KEY_ENV: "clé"})
 
 

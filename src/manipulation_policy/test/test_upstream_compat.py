@@ -34,6 +34,7 @@ from std_msgs.msg import String
 from manipulation_policy import policy_server
 from manipulation_policy.backends.openvla import OpenVLABackend
 from manipulation_policy.backends.stub import StubBackend
+from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.core.contract import parse_request, request_to_observation
 from manipulation_policy.core.openvla_actions import convert_openvla_action
 from manipulation_policy.core.policy_types import ActionOverrides, Observation, Quaternion
@@ -48,7 +49,6 @@ from manipulation_policy.nodes.remote_client import RemoteClient, RemoteSettings
 from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
 from manipulation_policy.nodes.response_validation import ResponseLimits
 from manipulation_policy.nodes.ros_conversion import policy_output_to_action
-from manipulation_policy.server.auth import API_KEY_ENV
 from manipulation_policy.server.errors import ApiError
 from manipulation_policy.server.process import ServerProcess
 from manipulation_policy.server.request_decoding import decode_infer_body

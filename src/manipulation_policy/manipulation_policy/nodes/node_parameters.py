@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from manipulation_policy.backends import BACKEND_MODULES
 from manipulation_policy.core import model_options
+from manipulation_policy.core.api_key import API_KEY_ENV, ApiKeyUnusable, read_api_key
 from manipulation_policy.core.contract import MAX_IMAGE_SIDE, MAX_INSTRUCTION_CHARS
 from manipulation_policy.core.model_options import (  # noqa: F401 - the model options' vocabularies, defined there
     ATTN_IMPLEMENTATIONS,
@@ -29,7 +30,6 @@ from manipulation_policy.core.model_options import (  # noqa: F401 - the model o
     NumberRange,
     device_name,
 )
-from manipulation_policy.nodes.client_api_key import API_KEY_ENV, ApiKeyUnusable, read_api_key
 from manipulation_policy.nodes.remote_client import DEFAULT_MAX_RESPONSE_BYTES
 from manipulation_policy.nodes.response_validation import frame_id_problem
 

@@ -25,6 +25,7 @@ from typing import Any, Optional
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import ParameterDescriptor
 
+from manipulation_policy.core.api_key import ApiKeyUnusable, read_api_key
 from manipulation_policy.core.contract import (
     observation_to_request,
     parse_request,
@@ -33,7 +34,6 @@ from manipulation_policy.core.contract import (
 from manipulation_policy.core.imaging import resize_rgb
 from manipulation_policy.core.openvla_actions import ActionConversionOptions
 from manipulation_policy.core.policy_types import JointStateData, Observation, PolicyAction
-from manipulation_policy.nodes.client_api_key import ApiKeyUnusable, read_api_key
 from manipulation_policy.nodes.node_parameters import (
     REMOTE_NODE_PARAMETERS,
     UPSTREAM_ACTION_PARAMETERS,

@@ -12,52 +12,21 @@ from __future__ import annotations
 
 import hmac
 import os
-import stat
 from collections.abc import Callable, Mapping
 from typing import Optional
 
-# One variable name and one size limit for the server and the robot side.
-from manipulation_policy.nodes.client_api_key import API_KEY_ENV, MAX_KEY_FILE_BYTES
+from manipulation_policy.core.api_key import read_api_key
+from manipulation_policy.server.http_body import drain_before_close
 
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
-
-
-class ApiKeyError(ValueError):
-    """The configured API key cannot be used."""
 
 
 def load_api_key(
     key_file: Optional[str], environ: Mapping[str, str] = os.environ
 ) -> Optional[str]:
-    """The key from ``key_file`` if given, else from the environment; None means no auth."""
-    if key_file:
-        key = _read_key_file(key_file)
-        if not key:
-            raise ApiKeyError(f"API key file {key_file!r} is empty")
-    else:
-        key = environ.get(API_KEY_ENV, "").strip()
-        if not key:
-            return None
-    if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
-        raise ApiKeyError("the API key must be one printable ASCII token without spaces")
-    return key
-
-
-def _read_key_file(key_file: str) -> str:
-    # A FIFO or a device would block start-up, or never end: only a regular file, bounded.
-    try:
-        if not stat.S_ISREG(os.stat(key_file).st_mode):
-            raise ApiKeyError(f"API key file {key_file!r} is not a regular file")
-        with open(key_file, "rb") as handle:
-            data = handle.read(MAX_KEY_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ApiKeyError(f"cannot read API key file {key_file!r}: {exc.strerror or exc}") from None
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise ApiKeyError(f"API key file {key_file!r} is over {MAX_KEY_FILE_BYTES} bytes")
-    try:
-        return data.decode("utf-8").strip()
-    except UnicodeDecodeError as exc:
-        raise ApiKeyError(f"cannot read API key file {key_file!r}: {exc}") from None
+    """The key from ``key_file`` if given, else from the environment; None means no auth.
+    Raises ApiKeyUnusable (a ValueError) saying why a key cannot be used."""
+    return read_api_key(key_file or "", environ) or None
 
 
 def bearer_token_matches(authorization: Optional[str], key: str) -> bool:
@@ -91,4 +60,6 @@ class BearerAuthMiddleware:
         if bearer_token_matches(authorization, self._key):
             await self.app(scope, receive, send)
             return
+        # A client still sending its body (urllib) must see the 401, not a reset.
+        await drain_before_close(scope, receive)
         await self._reject()(scope, receive, send)

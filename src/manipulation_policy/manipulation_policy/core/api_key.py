@@ -1,9 +1,11 @@
-"""Where the robot's API key for the policy server comes from. No ROS.
+"""The API key shared by the policy server and the robot: where it is read from. No ROS.
 
-Never from a ROS parameter: any DDS peer can read a parameter with
-``ros2 param get``/``dump``. The key comes from a file named by the
+One variable name, one key-file reader, one notion of a usable key for both
+sides. The robot never takes it from a ROS parameter (any DDS peer can read a
+parameter with ``ros2 param get``/``dump``): it comes from a file named by the
 ``remote_api_key_file`` parameter (the name is not secret) or from the
-``MANIPULATION_POLICY_API_KEY`` environment variable.
+``MANIPULATION_POLICY_API_KEY`` environment variable; the server reads
+``--api-key-file`` or the same variable.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def read_api_key(key_file: str, environ: Mapping[str, str] = os.environ) -> str:
             raise ApiKeyUnusable(f"{where} is empty")
     else:
         key = environ.get(API_KEY_ENV, "").strip()
-        where = API_KEY_ENV
+        where = f"the API key in {API_KEY_ENV}"
         if not key:
             return ""
     if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):

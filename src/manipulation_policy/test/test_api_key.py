@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from manipulation_policy.nodes.client_api_key import (
+from manipulation_policy.core.api_key import (
     API_KEY_ENV,
     MAX_KEY_FILE_BYTES,
     ApiKeyUnusable,
