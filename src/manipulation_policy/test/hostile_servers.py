@@ -8,6 +8,8 @@ Each connection has its own thread, so a slow behaviour never blocks others.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import socket
 import threading
@@ -25,6 +27,8 @@ class Request:
     headers: dict[str, str]
     body: bytes
     received_at: float  # time.monotonic()
+    client_port: int = 0  # which TCP connection it came on
+    index_on_connection: int = 1  # 1 for the first request on its connection
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -133,11 +137,17 @@ class RawPolicyServer:
     def _serve(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buffer = b""
+        client_port = sock.getpeername()[1]
         try:
-            while not self._closed.is_set():
+            for index in itertools.count(1):
+                if self._closed.is_set():
+                    return
                 request, buffer = _read_request(sock, buffer)
                 if request is None:
                     return
+                request = dataclasses.replace(
+                    request, client_port=client_port, index_on_connection=index
+                )
                 with self._lock:
                     self.requests.append(request)
                 self.behaviour(request, sock)

@@ -6,6 +6,7 @@ bounded memory, without an exception escaping infer().
 
 from __future__ import annotations
 
+import socket
 import time
 import tracemalloc
 
@@ -269,9 +270,44 @@ def test_the_kept_alive_connection_is_reused_and_renewed_when_dropped():
     def behave(request, sock):
         send_json(sock, good_answer(request.joint_count()))
         if server.request_count() == 2:
-            sock.shutdown(2)  # the server drops the idle connection
+            sock.shutdown(socket.SHUT_RDWR)  # the server drops the idle connection
 
     with RawPolicyServer(behave) as server:
         client = client_for(server.url)
-        assert all(client.infer(BODY).ok for _ in range(4))
-        assert server.request_count() == 4
+        results = [client.infer(BODY) for _ in range(4)]
+        assert all(result.ok for result in results), [r.failure for r in results]
+        assert [r.attempts for r in results] == [1, 1, 1, 1]
+        ports = [request.client_port for request in server.requests]
+    # Whether the client saw the close before sending or its send met the closed
+    # socket, the third request goes out on a second connection, kept from then on.
+    assert len(ports) == 4 and ports[0] == ports[1] != ports[2] == ports[3]
+
+
+def test_a_request_met_by_a_closing_kept_alive_connection_is_sent_again_on_a_fresh_one():
+    # The race a keep-alive client always has: the server closes its idle
+    # connection just as the next request reaches it, and answers nothing.
+    def behave(request, sock):
+        if request.index_on_connection == 2:
+            sock.shutdown(socket.SHUT_RDWR)
+            return
+        send_json(sock, good_answer(request.joint_count()))
+
+    with RawPolicyServer(behave) as server:
+        client = client_for(server.url)
+        results = [client.infer(BODY) for _ in range(3)]
+        assert all(result.ok for result in results), [r.failure for r in results]
+        indexes = [request.index_on_connection for request in server.requests]
+        ports = [request.client_port for request in server.requests]
+    assert indexes == [1, 2, 1, 2, 1]  # each dropped request sent once more, fresh
+    assert len(set(ports)) == 3
+
+
+def test_a_fresh_connection_closed_without_an_answer_is_not_sent_again():
+    def behave(request, sock):
+        sock.shutdown(socket.SHUT_RDWR)
+
+    with RawPolicyServer(behave) as server:
+        result, elapsed = timed_infer(client_for(server.url))
+        assert server.request_count() == 1
+    assert not result.ok and "RemoteDisconnected" in result.failure
+    assert elapsed < 0.5

@@ -12,6 +12,9 @@ and after content decoding (only gzip and deflate are decoded, with a bound
 on their output: no decompression bombs).
 
 One connection is kept alive between exchanges, as a requests session would.
+A server may close an idle kept-alive connection just as the next request goes
+out on it; that request is sent once more on a fresh connection, within the
+same deadline (inference has no side effects, and nothing of an answer came).
 """
 
 from __future__ import annotations
@@ -231,6 +234,10 @@ def read_body(response: http.client.HTTPResponse, max_body_bytes: int) -> bytes:
     return bytes(body)
 
 
+class _StaleConnection(ExchangeError):
+    """The server closed or reset the connection before an answer began."""
+
+
 class HttpPoster:
     """POSTs to one server at a time over a kept-alive connection. One caller at a time;
     ``close`` may come from another thread and ends an exchange in progress."""
@@ -252,9 +259,25 @@ class HttpPoster:
         """Raises ExchangeError (DeadlineExceeded, ConnectFailed, AnswerRefused...) on failure."""
         deadline = time.monotonic() + timeout_sec
         parts = urlsplit(url)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         connection = self._connection_for(parts)
         connection.deadline = deadline
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if connection.sock is not None:  # kept alive from an earlier exchange
+            try:
+                return self._exchange(connection, path, body, headers, max_body_bytes)
+            except _StaleConnection:
+                connection = self._connection_for(parts)
+                connection.deadline = deadline
+        return self._exchange(connection, path, body, headers, max_body_bytes)
+
+    def _exchange(
+        self,
+        connection: _Connection,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        max_body_bytes: int,
+    ) -> HttpAnswer:
         response: Optional[http.client.HTTPResponse] = None
         try:
             connection.request("POST", path, body=body, headers=dict(headers))
@@ -273,8 +296,10 @@ class HttpPoster:
             raise DeadlineExceeded("deadline passed") from None
         except Exception as exc:  # noqa: BLE001 - whatever a server does ends as a failure
             self._drop(connection, response)
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= connection.deadline:
                 raise DeadlineExceeded("deadline passed") from None
+            if response is None and isinstance(exc, ConnectionError):
+                raise _StaleConnection(_describe(exc)) from None
             raise ExchangeError(_describe(exc)) from None
         if response.will_close:
             self._drop(connection)
