@@ -148,5 +148,9 @@ def test_full_action_round_trips_through_response_json():
 
 
 def test_non_finite_action_never_reaches_the_wire():
-    with pytest.raises(ValueError, match="confidence"):
+    with pytest.raises(ValueError, match="field confidence$"):
         action_to_response(PolicyAction(confidence=math.nan))
+    with pytest.raises(ValueError, match=r"field joint_deltas\[1\]$"):
+        action_to_response(PolicyAction(joint_deltas=(0.0, math.inf)))
+    with pytest.raises(ValueError, match=r"field eef_target_pose\.position\.y$"):
+        action_to_response(PolicyAction(eef_target=Pose(position=Vector3(0.0, -math.inf, 0.0))))

@@ -68,3 +68,18 @@ def test_mean_colour_is_exactly_numpys_mean():
     for height, width in [(1, 1), (224, 224), (480, 640), (7, 13)]:
         rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         assert (mean_colour(rgb) == rgb.reshape(-1, 3).mean(axis=0)).all()
+
+
+def test_joint_steps_match_the_clipped_proportional_rule():
+    from manipulation_policy.backends.stub import JOINT_GAIN, MAX_JOINT_STEP, joint_steps
+
+    rng = np.random.default_rng(4)
+    positions = np.concatenate([rng.normal(0, 1, 50), [np.nan, np.inf, -np.inf, 0.0, -0.0]])
+    expected = np.where(
+        np.isfinite(positions),
+        np.clip(-JOINT_GAIN * positions, -MAX_JOINT_STEP, MAX_JOINT_STEP),
+        0.0,
+    )
+    steps = joint_steps(tuple(float(p) for p in positions))
+    assert all(type(step) is float for step in steps)
+    np.testing.assert_array_equal(steps, expected)

@@ -20,6 +20,7 @@ so tests can tell answers to different observations apart:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,11 +49,24 @@ logger = logging.getLogger(__name__)
 def mean_colour(rgb: np.ndarray) -> np.ndarray:
     """Mean R, G, B of an HxWx3 uint8 image (exact: sums of integers).
 
-    A sum per channel plane is ~10x faster than ``reshape(-1, 3).mean(axis=0)``,
-    whose reduction strides across the interleaved channels; the stub's cost is
-    what the server's own overhead is measured against."""
-    sums = [int(rgb[..., channel].sum(dtype=np.int64)) for channel in range(3)]
-    return np.array(sums, dtype=float) / (rgb.shape[0] * rgb.shape[1])
+    Columns are summed first, down contiguous rows, then the W x 3 sums: ~2x
+    faster than a sum per channel plane and ~20x faster than
+    ``reshape(-1, 3).sum(axis=0)``, whose reduction strides across the
+    interleaved channels. The stub's cost is what the server's own overhead is
+    measured against. uint32 holds a column of up to 16 M rows of 255."""
+    sums = rgb.sum(axis=0, dtype=np.uint32).sum(axis=0, dtype=np.int64)
+    return sums.astype(float) / (rgb.shape[0] * rgb.shape[1])
+
+
+def joint_steps(positions: Sequence[float]) -> tuple[float, ...]:
+    """Each joint JOINT_GAIN of the way back to zero, at most MAX_JOINT_STEP; 0 where
+    the position is unknown (NaN). Plain floats: a robot's handful of joints is
+    cheaper in Python than in numpy."""
+    return tuple(
+        max(-MAX_JOINT_STEP, min(MAX_JOINT_STEP, -JOINT_GAIN * float(p)))
+        if math.isfinite(p) else 0.0
+        for p in positions
+    )
 
 
 class StubBackend:
@@ -73,12 +87,8 @@ class StubBackend:
             dx = dy = dz = 0.0
             gripper = None
 
-        positions = np.asarray(observation.joint_state.position, dtype=float)
-        joint_deltas = None
-        if positions.size:
-            steps = np.clip(-JOINT_GAIN * positions, -MAX_JOINT_STEP, MAX_JOINT_STEP)
-            steps = np.where(np.isfinite(positions), steps, 0.0)
-            joint_deltas = tuple(float(v) for v in steps)
+        positions = observation.joint_state.position
+        joint_deltas = joint_steps(positions) if len(positions) else None
 
         return PolicyAction(
             reference_frame=observation.reference_frame,

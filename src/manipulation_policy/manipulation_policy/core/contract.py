@@ -378,13 +378,27 @@ def response_to_action(response: InferResponse) -> PolicyAction:
     )
 
 
-def _reject_non_finite(value: Any, path: str = "") -> None:
+def _reject_non_finite(value: Any) -> None:
     """A backend must never put NaN/inf on the wire (JSON cannot carry it)."""
-    if isinstance(value, float) and not math.isfinite(value):
+    steps = _steps_to_non_finite(value)
+    if steps is not None:
+        path = ""
+        for step in reversed(steps):
+            path += f"[{step}]" if isinstance(step, int) else f"{'.' if path else ''}{step}"
         raise ValueError(f"non-finite value in response field {path or 'body'}")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _reject_non_finite(item, f"{path}.{key}" if path else key)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _reject_non_finite(item, f"{path}[{index}]")
+
+
+def _steps_to_non_finite(value: Any) -> Optional[list]:
+    """The keys and indexes down to the first NaN/inf, innermost first; None if there
+    is none (the path is only built on the way back from a find)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else []
+    items = value.items() if isinstance(value, dict) else (
+        enumerate(value) if isinstance(value, list) else ()
+    )
+    for step, item in items:
+        steps = _steps_to_non_finite(item)
+        if steps is not None:
+            steps.append(step)
+            return steps
+    return None

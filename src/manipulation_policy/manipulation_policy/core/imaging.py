@@ -112,7 +112,11 @@ def decode_image_bytes(
             "image_height", f"declared {declared_height} but the image is {height} high"
         )
     try:
-        rgb = image.convert("RGB")
+        if image.mode == "RGB":
+            image.load()  # decoded in place: convert() would only copy it
+            rgb = image
+        else:
+            rgb = image.convert("RGB")
     # Pillow reports some broken PNG chunks as SyntaxError.
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InputError("image", f"{expected_format} data is corrupt ({exc})") from None
