@@ -135,10 +135,10 @@ class RawPolicyServer:
             threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buffer = b""
-        client_port = sock.getpeername()[1]
         try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client_port = sock.getpeername()[1]
             for index in itertools.count(1):
                 if self._closed.is_set():
                     return
