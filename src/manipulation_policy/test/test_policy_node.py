@@ -36,6 +36,7 @@ from manipulation_policy.core.pose_math import apply_delta
 from manipulation_policy.nodes.policy_node import PolicyNode
 from manipulation_policy.nodes.ros_conversion import (
     policy_output_to_action,
+    pose_to_msg,
     rgb_to_image,
     stamp_to_nanoseconds,
 )
@@ -59,6 +60,19 @@ class RecordingBackend(StubBackend):
     def count(self) -> int:
         with self.lock:
             return len(self.observations)
+
+
+def stream_current_pose(rig: Rig, pose: Pose) -> None:
+    """The arm's current end-effector pose in base_link, published at 50 Hz."""
+
+    def publish_pose():
+        msg = PoseStamped()
+        msg.header.stamp = rig.now()
+        msg.header.frame_id = "base_link"
+        msg.pose = pose_to_msg(pose)
+        rig.eef_pub.publish(msg)
+
+    rig.stream(50.0, publish_pose)
 
 
 @pytest.fixture
@@ -95,16 +109,7 @@ def test_current_eef_pose_turns_the_delta_into_an_absolute_target(rig):
     start_node(rig)
     image = sample_image()
     current = Pose(Vector3(0.4, -0.1, 0.3), Quaternion(0.0, 0.0, 0.0, 1.0))
-
-    def publish_pose():
-        msg = PoseStamped()
-        msg.header.stamp = rig.now()
-        msg.header.frame_id = "base_link"
-        msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = 0.4, -0.1, 0.3
-        msg.pose.orientation.w = 1.0
-        rig.eef_pub.publish(msg)
-
-    rig.stream(50.0, publish_pose)
+    stream_current_pose(rig, current)
     rig.stream_joint_states()
     rig.stream_camera(image)
     assert wait_until(
@@ -122,16 +127,7 @@ def test_current_eef_pose_turns_the_delta_into_an_absolute_target(rig):
 def test_a_backend_that_never_composes_gets_its_delta_composed_once_by_the_node(rig):
     start_node(rig, backend_instance=FixedDeltaBackend())
     current = Pose(Vector3(0.4, -0.1, 0.3), Quaternion(0.0, 0.0, 0.0, 1.0))
-
-    def publish_pose():
-        msg = PoseStamped()
-        msg.header.stamp = rig.now()
-        msg.header.frame_id = "base_link"
-        msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = 0.4, -0.1, 0.3
-        msg.pose.orientation.w = 1.0
-        rig.eef_pub.publish(msg)
-
-    rig.stream(50.0, publish_pose)
+    stream_current_pose(rig, current)
     rig.stream_joint_states()
     rig.stream_camera(sample_image())
     assert wait_until(

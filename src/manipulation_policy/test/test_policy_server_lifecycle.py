@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from waiting import wait_until
 
 from manipulation_policy import policy_server
 from manipulation_policy.core.api_key import API_KEY_ENV
@@ -39,14 +40,6 @@ def gauge(url: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in /metrics")
-
-
-def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 class Background:

@@ -20,6 +20,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 from server_test_backends import BAD_ANSWERS
+from waiting import wait_until
 
 from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.core.contract import InferResponse
@@ -39,14 +40,6 @@ def scripted_server(*args: str, env=NO_KEY, **kwargs) -> ServerProcess:
 def infer(url: str, instruction: str = "", timeout: float = 20.0, **fields) -> requests.Response:
     body = {"instruction": instruction, **fields}
     return requests.post(f"{url}/infer", json=body, timeout=timeout)
-
-
-def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 def predicting(url: str) -> bool:

@@ -55,6 +55,16 @@ def client_for(url: str, **settings) -> RemoteClient:
     return client
 
 
+def infer_with_peak_memory(client: RemoteClient):
+    """The result, and the most memory Python held while it was made (bytes)."""
+    tracemalloc.start()
+    try:
+        result = client.infer(BODY)
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def timed_infer(client: RemoteClient):
     started = time.monotonic()
     result = client.infer(BODY)
@@ -112,13 +122,7 @@ def test_a_gzip_bomb_is_refused_with_bounded_memory():
         sock.sendall(http_answer(200, bomb, Content_Encoding="gzip"))
 
     with RawPolicyServer(behave) as server:
-        client = client_for(server.url, timeout_sec=5.0)
-        tracemalloc.start()
-        try:
-            result = client.infer(BODY)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        result, peak = infer_with_peak_memory(client_for(server.url, timeout_sec=5.0))
     assert not result.ok and "decompresses to over the 262144-byte limit" in result.failure
     assert peak < 4 * MIB, peak
 
@@ -163,12 +167,7 @@ def test_an_endless_answer_without_length_is_cut_at_the_limit():
 
     with RawPolicyServer(behave) as server:
         client = client_for(server.url, timeout_sec=5.0, max_response_bytes=64 * 1024)
-        tracemalloc.start()
-        try:
-            result = client.infer(BODY)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        result, peak = infer_with_peak_memory(client)
     assert not result.ok and "over the 65536-byte limit" in result.failure
     assert peak < 2 * MIB, peak
 

@@ -29,6 +29,7 @@ from manipulation_policy.core.model_options import (  # noqa: F401 - the model o
     QUANTIZATIONS,
     NumberRange,
     device_name,
+    text_up_to,
 )
 from manipulation_policy.nodes.remote_client import DEFAULT_MAX_RESPONSE_BYTES
 from manipulation_policy.nodes.response_validation import frame_id_problem
@@ -95,17 +96,6 @@ def one_of(choices: Sequence[str]) -> Check:
     def check(value: str) -> Optional[str]:
         if value.strip().lower() not in choices:
             return f"must be one of {', '.join(choices)}; got {value!r}"
-        return None
-
-    return check
-
-
-def non_empty_text(max_chars: int = 256) -> Check:
-    def check(value: str) -> Optional[str]:
-        if not value.strip():
-            return "must not be empty"
-        if len(value) > max_chars:
-            return f"must be at most {max_chars} characters, got {len(value)}"
         return None
 
     return check
@@ -191,7 +181,7 @@ COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
                   "Decisions per second (Hz). When inference is slower, frames are skipped.",
                   positive_number(MAX_INFERENCE_RATE_HZ)),
     ParameterSpec("instruction", "pick up the object",
-                  "Task text given to the policy.", non_empty_text(MAX_INSTRUCTION_CHARS)),
+                  "Task text given to the policy.", text_up_to(MAX_INSTRUCTION_CHARS)),
     ParameterSpec("reference_frame", "base_link",
                   "Frame of the end-effector targets (PolicyOutput header.frame_id).",
                   frame_id),
@@ -349,7 +339,7 @@ def resolve_upstream_parameters(given: Mapping[str, Any], remote: bool) -> Upstr
                     raise ValueError(f"{name} {reason}")
                 defaults[target] = value
             elif value.strip():
-                reason = non_empty_text(MAX_INSTRUCTION_CHARS)(value)
+                reason = text_up_to(MAX_INSTRUCTION_CHARS)(value)
                 if reason is not None:
                     raise ValueError(f"{name} {reason}")
                 defaults[target] = value.strip()

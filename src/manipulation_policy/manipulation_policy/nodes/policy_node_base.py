@@ -22,7 +22,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Optional, TypeVar
 
@@ -235,23 +235,28 @@ class PolicyNodeBase(Node):
 
     # ------------------------------------------------------------ parameters
 
-    def _declare_upstream_parameters(self):
-        """Declare upstream MobileManipulationCore's parameter names (unset by default,
-        read-only) and say what the ones given mean here."""
+    def declare_optional_start_parameters(
+        self, names: Iterable[str], description: str
+    ) -> dict[str, Any]:
+        """Declare ``names`` unset, of any type and read-only; the ones given at start."""
         given = {}
-        for name in UPSTREAM_PARAMETER_NAMES:
+        for name in names:
             value = self.declare_parameter(
                 name,
                 None,
-                ParameterDescriptor(
-                    description="upstream MobileManipulationCore name, deprecated "
-                    "(read at start)",
-                    dynamic_typing=True,
-                    read_only=True,
-                ),
+                ParameterDescriptor(description=description, dynamic_typing=True, read_only=True),
             ).value
             if value is not None:
                 given[name] = value
+        return given
+
+    def _declare_upstream_parameters(self):
+        """Declare upstream MobileManipulationCore's parameter names (unset by default,
+        read-only) and say what the ones given mean here."""
+        given = self.declare_optional_start_parameters(
+            UPSTREAM_PARAMETER_NAMES,
+            "upstream MobileManipulationCore name, deprecated (read at start)",
+        )
         return resolve_upstream_parameters(given, remote=self.remote)
 
     def _prepare_start_values(self) -> None:

@@ -23,7 +23,6 @@ from dataclasses import replace
 from typing import Any, Optional
 
 from diagnostic_msgs.msg import DiagnosticArray
-from rcl_interfaces.msg import ParameterDescriptor
 
 from manipulation_policy.core.api_key import ApiKeyUnusable, read_api_key
 from manipulation_policy.core.contract import (
@@ -193,20 +192,11 @@ class RemotePolicyNode(PolicyNodeBase):
 
     def _upstream_action_fields(self) -> dict[str, Any]:
         """Upstream's openvla_* parameters, when given: request fields (read at start)."""
-        given = {}
-        for name in UPSTREAM_ACTION_PARAMETERS:
-            value = self.declare_parameter(
-                name,
-                None,
-                ParameterDescriptor(
-                    description="upstream MobileManipulationCore per-request action setting, "
-                    "sent with every request when set (read at start)",
-                    dynamic_typing=True,
-                    read_only=True,
-                ),
-            ).value
-            if value is not None:
-                given[name] = value
+        given = self.declare_optional_start_parameters(
+            UPSTREAM_ACTION_PARAMETERS,
+            "upstream MobileManipulationCore per-request action setting, "
+            "sent with every request when set (read at start)",
+        )
         fields = upstream_action_fields(given)
         if fields:
             self.get_logger().info(f"sending upstream action settings with each request: {fields}")
