@@ -136,7 +136,9 @@ def encode_base64_jpeg(rgb: np.ndarray, quality: int = 90) -> str:
 def resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     if rgb.shape[1] == width and rgb.shape[0] == height:
         return rgb
-    resized = Image.fromarray(rgb, mode="RGB").resize((width, height), Image.Resampling.BILINEAR)
+    # Image.BILINEAR, not Image.Resampling.BILINEAR: Resampling is Pillow 9.1+, and
+    # Ubuntu 22.04 (ROS 2 Humble) ships Pillow 9.0.1.
+    resized = Image.fromarray(rgb, mode="RGB").resize((width, height), Image.BILINEAR)
     return np.asarray(resized, dtype=np.uint8)
 
 
