@@ -25,9 +25,9 @@ pytest.importorskip("launch.actions", reason="launch is not installed (not on Py
 pytest.importorskip("launch_ros", reason="launch_ros is not installed (not on PyPI)")
 rclpy = pytest.importorskip("rclpy")
 
+from rcl_interfaces.srv import GetParameters  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import parameter_value_to_python  # noqa: E402
-from rclpy.parameter_client import AsyncParameterClient  # noqa: E402
 
 LAUNCH_FILE = Path(__file__).resolve().parents[1] / "launch" / "core_launch.py"
 WAIT_SEC = 20.0
@@ -78,14 +78,15 @@ def read_parameters(node_fqn: str, names: list[str]) -> dict:
     rclpy.init(context=context)
     try:
         node = rclpy.create_node("core_launch_test_probe", context=context)
-        client = AsyncParameterClient(node, node_fqn)
+        # The service `ros2 param get` calls (rclpy's AsyncParameterClient is newer than Humble).
+        client = node.create_client(GetParameters, f"{node_fqn}/get_parameters")
         executor = SingleThreadedExecutor(context=context)
         executor.add_node(node)
         deadline = time.monotonic() + WAIT_SEC
-        while not client.services_are_ready():
+        while not client.service_is_ready():
             assert time.monotonic() < deadline, f"{node_fqn} never offered its parameters"
             executor.spin_once(timeout_sec=0.1)
-        future = client.get_parameters(names)
+        future = client.call_async(GetParameters.Request(names=names))
         executor.spin_until_future_complete(future, timeout_sec=WAIT_SEC)
         values = future.result().values
         return {

@@ -26,11 +26,11 @@ import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import PoseStamped
+from parameter_services import ParameterServices
 from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.parameter_client import AsyncParameterClient
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
@@ -141,7 +141,7 @@ class Rig:
         self._nodes: list[Node] = [node]
         self.executor.add_node(node)
         self._timers: list[Any] = []
-        self._parameter_clients: dict[str, AsyncParameterClient] = {}
+        self._parameter_clients: dict[str, ParameterServices] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._spin, name="rig_executor", daemon=True)
         self._thread.start()
@@ -259,7 +259,7 @@ class Rig:
         """Set parameters through the node's real /set_parameters service (as `ros2 param set`)."""
         client = self._parameter_clients.get(node_name)
         if client is None:  # kept: its service clients live as long as the rig node
-            client = AsyncParameterClient(self.node, f"{self.namespace}/{node_name}")
+            client = ParameterServices(self.node, f"{self.namespace}/{node_name}")
             self._parameter_clients[node_name] = client
         assert client.wait_for_services(timeout_sec=WAIT_SEC), "parameter services missing"
         future = client.set_parameters(

@@ -1,6 +1,6 @@
 """The nodes' parameters through their real parameter services, as `ros2 param` uses them.
 
-Another node's rclpy AsyncParameterClient over DDS: an integer offered for a
+Another node's calls on the parameter services over DDS: an integer offered for a
 double is stored as a double for every reader, descriptors carry types and
 ranges, bad values and read-only parameters are refused with readable reasons.
 """
@@ -12,10 +12,10 @@ import sys
 
 import pytest
 from node_harness import WAIT_SEC, Rig, wait_until
+from parameter_services import ParameterServices
 from rcl_interfaces.msg import ParameterType
 from rclpy.exceptions import ParameterException
 from rclpy.parameter import Parameter, parameter_value_to_python
-from rclpy.parameter_client import AsyncParameterClient
 
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.nodes.node_parameters import (
@@ -39,8 +39,8 @@ def remote_node(rig: Rig, **values) -> RemotePolicyNode:
     return rig.add(RemotePolicyNode(**rig.node_kwargs(remote_url=UNUSED_URL, **values)))
 
 
-def client(rig: Rig, node_name: str) -> AsyncParameterClient:
-    parameter_client = AsyncParameterClient(rig.node, f"{rig.namespace}/{node_name}")
+def client(rig: Rig, node_name: str) -> ParameterServices:
+    parameter_client = ParameterServices(rig.node, f"{rig.namespace}/{node_name}")
     assert parameter_client.wait_for_services(timeout_sec=WAIT_SEC)
     return parameter_client
 
@@ -50,7 +50,7 @@ def answer(future):
     return future.result()
 
 
-def remote_value(parameter_client: AsyncParameterClient, name: str):
+def remote_value(parameter_client: ParameterServices, name: str):
     """(type, value) of ``name`` as another node reads it (`ros2 param get`)."""
     [value] = answer(parameter_client.get_parameters([name])).values
     return value.type, parameter_value_to_python(value)
