@@ -277,9 +277,12 @@ def test_the_kept_alive_connection_is_reused_and_renewed_when_dropped():
         assert all(result.ok for result in results), [r.failure for r in results]
         assert [r.attempts for r in results] == [1, 1, 1, 1]
         ports = [request.client_port for request in server.requests]
-    # Whether the client saw the close before sending or its send met the closed
-    # socket, the third request goes out on a second connection, kept from then on.
-    assert len(ports) == 4 and ports[0] == ports[1] != ports[2] == ports[3]
+    # The third request goes out on a second connection, kept from then on. If it
+    # reached the first connection in the instant before the server's shutdown (the
+    # bytes were in the server's buffer), the server read it there but could not
+    # answer, and the client sent it once more, fresh: five requests seen, not four.
+    first, second = dict.fromkeys(ports)
+    assert ports in ([first] * 2 + [second] * 2, [first] * 3 + [second] * 2), ports
 
 
 def test_a_request_met_by_a_closing_kept_alive_connection_is_sent_again_on_a_fresh_one():
