@@ -32,4 +32,7 @@ RUN source /opt/ros/humble/setup.bash \
 
 COPY docker/robot_entrypoint.sh /usr/local/bin/robot_entrypoint.sh
 ENTRYPOINT ["/bin/bash", "/usr/local/bin/robot_entrypoint.sh"]
-CMD ["ros2", "launch", "manipulation_bringup", "core_launch.py"]
+# The image has no torch, so its default is the remote node (a server on this
+# host's port 5000 unless remote_url:= says otherwise); until a server answers
+# it publishes holds. The in-process node needs a CUDA torch stack on the robot.
+CMD ["ros2", "launch", "manipulation_bringup", "core_launch.py", "use_remote_policy:=true"]

@@ -1,36 +1,25 @@
 """What can be checked of the deployment files without a Docker engine or a GPU:
 every file a Dockerfile copies is in the repo and in its build context, the compose
 file points at real Dockerfiles and passes arguments the launch file and the server
-accept, and requirements.txt / colcon.meta are well formed."""
+accept, requirements.txt / colcon.meta are well formed, and the Dockerfiles and
+shell scripts pass hadolint and shellcheck (both from PyPI wheels)."""
 
 import json
 import re
 import shlex
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from dockerfiles import DOCKER, DOCKERFILES, REPO, instructions
 
 from manipulation_bringup.launch_logic import REMOTE_NODE, plan_policy_node
 
-REPO = Path(__file__).resolve().parents[3]
-DOCKER = REPO / "docker"
-DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 COMPOSE_FILE = DOCKER / "docker-compose.yml"
 PARAMS_FILE = REPO / "src" / "manipulation_bringup" / "config" / "policy_params.yaml"
-
-
-def instructions(dockerfile: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    joined = re.sub(r"\\\n", " ", dockerfile.read_text())
-    pairs = []
-    for line in joined.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            keyword, _, rest = line.partition(" ")
-            pairs.append((keyword.upper(), rest.strip()))
-    return pairs
 
 
 def copy_sources(dockerfile: Path) -> list[str]:
@@ -100,7 +89,9 @@ def test_robot_image_builds_the_workspace_and_launches_the_stack():
     assert "rosdep install --from-paths src" in runs
     assert "colcon build" in runs
     cmd = json.loads(dict(steps)["CMD"])
-    assert cmd == ["ros2", "launch", "manipulation_bringup", "core_launch.py"]
+    assert cmd == [
+        "ros2", "launch", "manipulation_bringup", "core_launch.py", "use_remote_policy:=true"
+    ]
     assert (REPO / "src/manipulation_bringup/launch" / cmd[3]).is_file()
 
 
@@ -208,3 +199,42 @@ def test_colcon_meta_names_real_packages_with_known_keys():
     for settings in meta["names"].values():
         assert set(settings) <= {"cmake-args", "ament-cmake-args", "catkin-cmake-args"}
         assert all(isinstance(arg, str) for args in settings.values() for arg in args)
+
+
+# ------------------------------------------------------------------ linters
+
+
+def _linter(name: str) -> str:
+    path = shutil.which(name, path=str(Path(sys.executable).parent))
+    if path is None:
+        pytest.skip(f"{name} is not installed here (.ci/requirements-dev.txt has it)")
+    return path
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
+def test_dockerfile_passes_hadolint(dockerfile):
+    result = subprocess.run(
+        [_linter("hadolint"), "--no-color", "--failure-threshold", "style", str(dockerfile)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_sees_a_bad_dockerfile(tmp_path):
+    bad = tmp_path / "bad.Dockerfile"
+    bad.write_text("FROM ubuntu:latest\nRUN apt-get install -y curl\n")
+    result = subprocess.run(
+        [_linter("hadolint"), "--no-color", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0 and "DL3007" in result.stdout  # `latest` tag
+
+
+def test_shell_scripts_pass_shellcheck():
+    scripts = sorted(
+        {*DOCKER.glob("*.sh"), *(REPO / ".ci").glob("*.sh")}, key=str
+    )
+    assert scripts
+    result = subprocess.run(
+        [_linter("shellcheck"), *map(str, scripts)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
