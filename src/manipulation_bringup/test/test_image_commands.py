@@ -282,19 +282,47 @@ def compose_command(service: str) -> tuple[str, ...]:
     return tuple(compose["services"][service]["command"])
 
 
+IMAGES = {"manipulation-robot": robot_image, "manipulation-policy-server": server_image}
+
+
+def readme_docker_runs() -> list[tuple[str, tuple[str, ...]]]:
+    """(image, command) of each `docker run` in the README that gives a command."""
+    text = re.sub(r"\\\n\s*", " ", (REPO / "README.md").read_text())
+    runs = []
+    for line in text.splitlines():
+        words = shlex.split(line.strip()) if line.strip().startswith("docker run") else []
+        image = next((word for word in words if word in IMAGES), None)
+        if image and words[-1] != image:
+            runs.append((image, tuple(words[words.index(image) + 1:])))
+    return runs
+
+
 CASES = {
     "robot image, default command": (robot_image, None),
     "robot image, compose command": (robot_image, "robot"),
     "server image, default command": (server_image, None),
     "server image, compose command": (server_image, "policy_server"),
+    **{
+        f"README docker run {number} ({image})": (IMAGES[image], command)
+        for number, (image, command) in enumerate(readme_docker_runs(), 1)
+    },
 }
+
+
+def test_the_readme_shows_a_docker_run_command_for_each_image():
+    assert {image for image, _ in readme_docker_runs()} == set(IMAGES)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_import_of_the_command_is_installed_in_its_image(case):
-    make_image, compose_service = CASES[case]
+    make_image, command_source = CASES[case]
     image = make_image()
-    command = compose_command(compose_service) if compose_service else image.command
+    if command_source is None:
+        command = image.command
+    elif isinstance(command_source, tuple):
+        command = command_source
+    else:
+        command = compose_command(command_source)
     needed = third_party_imports(entry_modules(command))
     missing = {name: where for name, where in needed.items() if name not in image.provided}
     assert not missing, (
