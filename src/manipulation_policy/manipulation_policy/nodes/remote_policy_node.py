@@ -15,7 +15,6 @@ and once a second, as ROS monitoring tools expect.
 
 from __future__ import annotations
 
-import math
 import sys
 import threading
 from collections.abc import Callable
@@ -26,13 +25,11 @@ from diagnostic_msgs.msg import DiagnosticArray
 
 from manipulation_policy.core.api_key import ApiKeyUnusable, read_api_key
 from manipulation_policy.core.contract import (
-    observation_to_request,
     parse_request,
     request_action_overrides,
 )
-from manipulation_policy.core.imaging import resize_rgb
 from manipulation_policy.core.openvla_actions import ActionConversionOptions
-from manipulation_policy.core.policy_types import JointStateData, Observation, PolicyAction
+from manipulation_policy.core.policy_types import Observation, PolicyAction
 from manipulation_policy.nodes.node_parameters import (
     REMOTE_NODE_PARAMETERS,
     UPSTREAM_ACTION_PARAMETERS,
@@ -50,6 +47,7 @@ from manipulation_policy.nodes.remote_diagnostics import (
     ServerLinkState,
     server_link_status,
 )
+from manipulation_policy.nodes.remote_request import remote_request_body
 from manipulation_policy.nodes.response_validation import ResponseLimits
 
 DIAGNOSTICS_PERIOD_SEC = 1.0
@@ -82,23 +80,6 @@ def remote_settings(values: dict[str, Any]) -> RemoteSettings:
         max_response_bytes=int(values["remote_max_response_bytes"]),
         retry_after_max_sec=float(values["remote_retry_after_max_sec"]),
         limits=response_limits(values),
-    )
-
-
-def without_non_finite_extras(joint_state: JointStateData) -> JointStateData:
-    """Drop velocity/effort arrays holding NaN/inf (drivers publish NaN for "unknown").
-
-    The wire carries finite numbers only, and both arrays are optional, so the
-    request stays valid instead of being refused on every frame.
-    """
-    def finite(values: tuple[float, ...]) -> tuple[float, ...]:
-        return values if all(math.isfinite(v) for v in values) else ()
-
-    return JointStateData(
-        name=joint_state.name,
-        position=joint_state.position,
-        velocity=finite(joint_state.velocity),
-        effort=finite(joint_state.effort),
     )
 
 
@@ -164,15 +145,13 @@ class RemoteActionSource:
         return PolicyAction.hold(observation.reference_frame) if fallback else None
 
     def _request(self, observation: Observation, values: dict[str, Any]) -> dict:
-        observation = replace(
-            observation, joint_state=without_non_finite_extras(observation.joint_state)
+        return remote_request_body(
+            observation,
+            values["image_width"],
+            values["image_height"],
+            values["jpeg_quality"],
+            self._extra_fields,
         )
-        if observation.image is not None:
-            sized = resize_rgb(observation.image, values["image_width"], values["image_height"])
-            observation = replace(observation, image=sized)
-        body = observation_to_request(observation, jpeg_quality=values["jpeg_quality"])
-        body.update(self._extra_fields)
-        return body
 
     def _drain_transitions(self, failure: str) -> None:
         with self._transitions_lock:
