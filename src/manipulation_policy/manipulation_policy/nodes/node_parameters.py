@@ -174,6 +174,10 @@ COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
                   "geometry_msgs/PoseStamped current end-effector pose in reference_frame; "
                   "lets a delta-predicting policy answer with an absolute target.",
                   topic_name, live=False),
+    ParameterSpec("observation_topic", "/manipulation/observation",
+                  "manipulation_msgs/Observation topic (the aggregated observation upstream's "
+                  "perception node publishes); read while use_observation is true.",
+                  topic_name, live=False),
     ParameterSpec("output_topic", "/manipulation/policy_output",
                   "manipulation_msgs/PolicyOutput topic the decisions are published on.",
                   topic_name, live=False),
@@ -187,6 +191,16 @@ COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
                   frame_id),
     ParameterSpec("max_observation_age_sec", 0.5,
                   "Images older than this (node clock minus image stamp) are not used.",
+                  positive_number(3600.0)),
+    ParameterSpec("use_observation", True,
+                  "true: while the aggregated observation on observation_topic is fresh, its "
+                  "image, joint states and base_to_ee (the current end-effector pose) are the "
+                  "inputs, and the raw topics fill in the parts it lacks; when it is stale or "
+                  "absent, the raw topics are. false: the raw topics only."),
+    ParameterSpec("observation_timeout_sec", 0.5,
+                  "An aggregated observation whose stamp is further than this (or than "
+                  "max_observation_age_sec) from the node clock, or stamped zero, is stale: "
+                  "the raw topics are used instead.",
                   positive_number(3600.0)),
     ParameterSpec("wait_for_task", False,
                   "true: act only once a task (a message on instruction_topic) has arrived, "
