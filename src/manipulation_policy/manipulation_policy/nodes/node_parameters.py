@@ -317,6 +317,8 @@ UPSTREAM_ALIASES = {"task_prompt": "instruction", "task_prompt_topic": "instruct
 UPSTREAM_SWITCHES = ("use_remote",)
 UPSTREAM_PARAMETER_NAMES = (*UPSTREAM_ALIASES, *UPSTREAM_SWITCHES)
 UPSTREAM_MAX_STEPS = 50  # upstream's node default: decisions per task
+# Where upstream's node reads tasks and its task_prompt_cli publishes them by default.
+UPSTREAM_TASK_TOPIC = "/manipulation/task_prompt"
 
 
 @dataclass(frozen=True)
@@ -333,9 +335,11 @@ def resolve_upstream_parameters(given: Mapping[str, Any], remote: bool) -> Upstr
 
     Raises ValueError for a value of the wrong type, or for ``use_remote:=true``
     given to the in-process node (it would load the model here instead).
-    Upstream's node waits for a task before acting and runs 50 decisions per
-    task, so any upstream name turns ``wait_for_task`` on and makes 50 the
-    default of ``max_steps`` (either given itself wins).
+    Upstream's node waits for a task before acting, runs 50 decisions per task
+    and reads its tasks on /manipulation/task_prompt, so any upstream name turns
+    ``wait_for_task`` on and makes 50 the default of ``max_steps`` and upstream's
+    task topic the default of ``instruction_topic`` (each given itself wins, and
+    ``task_prompt_topic`` is the task topic under upstream's name).
     """
     defaults: dict[str, Any] = {}
     notes: list[str] = []
@@ -375,6 +379,7 @@ def resolve_upstream_parameters(given: Mapping[str, Any], remote: bool) -> Upstr
     if given:
         defaults["wait_for_task"] = True
         defaults["max_steps"] = UPSTREAM_MAX_STEPS
+        defaults.setdefault("instruction_topic", UPSTREAM_TASK_TOPIC)
     return UpstreamParameters(defaults, task_given, tuple(notes))
 
 
