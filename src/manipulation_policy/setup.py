@@ -22,6 +22,7 @@ setup(
             "policy_server = manipulation_policy.policy_server:main",
             "policy_node = manipulation_policy.nodes.policy_node:main",
             "remote_policy_node = manipulation_policy.nodes.remote_policy_node:main",
+            "task_prompt_cli = manipulation_policy.task_prompt_cli:main",
         ],
     },
 )

@@ -154,6 +154,21 @@ LAUNCH_ARGUMENTS = (
     LaunchArgument("camera_topic", "sensor_msgs/Image topic of the camera"),
     LaunchArgument("image_transport", "raw or compressed (subscribes to camera_topic/compressed)"),
     LaunchArgument("joint_states_topic", "sensor_msgs/JointState topic"),
+    LaunchArgument(
+        "instruction_topic",
+        "std_msgs/String task topic (upstream's task_prompt_cli publishes on "
+        "/manipulation/task_prompt)",
+    ),
+    LaunchArgument(
+        "use_observation",
+        "true: use the aggregated manipulation_msgs/Observation of a perception node while "
+        "it is fresh, else the raw topics; false: the raw topics only",
+    ),
+    LaunchArgument("observation_topic", "manipulation_msgs/Observation topic"),
+    LaunchArgument(
+        "observation_timeout_sec",
+        "an aggregated observation older than this (seconds) is stale: the raw topics are used",
+    ),
     LaunchArgument("instruction", "task text, e.g. 'pick up the red cup'"),
     LaunchArgument("inference_rate", "policy outputs per second, > 0"),
     LaunchArgument("backend", "openvla or stub (local mode)"),

@@ -27,11 +27,14 @@ SHARED_DEFAULTS = {
     "joint_states_topic": "/joint_states",
     "instruction_topic": "/manipulation/instruction",
     "eef_pose_topic": "/manipulation/eef_pose",
+    "observation_topic": "/manipulation/observation",
     "output_topic": "/manipulation/policy_output",
     "inference_rate": 5.0,
     "instruction": "pick up the object",
     "reference_frame": "base_link",
     "max_observation_age_sec": 0.5,
+    "use_observation": True,
+    "observation_timeout_sec": 0.5,
     "wait_for_task": False,
     "max_steps": 0,
 }
@@ -149,6 +152,24 @@ def test_remote_overrides_are_typed_and_win_over_the_yaml():
     # Untouched ones keep the yaml value.
     assert params["jpeg_quality"] == 90
     assert params["output_topic"] == "/manipulation/policy_output"
+
+
+@pytest.mark.parametrize("mode", ["true", "false"])
+def test_observation_and_task_topic_arguments_override_the_yaml(mode):
+    result = plan(
+        use_remote_policy=mode,
+        use_observation="false",
+        observation_topic="/robot1/manipulation/observation",
+        observation_timeout_sec="2",
+        instruction_topic="/manipulation/task_prompt",
+    )
+    params = result.parameters
+    assert params["use_observation"] is False
+    assert params["observation_topic"] == "/robot1/manipulation/observation"
+    assert params["observation_timeout_sec"] == 2.0
+    assert type(params["observation_timeout_sec"]) is float
+    assert params["instruction_topic"] == "/manipulation/task_prompt"
+    assert result.ignored_arguments == ()
 
 
 def test_local_model_options_override_the_yaml():
@@ -360,6 +381,11 @@ def test_bad_namespaces_are_refused(text):
         ("joint_states_topic", "joint states", "topic name"),
         ("image_transport", "jpeg", "raw, compressed"),
         ("inference_rate", "0", "> 0"),
+        ("use_observation", "perhaps", "true/false"),
+        ("observation_topic", "/manipulation/my observation", "topic name"),
+        ("observation_timeout_sec", "0", "> 0"),
+        ("observation_timeout_sec", "soon", "a number"),
+        ("instruction_topic", "task prompt", "topic name"),
         ("backend", "gpt", "openvla"),
         ("device", "gpu", "cuda"),
         ("quantization", "16bit", "8bit"),

@@ -3,7 +3,8 @@
 - ``Rig``: its own rclpy context, one SingleThreadedExecutor spinning in a
   background thread (as in production: a node that blocked it would starve
   every other callback), and a test node that plays camera, joint states,
-  instruction and EEF pose publishers and records PolicyOutputs.
+  instruction, EEF pose and aggregated observation (as upstream's perception
+  node) publishers and records PolicyOutputs.
 - ``ScriptedPolicyServer``: a real HTTP server on 127.0.0.1 speaking the
   wire contract with the stub backend, recording what it receives, with
   switches for delay and failure statuses.
@@ -25,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time
-from geometry_msgs.msg import PoseStamped
+from geometry_msgs.msg import PoseStamped, TransformStamped
 from parameter_services import ParameterServices
 from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
@@ -35,6 +36,7 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 
+from manipulation_msgs.msg import Observation as ObservationMsg
 from manipulation_msgs.msg import PolicyOutput
 from manipulation_policy.backends import predictor
 from manipulation_policy.backends.stub import StubBackend
@@ -122,6 +124,7 @@ class Rig:
             "joint_states_topic": f"{prefix}/joint_states",
             "instruction_topic": f"{prefix}/instruction",
             "eef_pose_topic": f"{prefix}/eef_pose",
+            "observation_topic": f"{prefix}/observation",
             "output_topic": f"{prefix}/policy_output",
         }
         self.node = Node("test_rig", context=self.context)
@@ -135,6 +138,10 @@ class Rig:
         self.joint_pub = node.create_publisher(JointState, self.topics["joint_states_topic"], 10)
         self.instruction_pub = node.create_publisher(String, self.topics["instruction_topic"], 10)
         self.eef_pub = node.create_publisher(PoseStamped, self.topics["eef_pose_topic"], 10)
+        # As upstream's perception node publishes it: reliable, depth 10.
+        self.observation_pub = node.create_publisher(
+            ObservationMsg, self.topics["observation_topic"], 10
+        )
         self._lock = threading.Lock()
         self._outputs: list[tuple[float, PolicyOutput]] = []
         node.create_subscription(PolicyOutput, self.topics["output_topic"], self._on_output, 10)
@@ -241,6 +248,12 @@ class Rig:
             setattr(msg, name, values)
         self.joint_pub.publish(msg)
 
+    def publish_observation(self, stamp: Optional[Time] = None, **parts: Any) -> Time:
+        """An aggregated observation stamped ``stamp`` (default: now); see observation_msg."""
+        stamp = stamp or self.now()
+        self.observation_pub.publish(observation_msg(stamp, **parts))
+        return stamp
+
     def stream(self, rate_hz: float, publish: Callable[[], Any]) -> Any:
         """Call ``publish`` at ``rate_hz`` on the rig's executor until close or cancel."""
         timer = self.node.create_timer(1.0 / rate_hz, publish)
@@ -267,6 +280,47 @@ class Rig:
         )
         assert wait_until(future.done, WAIT_SEC), "set_parameters got no answer"
         return future.result().results
+
+
+def observation_msg(
+    stamp: Time,
+    rgb: Optional[np.ndarray] = None,
+    joints: Optional[JointStateData] = None,
+    base_to_ee: Optional[Pose] = None,
+    base_frame: str = "base_link",
+) -> ObservationMsg:
+    """A manipulation_msgs/Observation as upstream's perception node fills it: the image
+    as bgr8 (cv_bridge's BGR8), stamped like the observation; the parts not given are
+    absent (has_* false)."""
+    msg = ObservationMsg()
+    msg.header.stamp = stamp
+    msg.header.frame_id = base_frame
+    msg.base_frame = base_frame
+    msg.camera_frame = "camera_color_optical_frame"
+    msg.ee_frame = "link6"
+    if rgb is not None:
+        image = ros_conversion.rgb_to_image(np.ascontiguousarray(rgb[:, :, ::-1]), stamp,
+                                            msg.camera_frame)  # fmt: skip
+        image.encoding = "bgr8"
+        msg.rgb_image = image
+        msg.has_rgb_image = True
+    if joints is not None:
+        msg.joint_states.header.stamp = stamp
+        msg.joint_states.name = list(joints.name)
+        msg.joint_states.position = list(joints.position)
+        msg.has_joint_states = True
+    if base_to_ee is not None:
+        transform = TransformStamped()
+        transform.header.stamp = stamp
+        transform.header.frame_id = base_frame
+        transform.child_frame_id = msg.ee_frame
+        p, q = base_to_ee.position, base_to_ee.orientation
+        t, r = transform.transform.translation, transform.transform.rotation
+        t.x, t.y, t.z = p.x, p.y, p.z
+        r.x, r.y, r.z, r.w = q.x, q.y, q.z, q.w
+        msg.base_to_ee = transform
+        msg.has_base_to_ee = True
+    return msg
 
 
 def expected_stub_action(

@@ -12,10 +12,12 @@ from geometry_msgs.msg import PoseStamped
 from PIL import Image as PILImage
 from sensor_msgs.msg import CompressedImage, Image, JointState
 
+from manipulation_msgs.msg import Observation as ObservationMsg
 from manipulation_msgs.msg import PolicyOutput
 from manipulation_policy.core.errors import InputError
 from manipulation_policy.core.policy_types import (
     EefTargetMode,
+    JointStateData,
     PolicyAction,
     Pose,
     Quaternion,
@@ -28,12 +30,16 @@ from manipulation_policy.nodes.ros_conversion import (
     image_to_rgb,
     joint_state_to_data,
     nanoseconds_to_stamp,
+    observation_eef_pose,
+    observation_image_stamp,
+    observation_joint_state,
     policy_output_to_action,
     pose_stamped_to_pose,
     rgb_to_image,
     stamp_to_nanoseconds,
     unsupported_encoding,
 )
+from manipulation_policy.nodes.scheduling import StampedPose
 
 RNG = np.random.default_rng(7)
 RGB = RNG.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
@@ -171,3 +177,34 @@ def test_hold_publishes_nothing_to_move():
                 or msg.has_base_hint)
     assert msg.confidence == 0.0 and msg.header.frame_id == "odom"
     assert policy_output_to_action(msg).is_hold
+
+
+def test_aggregated_observation_parts():
+    msg = ObservationMsg()
+    msg.header.stamp = STAMP
+    msg.base_frame = "base_link"
+    # Parts whose has_* flag is false are absent, whatever the fields hold.
+    msg.joint_states.name = ["j1"]
+    msg.joint_states.position = [0.5]
+    msg.base_to_ee.transform.rotation.w = 1.0
+    assert observation_joint_state(msg) is None and observation_eef_pose(msg) is None
+    msg.has_joint_states = msg.has_base_to_ee = True
+    assert observation_joint_state(msg) == JointStateData(name=("j1",), position=(0.5,))
+    later = Time(sec=STAMP.sec + 1, nanosec=0)
+    msg.base_to_ee.header.stamp = later
+    t, r = msg.base_to_ee.transform.translation, msg.base_to_ee.transform.rotation
+    t.x, t.y, t.z = 0.35, -0.05, 0.22
+    r.x, r.y, r.z, r.w = 0.0, 0.0, 0.6, 0.8
+    # base_to_ee: the end effector's pose in the base frame, stamped as the transform;
+    # without a parent frame on the transform, the observation's base_frame.
+    pose = Pose(Vector3(0.35, -0.05, 0.22), Quaternion(0.0, 0.0, 0.6, 0.8))
+    assert observation_eef_pose(msg) == StampedPose(pose, stamp_to_nanoseconds(later),
+                                                    "base_link")  # fmt: skip
+    msg.base_to_ee.header.frame_id = "arm_base"
+    assert observation_eef_pose(msg).frame_id == "arm_base"
+    r.w = r.z = 0.0
+    assert observation_eef_pose(msg) is None  # no rotation: not a pose
+    # The image's own stamp, else (unstamped image) the observation's.
+    assert observation_image_stamp(msg) == STAMP
+    msg.rgb_image.header.stamp = later
+    assert observation_image_stamp(msg) == later

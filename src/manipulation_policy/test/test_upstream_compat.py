@@ -532,8 +532,13 @@ def test_upstream_parameter_names_resolve_with_notes():
     assert resolved.task_given and len(resolved.notes) == 3
     assert all("deprecated" in note for note in resolved.notes)
     waiting = resolve_upstream_parameters({"task_prompt": ""}, remote=True)
-    assert waiting.defaults == {"wait_for_task": True, "max_steps": 50}
+    # Without task_prompt_topic, upstream's node reads tasks where its task_prompt_cli
+    # publishes them: so does this one.
+    assert waiting.defaults == {"wait_for_task": True, "max_steps": 50,
+                                "instruction_topic": "/manipulation/task_prompt"}  # fmt: skip
     assert not waiting.task_given
+    assert resolve_upstream_parameters({"use_remote": False}, remote=False).defaults[
+        "instruction_topic"] == "/manipulation/task_prompt"
     assert resolve_upstream_parameters({}, remote=False).defaults == {}
     with pytest.raises(ValueError, match="remote_policy_node"):
         resolve_upstream_parameters({"use_remote": True}, remote=False)

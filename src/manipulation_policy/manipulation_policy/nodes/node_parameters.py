@@ -174,6 +174,10 @@ COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
                   "geometry_msgs/PoseStamped current end-effector pose in reference_frame; "
                   "lets a delta-predicting policy answer with an absolute target.",
                   topic_name, live=False),
+    ParameterSpec("observation_topic", "/manipulation/observation",
+                  "manipulation_msgs/Observation topic (the aggregated observation upstream's "
+                  "perception node publishes); read while use_observation is true.",
+                  topic_name, live=False),
     ParameterSpec("output_topic", "/manipulation/policy_output",
                   "manipulation_msgs/PolicyOutput topic the decisions are published on.",
                   topic_name, live=False),
@@ -187,6 +191,16 @@ COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
                   frame_id),
     ParameterSpec("max_observation_age_sec", 0.5,
                   "Images older than this (node clock minus image stamp) are not used.",
+                  positive_number(3600.0)),
+    ParameterSpec("use_observation", True,
+                  "true: while the aggregated observation on observation_topic is fresh, its "
+                  "image, joint states and base_to_ee (the current end-effector pose) are the "
+                  "inputs, and the raw topics fill in the parts it lacks; when it is stale or "
+                  "absent, the raw topics are. false: the raw topics only."),
+    ParameterSpec("observation_timeout_sec", 0.5,
+                  "An aggregated observation whose stamp is further than this (or than "
+                  "max_observation_age_sec) from the node clock, or stamped zero, is stale: "
+                  "the raw topics are used instead.",
                   positive_number(3600.0)),
     ParameterSpec("wait_for_task", False,
                   "true: act only once a task (a message on instruction_topic) has arrived, "
@@ -303,6 +317,8 @@ UPSTREAM_ALIASES = {"task_prompt": "instruction", "task_prompt_topic": "instruct
 UPSTREAM_SWITCHES = ("use_remote",)
 UPSTREAM_PARAMETER_NAMES = (*UPSTREAM_ALIASES, *UPSTREAM_SWITCHES)
 UPSTREAM_MAX_STEPS = 50  # upstream's node default: decisions per task
+# Where upstream's node reads tasks and its task_prompt_cli publishes them by default.
+UPSTREAM_TASK_TOPIC = "/manipulation/task_prompt"
 
 
 @dataclass(frozen=True)
@@ -319,9 +335,11 @@ def resolve_upstream_parameters(given: Mapping[str, Any], remote: bool) -> Upstr
 
     Raises ValueError for a value of the wrong type, or for ``use_remote:=true``
     given to the in-process node (it would load the model here instead).
-    Upstream's node waits for a task before acting and runs 50 decisions per
-    task, so any upstream name turns ``wait_for_task`` on and makes 50 the
-    default of ``max_steps`` (either given itself wins).
+    Upstream's node waits for a task before acting, runs 50 decisions per task
+    and reads its tasks on /manipulation/task_prompt, so any upstream name turns
+    ``wait_for_task`` on and makes 50 the default of ``max_steps`` and upstream's
+    task topic the default of ``instruction_topic`` (each given itself wins, and
+    ``task_prompt_topic`` is the task topic under upstream's name).
     """
     defaults: dict[str, Any] = {}
     notes: list[str] = []
@@ -361,6 +379,7 @@ def resolve_upstream_parameters(given: Mapping[str, Any], remote: bool) -> Upstr
     if given:
         defaults["wait_for_task"] = True
         defaults["max_steps"] = UPSTREAM_MAX_STEPS
+        defaults.setdefault("instruction_topic", UPSTREAM_TASK_TOPIC)
     return UpstreamParameters(defaults, task_given, tuple(notes))
 
 

@@ -15,6 +15,11 @@ was handed over less than one period (1 / ``inference_rate``) ago; a timer at
 for the timer alone would add up to a whole period of latency to every output.
 These decisions (rate, task, staleness, which EEF pose goes along) are made
 by ``scheduling.FrameScheduler``; this module is the ROS glue around it.
+
+Inputs: the raw topics (camera, joint states, end-effector pose) and, with
+``use_observation``, the aggregated ``manipulation_msgs/Observation`` of a
+perception node; ``observation_inputs.select_inputs`` chooses between them
+by the aggregated observation's freshness, each time a frame may go.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 
+from manipulation_msgs.msg import Observation as ObservationMsg
 from manipulation_msgs.msg import PolicyOutput
 from manipulation_policy.core.policy_types import JointStateData, Observation, PolicyAction
 from manipulation_policy.nodes import ros_conversion
@@ -47,6 +53,13 @@ from manipulation_policy.nodes.node_parameters import (
     reason_to_refuse,
     resolve_upstream_parameters,
     specs_by_name,
+)
+from manipulation_policy.nodes.observation_inputs import (
+    AggregatedObservation,
+    Inputs,
+    ObservationSettings,
+    Source,
+    select_inputs,
 )
 from manipulation_policy.nodes.parameter_declarations import (
     as_declared_type,
@@ -129,6 +142,7 @@ class SkippingWorker(Generic[Job]):
 class _Frame:
     msg: Any  # sensor_msgs Image or CompressedImage, converted on the worker
     info: FrameInfo
+    stamp: Any  # builtin_interfaces/Time of the image: the outputs' stamp
 
 
 @dataclass(frozen=True)
@@ -164,10 +178,16 @@ class PolicyNodeBase(Node):
         self._latest_frame: Optional[_Frame] = None
         self._latest_joint_state = JointStateData()
         self._latest_eef_pose: Optional[StampedPose] = None
+        self._latest_aggregate: Optional[AggregatedObservation[_Frame]] = None
+        self._frame_sequence = 0  # frames of both sources, in arrival order
+        self._input_source: Optional[Source] = None  # of the last decision (logged on change)
+        self._observation_subscription = None
         self._reported_encodings: set[str] = set()
         self._counters = {
             "images": 0,
             "joint_states": 0,
+            "observations": 0,
+            "from_observation": 0,
             "unsupported_images": 0,
             "inferences": 0,
             "published": 0,
@@ -213,6 +233,9 @@ class PolicyNodeBase(Node):
             PoseStamped, values["eef_pose_topic"], self._on_eef_pose,
             qos_profile_sensor_data,
         )
+        self._observation_topic = values["observation_topic"]
+        if values["use_observation"]:
+            self._subscribe_to_observations()
         self._task_topic = values["instruction_topic"]
         self.create_subscription(String, values["instruction_topic"], self._on_instruction, 10)
         self._publisher = self.create_publisher(PolicyOutput, values["output_topic"], 10)
@@ -221,8 +244,11 @@ class PolicyNodeBase(Node):
         self._timer = self.create_timer(1.0 / values["inference_rate"], self._on_tick)
         self._ready = True
         self.get_logger().info(
-            f"listening to {camera_topic} ({values['image_transport']}), publishing "
-            f"{values['output_topic']} at {values['inference_rate']:g} Hz"
+            f"listening to {camera_topic} ({values['image_transport']})"
+            + (f" and {self._observation_topic} (aggregated observation)"
+               if values["use_observation"] else "")
+            + f", publishing {values['output_topic']} at {values['inference_rate']:g} Hz; "
+            f"tasks on {self._task_topic}"
         )
 
     # ------------------------------------------------------------ hooks
@@ -316,6 +342,12 @@ class PolicyNodeBase(Node):
             self._values.update(changes)
         if "instruction" in changes:
             self._start_task(changes["instruction"])
+        if "use_observation" in changes:
+            if changes["use_observation"]:
+                self._subscribe_to_observations()
+            else:
+                with self._state_lock:
+                    self._latest_aggregate = None
         if "inference_rate" in changes:
             # Recreated rather than re-periodised: Humble's Timer has no period setter.
             self.destroy_timer(self._timer)
@@ -338,28 +370,38 @@ class PolicyNodeBase(Node):
         with self._state_lock:
             self._counters[name] += 1
 
+    def _new_frame(self, msg, stamp) -> _Frame:
+        """A received image as a frame; call with the state lock held."""
+        self._frame_sequence += 1
+        info = FrameInfo(self._frame_sequence, ros_conversion.stamp_to_nanoseconds(stamp))
+        return _Frame(msg, info, stamp)
+
     def _store_frame(self, msg) -> None:
-        stamp_ns = ros_conversion.stamp_to_nanoseconds(msg.header.stamp)
         with self._state_lock:
             self._counters["images"] += 1
-            self._latest_frame = _Frame(msg, FrameInfo(self._counters["images"], stamp_ns))
+            self._latest_frame = self._new_frame(msg, msg.header.stamp)
         if self._ready:
             self._dispatch_newest()
 
-    def _on_image(self, msg: Image) -> None:
+    def _usable_image(self, msg: Image, topic: str) -> bool:
+        """False (and an error logged once per encoding) for an encoding we cannot convert."""
         encoding = ros_conversion.unsupported_encoding(msg)
-        if encoding is not None:
-            with self._state_lock:
-                self._counters["unsupported_images"] += 1
-                first_time = encoding not in self._reported_encodings
-                self._reported_encodings.add(encoding)
-            if first_time:
-                self.get_logger().error(
-                    f"unsupported image encoding {encoding!r} on {self._camera_topic}; such "
-                    "frames are skipped (supported: rgb8, bgr8, rgba8, bgra8, mono8)"
-                )
-            return
-        self._store_frame(msg)
+        if encoding is None:
+            return True
+        with self._state_lock:
+            self._counters["unsupported_images"] += 1
+            first_time = encoding not in self._reported_encodings
+            self._reported_encodings.add(encoding)
+        if first_time:
+            self.get_logger().error(
+                f"unsupported image encoding {encoding!r} on {topic}; such "
+                "frames are skipped (supported: rgb8, bgr8, rgba8, bgra8, mono8)"
+            )
+        return False
+
+    def _on_image(self, msg: Image) -> None:
+        if self._usable_image(msg, self._camera_topic):
+            self._store_frame(msg)
 
     def _on_compressed_image(self, msg: CompressedImage) -> None:
         self._store_frame(msg)
@@ -369,6 +411,38 @@ class PolicyNodeBase(Node):
         with self._state_lock:
             self._counters["joint_states"] += 1
             self._latest_joint_state = state
+
+    def _subscribe_to_observations(self) -> None:
+        """Subscribe to observation_topic, once (use_observation on, at start or later).
+        Sensor-data QoS matches upstream's reliable perception publisher too."""
+        if self._observation_subscription is None:
+            self._observation_subscription = self.create_subscription(
+                ObservationMsg, self._observation_topic, self._on_observation,
+                qos_profile_sensor_data,
+            )
+
+    def _on_observation(self, msg: ObservationMsg) -> None:
+        if not self.parameter_values()["use_observation"]:
+            return
+        image_usable = msg.has_rgb_image and self._usable_image(
+            msg.rgb_image, f"{self._observation_topic} (rgb_image)"
+        )
+        parts_without_frame = Inputs(
+            joint_state=ros_conversion.observation_joint_state(msg),
+            eef=ros_conversion.observation_eef_pose(msg),
+        )
+        stamp_ns = ros_conversion.stamp_to_nanoseconds(msg.header.stamp)
+        with self._state_lock:
+            self._counters["observations"] += 1
+            frame = (
+                self._new_frame(msg.rgb_image, ros_conversion.observation_image_stamp(msg))
+                if image_usable else None
+            )
+            self._latest_aggregate = AggregatedObservation(
+                stamp_ns, Inputs(frame, parts_without_frame.joint_state, parts_without_frame.eef)
+            )
+        if self._ready:
+            self._dispatch_newest()
 
     def _on_eef_pose(self, msg) -> None:
         pose = ros_conversion.pose_stamped_to_pose(msg)
@@ -422,11 +496,18 @@ class PolicyNodeBase(Node):
         """
         values = self.parameter_values()
         with self._state_lock:
-            frame = self._latest_frame
-            joint_state = self._latest_joint_state
-            eef = self._latest_eef_pose
+            raw = Inputs(self._latest_frame, self._latest_joint_state, self._latest_eef_pose)
+            aggregate = self._latest_aggregate
+        selection = select_inputs(
+            aggregate, raw, self.get_clock().now().nanoseconds,
+            ObservationSettings.from_values(values),
+        )
+        self._log_input_source(selection)
+        frame = selection.frame
         decision = self._scheduler.decide(
-            frame.info if frame is not None else None, eef, ScheduleSettings.from_values(values)
+            frame.info if frame is not None else None,
+            selection.eef_candidates,
+            ScheduleSettings.from_values(values),
         )
         if decision.verdict is not Verdict.HAND_OVER:
             self._log_held_back(decision, values)
@@ -439,7 +520,7 @@ class PolicyNodeBase(Node):
                 throttle_duration_sec=LOG_THROTTLE_SEC,
             )
         observation = Observation(
-            joint_state=joint_state,
+            joint_state=selection.joint_state,
             image=None,
             reference_frame=values["reference_frame"],
             instruction=values["instruction"],
@@ -447,6 +528,37 @@ class PolicyNodeBase(Node):
         )
         accepted = self._worker.try_submit(_Job(frame, observation, decision.task_generation))
         self._scheduler.handed_over(frame.info, accepted)
+        if accepted and selection.source is Source.AGGREGATED:
+            self._count("from_observation")
+
+    def _log_input_source(self, selection) -> None:
+        """Say when the inputs switch between the aggregated observation and the raw topics
+        (not the start on the raw topics: a robot without a perception node stays there)."""
+        source, previous = selection.source, self._input_source
+        self._input_source = source
+        if source is previous or (previous is None and source is not Source.AGGREGATED
+                                  and source is not Source.RAW_STALE):
+            return
+        if source is Source.AGGREGATED:
+            self.get_logger().info(
+                f"inputs: the aggregated observation on {self._observation_topic} (the raw "
+                "topics fill in the parts it lacks)",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+        elif source is Source.RAW_STALE:
+            age = selection.observation_age_ns
+            values = self.parameter_values()
+            self.get_logger().warning(
+                f"inputs: the raw topics; the aggregated observation on "
+                f"{self._observation_topic} is "
+                + ("stamped zero" if age is None else f"{age / 1e9:.3f} s old")
+                + f" (observation_timeout_sec={values['observation_timeout_sec']:g}, "
+                f"max_observation_age_sec={values['max_observation_age_sec']:g}). Check the "
+                "perception node and that its clock matches this node's.",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+        elif previous is not None:
+            self.get_logger().info(f"inputs: {source.value}")
 
     def _log_held_back(self, decision, values: dict[str, Any]) -> None:
         if decision.verdict is Verdict.NO_TASK:
@@ -519,7 +631,7 @@ class PolicyNodeBase(Node):
     def _publish(self, action: PolicyAction, job: _Job) -> bool:
         """Publish ``action`` for ``job``'s frame; False (logged) when it cannot be."""
         try:
-            msg = ros_conversion.action_to_policy_output(action, job.frame.msg.header.stamp)
+            msg = ros_conversion.action_to_policy_output(action, job.frame.stamp)
             if not self._closing:
                 self._publisher.publish(msg)
                 self._count("published")

@@ -12,10 +12,11 @@ from typing import Any, Optional
 import numpy as np
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import Pose as PoseMsg
-from geometry_msgs.msg import PoseStamped
+from geometry_msgs.msg import PoseStamped, TransformStamped
 from geometry_msgs.msg import Twist as TwistMsg
 from sensor_msgs.msg import CompressedImage, Image, JointState
 
+from manipulation_msgs.msg import Observation as ObservationMsg
 from manipulation_msgs.msg import PolicyOutput
 from manipulation_policy.core.errors import InputError
 from manipulation_policy.core.imaging import RAW_ENCODINGS, decode_image_bytes, raw_image_to_rgb
@@ -24,10 +25,14 @@ from manipulation_policy.core.policy_types import (
     JointStateData,
     PolicyAction,
     Pose,
+    Quaternion,
     Twist,
+    Vector3,
     geometry_from,
     geometry_parts,
 )
+from manipulation_policy.nodes.observation_inputs import eef_pose_from_transform
+from manipulation_policy.nodes.scheduling import StampedPose
 
 NANOSECONDS = 1_000_000_000
 
@@ -139,6 +144,35 @@ def twist_to_msg(twist: Twist) -> TwistMsg:
 
 def pose_stamped_to_pose(msg: PoseStamped) -> Pose:
     return pose_from_msg(msg.pose)
+
+
+# ---------------------------------------------------------------- the aggregated observation
+
+
+def transform_to_eef_pose(msg: TransformStamped, base_frame: str = "") -> Optional[StampedPose]:
+    """A base-to-end-effector transform as the current end-effector pose (see
+    ``observation_inputs.eef_pose_from_transform``); None when it cannot be one."""
+    return eef_pose_from_transform(
+        geometry_from(Vector3, msg.transform.translation),
+        geometry_from(Quaternion, msg.transform.rotation),
+        msg.header.frame_id,
+        base_frame,
+        stamp_to_nanoseconds(msg.header.stamp),
+    )
+
+
+def observation_image_stamp(msg: ObservationMsg) -> Time:
+    """The stamp of the observation's colour image: its own, else the observation's."""
+    stamp = msg.rgb_image.header.stamp
+    return stamp if stamp_to_nanoseconds(stamp) != 0 else msg.header.stamp
+
+
+def observation_joint_state(msg: ObservationMsg) -> Optional[JointStateData]:
+    return joint_state_to_data(msg.joint_states) if msg.has_joint_states else None
+
+
+def observation_eef_pose(msg: ObservationMsg) -> Optional[StampedPose]:
+    return transform_to_eef_pose(msg.base_to_ee, msg.base_frame) if msg.has_base_to_ee else None
 
 
 # ---------------------------------------------------------------- decisions

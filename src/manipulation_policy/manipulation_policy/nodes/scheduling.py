@@ -11,6 +11,8 @@ ticks, whether the newest frame goes to the worker now, and if not why not:
 - freshness: a frame (or an end-effector pose) whose stamp is further than
   ``max_observation_age_sec`` from the node clock, either way, is not used;
   an end-effector pose in another frame than ``reference_frame`` neither.
+  Several end-effector poses may be offered (the aggregated observation's
+  ``base_to_ee``, then the one on ``eef_pose_topic``): the first usable goes.
 
 Two clocks are injected, each a callable returning nanoseconds: a monotonic
 one for the rate, and the node clock (ROS time, simulated time included) that
@@ -22,9 +24,9 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from manipulation_policy.core.policy_types import Pose
 
@@ -118,6 +120,25 @@ def eef_pose_use(
     return EefUse.USED, eef.pose
 
 
+EefOffer = Union[None, StampedPose, Sequence[StampedPose]]
+
+
+def first_usable_eef(
+    offer: EefOffer, now_ns: int, settings: ScheduleSettings
+) -> tuple[EefUse, Optional[Pose], str]:
+    """The first usable of the poses offered (preferred first), as (USED, pose, its frame);
+    when none is, why the first one is not (and its frame), or ABSENT for none offered."""
+    candidates = () if offer is None else (offer,) if isinstance(offer, StampedPose) else offer
+    first: Optional[tuple[EefUse, Optional[Pose], str]] = None
+    for candidate in candidates:
+        use, pose = eef_pose_use(candidate, now_ns, settings)
+        if use is EefUse.USED:
+            return use, pose, candidate.frame_id
+        if first is None:
+            first = (use, None, candidate.frame_id)
+    return first if first is not None else (EefUse.ABSENT, None, "")
+
+
 class FrameScheduler:
     def __init__(
         self,
@@ -140,7 +161,7 @@ class FrameScheduler:
     def decide(
         self,
         frame: Optional[FrameInfo],
-        eef: Optional[StampedPose],
+        eef: EefOffer,
         settings: ScheduleSettings,
     ) -> Decision:
         """Whether the newest ``frame`` goes to the worker now (see the module docstring).
@@ -163,13 +184,13 @@ class FrameScheduler:
             if abs(age_ns) > settings.max_age_ns:
                 self._counts["stale_skipped"] += 1
                 return Decision(Verdict.STALE, frame_age_ns=age_ns)
-            eef_use, pose = eef_pose_use(eef, now_ns, settings)
+            eef_use, pose, eef_frame_id = first_usable_eef(eef, now_ns, settings)
             return Decision(
                 Verdict.HAND_OVER,
                 frame_age_ns=age_ns,
                 eef_pose=pose,
                 eef=eef_use,
-                eef_frame_id=eef.frame_id if eef is not None else "",
+                eef_frame_id=eef_frame_id,
                 task_generation=self._task_generation,
             )
 
