@@ -8,6 +8,9 @@ from manipulation_policy.core.pose_math import (
     quaternion_from_rpy,
     quaternion_multiply,
     rpy_from_quaternion,
+    weighted_mean_pose,
+    weighted_mean_quaternion,
+    weighted_mean_vector,
 )
 
 
@@ -44,3 +47,50 @@ def test_apply_delta_adds_translation_and_premultiplies_rotation():
         (0.51, -0.02, 0.33)
     )
     assert close(target.orientation, quaternion_from_rpy(0.0, 0.0, math.pi))
+
+
+def negated(q: Quaternion) -> Quaternion:
+    return Quaternion(-q.x, -q.y, -q.z, -q.w)
+
+
+def test_weighted_mean_of_vectors_is_linear():
+    mean = weighted_mean_vector([Vector3(0.0, 1.0, 2.0), Vector3(1.0, 3.0, 2.0)], [3.0, 1.0])
+    assert (mean.x, mean.y, mean.z) == pytest.approx((0.25, 1.5, 2.0))
+
+
+def test_equal_weights_give_the_rotation_halfway():
+    q = weighted_mean_quaternion(
+        [quaternion_from_rpy(0, 0, 0.0), quaternion_from_rpy(0, 0, 0.8)], [0.5, 0.5]
+    )
+    assert close(q, quaternion_from_rpy(0, 0, 0.4))
+
+
+def test_the_mean_ignores_which_sign_a_quaternion_has():
+    a, b = quaternion_from_rpy(0.1, 0, 0.2), quaternion_from_rpy(0, 0.3, 0.5)
+    expected = weighted_mean_quaternion([a, b], [0.3, 0.7])
+    assert close(weighted_mean_quaternion([a, negated(b)], [0.3, 0.7]), expected)
+    assert close(weighted_mean_quaternion([negated(a), b], [0.3, 0.7]), expected)
+
+
+def test_a_weight_of_zero_leaves_the_other_rotation():
+    a, b = quaternion_from_rpy(0, 0, 0.2), quaternion_from_rpy(0, 0, 1.2)
+    assert close(weighted_mean_quaternion([a, b], [0.0, 1.0]), b)
+    with pytest.raises(ValueError, match="reference quaternion needs a weight > 0"):
+        weighted_mean_quaternion([a, b], [1.0, 0.0])  # the reference is the last one
+    assert close(weighted_mean_quaternion([a, b], [1.0, 0.0], reference=0), a)
+
+
+def test_weighted_mean_of_poses_averages_both_parts():
+    poses = [
+        Pose(Vector3(0.0, 0.0, 0.0), quaternion_from_rpy(0, 0, 0.0)),
+        Pose(Vector3(1.0, 0.0, 0.0), quaternion_from_rpy(0, 0, 0.6)),
+    ]
+    mean = weighted_mean_pose(poses, [0.5, 0.5])
+    assert mean.position.x == pytest.approx(0.5)
+    assert close(mean.orientation, quaternion_from_rpy(0, 0, 0.3))
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, -1.0], [0.0, 0.0], [1.0, math.nan]])
+def test_weights_must_match_and_be_usable(weights):
+    with pytest.raises(ValueError, match="weights"):
+        weighted_mean_vector([Vector3(), Vector3()], weights)

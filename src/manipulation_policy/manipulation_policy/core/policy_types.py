@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, TypeVar, Union
@@ -162,3 +163,70 @@ class PolicyAction:
             and self.base_velocity_hint is None
             and self.confidence == 0.0
         )
+
+
+# A policy answers at most this many actions at once (the wire and the executor's bound).
+MAX_CHUNK_LENGTH = 256
+# A chunk of one is published on arrival and opens no timeline, so its period only
+# says how long its one action lasts where nothing else says so.
+SINGLE_ACTION_PERIOD_SEC = 1.0
+
+
+@dataclass(frozen=True)
+class ActionChunk:
+    """An ordered list of actions and the time between consecutive ones.
+
+    Action i is due at the observation's stamp + i * action_period_sec. A
+    single-step model answers a chunk of one (``ActionChunk.of``). All actions
+    share one reference frame: the executor blends and composes them as one
+    trajectory.
+    """
+
+    actions: tuple[PolicyAction, ...]
+    action_period_sec: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.actions, tuple):
+            object.__setattr__(self, "actions", tuple(self.actions))
+        if not self.actions:
+            raise ValueError("an action chunk needs at least one action")
+        if len(self.actions) > MAX_CHUNK_LENGTH:
+            raise ValueError(
+                f"an action chunk holds at most {MAX_CHUNK_LENGTH} actions, "
+                f"not {len(self.actions)}"
+            )
+        for index, action in enumerate(self.actions):
+            if not isinstance(action, PolicyAction):
+                kind = type(action).__name__
+                raise TypeError(f"actions[{index}] is a {kind}, not a PolicyAction")
+        period = self.action_period_sec
+        if isinstance(period, bool) or not isinstance(period, (int, float)):
+            raise TypeError(f"action_period_sec must be a number, not {type(period).__name__}")
+        if not (math.isfinite(period) and period > 0):
+            raise ValueError(f"action_period_sec must be finite and > 0, not {period}")
+        frames = {action.reference_frame for action in self.actions}
+        if len(frames) > 1:
+            raise ValueError(f"an action chunk has one reference frame, not {sorted(frames)}")
+
+    @classmethod
+    def of(cls, action: PolicyAction, action_period_sec: Optional[float] = None) -> ActionChunk:
+        """A chunk of one: what a single-step model (or upstream's server) answers."""
+        period = SINGLE_ACTION_PERIOD_SEC if action_period_sec is None else action_period_sec
+        return cls((action,), period)
+
+    @property
+    def reference_frame(self) -> str:
+        return self.actions[0].reference_frame
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+
+def as_chunk(answer: Union[PolicyAction, ActionChunk]) -> ActionChunk:
+    """A backend's answer as a chunk: a PolicyAction becomes a chunk of one."""
+    if isinstance(answer, ActionChunk):
+        return answer
+    if isinstance(answer, PolicyAction):
+        return ActionChunk.of(answer)
+    kind = type(answer).__name__
+    raise TypeError(f"a policy answers a PolicyAction or an ActionChunk, not {kind}")

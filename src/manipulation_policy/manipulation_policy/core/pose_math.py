@@ -3,15 +3,25 @@
 Conventions (the same as tf2's ``Quaternion.setRPY``): roll, pitch, yaw are
 rotations about the fixed X, Y and Z axes, applied in that order, so
 R = Rz(yaw) * Ry(pitch) * Rx(roll). Quaternions are (x, y, z, w), unit length.
+
+Weighted means (the executor's blending of overlapping chunks): positions and
+other vectors are averaged linearly; orientations by the normalized weighted
+sum of the quaternions, each first flipped into the hemisphere of the
+reference one (q and -q are the same rotation, and a sum of opposite signs
+would cancel). For rotations as close as consecutive chunks predict this is
+the usual approximation of the rotation mean; for two quaternions it is nlerp,
+exact at equal weights.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Optional
 
 from manipulation_policy.core.policy_types import (
+    ActionChunk,
     EefTargetMode,
     PolicyAction,
     Pose,
@@ -90,4 +100,70 @@ def compose_with_current_pose(action: PolicyAction, current: Optional[Pose]) -> 
         action,
         eef_target=apply_delta(current, action.eef_target),
         eef_target_mode=EefTargetMode.ABSOLUTE,
+    )
+
+
+def compose_chunk_with_current_pose(chunk: ActionChunk, current: Optional[Pose]) -> ActionChunk:
+    """A chunk's delta targets made absolute, each composed with the target before it.
+
+    Target i is target i-1 composed with delta i (target -1 is the current pose),
+    as the model meant a sequence of deltas: not each delta composed with the
+    observation's pose. An action without a target leaves the running pose as it
+    is; an absolute target becomes it. Each step goes through
+    ``compose_with_current_pose``, the one place a delta becomes absolute.
+    """
+    if current is None:
+        return chunk
+    composed = []
+    running = current
+    for action in chunk.actions:
+        action = compose_with_current_pose(action, running)
+        if action.eef_target is not None:
+            running = action.eef_target
+        composed.append(action)
+    return replace(chunk, actions=tuple(composed))
+
+
+def _checked_weights(count: int, weights: Sequence[float]) -> None:
+    if count == 0 or len(weights) != count:
+        raise ValueError(f"{count} values need as many weights, not {len(weights)}")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be finite, >= 0 and not all 0, not {list(weights)}")
+
+
+def weighted_mean_vector(vectors: Sequence[Vector3], weights: Sequence[float]) -> Vector3:
+    _checked_weights(len(vectors), weights)
+    total = sum(weights)
+    return Vector3(
+        *(
+            sum(w * getattr(v, axis) for v, w in zip(vectors, weights, strict=True)) / total
+            for axis in ("x", "y", "z")
+        )
+    )
+
+
+def weighted_mean_quaternion(
+    quaternions: Sequence[Quaternion], weights: Sequence[float], reference: int = -1
+) -> Quaternion:
+    """Normalized weighted sum after aligning each quaternion with ``quaternions[reference]``
+    (see the module docstring). The reference's weight must be > 0, so the sum cannot
+    vanish."""
+    _checked_weights(len(quaternions), weights)
+    if weights[reference] <= 0:
+        raise ValueError("the reference quaternion needs a weight > 0")
+    ref = quaternions[reference]
+    sums = [0.0, 0.0, 0.0, 0.0]
+    for q, w in zip(quaternions, weights, strict=True):
+        sign = -1.0 if q.x * ref.x + q.y * ref.y + q.z * ref.z + q.w * ref.w < 0 else 1.0
+        for k, part in enumerate((q.x, q.y, q.z, q.w)):
+            sums[k] += sign * w * part
+    return normalized(Quaternion(*sums))
+
+
+def weighted_mean_pose(
+    poses: Sequence[Pose], weights: Sequence[float], reference: int = -1
+) -> Pose:
+    return Pose(
+        position=weighted_mean_vector([p.position for p in poses], weights),
+        orientation=weighted_mean_quaternion([p.orientation for p in poses], weights, reference),
     )
