@@ -188,15 +188,17 @@ def test_the_robot_side_uses_only_names_the_installed_libraries_have(path):
 
 
 def test_the_check_finds_a_name_the_installed_pillow_lacks(tmp_path):
-    """The check itself: Image.Resampling (Pillow 9.1+) is flagged wherever Pillow
-    lacks it, and a chain that exists is not."""
+    """The check itself: Image.Resampling (Pillow 9.1+) and datetime.UTC (Python 3.11+)
+    are flagged wherever they are missing, and a chain that exists is not."""
     source = tmp_path / "uses_pillow.py"
     source.write_text(
-        "import numpy as np\nfrom PIL import Image\n\n\n"
+        "import datetime\n\nimport numpy as np\nfrom PIL import Image\n\n\n"
         "def shrink(rgb):\n"
         "    return Image.fromarray(rgb).resize((2, 2), Image.BILINEAR)\n\n\n"
         "def shrink_newer(rgb):\n"
         "    return Image.fromarray(rgb).resize((2, 2), Image.Resampling.BILINEAR)\n\n\n"
+        "def utc():\n"
+        "    return datetime.timezone.utc, datetime.UTC\n\n\n"
         "def missing():\n"
         "    return np.no_such_function, Image.NoSuchThing.X\n"
     )
@@ -209,6 +211,8 @@ def test_the_check_finds_a_name_the_installed_pillow_lacks(tmp_path):
     ]
     if not hasattr(PIL.Image, "Resampling"):  # Pillow < 9.1, as on a Humble robot
         expected.append("Image.Resampling.BILINEAR: PIL.Image has no 'Resampling'")
+    if sys.version_info < (3, 11):  # the standard library is checked too
+        expected.append("datetime.UTC: datetime has no 'UTC'")
     assert sorted(p.split(" in ")[0] for p in problems) == sorted(expected)
 
 
