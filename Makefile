@@ -8,7 +8,7 @@ STAMP := $(VENV)/.bootstrapped
 # DDS stays on this machine: no discovery traffic on external interfaces.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 
-.PHONY: all venv build test lint demo bench clean ros2cli
+.PHONY: all venv build test lint demo bench clean ros2cli floor-venv test-floor
 
 all: build
 
@@ -39,8 +39,23 @@ endif
 lint: $(STAMP)
 	$(RUN) ruff check .
 
-test: build lint ros2cli
+test: build lint ros2cli floor-venv
 	$(RUN) python -m pytest
+	$(MAKE) --no-print-directory test-floor
+
+# The robot-floor lane: every test that needs no ROS, again under a Humble robot's
+# Python and libraries (docker/robot-requirements.txt), in its own venv.
+FLOOR_VENV := .venv-floor
+FLOOR_STAMP := $(FLOOR_VENV)/.bootstrapped
+
+$(FLOOR_STAMP): .ci/bootstrap_floor_venv.sh docker/robot-requirements.txt .ci/requirements-floor.txt
+	bash .ci/bootstrap_floor_venv.sh $(FLOOR_VENV)
+	touch $@
+
+floor-venv: $(FLOOR_STAMP)
+
+test-floor: $(FLOOR_STAMP)
+	PYTHONPATH=$(CURDIR)/.ci $(FLOOR_VENV)/bin/python -m pytest -p floor_lane
 
 demo: build
 	ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-42} $(RUN) python -m manipulation_bringup.demo

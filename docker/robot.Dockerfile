@@ -13,15 +13,17 @@ WORKDIR /ws
 COPY src/manipulation_msgs/package.xml src/manipulation_msgs/package.xml
 COPY src/manipulation_policy/package.xml src/manipulation_policy/package.xml
 COPY src/manipulation_bringup/package.xml src/manipulation_bringup/package.xml
-# Ubuntu 22.04 ships pydantic 1; the wire contract needs pydantic 2 (from pip,
-# which takes precedence over the apt copy). Apt versions follow the Humble
-# snapshot of the base image, as rosdep's do: not pinned here.
+# The robot side's Python floor (the file the robot guide and `make test-floor` read):
+# numpy, Pillow and PyYAML stay the apt copies rosdep installs (at or above the floor,
+# so pip leaves them); pydantic 2 comes from pip, which takes precedence over Ubuntu
+# 22.04's pydantic 1. Apt versions follow the Humble snapshot of the base image.
+COPY docker/robot-requirements.txt docker/robot-requirements.txt
 # hadolint ignore=DL3008
 RUN apt-get update \
     && rosdep update --rosdistro humble \
     && rosdep install --from-paths src --ignore-src --rosdistro humble -y \
     && apt-get install -y --no-install-recommends python3-pip \
-    && pip3 install --no-cache-dir "pydantic==2.14.3" \
+    && pip3 install --no-cache-dir -r docker/robot-requirements.txt \
     && rm -rf /var/lib/apt/lists/*
 
 COPY colcon.meta ./

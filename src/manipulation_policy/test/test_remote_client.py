@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from node_harness import ScriptedPolicyServer, assert_actions_close, sample_image, wait_until
+from remote_harness import ScriptedPolicyServer, assert_actions_close, sample_image, wait_until
 
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.core.contract import observation_to_request

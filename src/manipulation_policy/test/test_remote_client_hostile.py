@@ -20,7 +20,7 @@ from hostile_servers import (
     send_json,
     trickling,
 )
-from node_harness import wait_until
+from remote_harness import wait_until
 
 from manipulation_policy.nodes.remote_client import (
     BreakerState,
