@@ -21,7 +21,8 @@ if command -v pyenv >/dev/null; then
     candidates+=("$(pyenv prefix "$want" 2>/dev/null || true)/bin/python$want")
 fi
 while IFS= read -r found; do candidates+=("$found"); done < <(
-    ls -d "$pyenv_root"/versions/"$want".*/bin/python"$want" 2>/dev/null | sort -rV)
+    find "$pyenv_root/versions" -maxdepth 3 -path "*/versions/$want.*/bin/python$want" \
+        2>/dev/null | sort -rV)
 python=""
 for candidate in "${candidates[@]}"; do
     if [ -n "$candidate" ] && "$candidate" -c "import sys, venv, ensurepip
@@ -48,7 +49,7 @@ for package in manipulation_policy manipulation_bringup; do
     ln -s "$PWD/src/$package/$package" "$venv/robot-src/$package"
 done
 "$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" |
-    (read -r site && echo "$(cd "$venv/robot-src" && pwd)" >"$site/robot-src.pth")
+    (read -r site && cd "$venv/robot-src" && pwd >"$site/robot-src.pth")
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 # The robot's versions exactly: each ">=" floor of the pins file as "==".
 sed 's/>=/==/' "$pins" >"$venv/floor-pins.txt"
