@@ -39,9 +39,23 @@ endif
 lint: $(STAMP)
 	$(RUN) ruff check .
 
+# The OpenVLA authors' remote code, never in this repository, is in the project's
+# shared folder beside the checkout on development machines and CI. Where it is,
+# `make test` hands it to the tests (OPENVLA_HF_DIR, unless already set), and
+# then they must run: a missing file or package fails them instead of skipping.
+# test-openvla runs only them (README, Development).
+OPENVLA_HF_SHARED := $(abspath ../shared/openvla-hf)
+OPENVLA_HF_ENV := $(if $(wildcard $(OPENVLA_HF_SHARED)),OPENVLA_HF_DIR="$${OPENVLA_HF_DIR:-$(OPENVLA_HF_SHARED)}")
+OPENVLA_REMOTE_TESTS := src/manipulation_policy/test/test_openvla_remote_code.py \
+	src/manipulation_policy/test/test_gpu_check_openvla.py
+.PHONY: test-openvla
+
 test: build lint ros2cli floor-venv
-	$(RUN) python -m pytest
+	$(OPENVLA_HF_ENV) $(RUN) python -m pytest
 	$(MAKE) --no-print-directory test-floor
+
+test-openvla: build
+	$(OPENVLA_HF_ENV) $(RUN) python -m pytest $(OPENVLA_REMOTE_TESTS)
 
 # The robot-floor lane: every test that needs no ROS, again under a Humble robot's
 # Python and libraries (docker/robot-requirements.txt), in its own venv.

@@ -4,6 +4,10 @@
     python bench/gpu_check_openvla.py --hf-dir $OPENVLA_HF_DIR              # on a GPU host
     python bench/gpu_check_openvla.py --hf-dir $OPENVLA_HF_DIR --tiny       # CPU dry run
 
+``--hf-dir`` defaults to ``$OPENVLA_HF_DIR``, else the project's shared copy
+``../shared/openvla-hf`` beside the checkout. ``make test`` runs the CPU dry
+run (test_gpu_check_openvla.py) whenever that copy is there.
+
 No ROS is needed: on a GPU host with requirements.txt installed, run it from
 a project checkout with ``PYTHONPATH=src/manipulation_policy``. The 7B
 checkpoint needs ~15 GB of disk under ``--out`` and ~16 GiB of GPU memory; the
@@ -38,7 +42,6 @@ import base64
 import importlib
 import importlib.util
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -219,7 +222,11 @@ def format_rows(cases: list[dict]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--hf-dir", default=os.environ.get("OPENVLA_HF_DIR"))
+    parser.add_argument(
+        "--hf-dir",
+        default=openvla_checkpoint.default_hf_dir(),
+        help="OpenVLA's prismatic/extern/hf (default: $OPENVLA_HF_DIR, else ../shared/openvla-hf)",
+    )
     parser.add_argument("--checkpoint", help="use this built checkpoint instead of building one")
     parser.add_argument("--out", help="where to build the checkpoint (default: a temp dir)")
     parser.add_argument("--tiny", action="store_true", help="small size on the CPU (dry run)")
@@ -233,7 +240,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.requests < 1 or args.frames < 2:
         parser.error("--requests must be >= 1 and --frames >= 2")
     if not args.checkpoint and not args.hf_dir:
-        parser.error("set --hf-dir or OPENVLA_HF_DIR (OpenVLA's prismatic/extern/hf)")
+        parser.error(
+            "set --hf-dir or OPENVLA_HF_DIR (OpenVLA's prismatic/extern/hf); "
+            "no ../shared/openvla-hf beside this checkout"
+        )
 
     import torch
 

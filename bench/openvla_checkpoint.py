@@ -7,7 +7,9 @@ check loading, attention paths and speed), so this writes what the Hub's
 
 - ``configuration_prismatic.py``, ``modeling_prismatic.py``,
   ``processing_prismatic.py`` copied from ``--hf-dir`` (``prismatic/extern/hf``
-  of github.com/openvla/openvla; never part of this repository), and
+  of github.com/openvla/openvla; never part of this repository; default
+  ``$OPENVLA_HF_DIR``, else the project's shared copy ``../shared/openvla-hf``
+  beside the checkout where there is one), and
   ``config.json`` whose ``auto_map`` points at them;
 - the model saved by ``save_pretrained`` (safetensors) after being built by
   that remote class, so ``from_pretrained(..., trust_remote_code=True)`` takes
@@ -43,6 +45,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 REMOTE_FILES = ("configuration_prismatic.py", "modeling_prismatic.py", "processing_prismatic.py")
+# The project's shared copy of that remote code, beside the checkout (development machines, CI).
+SHARED_HF_DIR = Path(__file__).resolve().parents[2] / "shared" / "openvla-hf"
 BASE_VOCAB = 32000  # Llama-2
 PAD_TO_MULTIPLE_OF = 64
 PAD_TOKEN = "<PAD>"
@@ -187,6 +191,13 @@ def _patch_json(path: Path, **fields: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def default_hf_dir() -> Optional[str]:
+    """``$OPENVLA_HF_DIR``, else the shared copy beside the checkout where it exists."""
+    if os.environ.get("OPENVLA_HF_DIR"):
+        return os.environ["OPENVLA_HF_DIR"]
+    return str(SHARED_HF_DIR) if SHARED_HF_DIR.is_dir() else None
+
+
 def build_checkpoint(
     out: Path,
     hf_dir: Path,
@@ -305,8 +316,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="checkpoint directory to write (replaced)")
     parser.add_argument(
         "--hf-dir",
-        default=os.environ.get("OPENVLA_HF_DIR"),
-        help="OpenVLA's prismatic/extern/hf (default: $OPENVLA_HF_DIR)",
+        default=default_hf_dir(),
+        help="OpenVLA's prismatic/extern/hf (default: $OPENVLA_HF_DIR, else ../shared/openvla-hf)",
     )
     parser.add_argument("--size", choices=("real", "tiny"), default="real")
     parser.add_argument("--device", default="cuda")

@@ -68,6 +68,11 @@ UNSUPPORTED_ENVIRONMENT = {
 }
 
 
+# OPENVLA_* variables that are not server settings: the tests' and bench/'s pointer to
+# the OpenVLA authors' remote code (`make test` exports it). They choose no backend.
+NOT_SERVER_ENVIRONMENT = frozenset({"OPENVLA_HF_DIR"})
+
+
 def choose_backend(flag: Optional[str], environ: Mapping[str, str]) -> tuple[str, str]:
     """(backend name, why): --backend, else MANIPULATION_POLICY_BACKEND, else openvla when
     any OPENVLA_* variable is set (upstream's server always serves OpenVLA), else stub."""
@@ -76,7 +81,9 @@ def choose_backend(flag: Optional[str], environ: Mapping[str, str]) -> tuple[str
     if environ.get(BACKEND_ENV, "").strip():
         return environ[BACKEND_ENV].strip(), BACKEND_ENV
     openvla_vars = sorted(
-        name for name, value in environ.items() if name.startswith("OPENVLA_") and value.strip()
+        name
+        for name, value in environ.items()
+        if name.startswith("OPENVLA_") and value.strip() and name not in NOT_SERVER_ENVIRONMENT
     )
     if openvla_vars:
         return "openvla", f"no --backend, and {', '.join(openvla_vars)} set"

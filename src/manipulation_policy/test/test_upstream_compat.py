@@ -277,6 +277,8 @@ def test_backend_choice_and_openvla_environment():
     assert policy_server.choose_backend("stub", {"OPENVLA_MODEL_ID": "m"})[0] == "stub"
     assert policy_server.choose_backend(None, {"OPENVLA_MODEL_ID": "m"})[0] == "openvla"
     assert policy_server.choose_backend(None, {"OPENVLA_DEVICE": " "})[0] == "stub"
+    # The tests' pointer to OpenVLA's remote code is no server setting (make test exports it).
+    assert policy_server.choose_backend(None, {"OPENVLA_HF_DIR": "/x/openvla-hf"})[0] == "stub"
     assert policy_server.choose_backend(
         None, {"OPENVLA_MODEL_ID": "m", policy_server.BACKEND_ENV: "stub"}
     )[0] == "stub"
