@@ -192,8 +192,14 @@ def test_shutdown_is_bounded_by_the_graceful_timeout_with_a_hung_backend():
     assert "Traceback" not in server.log()
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # A test run started in the background (`make test &`) ignores SIGINT, and a
+    # child inherits that; a server started from a terminal has the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_with_one_line_and_no_traceback():
-    server = scripted_server()
+    server = scripted_server(preexec_fn=_sigint_as_in_a_terminal)
     with server:
         server.process.send_signal(signal.SIGINT)
         server.process.wait(timeout=15)
