@@ -5,7 +5,12 @@ import re
 from pathlib import Path
 
 from manipulation_bringup.launch_logic import LAUNCH_ARGUMENT_NAMES, NODE_PARAMETERS
-from manipulation_policy.core.contract import InferResponse, parse_request, parse_response
+from manipulation_policy.core.contract import (
+    InferRequest,
+    InferResponse,
+    parse_request,
+    parse_response,
+)
 
 README = (Path(__file__).resolve().parents[3] / "README.md").read_text()
 
@@ -44,3 +49,10 @@ def test_the_example_response_has_every_response_field():
     example = json.loads(block)
     parse_response(example)
     assert set(example) == set(InferResponse.model_fields)
+
+
+def test_every_contract_field_is_in_a_contract_table():
+    rows = [line for line in README.splitlines() if line.startswith("| `")]
+    for model in (InferRequest, InferResponse):
+        for name in model.model_fields:
+            assert any(f"`{name}`" in row or f"`{name}." in row for row in rows), name

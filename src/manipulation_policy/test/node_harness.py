@@ -285,5 +285,6 @@ def expected_stub_action(
         instruction=instruction,
         eef_pose=eef_pose,
     )
-    return predictor(StubBackend())(observation)
+    (action,) = predictor(StubBackend())(observation).actions  # a chunk of one
+    return action
 

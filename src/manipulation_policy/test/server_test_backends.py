@@ -7,18 +7,24 @@ ScriptedBackend behaves like the stub unless the instruction asks otherwise:
 ``nan`` (a broken model output), ``answer <kind>`` (an answer that breaks the
 response contract, see BAD_ANSWERS), ``raise huge`` (a 2 MB exception message),
 ``raise base`` (a BaseException that is not an Exception).
+
+ChunkedBackend answers action chunks (see its docstring); FixedDeltaBackend a
+fixed delta whatever it sees.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.core.errors import InputError
 from manipulation_policy.core.policy_types import (
+    MAX_CHUNK_LENGTH,
+    ActionChunk,
     EefTargetMode,
     Observation,
     PolicyAction,
@@ -106,3 +112,113 @@ class FixedDeltaBackend:
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "model": "fixed", "device": "cpu"}
+
+
+# ------------------------------------------------------------------ chunks
+
+CHUNK_PERIOD_SEC = 0.1
+DEFAULT_CHUNK_LENGTH = 5
+STEP_YAW = 0.05
+
+
+def chunk_step(index: int, frame: str, joint_count: int) -> PolicyAction:
+    """Step ``index`` of ChunkedBackend's chunks: a delta of 1 cm along x and a turn of
+    STEP_YAW about z, different from the other steps in y, z, joints and gripper."""
+    return PolicyAction(
+        reference_frame=frame,
+        eef_target=Pose(
+            Vector3(0.01, 0.002 * (index % 5), -0.001 * (index % 7)),
+            quaternion_from_rpy(0.0, 0.0, STEP_YAW),
+        ),
+        eef_target_mode=EefTargetMode.DELTA,
+        joint_deltas=(0.01 * (1 + index % 9),) * joint_count if joint_count else None,
+        gripper_command=(index % 11) / 10.0,
+        confidence=0.5,
+    )
+
+
+def chunk_steps(length: int, frame: str = "base_link", joint_count: int = 0) -> ActionChunk:
+    """The chunk ChunkedBackend answers to ``chunk <length>`` (before any composition)."""
+    return ActionChunk(
+        tuple(chunk_step(i, frame, joint_count) for i in range(length)), CHUNK_PERIOD_SEC
+    )
+
+
+def forged_chunk(actions: Sequence[Any], period: Any) -> ActionChunk:
+    """An ActionChunk built around its own checks, as a careless plugin could."""
+    chunk = object.__new__(ActionChunk)
+    object.__setattr__(chunk, "actions", tuple(actions))
+    object.__setattr__(chunk, "action_period_sec", period)
+    return chunk
+
+
+def _with_step(chunk: ActionChunk, index: int, **changes: Any) -> ActionChunk:
+    actions = list(chunk.actions)
+    actions[index] = replace(actions[index], **changes)
+    return forged_chunk(actions, chunk.action_period_sec)
+
+
+def _with_item(chunk: ActionChunk, index: int, item: Any) -> ActionChunk:
+    actions = list(chunk.actions)
+    actions[index] = item
+    return forged_chunk(actions, chunk.action_period_sec)
+
+
+# bad <kind> -> (the broken chunk made of a good one of 6 steps, the field the server names)
+BAD_CHUNKS: dict[str, tuple[Callable[[ActionChunk], Any], str]] = {
+    "later-confidence-5": (lambda c: _with_step(c, 3, confidence=5.0), "actions[3].confidence"),
+    "first-confidence-5": (lambda c: _with_step(c, 0, confidence=5.0), "confidence"),
+    "later-gripper-neg": (
+        lambda c: _with_step(c, 5, gripper_command=-0.5), "actions[5].gripper_command"
+    ),
+    "later-deltas-str": (lambda c: _with_step(c, 2, joint_deltas="abc"), "actions[2].joint_deltas"),
+    "later-nan-position": (
+        lambda c: _with_step(
+            c, 4, eef_target=Pose(Vector3(math.nan, 0.0, 0.0)), eef_target_mode="absolute"
+        ),
+        "actions[4].eef_target_pose.position.x",
+    ),
+    "later-mode": (lambda c: _with_step(c, 1, eef_target_mode="up"), "actions[1].eef_target_mode"),
+    "later-not-an-action": (lambda c: _with_item(c, 1, {"confidence": 1.0}), "actions[1]"),
+    "later-other-frame": (
+        lambda c: _with_step(c, 2, reference_frame="odom"), "actions[2].reference_frame"
+    ),
+    "too-long": (
+        lambda c: forged_chunk(c.actions * 43, CHUNK_PERIOD_SEC), "actions"  # 258 actions
+    ),
+    "empty": (lambda c: forged_chunk((), CHUNK_PERIOD_SEC), "actions"),
+    "period-20": (lambda c: ActionChunk(c.actions, 20.0), "action_period_sec"),
+    "period-zero": (lambda c: forged_chunk(c.actions, 0.0), "action_period_sec"),
+    "period-nan": (lambda c: forged_chunk(c.actions, math.nan), "action_period_sec"),
+    "period-str": (lambda c: forged_chunk(c.actions, "0.1"), "action_period_sec"),
+}
+assert len(chunk_steps(6).actions * 43) > MAX_CHUNK_LENGTH
+
+
+class ChunkedBackend(ScriptedBackend):
+    """A chunk-predicting model. By its instruction:
+
+    - ``chunk <n>``: ``chunk_steps(n)`` in the request's frame, one joint delta per joint;
+    - ``bad <kind>``: a broken chunk (BAD_CHUNKS);
+    - ``echo pending``: the request's pending actions as the chunk, its period the
+      request's pending_delay_sec (what the backend was given, sent back);
+    - anything else: as ScriptedBackend (``sleep``, ``raise`` ..., else the stub's one
+      action), so a single-step answer comes from the same server.
+    """
+
+    name = "chunked"
+
+    def predict(self, observation: Observation) -> Any:
+        command, _, argument = observation.instruction.partition(" ")
+        frame = observation.reference_frame
+        joints = len(observation.joint_state.name)
+        if command == "chunk":
+            return chunk_steps(int(argument), frame, joints)
+        if command == "bad":
+            return BAD_CHUNKS[argument][0](chunk_steps(6, frame, joints))
+        if command == "echo":
+            return ActionChunk(observation.pending_actions, observation.pending_delay_sec)
+        return super().predict(observation)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "model": "chunked-test-model", "device": "cpu"}

@@ -1,5 +1,6 @@
 """Delta -> absolute happens in one place: pose_math.compose_with_current_pose, called
-through backends.predictor / batch_predictor (what the server and policy_node call)."""
+through backends.predictor / batch_predictor (what the server and policy_node call),
+which answer action chunks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from server_test_backends import FIXED_ABSOLUTE, FIXED_DELTA, FixedDeltaBackend
 
 from manipulation_policy.backends import batch_predictor, predictor, with_current_pose
 from manipulation_policy.core.policy_types import (
+    ActionChunk,
     EefTargetMode,
     Observation,
     PolicyAction,
@@ -47,17 +49,23 @@ def test_composing_twice_is_composing_once():
 
 
 @pytest.mark.parametrize(
+    "answer", [ValueError("a failed prediction"), {"eef_target": "not an action"}]
+)
+def test_what_is_not_an_answer_is_passed_on_as_given(answer):
+    assert with_current_pose(answer, Observation(eef_pose=CURRENT)) is answer
+
+
+@pytest.mark.parametrize(
     "answer",
     [
-        ValueError("a failed prediction"),
-        {"eef_target": "not an action"},
         PolicyAction(eef_target={"x": 1.0}),  # the wrong type: the server's check names it
         PolicyAction(eef_target=Pose(Vector3("a", 0.0, 0.0))),
         PolicyAction(eef_target=Pose(orientation=Quaternion(math.nan, 0.0, 0.0, 1.0))),
     ],
 )
-def test_an_answer_that_is_not_a_well_typed_delta_is_passed_on_as_given(answer):
-    assert with_current_pose(answer, Observation(eef_pose=CURRENT)) is answer
+def test_an_action_that_is_not_a_well_typed_delta_is_passed_on_uncomposed(answer):
+    chunk = with_current_pose(answer, Observation(eef_pose=CURRENT))
+    assert isinstance(chunk, ActionChunk) and len(chunk) == 1 and chunk.actions[0] is answer
 
 
 def test_predictor_and_batch_predictor_compose_each_answer_with_its_own_pose():
@@ -67,9 +75,9 @@ def test_predictor_and_batch_predictor_compose_each_answer_with_its_own_pose():
     backend.predict_batch = lambda items: [backend.predict(o) for o in items]
     batch = batch_predictor(backend)(observations)
     assert batch == [predictor(backend)(o) for o in observations]
-    assert batch[0].eef_target == apply_delta(CURRENT, FIXED_DELTA.eef_target)
-    assert batch[1] == FIXED_DELTA
-    assert batch[2].eef_target == apply_delta(other, FIXED_DELTA.eef_target)
+    assert batch[0].actions[0].eef_target == apply_delta(CURRENT, FIXED_DELTA.eef_target)
+    assert batch[1] == ActionChunk.of(FIXED_DELTA)
+    assert batch[2].actions[0].eef_target == apply_delta(other, FIXED_DELTA.eef_target)
 
 
 def test_batch_predictor_leaves_a_wrong_length_batch_for_the_caller_to_refuse():

@@ -76,7 +76,8 @@ class RecordingStub(StubBackend):
 def stub_answer(image, joints: JointStateData, eef: Pose):
     observation = Observation(joint_state=joints, image=image, reference_frame="base_link",
                               instruction="pick up the object", eef_pose=eef)  # fmt: skip
-    return predictor(StubBackend())(observation)
+    (action,) = predictor(StubBackend())(observation).actions  # a chunk of one
+    return action
 
 
 def stream_raw_inputs(rig: Rig) -> None:

@@ -198,7 +198,7 @@ def test_predict_is_the_conversion_of_the_raw_model_output(tiny_openvla_dir):
     action = backend.predict(observation)
     assert action == expected.action
     assert action.eef_target_mode is EefTargetMode.DELTA
-    composed = predictor(backend)(observation)
+    (composed,) = predictor(backend)(observation).actions  # a chunk of one
     assert composed.eef_target_mode is EefTargetMode.ABSOLUTE
     assert composed.eef_target == apply_delta(current, action.eef_target)
 

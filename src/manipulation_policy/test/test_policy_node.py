@@ -18,7 +18,7 @@ from node_harness import (
     wait_until,
 )
 from sensor_msgs.msg import CompressedImage
-from server_test_backends import FIXED_DELTA, FixedDeltaBackend
+from server_test_backends import FIXED_DELTA, ChunkedBackend, FixedDeltaBackend, chunk_step
 from std_msgs.msg import String
 
 from manipulation_msgs.msg import PolicyOutput
@@ -135,6 +135,24 @@ def test_a_backend_that_never_composes_gets_its_delta_composed_once_by_the_node(
     )
     msg = next(m for m in rig.outputs() if m.eef_target_mode == PolicyOutput.EEF_TARGET_ABSOLUTE)
     assert policy_output_to_action(msg).eef_target == apply_delta(current, FIXED_DELTA.eef_target)
+
+
+def test_of_a_chunk_the_node_publishes_the_first_action_composed_with_the_current_pose(rig):
+    # Until the executor is wired in: each answer's first action, as a single step's.
+    node = start_node(rig, backend_instance=ChunkedBackend(), instruction="chunk 5")
+    current = Pose(Vector3(0.4, -0.1, 0.3), Quaternion(0.0, 0.0, 0.0, 1.0))
+    stream_current_pose(rig, current)
+    rig.stream_joint_states()
+    rig.stream_camera(sample_image())
+    assert wait_until(
+        lambda: any(m.eef_target_mode == PolicyOutput.EEF_TARGET_ABSOLUTE for m in rig.outputs())
+    ), node.counters
+    msg = next(m for m in rig.outputs() if m.eef_target_mode == PolicyOutput.EEF_TARGET_ABSOLUTE)
+    first = chunk_step(0, "base_link", len(JOINT_NAMES))
+    action = policy_output_to_action(msg)
+    assert action.eef_target == apply_delta(current, first.eef_target)
+    assert action.joint_deltas == first.joint_deltas
+    assert action.gripper_command == first.gripper_command
 
 
 def test_bgr8_with_row_padding_gives_the_same_answer_as_rgb8(rig):

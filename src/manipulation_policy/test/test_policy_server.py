@@ -20,7 +20,7 @@ from manipulation_policy.backends import predictor
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.core.contract import (
-    action_to_response,
+    chunk_to_response,
     parse_request,
     request_to_observation,
 )
@@ -158,10 +158,13 @@ def test_answer_equals_the_in_process_backend_on_the_same_observation(url):
     assert answer.status_code == 200, answer.text
     body = answer.json()
     local = predictor(StubBackend())(request_to_observation(parse_request(request)))
-    expected = action_to_response(local, request_id="req-42")
+    expected = chunk_to_response(local, request_id="req-42")
     del body["inference_time_ms"], expected["inference_time_ms"]
     assert body == expected
     assert body["request_id"] == "req-42"
+    # A single-step model's answer is a chunk of one; its top level is that action.
+    assert len(body["actions"]) == 1 and body["action_period_sec"] == 1.0
+    assert {**body["actions"][0], "request_id": "req-42"}.items() <= body.items()
     assert body["eef_target_mode"] == "absolute"  # the stub composed with eef_pose
     assert body["has_joint_deltas"] and len(body["joint_deltas"]) == 2
 

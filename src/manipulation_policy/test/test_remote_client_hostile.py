@@ -313,3 +313,107 @@ def test_a_fresh_connection_closed_without_an_answer_is_not_sent_again():
         assert server.request_count() == 1
     assert not result.ok and "RemoteDisconnected" in result.failure
     assert elapsed < 0.5
+
+
+# ------------------------------------------------------------------ request ids
+
+
+def test_each_call_sends_its_own_request_id_and_its_retries_the_same():
+    answers = iter([503, 200, 200])
+
+    def behave(request, sock):
+        if next(answers) == 503:
+            send_json(sock, {"detail": "busy"}, 503)
+        else:
+            send_json(sock, good_answer(request.joint_count(),
+                                        request_id=request.json()["request_id"]))
+
+    with RawPolicyServer(behave) as server:
+        client = client_for(server.url, retry_attempts=1)
+        first, second = client.infer(BODY), client.infer(BODY)
+        sent = [request.json()["request_id"] for request in server.requests]
+    assert first.ok and second.ok and first.attempts == 2
+    assert sent[0] == sent[1] == first.request_id  # one observation, one id
+    assert sent[2] == second.request_id != first.request_id
+    assert "request_id" not in BODY  # the caller's body is left as it was
+
+
+def test_the_callers_request_id_is_sent():
+    with RawPolicyServer(answering(lambda r: good_answer(3, request_id="mine-1"))) as server:
+        result = client_for(server.url).infer({**BODY, "request_id": "mine-1"})
+        assert server.requests[0].json()["request_id"] == "mine-1"
+    assert result.ok and result.request_id == "mine-1"
+
+
+def test_an_answer_naming_another_request_is_refused():
+    answer = good_answer(3, request_id="someone-else")
+    with RawPolicyServer(answering(lambda r: answer)) as server:
+        result = client_for(server.url).infer(BODY)
+    assert not result.ok
+    assert f"answers request 'someone-else', not '{result.request_id}'" in result.failure
+
+
+def test_a_stale_answer_queued_on_a_kept_alive_connection_is_refused_and_the_connection_dropped():
+    # A broken server writes the previous request's answer again before the real one: the
+    # client must not take it, nor read the next answer from that connection.
+    def behave(request, sock):
+        own = good_answer(request.joint_count(), request_id=request.json()["request_id"],
+                          confidence=0.1 * server.request_count())
+        if request.index_on_connection > 1:
+            previous = server.requests[-2].json()["request_id"]
+            send_json(sock, good_answer(request.joint_count(), request_id=previous))
+        send_json(sock, own)
+
+    with RawPolicyServer(behave) as server:
+        client = client_for(server.url, retry_attempts=1)
+        first, second = client.infer(BODY), client.infer(BODY)
+        requests_seen = list(server.requests)
+    assert first.ok and second.ok, second.failure
+    assert second.attempts == 2  # the stale answer failed the first attempt
+    assert second.action.confidence == pytest.approx(0.3)  # the third request's own answer
+    assert [r.index_on_connection for r in requests_seen] == [1, 2, 1]
+    assert requests_seen[2].client_port != requests_seen[1].client_port
+
+
+@pytest.mark.parametrize("echo", [True, False], ids=["echoing-server", "upstream-like-server"])
+def test_a_late_answer_after_a_timeout_is_never_taken_for_the_next_request(echo):
+    # Request 2 times out on the kept-alive connection; its answer is written to that
+    # connection while request 3 waits for its own (delayed) one. Were the connection
+    # reused, request 3 would read request 2's answer. Whether or not the server echoes
+    # request ids (upstream's does not), request 3 gets its own answer.
+    late_written = []
+
+    def behave(request, sock):
+        number = server.request_count()
+        fields = {"confidence": 0.1 * number}
+        if echo:
+            fields["request_id"] = request.json()["request_id"]
+        if number == 2:
+            time.sleep(0.6)  # past the client's 0.5 s deadline
+            try:
+                send_json(sock, good_answer(request.joint_count(), **fields))
+                late_written.append(time.monotonic())
+            except OSError:
+                late_written.append(None)
+            return
+        if number == 3:
+            time.sleep(0.3)  # still waiting when request 2's late answer is written
+        send_json(sock, good_answer(request.joint_count(), **fields))
+
+    with RawPolicyServer(behave) as server:
+        client = client_for(server.url, timeout_sec=0.5)
+        first, second = client.infer(BODY), client.infer(BODY)
+        third = client.infer(BODY)
+        fourth = client.infer(BODY)
+        seen = list(server.requests)
+    assert first.ok and not second.ok and "timed out" in second.failure
+    assert third.ok and fourth.ok, (third.failure, fourth.failure)
+    assert third.action.confidence == pytest.approx(0.3)
+    assert fourth.action.confidence == pytest.approx(0.4)
+    # The late answer went out (or found the socket closed) while request 3 waited.
+    assert late_written
+    if late_written[0] is not None:
+        assert seen[2].received_at < late_written[0] < seen[2].received_at + 0.3
+    # The connection that timed out was not used again.
+    assert seen[1].client_port == seen[0].client_port
+    assert seen[2].client_port != seen[1].client_port

@@ -21,7 +21,7 @@ from manipulation_policy.core.contract import (
     parse_request,
     parse_response,
     request_to_observation,
-    response_to_action,
+    response_to_chunk,
 )
 from manipulation_policy.core.policy_types import (
     EefTargetMode,
@@ -66,11 +66,11 @@ def assert_same_action_both_ways(server_args, backend):
             body = observation_to_request(observation, request_id="same-1")
             reply = requests.post(f"{base_url}/infer", json=body, timeout=60)
             assert reply.status_code == 200, reply.text
-            remote = response_to_action(parse_response(reply.json()))
+            remote = response_to_chunk(parse_response(reply.json()))
             as_server_sees_it = request_to_observation(parse_request(body))
             local = predictor(backend)(as_server_sees_it)  # what policy_node calls
             assert remote == local
-            assert not remote.is_hold
+            assert not remote.actions[0].is_hold
             answers.append(remote)
         assert answers[0] != answers[1]  # the comparison is not between constant answers
 
@@ -105,8 +105,9 @@ def test_a_delta_answer_is_composed_with_eef_pose_once_on_both_paths():
                 f"{base_url}/infer", json=observation_to_request(observation), timeout=30
             )
             assert reply.status_code == 200, reply.text
-            remote = response_to_action(parse_response(reply.json()))
+            remote = response_to_chunk(parse_response(reply.json()))
             local = predictor(backend)(observation)
             assert remote == local
-            assert remote.eef_target_mode is mode
-            assert remote.eef_target == target
+            (action,) = remote.actions
+            assert action.eef_target_mode is mode
+            assert action.eef_target == target

@@ -48,7 +48,9 @@ def test_stub_answers_a_delta_which_its_caller_composes_with_eef_pose():
     current = Pose(Vector3(0.4, 0.1, 0.2))
     stub = create_backend("stub")
     assert stub.predict(Observation(eef_pose=current)).eef_target_mode is EefTargetMode.DELTA
-    action = predictor(stub)(Observation(eef_pose=current))
+    chunk = predictor(stub)(Observation(eef_pose=current))
+    assert len(chunk) == 1  # a single-step model answers a chunk of one
+    action = chunk.actions[0]
     assert action.eef_target_mode is EefTargetMode.ABSOLUTE
     assert action.eef_target.position == Vector3(0.4, 0.1, 0.2)
 

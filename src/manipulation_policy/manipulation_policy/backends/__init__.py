@@ -1,15 +1,21 @@
 """Policy backends, chosen by name.
 
-A backend is a small class with ``predict(observation) -> PolicyAction`` and
-``describe() -> dict``; it may add ``predict_batch(observations) -> list``
-(one answer per observation, in order, each equal to what ``predict`` gives
-it alone, an exception instance as the answer of an observation that failed),
-which the server uses to predict observations that arrive together at once
-(unless the backend's optional ``batches_observations`` attribute is false).
-A backend answers the model's own step: a delta target stays a delta even
+A backend is a small class with ``predict(observation)`` and ``describe() -> dict``.
+``predict`` answers a PolicyAction (a single-step model: a chunk of one) or an
+ActionChunk (``policy_types``: up to MAX_CHUNK_LENGTH actions and the period
+between them), plugins (``module:Class``) alike. A backend may add
+``predict_batch(observations) -> list`` (one answer per observation, in order,
+each equal to what ``predict`` gives it alone, an exception instance as the
+answer of an observation that failed), which the server uses to predict
+observations that arrive together at once (unless the backend's optional
+``batches_observations`` attribute is false). An observation may carry the
+robot's pending actions (real-time chunking); a backend that cannot use them
+ignores them.
+A backend answers the model's own steps: a delta target stays a delta even
 when the observation carries ``eef_pose``; ``predictor`` / ``batch_predictor``,
-which the server and the in-process node call, compose it with the current
-pose in one place (``pose_math.compose_with_current_pose``).
+which the server and the in-process node call, turn every answer into an
+ActionChunk and compose its deltas with the current pose in one place
+(``pose_math.compose_chunk_with_current_pose``: each target on the one before).
 A backend whose predict is cheap, bounded CPU work (the stub) may set the class
 attribute ``predicts_inline = True``: an idle server then calls it on its event
 loop, without the model thread's hops (and so without its deadline).
@@ -22,42 +28,68 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Union
 
 from manipulation_policy.core.errors import BackendStartupError
-from manipulation_policy.core.policy_types import EefTargetMode, Observation, PolicyAction, Pose
-from manipulation_policy.core.pose_math import compose_with_current_pose
+from manipulation_policy.core.policy_types import (
+    ActionChunk,
+    EefTargetMode,
+    Observation,
+    PolicyAction,
+    Pose,
+    as_chunk,
+)
+from manipulation_policy.core.pose_math import compose_chunk_with_current_pose
+
+PolicyAnswer = Union[PolicyAction, ActionChunk]
 
 
 class PolicyBackend(Protocol):
     name: str
 
-    def predict(self, observation: Observation) -> PolicyAction: ...
+    def predict(self, observation: Observation) -> PolicyAnswer: ...
 
     def describe(self) -> dict[str, Any]: ...
 
 
 def with_current_pose(answer: Any, observation: Observation) -> Any:
-    """A backend's answer with its delta eef target made absolute when ``observation``
-    carries the current pose. Anything that is not a well-typed delta target (an
-    exception, a wrong type, a non-finite number) is passed on as the backend gave it,
-    for the caller's own check of the answer to name."""
-    if (
-        observation.eef_pose is None
-        or not isinstance(answer, PolicyAction)
-        or type(answer.eef_target) is not Pose
-        or answer.eef_target_mode != EefTargetMode.DELTA
-    ):
-        return answer
+    """A backend's answer as an ActionChunk (a PolicyAction is a chunk of one), its delta
+    eef targets made absolute when ``observation`` carries the current pose, each
+    composed with the target before it. Anything that is not a well-typed answer (an
+    exception, a wrong type, a non-finite number, a chunk built around its own checks)
+    is passed on as the backend gave it, for the caller's own check of the answer to
+    name."""
     try:
-        return compose_with_current_pose(answer, observation.eef_pose)
-    except (TypeError, ValueError, AttributeError, OverflowError):
+        chunk = as_chunk(answer)
+    except (TypeError, ValueError):
         return answer
+    if observation.eef_pose is None:
+        return chunk
+    try:
+        if not _composable(chunk):
+            return chunk
+        return compose_chunk_with_current_pose(chunk, observation.eef_pose)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return chunk
+
+
+def _composable(chunk: ActionChunk) -> bool:
+    """Some action has a delta target, and every action is a PolicyAction whose target,
+    if any, is a Pose."""
+    actions = chunk.actions
+    if not isinstance(actions, tuple) or not all(isinstance(a, PolicyAction) for a in actions):
+        return False
+    if not all(a.eef_target is None or type(a.eef_target) is Pose for a in actions):
+        return False
+    return any(
+        a.eef_target is not None and a.eef_target_mode == EefTargetMode.DELTA for a in actions
+    )
 
 
 def predictor(backend: PolicyBackend) -> Callable[[Observation], Any]:
-    """``backend.predict`` as the server and the in-process node call it: a delta
-    target composed with the observation's eef_pose (``with_current_pose``)."""
+    """``backend.predict`` as the server and the in-process node call it: its answer an
+    ActionChunk, delta targets composed with the observation's eef_pose
+    (``with_current_pose``)."""
     predict = backend.predict
 
     def predict_with_current_pose(observation: Observation) -> Any:

@@ -2,13 +2,22 @@
 
 Request and response field names, types and defaults are those of the
 original remote-server guide; the optional extensions (instruction, eef_pose,
-request_id; eef_target_mode, request_id, inference_time_ms) are never
-required. Unknown request fields are ignored. Every request the upstream
-MobileManipulationCore client sends is understood: ``task``/``task_text`` as
+request_id, pending_actions, pending_delay_sec; eef_target_mode, request_id,
+inference_time_ms, actions, action_period_sec) are never required. Unknown
+request fields are ignored. Every request the upstream MobileManipulationCore
+client sends is understood: ``task``/``task_text`` as
 the instruction, NaN/Infinity in joint arrays as unknown values, its
 ``openvla_*`` scaling and clipping fields (within ``MAX_REQUEST_SCALE``).
 Conversions to and from the plain types of ``policy_types`` live here too, so
 the server and the client share one definition.
+
+Action chunks: an answer carries the whole chunk under ``actions`` (each item
+the PolicyOutput-shaped action object, with its own has_* flags) and the time
+between its actions under ``action_period_sec``; its top-level fields carry the
+chunk's first action, so a client that knows nothing of chunks (upstream's)
+reads the answer as before. This server always sends both, a single-step model
+answering a chunk of one; an answer without them (upstream's server, older
+ones) is a chunk of one.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from manipulation_policy.core.imaging import (
 )
 from manipulation_policy.core.policy_types import (
     DEFAULT_REFERENCE_FRAME,
+    MAX_CHUNK_LENGTH,
+    ActionChunk,
     ActionOverrides,
     EefTargetMode,
     JointStateData,
@@ -57,6 +68,16 @@ MAX_FRAME_LENGTH = 256
 MAX_REQUEST_SCALE = 100.0
 Scale = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=MAX_REQUEST_SCALE)]
 BoundsPair = Annotated[list[Number], Field(min_length=2, max_length=2)]
+MAX_REQUEST_ID_CHARS = 128
+# The longest time between two actions of a chunk a server may answer: slower than any
+# controller runs, and what bounds how far into the future one answer can reach.
+MAX_ACTION_PERIOD_SEC = 10.0
+# The longest inference delay a client may announce with its pending actions.
+MAX_PENDING_DELAY_SEC = 10.0
+ActionPeriod = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0.0,
+                                      le=MAX_ACTION_PERIOD_SEC)]
+PendingDelay = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0,
+                                      le=MAX_PENDING_DELAY_SEC)]
 
 
 class _WireModel(BaseModel):
@@ -125,7 +146,24 @@ class InferRequest(_WireModel):
     # Optional extensions.
     instruction: Optional[InstructionText] = None
     eef_pose: Optional[PoseModel] = None
-    request_id: Optional[Annotated[str, Field(strict=True, max_length=128)]] = None
+    request_id: Optional[Annotated[str, Field(strict=True, max_length=MAX_REQUEST_ID_CHARS)]] = (
+        None
+    )
+    pending_actions: Optional[list[ActionModel]] = Field(
+        default=None,
+        max_length=MAX_CHUNK_LENGTH,
+        description=(
+            "the not-yet-executed rest of the chunk the robot is executing, oldest first "
+            "(real-time chunking); a backend that cannot use it ignores it"
+        ),
+    )
+    pending_delay_sec: Optional[PendingDelay] = Field(
+        default=None,
+        description=(
+            "how long the pending actions keep running before this answer takes over "
+            "(the inference delay)"
+        ),
+    )
     # Upstream MobileManipulationCore's names and per-request action settings.
     task: Optional[InstructionText] = Field(default=None, description="upstream's instruction")
     task_text: Optional[InstructionText] = Field(default=None, description="upstream's too")
@@ -149,8 +187,7 @@ class InferRequest(_WireModel):
         # A zero (or overflowing) quaternion cannot be normalised: the client's fault, not a 500.
         if self.eef_pose is not None:
             q = self.eef_pose.orientation
-            norm_squared = q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w
-            if not (math.isfinite(norm_squared) and norm_squared > 1e-12):
+            if not _is_rotation(q):
                 raise InputError(
                     "eef_pose.orientation",
                     f"quaternion ({q.x}, {q.y}, {q.z}, {q.w}) is not a rotation; "
@@ -158,11 +195,50 @@ class InferRequest(_WireModel):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _pending_actions_fit_this_request(self) -> InferRequest:
+        joint_count = len(self.joint_states.name)
+        for index, action in enumerate(self.pending_actions or ()):
+            path = f"pending_actions[{index}]"
+            check_announced_parts(action, path)
+            if (
+                "reference_frame" in action.model_fields_set
+                and action.reference_frame != self.reference_frame
+            ):
+                raise InputError(
+                    f"{path}.reference_frame",
+                    f"is {action.reference_frame!r}, but the request's reference_frame is "
+                    f"{self.reference_frame!r}",
+                )
+            if action.has_eef_target:
+                q = action.eef_target_pose.orientation
+                if not _is_rotation(q):
+                    raise InputError(
+                        f"{path}.eef_target_pose.orientation",
+                        f"quaternion ({q.x}, {q.y}, {q.z}, {q.w}) is not a rotation",
+                    )
+            if action.has_joint_deltas and len(action.joint_deltas) != joint_count:
+                raise InputError(
+                    f"{path}.joint_deltas",
+                    f"has {_count(len(action.joint_deltas), 'value')} for "
+                    f"{_count(joint_count, 'joint name')}",
+                )
+        return self
+
+
+def _is_rotation(q: QuaternionModel) -> bool:
+    """A quaternion that can be normalised: non-zero and finite length."""
+    norm_squared = q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w
+    return math.isfinite(norm_squared) and norm_squared > 1e-12
+
 
 BOUNDS_FIELDS = ("openvla_position_bounds", "openvla_rotation_bounds", "openvla_gripper_bounds")
 
 
-class InferResponse(_WireModel):
+class ActionModel(_WireModel):
+    """One action, PolicyOutput-shaped: the top level of an answer, each item of its
+    ``actions``, each item of a request's ``pending_actions``."""
+
     has_eef_target: Flag = False
     eef_target_pose: PoseModel = Field(default_factory=PoseModel)
     has_joint_deltas: Flag = False
@@ -173,10 +249,42 @@ class InferResponse(_WireModel):
     base_velocity_hint: TwistModel = Field(default_factory=TwistModel)
     reference_frame: Annotated[Text, Field(max_length=MAX_FRAME_LENGTH)] = DEFAULT_REFERENCE_FRAME
     confidence: Annotated[Number, Field(ge=0.0, le=1.0)] = 0.0
-    # Optional extensions.
+    # Optional extension.
     eef_target_mode: Literal["absolute", "delta"] = "delta"
-    request_id: Optional[Annotated[Text, Field(max_length=128)]] = None
+
+
+class InferResponse(ActionModel):
+    """The answer: the chunk's first action at the top level (PolicyOutput's fields, what
+    upstream's client reads), the whole chunk under ``actions``."""
+
+    # Optional extensions.
+    request_id: Optional[Annotated[Text, Field(max_length=MAX_REQUEST_ID_CHARS)]] = None
     inference_time_ms: Optional[Annotated[Number, Field(ge=0.0)]] = None
+    actions: Optional[list[ActionModel]] = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_CHUNK_LENGTH,
+        description=(
+            "the action chunk, in order; the top-level fields repeat its first action. "
+            "Always sent by this server (a single-step model answers a chunk of one); "
+            "absent from upstream's answers, which are a chunk of one"
+        ),
+    )
+    action_period_sec: Optional[ActionPeriod] = Field(
+        default=None,
+        description="seconds between consecutive actions of the chunk; sent with actions",
+    )
+
+    @model_validator(mode="after")
+    def _chunk_fields_come_together(self) -> InferResponse:
+        if (self.actions is None) != (self.action_period_sec is None):
+            given, missing = (
+                ("actions", "action_period_sec")
+                if self.actions is not None
+                else ("action_period_sec", "actions")
+            )
+            raise InputError(missing, f"is missing, but {given} is given")
+        return self
 
 
 class HealthResponse(BaseModel):
@@ -220,6 +328,40 @@ def _validated(model: type[ModelT], payload: Any, what: str) -> ModelT:
         return model.model_validate(payload)
     except ValidationError as exc:
         raise first_input_error(exc) from None
+
+
+def _require(model: BaseModel, path: str, names: Any, because: str) -> None:
+    for name in names:
+        if name not in model.model_fields_set:
+            raise InputError(f"{path}.{name}" if path else name, f"is missing, but {because}")
+
+
+def _require_complete(model: BaseModel, path: str, because: str) -> None:
+    """Every field of a pose/twist part is given, level by level (a part announced by
+    its flag must not be read from defaults)."""
+    _require(model, path, type(model).model_fields, because)
+    for name in type(model).model_fields:
+        part = getattr(model, name)
+        if isinstance(part, BaseModel):
+            _require_complete(part, f"{path}.{name}", because)
+
+
+def check_announced_parts(action: ActionModel, path: str = "") -> None:
+    """A part announced by its flag is really there (``has_eef_target: true`` with no
+    ``eef_target_pose`` is refused, not read as the origin); InputError names it."""
+    prefix = f"{path}." if path else ""
+    if action.has_eef_target:
+        because = "has_eef_target is true"
+        _require(action, path, ["eef_target_pose"], because)
+        _require_complete(action.eef_target_pose, f"{prefix}eef_target_pose", because)
+    if action.has_joint_deltas:
+        _require(action, path, ["joint_deltas"], "has_joint_deltas is true")
+    if action.gripper_active:
+        _require(action, path, ["gripper_command"], "gripper_active is true")
+    if action.has_base_hint:
+        because = "has_base_hint is true"
+        _require(action, path, ["base_velocity_hint"], because)
+        _require_complete(action.base_velocity_hint, f"{prefix}base_velocity_hint", because)
 
 
 def parse_request(payload: Any) -> InferRequest:
@@ -279,6 +421,11 @@ def request_to_observation(
         instruction=request_instruction(request),
         eef_pose=pose_from_wire(request.eef_pose) if request.eef_pose is not None else None,
         action_overrides=request_action_overrides(request),
+        pending_actions=tuple(
+            action_from_wire(action, request.reference_frame)
+            for action in request.pending_actions or ()
+        ),
+        pending_delay_sec=request.pending_delay_sec,
     )
 
 
@@ -336,16 +483,16 @@ def observation_to_request(
         body["eef_pose"] = pose_to_wire(observation.eef_pose)
     if request_id is not None:
         body["request_id"] = request_id
+    if observation.pending_actions:
+        body["pending_actions"] = [action_to_wire(a) for a in observation.pending_actions]
+    if observation.pending_delay_sec is not None:
+        body["pending_delay_sec"] = observation.pending_delay_sec
     return body
 
 
-def action_to_response(
-    action: PolicyAction,
-    request_id: Optional[str] = None,
-    inference_time_ms: Optional[float] = None,
-) -> dict:
-    """The full PolicyOutput-shaped JSON for an action (every field present)."""
-    body = {
+def action_to_wire(action: PolicyAction) -> dict:
+    """The PolicyOutput-shaped JSON object of one action (every field present)."""
+    return {
         "has_eef_target": action.eef_target is not None,
         "eef_target_pose": pose_to_wire(action.eef_target or Pose()),
         "has_joint_deltas": action.joint_deltas is not None,
@@ -357,24 +504,69 @@ def action_to_response(
         "reference_frame": action.reference_frame,
         "confidence": action.confidence,
         "eef_target_mode": EefTargetMode(action.eef_target_mode).value,
+    }
+
+
+def chunk_to_response(
+    chunk: ActionChunk,
+    request_id: Optional[str] = None,
+    inference_time_ms: Optional[float] = None,
+) -> dict:
+    """The full answer for a chunk: its first action at the top level (every
+    PolicyOutput field present), the extensions, and the chunk itself."""
+    actions = [action_to_wire(action) for action in chunk.actions]
+    body = {
+        **actions[0],
         "request_id": request_id,
         "inference_time_ms": inference_time_ms,
+        "actions": actions,
+        "action_period_sec": chunk.action_period_sec,
     }
     _reject_non_finite(body)
     return body
 
 
-def response_to_action(response: InferResponse) -> PolicyAction:
+def action_to_response(
+    action: PolicyAction,
+    request_id: Optional[str] = None,
+    inference_time_ms: Optional[float] = None,
+) -> dict:
+    """The full answer for a single action: a chunk of one."""
+    return chunk_to_response(ActionChunk.of(action), request_id, inference_time_ms)
+
+
+def action_from_wire(model: ActionModel, reference_frame: Optional[str] = None) -> PolicyAction:
+    """The PolicyAction of a validated action object; ``reference_frame`` replaces its own."""
     return PolicyAction(
-        reference_frame=response.reference_frame,
-        eef_target=pose_from_wire(response.eef_target_pose) if response.has_eef_target else None,
-        eef_target_mode=EefTargetMode(response.eef_target_mode),
-        joint_deltas=tuple(response.joint_deltas) if response.has_joint_deltas else None,
-        gripper_command=response.gripper_command if response.gripper_active else None,
+        reference_frame=model.reference_frame if reference_frame is None else reference_frame,
+        eef_target=pose_from_wire(model.eef_target_pose) if model.has_eef_target else None,
+        eef_target_mode=EefTargetMode(model.eef_target_mode),
+        joint_deltas=tuple(model.joint_deltas) if model.has_joint_deltas else None,
+        gripper_command=model.gripper_command if model.gripper_active else None,
         base_velocity_hint=(
-            twist_from_wire(response.base_velocity_hint) if response.has_base_hint else None
+            twist_from_wire(model.base_velocity_hint) if model.has_base_hint else None
         ),
-        confidence=response.confidence,
+        confidence=model.confidence,
+    )
+
+
+def response_to_action(response: InferResponse) -> PolicyAction:
+    """The answer's top-level action (the chunk's first)."""
+    return action_from_wire(response)
+
+
+def response_to_chunk(
+    response: InferResponse, reference_frame: Optional[str] = None
+) -> ActionChunk:
+    """The answer's chunk: ``actions`` with ``action_period_sec``, or a chunk of one of the
+    top-level action when the answer has none (upstream's, older servers'). An answer whose
+    actions name different frames is refused (ValueError) unless ``reference_frame``
+    replaces them all."""
+    if response.actions is None or response.action_period_sec is None:
+        return ActionChunk.of(action_from_wire(response, reference_frame))
+    return ActionChunk(
+        tuple(action_from_wire(action, reference_frame) for action in response.actions),
+        response.action_period_sec,
     )
 
 

@@ -122,6 +122,12 @@ class Observation:
     eef_pose: current end-effector pose in reference_frame, when known; lets a
     delta-predicting model answer with an absolute target.
     action_overrides: the client's per-request scaling/clipping, if any.
+    pending_actions: the not-yet-executed rest of the chunk the robot is executing
+    (oldest first, in reference_frame), for a model that conditions on it (real-time
+    chunking); empty when the robot executes nothing or does not say.
+    pending_delay_sec: how long the robot expects the pending actions to keep running
+    before this observation's answer takes over (the inference delay), when known.
+    A backend that cannot use the last two ignores them.
     """
 
     joint_state: JointStateData = field(default_factory=JointStateData)
@@ -130,6 +136,8 @@ class Observation:
     instruction: str = ""
     eef_pose: Optional[Pose] = None
     action_overrides: Optional[ActionOverrides] = None
+    pending_actions: tuple[PolicyAction, ...] = ()
+    pending_delay_sec: Optional[float] = None
 
 
 class EefTargetMode(str, enum.Enum):

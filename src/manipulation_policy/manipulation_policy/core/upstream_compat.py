@@ -8,6 +8,11 @@ or be an object holding it under ``action``, ``actions``, ``action_values``,
 ``values`` or ``data``. It uses the vector only when the answer names no
 target (``has_eef_target`` and ``has_joint_deltas`` both false or absent).
 
+An answer carrying this contract's action chunk (``actions`` holding action
+objects, ``action_period_sec``) is not one of these shapes: the robot's client
+validates it as it is (``response_validation.is_chunk_answer``) and reads
+``actions`` as a chunk only then, never as a vector.
+
 ``canonical_answer`` turns such an answer into the canonical response dict,
 through the same conversion the server's OpenVLA backend uses (gripper
 normalisation, scaling, clipping, caps); the result then goes through the

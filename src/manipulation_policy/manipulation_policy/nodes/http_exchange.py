@@ -11,7 +11,13 @@ read in small pieces and refused once it passes ``max_body_bytes``, before
 and after content decoding (only gzip and deflate are decoded, with a bound
 on their output: no decompression bombs).
 
-One connection is kept alive between exchanges, as a requests session would.
+One connection is kept alive between exchanges, as a requests session would,
+and only after an exchange that read a whole answer: an exchange that fails
+for any reason (its deadline above all) closes its connection, so an answer
+that comes late reaches a closed socket and can never be read as the answer
+to a later request. A kept-alive connection is used again only while idle with
+nothing to read (``is_dead_or_dirty``); ``drop_connection`` closes it on the
+caller's word (an answer that was another request's).
 A server may close an idle kept-alive connection just as the next request goes
 out on it; that request is sent once more on a fresh connection, within the
 same deadline (inference has no side effects, and nothing of an answer came).
@@ -304,6 +310,13 @@ class HttpPoster:
         if response.will_close:
             self._drop(connection)
         return answer
+
+    def drop_connection(self) -> None:
+        """Close the kept-alive connection (if any): the next exchange opens a fresh one."""
+        with self._lock:
+            connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
     def close(self) -> None:
         with self._lock:

@@ -1,8 +1,9 @@
 """HTTP client of the policy server: deadlines, bounded retries, a circuit breaker. No ROS.
 
 One ``RemoteClient.infer(body)`` call posts a contract request to
-``<url>/infer`` and returns a ``RemoteResult``: the validated PolicyAction,
-or the reason there is none. It never raises, whatever the server sends.
+``<url>/infer`` and returns a ``RemoteResult``: the validated action chunk
+(``result.chunk``; ``result.action`` is its first action), or the reason
+there is none. It never raises, whatever the server sends.
 
 Time: each attempt (connect, send, receive, decode) ends by a deadline of
 ``timeout_sec`` after it starts, however slowly the server trickles its
@@ -14,6 +15,18 @@ attempts (``RemoteSettings.worst_case_sec``).
 Trust: an answer becomes an action only after ``response_validation``
 accepted it for this request; any answer that is not a valid action is a
 failed call, like an unreachable server.
+
+Request ids: every call sends a ``request_id`` (the body's own, else a fresh
+one: a random prefix per client and a counter), the same for all attempts of
+the call, which carry the same observation: an answer to any of them answers
+this observation, and the caller (the executor) knows the call by one id. An
+answer naming another id is refused (``ForeignAnswer``) and its connection
+closed, and the attempt may be retried on a fresh one. That a late answer to
+an earlier call cannot be taken for this one's does not rest on the id alone
+(upstream's server echoes none): ``http_exchange`` closes the connection of
+every exchange that did not end with a whole answer read (a timeout above
+all), so a late answer can only reach a closed socket, and it reuses a
+connection only when it is idle with nothing to read.
 
 The circuit breaker stops hammering a server that fails: after
 ``failure_threshold`` consecutive failed calls it opens, and calls fail at
@@ -27,9 +40,11 @@ breaker open for that long (at most ``retry_after_max_sec``).
 from __future__ import annotations
 
 import enum
+import itertools
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
@@ -38,7 +53,7 @@ from typing import Any, Optional
 from manipulation_policy.core.errors import InputError
 from manipulation_policy.core.json_body import parse_json_body
 from manipulation_policy.core.openvla_actions import ActionConversionOptions
-from manipulation_policy.core.policy_types import PolicyAction
+from manipulation_policy.core.policy_types import ActionChunk, PolicyAction
 from manipulation_policy.core.upstream_compat import canonical_answer
 from manipulation_policy.nodes.http_exchange import (
     AnswerRefused,
@@ -49,8 +64,10 @@ from manipulation_policy.nodes.http_exchange import (
 )
 from manipulation_policy.nodes.response_validation import (
     Expectation,
+    ForeignAnswer,
     ResponseLimits,
-    validate_answer,
+    is_chunk_answer,
+    validate_chunk,
 )
 
 # Statuses worth another attempt: the server is overloaded, restarting or broken for now.
@@ -94,13 +111,19 @@ class RemoteSettings:
 
 @dataclass(frozen=True)
 class RemoteResult:
-    action: Optional[PolicyAction] = None
+    chunk: Optional[ActionChunk] = None
     failure: Optional[str] = None
     attempts: int = 0
+    request_id: Optional[str] = None  # the id the call sent (None: it sent nothing)
 
     @property
     def ok(self) -> bool:
-        return self.action is not None
+        return self.chunk is not None
+
+    @property
+    def action(self) -> Optional[PolicyAction]:
+        """The chunk's first action (a single-step server's whole answer)."""
+        return self.chunk.actions[0] if self.chunk is not None else None
 
 
 class BreakerState(str, enum.Enum):
@@ -211,7 +234,7 @@ class CircuitBreaker:
 
 @dataclass(frozen=True)
 class _Attempt:
-    action: Optional[PolicyAction] = None
+    chunk: Optional[ActionChunk] = None
     failure: Optional[str] = None
     retryable: bool = False  # the server was unreachable or failing for now
     retry_after_sec: Optional[float] = None  # what the server asked for (capped)
@@ -229,6 +252,8 @@ class RemoteClient:
         self.breaker = breaker or CircuitBreaker()
         self._poster = poster or HttpPoster()
         self._closed = threading.Event()
+        self._id_prefix = uuid.uuid4().hex[:16]
+        self._id_counter = itertools.count(1)
 
     @property
     def settings(self) -> RemoteSettings:
@@ -243,6 +268,11 @@ class RemoteClient:
             url_changed = self._settings.url != old.url
         if url_changed:
             self.breaker.reset()
+
+    def new_request_id(self) -> str:
+        """An id no other call of this client (nor, but by a 2**-64 chance, of another
+        client) has sent: for a caller that needs it before the call."""
+        return f"{self._id_prefix}-{next(self._id_counter)}"
 
     def close(self) -> None:
         """Stop: pending backoffs and exchanges end at once, later calls fail."""
@@ -265,6 +295,9 @@ class RemoteClient:
             return RemoteResult(
                 failure=f"server unreachable (circuit open; next probe in {wait:.1f} s)"
             )
+        if body.get("request_id") is None:
+            body = {**body, "request_id": self.new_request_id()}
+        request_id = body["request_id"] if isinstance(body["request_id"], str) else None
         payload = json.dumps(body, separators=(",", ":")).encode("utf-8")
         expect = Expectation.of_request(body)
         # A probe is a single attempt: one request to learn whether the server is back.
@@ -273,11 +306,13 @@ class RemoteClient:
         for attempt in range(attempts):
             if attempt and self._closed.wait(settings.backoff_before(attempt)):
                 self.breaker.record_failure()
-                return RemoteResult(failure="client closed", attempts=attempt)
+                return RemoteResult(failure="client closed", attempts=attempt,
+                                    request_id=request_id)
             outcome = self._attempt(settings, payload, expect)
-            if outcome.action is not None:
+            if outcome.chunk is not None:
                 self.breaker.record_success()
-                return RemoteResult(action=outcome.action, attempts=attempt + 1)
+                return RemoteResult(chunk=outcome.chunk, attempts=attempt + 1,
+                                    request_id=request_id)
             failure = outcome.failure or "unknown failure"
             wait = outcome.retry_after_sec
             if wait is not None and (attempt + 1 >= attempts
@@ -287,14 +322,17 @@ class RemoteClient:
                 return RemoteResult(
                     failure=f"{failure}; the server asked to wait {wait:g} s (Retry-After)",
                     attempts=attempt + 1,
+                    request_id=request_id,
                 )
             if not outcome.retryable:
                 self.breaker.record_failure()
-                return RemoteResult(failure=failure, attempts=attempt + 1)
+                return RemoteResult(failure=failure, attempts=attempt + 1, request_id=request_id)
         self.breaker.record_failure()
         if state is BreakerState.HALF_OPEN:
-            return RemoteResult(failure=f"{failure} (probe while the server is down)", attempts=1)
-        return RemoteResult(failure=f"{failure} (after {attempts} attempts)", attempts=attempts)
+            return RemoteResult(failure=f"{failure} (probe while the server is down)",
+                                attempts=1, request_id=request_id)
+        return RemoteResult(failure=f"{failure} (after {attempts} attempts)",
+                            attempts=attempts, request_id=request_id)
 
     def _attempt(self, settings: RemoteSettings, payload: bytes, expect: Expectation) -> _Attempt:
         started = time.monotonic()
@@ -321,15 +359,21 @@ class RemoteClient:
             )
         if answer.status == 200:
             try:
-                action = decode_answer(
+                chunk = decode_answer(
                     answer.body, expect, settings.limits, settings.raw_action_options
                 )
+            except ForeignAnswer as exc:
+                # This connection carried another request's answer: its stream may hold
+                # more of them, so it is not used again. Another attempt goes out fresh.
+                self._poster.drop_connection()
+                return _Attempt(failure=f"invalid response from server: {printable(exc)}",
+                                retryable=True)
             except InputError as exc:
                 return _Attempt(failure=f"invalid response from server: {printable(exc)}")
             if time.monotonic() - started > settings.timeout_sec:
                 return _Attempt(failure=f"timed out after {settings.timeout_sec:g} s",
                                 retryable=True)
-            return _Attempt(action=action)
+            return _Attempt(chunk=chunk)
         return _refusal(answer, settings)
 
 
@@ -338,14 +382,20 @@ def decode_answer(
     expect: Expectation,
     limits: ResponseLimits,
     raw_action_options: Optional[ActionConversionOptions] = None,
-) -> PolicyAction:
-    """Body bytes of a 200 answer -> the validated action; InputError says why not.
+) -> ActionChunk:
+    """Body bytes of a 200 answer -> the validated chunk; InputError says why not.
 
-    An upstream-shaped answer (a raw OpenVLA action vector) is first turned into
-    the canonical fields, in the frame the robot asked for, then validated alike.
+    An answer with this contract's chunk fields is validated as it is. Any other is
+    upstream-shaped: a raw OpenVLA action vector is first turned into the canonical
+    fields, in the frame the robot asked for, and ``actions`` (where upstream puts
+    such a vector) is not read as a chunk; the answer is then a chunk of one.
     """
-    payload = canonical_answer(parse_json_body(raw), raw_action_options, expect.reference_frame)
-    return validate_answer(payload, expect, limits)
+    payload = parse_json_body(raw)
+    if not is_chunk_answer(payload):
+        payload = canonical_answer(payload, raw_action_options, expect.reference_frame)
+        if isinstance(payload, dict) and "actions" in payload:
+            payload = {key: value for key, value in payload.items() if key != "actions"}
+    return validate_chunk(payload, expect, limits)
 
 
 def _refusal(answer: HttpAnswer, settings: RemoteSettings) -> _Attempt:

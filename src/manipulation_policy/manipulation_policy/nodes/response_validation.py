@@ -1,9 +1,11 @@
 """The robot's check of a policy server's answer before it can become a command. No ROS.
 
-``validate_answer(payload, expectation, limits)`` turns a decoded JSON answer
-into a PolicyAction, or raises InputError naming the first field at fault.
-On top of the contract's types (strict JSON types, finite numbers) it checks
-what the answer *means*:
+``validate_chunk(payload, expectation, limits)`` turns a decoded JSON answer
+into an ActionChunk (``validate_answer``: its first action), or raises
+InputError naming the first field at fault. On top of the contract's types
+(strict JSON types, finite numbers, at most MAX_CHUNK_LENGTH actions, a period
+in (0, MAX_ACTION_PERIOD_SEC]) it checks what the answer *means*, for the
+top-level action and for every action of ``actions`` alike:
 
 - a part announced by its flag is really there (``has_eef_target: true``
   with no ``eef_target_pose`` is refused, not read as the origin);
@@ -14,7 +16,13 @@ what the answer *means*:
   delta), a base hint within the speed limits;
 - the answer's reference_frame, when given, is the frame the robot asked in.
   The published frame is always the robot's own: a server cannot move a
-  target into another frame.
+  target into another frame;
+- the answer's request_id, when given, is the request's (``ForeignAnswer``
+  otherwise: a late answer to an earlier request is never this one's; a server
+  that echoes none, as upstream's, is not refused for it);
+- the top-level action is the chunk's first (the two views of one answer agree).
+
+An answer without ``actions`` (upstream's, older servers') is a chunk of one.
 
 The bounds are the robot's (node parameters), not the server's.
 """
@@ -22,15 +30,17 @@ The bounds are the robot's (node parameters), not the server's.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional
 
-from pydantic import BaseModel
-
-from manipulation_policy.core.contract import InferResponse, parse_response, response_to_action
+from manipulation_policy.core.contract import (
+    ActionModel,
+    action_from_wire,
+    check_announced_parts,
+    parse_response,
+)
 from manipulation_policy.core.errors import InputError
-from manipulation_policy.core.policy_types import EefTargetMode, PolicyAction
+from manipulation_policy.core.policy_types import ActionChunk, EefTargetMode, PolicyAction
 
 MAX_FRAME_ID_CHARS = 256
 QUATERNION_NORM_TOLERANCE = 1e-3
@@ -47,18 +57,28 @@ class ResponseLimits:
     max_base_angular_speed: float = 1.0  # rad/s
 
 
+class ForeignAnswer(InputError):
+    """The answer names another request than the one it came for."""
+
+
 @dataclass(frozen=True)
 class Expectation:
     """What the robot asked: the answer must fit this request."""
 
     reference_frame: str
     joint_count: int
+    request_id: Optional[str] = None  # None: the answer's request_id is not checked
 
     @classmethod
     def of_request(cls, body: dict) -> Expectation:
         joints = body.get("joint_states") or {}
         count = max(len(joints.get("name") or ()), len(joints.get("position") or ()))
-        return cls(reference_frame=str(body.get("reference_frame", "")), joint_count=count)
+        request_id = body.get("request_id")
+        return cls(
+            reference_frame=str(body.get("reference_frame", "")),
+            joint_count=count,
+            request_id=request_id if isinstance(request_id, str) else None,
+        )
 
 
 def frame_id_problem(value: Any) -> Optional[str]:
@@ -75,55 +95,69 @@ def frame_id_problem(value: Any) -> Optional[str]:
     return None
 
 
-def validate_answer(payload: Any, expect: Expectation, limits: ResponseLimits) -> PolicyAction:
+def is_chunk_answer(payload: Any) -> bool:
+    """Whether an answer speaks this contract's chunk fields: ``action_period_sec``, or an
+    ``actions`` list holding an object. Upstream's answers use ``actions`` for a raw
+    action vector (numbers, never objects) and have no period: those are not."""
+    if not isinstance(payload, dict):
+        return False
+    actions = payload.get("actions")
+    return payload.get("action_period_sec") is not None or (
+        isinstance(actions, list) and any(isinstance(item, dict) for item in actions)
+    )
+
+
+def validate_chunk(payload: Any, expect: Expectation, limits: ResponseLimits) -> ActionChunk:
+    """The answer's chunk, every action checked (see the module docstring); InputError
+    names the first field at fault (``actions[3].confidence``), ForeignAnswer when the
+    answer is another request's."""
     response = parse_response(payload)
-    _check_required_parts(response)
-    _check_ranges(response, expect, limits)
-    if "reference_frame" in response.model_fields_set:
-        problem = frame_id_problem(response.reference_frame)
+    if (
+        expect.request_id is not None
+        and response.request_id is not None
+        and response.request_id != expect.request_id
+    ):
+        raise ForeignAnswer(
+            "request_id",
+            f"answers request {response.request_id!r}, not {expect.request_id!r}",
+        )
+    first = _checked_action(response, "", expect, limits)
+    if response.actions is None or response.action_period_sec is None:
+        return ActionChunk.of(first)
+    actions = tuple(
+        _checked_action(action, f"actions[{index}]", expect, limits)
+        for index, action in enumerate(response.actions)
+    )
+    if actions[0] != first:
+        raise InputError(
+            "actions[0]", "is not the top-level action (the top level carries the first action)"
+        )
+    return ActionChunk(actions, response.action_period_sec)
+
+
+def validate_answer(payload: Any, expect: Expectation, limits: ResponseLimits) -> PolicyAction:
+    """The answer's first action (its top level), after the whole answer was checked."""
+    return validate_chunk(payload, expect, limits).actions[0]
+
+
+def _checked_action(
+    action: ActionModel, path: str, expect: Expectation, limits: ResponseLimits
+) -> PolicyAction:
+    """One action of the answer, checked, in the robot's frame."""
+    prefix = f"{path}." if path else ""
+    check_announced_parts(action, path)
+    _check_ranges(action, prefix, expect, limits)
+    if "reference_frame" in action.model_fields_set:
+        problem = frame_id_problem(action.reference_frame)
         if problem is not None:
-            raise InputError("reference_frame", problem)
-        if response.reference_frame != expect.reference_frame:
+            raise InputError(f"{prefix}reference_frame", problem)
+        if action.reference_frame != expect.reference_frame:
             raise InputError(
-                "reference_frame",
-                f"is {response.reference_frame!r}, but the robot asked in "
+                f"{prefix}reference_frame",
+                f"is {action.reference_frame!r}, but the robot asked in "
                 f"{expect.reference_frame!r}",
             )
-    return replace(response_to_action(response), reference_frame=expect.reference_frame)
-
-
-# ---------------------------------------------------------------- presence
-
-
-def _require(model: BaseModel, path: str, names: Iterable[str], because: str) -> None:
-    for name in names:
-        if name not in model.model_fields_set:
-            raise InputError(f"{path}.{name}" if path else name, f"is missing, but {because}")
-
-
-def _require_complete(model: BaseModel, path: str, because: str) -> None:
-    """Every field of a pose/twist part is given, level by level (a part announced by
-    its flag must not be read from defaults)."""
-    _require(model, path, type(model).model_fields, because)
-    for name in type(model).model_fields:
-        part = getattr(model, name)
-        if isinstance(part, BaseModel):
-            _require_complete(part, f"{path}.{name}", because)
-
-
-def _check_required_parts(response: InferResponse) -> None:
-    if response.has_eef_target:
-        because = "has_eef_target is true"
-        _require(response, "", ["eef_target_pose"], because)
-        _require_complete(response.eef_target_pose, "eef_target_pose", because)
-    if response.has_joint_deltas:
-        _require(response, "", ["joint_deltas"], "has_joint_deltas is true")
-    if response.gripper_active:
-        _require(response, "", ["gripper_command"], "gripper_active is true")
-    if response.has_base_hint:
-        because = "has_base_hint is true"
-        _require(response, "", ["base_velocity_hint"], because)
-        _require_complete(response.base_velocity_hint, "base_velocity_hint", because)
+    return action_from_wire(action, expect.reference_frame)
 
 
 # ---------------------------------------------------------------- ranges
@@ -139,44 +173,46 @@ def _at_most(field: str, value: float, limit: float, unit: str, parameter: str) 
         raise InputError(field, f"is {value:.6g} {unit}, over {parameter}={limit:g}")
 
 
-def _check_ranges(response: InferResponse, expect: Expectation, limits: ResponseLimits) -> None:
-    _within_unit_interval("confidence", response.confidence)
-    _within_unit_interval("gripper_command", response.gripper_command)
+def _check_ranges(
+    action: ActionModel, prefix: str, expect: Expectation, limits: ResponseLimits
+) -> None:
+    _within_unit_interval(f"{prefix}confidence", action.confidence)
+    _within_unit_interval(f"{prefix}gripper_command", action.gripper_command)
 
-    if response.has_joint_deltas:
-        deltas = response.joint_deltas
+    if action.has_joint_deltas:
+        deltas = action.joint_deltas
         if len(deltas) != expect.joint_count:
             raise InputError(
-                "joint_deltas",
+                f"{prefix}joint_deltas",
                 f"has {len(deltas)} values for the {expect.joint_count} joints sent",
             )
         for index, value in enumerate(deltas):
-            _at_most(f"joint_deltas[{index}]", abs(value), limits.max_joint_delta,
+            _at_most(f"{prefix}joint_deltas[{index}]", abs(value), limits.max_joint_delta,
                      "(rad or m)", "max_joint_delta")
 
-    if response.has_eef_target:
-        pose = response.eef_target_pose
+    if action.has_eef_target:
+        pose = action.eef_target_pose
         q = pose.orientation
         norm = math.sqrt(q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w)
         if not abs(norm - 1.0) <= QUATERNION_NORM_TOLERANCE:
             raise InputError(
-                "eef_target_pose.orientation",
+                f"{prefix}eef_target_pose.orientation",
                 f"is not a unit quaternion (length {norm:.6g})",
             )
         p = pose.position
         length = math.hypot(p.x, p.y, p.z)
-        if response.eef_target_mode == EefTargetMode.ABSOLUTE.value:
-            _at_most("eef_target_pose.position", length, limits.max_eef_position_m,
+        if action.eef_target_mode == EefTargetMode.ABSOLUTE.value:
+            _at_most(f"{prefix}eef_target_pose.position", length, limits.max_eef_position_m,
                      "m from the frame origin", "max_eef_position_m")
         else:
-            _at_most("eef_target_pose.position", length, limits.max_eef_delta_m,
+            _at_most(f"{prefix}eef_target_pose.position", length, limits.max_eef_delta_m,
                      "m of translation", "max_eef_delta_m")
 
-    if response.has_base_hint:
-        hint = response.base_velocity_hint
-        _at_most("base_velocity_hint.linear",
+    if action.has_base_hint:
+        hint = action.base_velocity_hint
+        _at_most(f"{prefix}base_velocity_hint.linear",
                  math.hypot(hint.linear.x, hint.linear.y, hint.linear.z),
                  limits.max_base_linear_speed, "m/s", "max_base_linear_speed")
-        _at_most("base_velocity_hint.angular",
+        _at_most(f"{prefix}base_velocity_hint.angular",
                  math.hypot(hint.angular.x, hint.angular.y, hint.angular.z),
                  limits.max_base_angular_speed, "rad/s", "max_base_angular_speed")

@@ -1,11 +1,15 @@
 """The server's check of its own backend's answer, before a robot can get it.
 
 A backend is a plugin (``--backend module:Class``) and may return anything:
-a string where numbers belong, None for the frame, a confidence of 5. The
-answer is built into the wire JSON only from a PolicyAction whose every part
-has the right type, and that JSON must then validate against InferResponse
-(types and ranges, strictly) and encode as UTF-8. Anything else is a
+a string where numbers belong, None for the frame, a confidence of 5, a chunk
+of 10 000 actions. The answer is built into the wire JSON only from a
+PolicyAction, or an ActionChunk of them, whose every part has the right type;
+that JSON must then validate against InferResponse (types and ranges, chunk
+length and period, strictly) and encode as UTF-8. Anything else is a
 BackendAnswerError naming the field; the server answers it as a 500.
+
+The chunk's first action is the answer's top level, so its problems are named
+there (``confidence``); those of a later action by its place (``actions[3].confidence``).
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from manipulation_policy.core.contract import InferResponse, action_to_response, field_path
+from manipulation_policy.core.contract import InferResponse, chunk_to_response, field_path
 from manipulation_policy.core.policy_types import (
+    MAX_CHUNK_LENGTH,
+    ActionChunk,
     EefTargetMode,
     PolicyAction,
     Pose,
@@ -67,44 +73,83 @@ def _check_fields(value: Any, kind: type, field: str) -> None:
             _check_fields(getattr(value, name), part, path)
 
 
-def check_action_types(action: Any) -> None:
-    """Every part of a backend's PolicyAction has the type the wire needs (named on failure)."""
+def check_action_types(action: Any, path: str = "") -> None:
+    """Every part of a backend's PolicyAction has the type the wire needs (named on
+    failure, under ``path``: "" for the top level, "actions[3]" for a chunk's fourth)."""
+    prefix = f"{path}." if path else ""
     if not isinstance(action, PolicyAction):
+        if path:
+            raise BackendAnswerError(path, f"is a {_type_name(action)}, not a PolicyAction")
         raise BackendAnswerError(
-            "body", f"predict() returned {_type_name(action)}, not a PolicyAction"
+            "body",
+            f"predict() returned {_type_name(action)}, not a PolicyAction or an ActionChunk",
         )
     if not isinstance(action.reference_frame, str):
         raise BackendAnswerError(
-            "reference_frame", f"expected a string, got {_type_name(action.reference_frame)}"
+            f"{prefix}reference_frame",
+            f"expected a string, got {_type_name(action.reference_frame)}",
         )
     if action.eef_target is not None:
-        _check_fields(action.eef_target, Pose, "eef_target_pose")
+        _check_fields(action.eef_target, Pose, f"{prefix}eef_target_pose")
     if action.base_velocity_hint is not None:
-        _check_fields(action.base_velocity_hint, Twist, "base_velocity_hint")
+        _check_fields(action.base_velocity_hint, Twist, f"{prefix}base_velocity_hint")
     if action.joint_deltas is not None:
         if not isinstance(action.joint_deltas, (tuple, list)):
             raise BackendAnswerError(
-                "joint_deltas",
+                f"{prefix}joint_deltas",
                 f"expected a sequence of numbers, got {_type_name(action.joint_deltas)}",
             )
         for index, delta in enumerate(action.joint_deltas):
-            _check_number(delta, f"joint_deltas[{index}]")
+            _check_number(delta, f"{prefix}joint_deltas[{index}]")
     if action.gripper_command is not None:
-        _check_number(action.gripper_command, "gripper_command")
-    _check_number(action.confidence, "confidence")
+        _check_number(action.gripper_command, f"{prefix}gripper_command")
+    _check_number(action.confidence, f"{prefix}confidence")
     try:
         EefTargetMode(action.eef_target_mode)
     except (ValueError, TypeError):
         raise BackendAnswerError(
-            "eef_target_mode", f"{action.eef_target_mode!r} is not 'absolute' or 'delta'"
+            f"{prefix}eef_target_mode",
+            f"{action.eef_target_mode!r} is not 'absolute' or 'delta'",
         ) from None
+
+
+def checked_chunk(answer: Any) -> ActionChunk:
+    """A backend's answer (a PolicyAction or an ActionChunk) as a chunk whose every part
+    has the type the wire needs; BackendAnswerError names the first that has not.
+
+    An ActionChunk checks itself when built, but a plugin can get around that
+    (``object.__setattr__``), so its parts are checked again here."""
+    if not isinstance(answer, ActionChunk):
+        check_action_types(answer)
+        return ActionChunk.of(answer)
+    actions = answer.actions
+    if not isinstance(actions, (tuple, list)):
+        raise BackendAnswerError(
+            "actions", f"expected a sequence of PolicyAction, got {_type_name(actions)}"
+        )
+    if not 1 <= len(actions) <= MAX_CHUNK_LENGTH:
+        raise BackendAnswerError(
+            "actions", f"holds {len(actions)} actions, not 1 to {MAX_CHUNK_LENGTH}"
+        )
+    for index, action in enumerate(actions):
+        check_action_types(action, f"actions[{index}]" if index else "")
+    frame = actions[0].reference_frame
+    for index, action in enumerate(actions[1:], start=1):
+        if action.reference_frame != frame:
+            raise BackendAnswerError(
+                f"actions[{index}].reference_frame",
+                f"{action.reference_frame!r:.80} is not the chunk's frame {frame!r:.80}",
+            )
+    _check_number(answer.action_period_sec, "action_period_sec")
+    return answer
 
 
 def _unencodable_text_field(body: dict) -> Optional[str]:
     """The field whose text holds a lone surrogate (which UTF-8 cannot carry), if any.
 
-    Only top-level fields hold text: the strict InferResponse check before this
-    has made every nested part a number."""
+    Text is only at the top level and in each action's frame, which is the first
+    action's (``checked_chunk``), so the top level's own text fields cover it: the
+    strict InferResponse check before this has made every other part a number."""
     for name, value in body.items():
         if isinstance(value, str) and not value.isascii():
             try:
@@ -115,15 +160,16 @@ def _unencodable_text_field(body: dict) -> Optional[str]:
 
 
 def checked_response(
-    action: Any,
+    answer: Any,
     request_id: Optional[str] = None,
     inference_time_ms: Optional[float] = None,
 ) -> dict:
-    """The wire JSON for a backend's action, or BackendAnswerError naming the bad field."""
-    check_action_types(action)
+    """The wire JSON for a backend's answer (a PolicyAction or an ActionChunk), or
+    BackendAnswerError naming the bad field."""
+    chunk = checked_chunk(answer)
     try:
-        body = action_to_response(
-            action, request_id=request_id, inference_time_ms=inference_time_ms
+        body = chunk_to_response(
+            chunk, request_id=request_id, inference_time_ms=inference_time_ms
         )
     except (ValueError, TypeError, AttributeError, OverflowError) as exc:
         raise BackendAnswerError("body", str(exc)) from None

@@ -32,7 +32,7 @@ from manipulation_policy.core.contract import (
 )
 from manipulation_policy.core.errors import InputError
 from manipulation_policy.core.imaging import DEFAULT_MAX_IMAGE_PIXELS
-from manipulation_policy.core.policy_types import Observation, PolicyAction
+from manipulation_policy.core.policy_types import Observation
 from manipulation_policy.server.answer import BackendAnswerError, checked_response
 from manipulation_policy.server.auth import OPEN_PATHS, BearerAuthMiddleware
 from manipulation_policy.server.batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE
@@ -114,7 +114,12 @@ def _error(description: str) -> dict[str, Any]:
 
 # The answers of POST /infer; their schemas come from the models (contract.py).
 INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The policy's answer, every PolicyOutput field present."},
+    200: {
+        "description": (
+            "The policy's answer: an action chunk under actions (with action_period_sec), "
+            "its first action also in the top-level PolicyOutput fields, every one present."
+        )
+    },
     400: _error("The body is not valid JSON (NaN/Infinity included); names the field."),
     401: _error("Missing or wrong bearer token (only when an API key is set)."),
     413: _error("The body exceeds the server's size limit."),
@@ -209,13 +214,14 @@ class PolicyService:
         return JSONResponse({"status": "ok"})
 
     async def infer(self, request: Request) -> Response:
-        """One observation in, one policy answer out (run alone, or batched with others)."""
+        """One observation in, one policy answer (an action chunk) out (run alone, or
+        batched with others)."""
         # Admitted already (AdmissionMiddleware), before the body was read.
         check_json_content_type(request.headers.get("content-type"))
         raw = await read_body(request, self.config.max_body_bytes)
         parsed, observation = await self.decode(raw)
         try:
-            action, seconds = await self.predict(observation, request)
+            answer, seconds = await self.predict(observation, request)
         except ClientGoneError:
             self.metrics.count_error("client_disconnected")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -224,7 +230,7 @@ class PolicyService:
             self.metrics.batch_size.observe(1)
         try:
             body = checked_response(
-                action, request_id=parsed.request_id, inference_time_ms=round(seconds * 1e3, 3)
+                answer, request_id=parsed.request_id, inference_time_ms=round(seconds * 1e3, 3)
             )
         except BackendAnswerError as exc:
             logger.error("backend answer refused: %s", clip(str(exc), 1000))
@@ -290,9 +296,8 @@ class PolicyService:
         self.metrics.preprocess_seconds.observe(time.perf_counter() - started)
         return decoded
 
-    async def predict(
-        self, observation: Observation, request: Request
-    ) -> tuple[PolicyAction, float]:
+    async def predict(self, observation: Observation, request: Request) -> tuple[Any, float]:
+        """(the backend's answer as ``backends.predictor`` gives it, seconds it took)."""
         try:
             return await self.worker.predict(observation, request.is_disconnected)
         except ClientGoneError:

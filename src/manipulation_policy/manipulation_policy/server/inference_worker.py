@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, Optional
 
-from manipulation_policy.core.policy_types import Observation, PolicyAction
+from manipulation_policy.core.policy_types import Observation
 from manipulation_policy.server.batching import MicroBatcher, isolated_batch_call
 
 DEFAULT_DEADLINE_S = 10.0
@@ -111,7 +111,7 @@ class InferenceWorker:
 
     def __init__(
         self,
-        predict: Callable[[Observation], PolicyAction],
+        predict: Callable[[Observation], Any],
         max_queue: int,
         deadline_s: float = DEFAULT_DEADLINE_S,
         clock: Callable[[], float] = time.monotonic,
@@ -213,9 +213,10 @@ class InferenceWorker:
         self,
         observation: Observation,
         client_gone: Optional[Callable[[], Awaitable[bool]]] = None,
-    ) -> tuple[PolicyAction, float]:
-        """Run the model on ``observation`` when its turn comes: (action, seconds in predict,
-        or in its batch).
+    ) -> tuple[Any, float]:
+        """Run the model on ``observation`` when its turn comes: (its answer, seconds in
+        predict, or in its batch). The answer is what ``predict`` returned (an action chunk
+        from ``backends.predictor``), unchecked: the caller checks it.
 
         ``client_gone`` is asked just before the model runs, so that a request
         whose client gave up while waiting does not cost a prediction.
@@ -240,7 +241,7 @@ class InferenceWorker:
             return False
         return self._model_turn is None or not self._model_turn.locked()
 
-    def _predict_inline(self, observation: Observation) -> tuple[PolicyAction, float]:
+    def _predict_inline(self, observation: Observation) -> tuple[Any, float]:
         """``predict`` on the calling (event loop) thread: for a backend that declares its
         predict cheap, bounded CPU work (``predicts_inline``), the two thread hops of the
         model thread cost more than the prediction. Without other requests nothing waits
@@ -276,10 +277,10 @@ class InferenceWorker:
                 f"the backend did not answer within the {self.deadline_s:g} s deadline"
             ) from None
 
-    def _timed_predict(self, observation: Observation) -> tuple[PolicyAction, float]:
+    def _timed_predict(self, observation: Observation) -> tuple[Any, float]:
         started = time.perf_counter()
-        action = self._predict(observation)
-        return action, time.perf_counter() - started
+        answer = self._predict(observation)
+        return answer, time.perf_counter() - started
 
     def close(self) -> None:
         """Stop taking work; a prediction already running is not waited for."""
@@ -307,7 +308,7 @@ class InferenceWorker:
         )
 
     def _run_batch(self, observations: Sequence[Observation]) -> list:
-        """On the model thread: one outcome per observation (an action or its exception)."""
+        """On the model thread: one outcome per observation (its answer or its exception)."""
         outcomes = isolated_batch_call(self._predict, self._predict_batch, observations)
         # An answer that is a SystemExit or the like must not reach the event loop as one.
         return [
