@@ -27,6 +27,11 @@ def _start_policy_node(context):
         name: LaunchConfiguration(name).perform(context)
         for name in launch_logic.LAUNCH_ARGUMENT_NAMES
     }
+    # A module.path:ClassName backend's own options: launch arguments given on the
+    # command line, not declared above (they are known only once backend is).
+    arguments.update(
+        launch_logic.plugin_arguments(arguments.get("backend", ""), context.launch_configurations)
+    )
     plan = launch_logic.plan_policy_node(
         arguments, outer_namespace=context.launch_configurations.get("ros_namespace", "") or ""
     )

@@ -19,12 +19,12 @@ from typing import Any, Union
 
 import yaml
 
-from manipulation_policy.core.model_options import MODEL_OPTIONS
+from manipulation_policy.backends import is_plugin, options_with
 from manipulation_policy.nodes.node_parameters import (
     COMMON_PARAMETERS,
-    POLICY_NODE_PARAMETERS,
     REMOTE_NODE_PARAMETERS,
     ParameterSpec,
+    policy_node_parameters,
     specs_by_name,
 )
 
@@ -61,11 +61,20 @@ class ParamsFileError(ValueError):
 STANDARD_PARAMETERS: dict[str, ParameterSpec] = {
     "use_sim_time": ParameterSpec("use_sim_time", False, "Use the /clock topic as time."),
 }
-NODE_PARAMETERS: dict[str, dict[str, ParameterSpec]] = {
-    LOCAL_NODE: specs_by_name(COMMON_PARAMETERS, POLICY_NODE_PARAMETERS),
-    REMOTE_NODE: specs_by_name(COMMON_PARAMETERS, REMOTE_NODE_PARAMETERS),
-}
-_ALL_PARAMETERS = specs_by_name(COMMON_PARAMETERS, POLICY_NODE_PARAMETERS, REMOTE_NODE_PARAMETERS)
+# policy_node's include the options of the backends (of a plugin backend too:
+# node_parameters_for), derived from their declarations.
+
+
+def node_parameters_for(backend: str = "") -> dict[str, dict[str, ParameterSpec]]:
+    """Each node's parameter specs; policy_node's with ``backend``'s options when it is
+    a module.path:ClassName plugin."""
+    return {
+        LOCAL_NODE: specs_by_name(COMMON_PARAMETERS, policy_node_parameters(backend)),
+        REMOTE_NODE: specs_by_name(COMMON_PARAMETERS, REMOTE_NODE_PARAMETERS),
+    }
+
+
+NODE_PARAMETERS = node_parameters_for()
 
 
 # ---------------------------------------------------- parsing launch strings
@@ -127,7 +136,7 @@ class LaunchArgument:
     default: str = ""  # "" = not set: the params file decides
 
 
-LAUNCH_ARGUMENTS = (
+_FIXED_ARGUMENTS = (
     LaunchArgument(
         "use_remote_policy",
         "true: start remote_policy_node (HTTP client of a policy server); "
@@ -171,14 +180,39 @@ LAUNCH_ARGUMENTS = (
     ),
     LaunchArgument("instruction", "task text, e.g. 'pick up the red cup'"),
     LaunchArgument("inference_rate", "policy outputs per second, > 0"),
-    LaunchArgument("backend", "openvla or stub (local mode)"),
-    # The model options that are launch arguments, described by their one definition.
-    *(
-        LaunchArgument(option.name, f"{option.help} (local mode)")
-        for option in MODEL_OPTIONS
-        if option.launch_argument
-    ),
+    LaunchArgument("backend", "openvla, stub or module.path:ClassName (local mode)"),
 )
+
+
+def launch_arguments(backend: str = "") -> tuple[LaunchArgument, ...]:
+    """The launch arguments: the fixed ones, then the backend options declared as launch
+    arguments (the registered backends', and ``backend``'s when it is a plugin),
+    described by their declarations."""
+    return (
+        *_FIXED_ARGUMENTS,
+        *(
+            LaunchArgument(option.name, f"{option.help} (local mode)")
+            for option in options_with(backend)
+            if option.launch_argument
+        ),
+    )
+
+
+def plugin_arguments(backend: str, given: Mapping[str, str]) -> dict[str, str]:
+    """The launch arguments in ``given`` that are options of ``backend``, a plugin's
+    (none for a registered backend, or a plugin that cannot be imported:
+    plan_policy_node says why)."""
+    if not is_plugin(backend.strip()):
+        return {}
+    try:
+        names = {argument.name for argument in launch_arguments(backend.strip())}
+    except ValueError:
+        return {}
+    names -= set(LAUNCH_ARGUMENT_NAMES)
+    return {name: text for name, text in given.items() if name in names}
+
+
+LAUNCH_ARGUMENTS = launch_arguments()
 LAUNCH_ARGUMENT_NAMES = tuple(argument.name for argument in LAUNCH_ARGUMENTS)
 # Launch arguments that choose things rather than set one node parameter.
 _CONTROL_ARGUMENTS = ("use_remote_policy", "params_file", "namespace")
@@ -299,19 +333,28 @@ class ParamsFileView:
 
 
 def node_parameters_from_file(
-    path: Union[str, Path], node: str, namespace: str = ""
+    path: Union[str, Path], node: str, namespace: str = "", backend: str = ""
 ) -> ParamsFileView:
     """Check what the params file gives ``node`` (in ``namespace``) and return it.
 
     Sections apply in file order, a later one winning, as in rcl. A wildcard
     section may hold parameters of other nodes (not ours to judge); a section
-    naming this node must name only parameters it has.
+    naming this node must name only parameters it has. policy_node's are those of
+    ``backend`` (a launch argument), else of the backend the file names for it.
     """
-    specs = {**STANDARD_PARAMETERS, **NODE_PARAMETERS[node]}
     fqn = fully_qualified_name(namespace, node)
+    sections = read_params_file(path)
+    if node == LOCAL_NODE and not backend:
+        named = [v.get("backend") for s, v in sections.items() if section_applies(s, fqn)]
+        backend = next((b for b in reversed(named) if isinstance(b, str) and b), "")
+    try:
+        node_specs = node_parameters_for(backend)[node]
+    except ValueError as exc:  # a plugin backend that cannot be imported
+        raise ParamsFileError(path, str(exc)) from None
+    specs = {**STANDARD_PARAMETERS, **node_specs}
     parameters: dict[str, Any] = {}
     applied = []
-    for section, values in read_params_file(path).items():
+    for section, values in sections.items():
         if not section_applies(section, fqn):
             continue
         applied.append(section)
@@ -389,12 +432,19 @@ def plan_policy_node(
     node ignores, so a typo never passes silently. ``outer_namespace`` is one
     an including launch file pushed (it counts when matching params-file sections).
     """
-    unknown = sorted(set(arguments) - set(LAUNCH_ARGUMENT_NAMES))
+    given = {name: text for name, text in arguments.items() if text.strip() != ""}
+    backend = given.get("backend", "").strip()
+    known = LAUNCH_ARGUMENT_NAMES
+    if is_plugin(backend):
+        try:
+            known = tuple(argument.name for argument in launch_arguments(backend))
+        except ValueError as exc:
+            raise LaunchArgumentError("backend", backend, str(exc)) from None
+    unknown = sorted(set(arguments) - set(known))
     if unknown:
         raise LaunchArgumentError(
-            unknown[0], arguments[unknown[0]], f"unknown; known: {', '.join(LAUNCH_ARGUMENT_NAMES)}"
+            unknown[0], arguments[unknown[0]], f"unknown; known: {', '.join(known)}"
         )
-    given = {name: text for name, text in arguments.items() if text.strip() != ""}
 
     use_remote = parse_bool("use_remote_policy", given.get("use_remote_policy", "false"))
     node = REMOTE_NODE if use_remote else LOCAL_NODE
@@ -404,7 +454,7 @@ def plan_policy_node(
         raise LaunchArgumentError("params_file", "", "no params file given and no default")
 
     full_namespace = join_namespaces(outer_namespace, namespace)
-    from_file = node_parameters_from_file(params_file, node, full_namespace)
+    from_file = node_parameters_from_file(params_file, node, full_namespace, backend)
     warnings = []
     if not from_file.sections:
         warnings.append(
@@ -412,13 +462,15 @@ def plan_policy_node(
             f"{fully_qualified_name(full_namespace, node)} (nor a wildcard one such as /** "
             f"or /**/{node}): the node starts on its built-in defaults"
         )
+    node_specs = node_parameters_for(backend)
+    all_specs = {**node_specs[REMOTE_NODE], **node_specs[LOCAL_NODE]}
     overrides = {}
     ignored = []
     for name, text in given.items():
         if name in _CONTROL_ARGUMENTS:
             continue
-        value = parse_argument(_ALL_PARAMETERS[name], text)
-        if name in NODE_PARAMETERS[node]:
+        value = parse_argument(all_specs[name], text)
+        if name in node_specs[node]:
             overrides[name] = value
         else:
             ignored.append(name)

@@ -1,11 +1,13 @@
-"""Each OpenVLA model option is defined once (manipulation_policy.core.model_options), and
-every place that takes it agrees: the policy server's flag and OPENVLA_* variables,
-the policy node's parameter, the launch argument, the shipped params YAML and the
-OpenVLA backend's argument. Same default, same good values, same refusals."""
+"""Each backend option is declared once, by its backend (OpenVLA's:
+manipulation_policy.backends.openvla_options), and every exposure is derived from that
+declaration: the policy server's flag and OPENVLA_* variables, the policy node's
+parameter (its descriptor's range), the launch argument, the params-file check and the
+backend's argument. These tests prove each derivation reads the declaration: same
+default, same good values, same refusals. The shipped params YAML is checked against
+it. (A plugin backend's options: test_backend_declarations.py.)"""
 
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 
@@ -14,12 +16,14 @@ import yaml
 
 from manipulation_bringup import launch_logic
 from manipulation_policy import policy_server
-from manipulation_policy.core import api_key, contract, model_options
-from manipulation_policy.core.model_options import MODEL_OPTIONS, OPTIONS_BY_NAME, Bounds
+from manipulation_policy.backends import openvla_options, registered_options
+from manipulation_policy.backends.openvla_options import OPTIONS, OPTIONS_BY_NAME
+from manipulation_policy.core import api_key, contract, options
+from manipulation_policy.core.options import Bounds, Option
 from manipulation_policy.nodes.node_parameters import (
     COMMON_PARAMETERS,
     POLICY_NODE_PARAMETERS,
-    backend_options,
+    parameter_backend_arguments,
     specs_by_name,
 )
 from manipulation_policy.server import auth as server_auth
@@ -27,6 +31,7 @@ from manipulation_policy.server import auth as server_auth
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "config" / "policy_params.yaml"
 NODE_SPECS = specs_by_name(POLICY_NODE_PARAMETERS)
 LAUNCH_ARGUMENTS = {argument.name: argument for argument in launch_logic.LAUNCH_ARGUMENTS}
+LAUNCH_SPECS = launch_logic.NODE_PARAMETERS[launch_logic.LOCAL_NODE]
 
 # name -> (text, typed value) of a good value other than the default.
 GOOD = {
@@ -70,6 +75,8 @@ BAD = {
 
 def test_the_tables_cover_every_option():
     assert set(GOOD) == set(BAD) == set(OPTIONS_BY_NAME)
+    # The stub declares none: the registered options are OpenVLA's.
+    assert registered_options() == OPTIONS
 
 
 def _parameter_form(option, text):
@@ -78,7 +85,7 @@ def _parameter_form(option, text):
         if option.kind is float:
             return float(text)
         if option.kind is bool:
-            return model_options.parse_bool(text)
+            return options.parse_bool(text)
     except ValueError:
         return text  # a string for a double or bool parameter: refused by its type
     return text
@@ -91,7 +98,7 @@ def _server_parse(argv):
 # ------------------------------------------------------------------ defaults
 
 
-@pytest.mark.parametrize("option", MODEL_OPTIONS, ids=lambda option: option.name)
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.name)
 def test_one_default_everywhere(option):
     spec = NODE_SPECS[option.name]
     assert spec.default == option.parameter_default
@@ -99,14 +106,15 @@ def test_one_default_everywhere(option):
     assert spec.reason_to_refuse(spec.default) is None
     # A number option's range is the node's: `ros2 param describe` shows it.
     if option.kind is float:
-        assert isinstance(option.check, model_options.NumberRange)
+        assert isinstance(option.check, options.NumberRange)
         assert spec.number_range is option.check
     # The server passes on only what was set; the backend's default is the definition's.
     args = _server_parse([])
     assert getattr(args, option.name, None) is None
-    assert policy_server.backend_options(args, {}) == {}
-    assert model_options.backend_arguments({})[option.name] == option.resolve(option.default)
-    assert backend_options({n: s.default for n, s in NODE_SPECS.items()})[option.name] == (
+    assert policy_server.backend_arguments(args, {}) == {}
+    assert options.resolve(OPTIONS, {})[option.name] == option.resolve(option.default)
+    node_defaults = {n: s.default for n, s in NODE_SPECS.items()}
+    assert parameter_backend_arguments(node_defaults)[option.name] == (
         option.resolve(option.default))
     actions = policy_server.build_parser()._actions
     action = next(a for a in actions if option.flag in a.option_strings)
@@ -116,14 +124,14 @@ def test_one_default_everywhere(option):
 
 def test_the_yaml_holds_every_node_option_with_its_default():
     section = yaml.safe_load(PARAMS_FILE.read_text())["/**/policy_node"]["ros__parameters"]
-    for option in MODEL_OPTIONS:
+    for option in OPTIONS:
         assert option.node_parameter, option.name
         assert section[option.name] == option.parameter_default, option.name
     assert "mps" not in PARAMS_FILE.read_text()
 
 
 def test_launch_arguments_are_the_declared_options_with_their_help():
-    for option in MODEL_OPTIONS:
+    for option in OPTIONS:
         argument = LAUNCH_ARGUMENTS.get(option.name)
         assert (argument is not None) is option.launch_argument, option.name
         if argument is not None:
@@ -132,42 +140,40 @@ def test_launch_arguments_are_the_declared_options_with_their_help():
     assert {"max_position_step", "max_rotation_step", "device", "model"} <= set(LAUNCH_ARGUMENTS)
 
 
-def test_the_backend_takes_every_option_defaulting_to_the_definition():
+def test_the_backend_declares_the_options_the_registry_lists():
     openvla = pytest.importorskip("manipulation_policy.backends.openvla")
-    parameters = inspect.signature(openvla.OpenVLABackend.__init__).parameters
-    for option in MODEL_OPTIONS:
-        assert parameters[option.name].default is None, option.name
+    assert openvla.OpenVLABackend.OPTIONS is OPTIONS
     # Its resolution tables speak the same vocabulary.
-    assert set(openvla.DTYPE_NAMES) | {"auto"} == set(model_options.DTYPES)
-    assert set(openvla.QUANTIZATION_CHOICES) | {"none"} == set(model_options.QUANTIZATIONS)
+    assert set(openvla.DTYPE_NAMES) | {"auto"} == set(openvla_options.DTYPES)
+    assert set(openvla.QUANTIZATION_CHOICES) | {"none"} == set(openvla_options.QUANTIZATIONS)
     assert set(openvla.ATTN_IMPLEMENTATIONS) | {"auto"} == set(
-        model_options.ATTN_IMPLEMENTATIONS)
+        openvla_options.ATTN_IMPLEMENTATIONS)
 
 
 # ---------------------------------------------------------------- good values
 
 
-@pytest.mark.parametrize("option", MODEL_OPTIONS, ids=lambda option: option.name)
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.name)
 def test_a_good_value_means_the_same_everywhere(option):
     text, typed = GOOD[option.name]
     # Server flag.
-    assert policy_server.backend_options(_server_parse([option.flag, text]), {}) == {
+    assert policy_server.backend_arguments(_server_parse([option.flag, text]), {}) == {
         option.name: typed}
     # Each environment variable, upstream's names included.
     for env_name in option.env:
         args = _server_parse([])
-        assert policy_server.backend_options(args, {env_name: text}) == {option.name: typed}
+        assert policy_server.backend_arguments(args, {env_name: text}) == {option.name: typed}
     # Node parameter, then what the node hands the backend.
     value = _parameter_form(option, text)
     assert NODE_SPECS[option.name].reason_to_refuse(value) is None
     defaults = {n: s.default for n, s in NODE_SPECS.items()}
-    assert backend_options({**defaults, option.name: value})[option.name] == typed
+    assert parameter_backend_arguments({**defaults, option.name: value})[option.name] == typed
     # Launch argument.
     if option.launch_argument:
-        spec = launch_logic._ALL_PARAMETERS[option.name]
+        spec = LAUNCH_SPECS[option.name]
         assert launch_logic.parse_argument(spec, text) == value
     # Backend argument, typed or as text.
-    assert model_options.backend_arguments({option.name: typed})[option.name] == typed
+    assert options.resolve(OPTIONS, {option.name: typed})[option.name] == typed
 
 
 # ----------------------------------------------------------------- bad values
@@ -176,7 +182,7 @@ def test_a_good_value_means_the_same_everywhere(option):
 @pytest.mark.parametrize(
     ("option", "text"),
     [(OPTIONS_BY_NAME[name], text) for name, texts in BAD.items() for text in texts],
-    ids=lambda v: v.name if isinstance(v, model_options.ModelOption) else repr(v)[:12],
+    ids=lambda v: v.name if isinstance(v, Option) else repr(v)[:12],
 )
 def test_a_bad_value_is_refused_everywhere_in_the_same_words(option, text, capsys):
     reason = option.refusal(text if option.kind is not float else _parameter_form(option, text))
@@ -191,7 +197,7 @@ def test_a_bad_value_is_refused_everywhere_in_the_same_words(option, text, capsy
     if text.strip():
         for env_name in option.env:
             with pytest.raises(policy_server.StartupError, match=env_name):
-                policy_server.backend_options(_server_parse([]), {env_name: text})
+                policy_server.backend_arguments(_server_parse([]), {env_name: text})
     # Node parameter (`ros2 param set` and the params file).
     value = _parameter_form(option, text)
     refused = NODE_SPECS[option.name].reason_to_refuse(value)
@@ -204,10 +210,10 @@ def test_a_bad_value_is_refused_everywhere_in_the_same_words(option, text, capsy
             launch_logic.plan_policy_node(
                 {option.name: text}, default_params_file=PARAMS_FILE
             ) if text.strip() else launch_logic.parse_argument(
-                launch_logic._ALL_PARAMETERS[option.name], text)
+                LAUNCH_SPECS[option.name], text)
     # Backend argument: the same check, before anything is loaded.
     with pytest.raises(ValueError, match=f"^{option.name} "):
-        model_options.backend_arguments({option.name: value})
+        options.resolve(OPTIONS, {option.name: value})
 
 
 @pytest.mark.parametrize(
@@ -230,30 +236,30 @@ def test_the_openvla_backend_itself_refuses_before_loading(name, value):
 
 def test_unset_is_one_rule():
     for text in ("", "  ", "none", "None", " NONE "):
-        assert model_options.is_unset(text)
-    assert model_options.is_unset(None) and not model_options.is_unset("nonex")
-    unset_ok = {o.name for o in MODEL_OPTIONS if o.unset_ok}
+        assert options.is_unset(text)
+    assert options.is_unset(None) and not options.is_unset("nonex")
+    unset_ok = {o.name for o in OPTIONS if o.unset_ok}
     assert unset_ok == {"unnorm_key", "lora_adapter", "quantization",
                         "max_position_step", "max_rotation_step"}
     for name in unset_ok:
         option = OPTIONS_BY_NAME[name]
         assert option.parse("none") is None and option.parse("") is None
-        assert policy_server.backend_options(_server_parse([option.flag, "None"]), {}) == {}
-        assert policy_server.backend_options(_server_parse([]), {option.env[0]: "none"}) == {}
+        assert policy_server.backend_arguments(_server_parse([option.flag, "None"]), {}) == {}
+        assert policy_server.backend_arguments(_server_parse([]), {option.env[0]: "none"}) == {}
 
 
 def test_zero_step_cap_is_no_cap_and_zero_scale_is_refused():
     assert OPTIONS_BY_NAME["max_position_step"].resolve(0.0) == 0.0
     assert OPTIONS_BY_NAME["position_scale"].refusal(0.0) is not None
     # The per-request gain has the same range as the server's own scale.
-    assert OPTIONS_BY_NAME["position_scale"].check == model_options.NumberRange(
+    assert OPTIONS_BY_NAME["position_scale"].check == options.NumberRange(
         0.0, contract.MAX_REQUEST_SCALE, low_open=True)
-    assert model_options.scale(contract.MAX_REQUEST_SCALE) is None
-    assert model_options.scale(math.nextafter(contract.MAX_REQUEST_SCALE, math.inf)) is not None
+    assert options.scale(contract.MAX_REQUEST_SCALE) is None
+    assert options.scale(math.nextafter(contract.MAX_REQUEST_SCALE, math.inf)) is not None
 
 
 def test_bounds_are_written_lower_comma_upper_everywhere():
-    for option in MODEL_OPTIONS:
+    for option in OPTIONS:
         if option.kind is Bounds:
             assert option.parse(option.parameter_default) == option.resolve(option.default)
 

@@ -2,8 +2,10 @@
 
 Loads one backend, then serves it with uvicorn:
 GET /health, POST /infer, GET /info, GET /metrics, GET /docs and /openapi.json.
-Model options fall back to environment variables (OPENVLA_MODEL, OPENVLA_UNNORM_KEY,
-...; see --help). Started without --backend but with OPENVLA_* variables set (as the
+Backend options are flags derived from each backend's declaration (its OPTIONS; a
+module.path:ClassName backend's too, given with --backend), and fall back to the
+variables the chosen backend declares (OPENVLA_MODEL, OPENVLA_UNNORM_KEY, ...; see
+--help). Started without --backend but with OPENVLA_* variables set (as the
 upstream MobileManipulationCore server is), it serves the openvla backend.
 With an API key (--api-key-file or MANIPULATION_POLICY_API_KEY),
 every path but /health, /docs and /openapi.json needs ``Authorization: Bearer <key>``
@@ -29,7 +31,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
-from manipulation_policy.core import model_options
+from manipulation_policy.backends import (
+    UnknownBackendError,
+    create_backend,
+    declared_options,
+    options_with,
+)
+from manipulation_policy.core import options as declarations
 from manipulation_policy.core.api_key import API_KEY_ENV, ApiKeyUnusable
 from manipulation_policy.core.errors import BackendStartupError
 from manipulation_policy.core.imaging import DEFAULT_MAX_IMAGE_PIXELS
@@ -48,8 +56,8 @@ BACKEND_ENV = "MANIPULATION_POLICY_BACKEND"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def _model_flag_type(option: model_options.ModelOption):
-    """argparse type of a model option's flag: its own parse (None: unset), its words."""
+def _option_flag_type(option: declarations.Option):
+    """argparse type of a backend option's flag: its own parse (None: unset), its words."""
 
     def parse(text: str) -> Any:
         try:
@@ -57,7 +65,7 @@ def _model_flag_type(option: model_options.ModelOption):
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"{text[:60]!r}: {exc}") from None
 
-    parse.__name__ = option.kind.__name__ if option.kind is not model_options.Bounds else (
+    parse.__name__ = option.kind.__name__ if option.kind is not declarations.Bounds else (
         "'lower,upper'")
     return parse
 
@@ -100,7 +108,6 @@ def environment_warnings(environ: Mapping[str, str]) -> list[str]:
 
 # Upstream's attention variable: a preference with fallback, not a requirement.
 UPSTREAM_ATTENTION_ENV = "OPENVLA_ATTENTION_IMPL"
-ATTENTION_OPTION = model_options.OPTIONS_BY_NAME["attn_implementation"]
 
 
 class StartupError(Exception):
@@ -123,7 +130,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _cli_number(check: model_options.NumberRange, what: str):
+def _cli_number(check: declarations.NumberRange, what: str):
     """An argparse type: a number ``check`` accepts, else one line saying why."""
 
     def parse(text: str):
@@ -141,17 +148,27 @@ def _cli_number(check: model_options.NumberRange, what: str):
 
 
 def _count(low: int, what: str):
-    return _cli_number(model_options.NumberRange(low, math.inf, integer=True), what)
+    return _cli_number(declarations.NumberRange(low, math.inf, integer=True), what)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _backend_flag(argv: Optional[Sequence[str]]) -> str:
+    """The --backend given in ``argv`` ("" if none), before the full parse: a plugin's
+    options are flags too."""
+    scout = argparse.ArgumentParser(add_help=False)
+    scout.add_argument("--backend", default="")
+    return scout.parse_known_args(argv)[0].backend or ""
+
+
+def build_parser(backend: str = "") -> argparse.ArgumentParser:
+    """The server's flags: its own, and one per option of the registered backends and,
+    when ``backend`` is a module.path:ClassName plugin, of the plugin."""
     parser = _Parser(
         prog=PROG, description=__doc__.split("\n", 1)[1], formatter_class=_HelpFormatter
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument(
         "--port",
-        type=_cli_number(model_options.NumberRange(1, 65535, integer=True), "a TCP port"),
+        type=_cli_number(declarations.NumberRange(1, 65535, integer=True), "a TCP port"),
         default=5000,
         help="TCP port to listen on (1-65535)",
     )
@@ -161,16 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="stub | openvla | module.path:ClassName (a class on PYTHONPATH); default: env "
         f"{BACKEND_ENV}, else openvla when any OPENVLA_* variable is set, else stub",
     )
-    model = parser.add_argument_group("model options (passed to the backend when set)")
-    for option in model_options.MODEL_OPTIONS:
+    model = parser.add_argument_group("backend options (passed to the backend when set)")
+    try:
+        flag_options = options_with(backend)
+    except UnknownBackendError:
+        flag_options = options_with("")  # loading the backend will say why
+    for option in flag_options:
         # No default here: a flag not given leaves the option to the environment, else
-        # to the backend, whose default is the same definition's (named in the help).
+        # to the backend, whose default is the same declaration's (named in the help).
+        env = f"; env {' or '.join(option.env)}" if option.env else ""
         model.add_argument(
             option.flag,
-            type=_model_flag_type(option),
+            type=_option_flag_type(option),
             default=argparse.SUPPRESS,
-            help=f"{option.help} Default {option.parameter_default!r}; "
-            f"openvla: env {' or '.join(option.env)}",
+            help=f"{option.help} Default {option.parameter_default!r}{env}",
         )
     model.add_argument(
         "--skip-image-sensitivity-check",
@@ -199,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serving.add_argument(
         "--inference-timeout",
-        type=_cli_number(model_options.NumberRange(0.0, math.inf, low_open=True), "seconds"),
+        type=_cli_number(declarations.NumberRange(0.0, math.inf, low_open=True), "seconds"),
         default=DEFAULT_DEADLINE_S,
         help="deadline of one prediction: past it the request gets 504, and /health "
         "answers 503 until the backend returns",
@@ -212,14 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serving.add_argument(
         "--batch-window-ms",
-        type=_cli_number(model_options.NumberRange(0.0, MAX_BATCH_WINDOW_MS), "milliseconds"),
+        type=_cli_number(declarations.NumberRange(0.0, MAX_BATCH_WINDOW_MS), "milliseconds"),
         default=DEFAULT_BATCH_WINDOW_MS,
         help="longest wait for more observations to join a batch, while others are on "
         "their way (a lone request never waits)",
     )
     serving.add_argument(
         "--graceful-timeout",
-        type=_cli_number(model_options.NumberRange(0.0, math.inf), "seconds"),
+        type=_cli_number(declarations.NumberRange(0.0, math.inf), "seconds"),
         default=30.0,
         help="seconds requests in flight get to finish after SIGTERM; the process "
         "exits by then whatever the backend does",
@@ -231,15 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def backend_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
-    """Backend keyword arguments from flags, else (for openvla) the OPENVLA_* environment;
-    options not given, and those given as unset (empty / none), are omitted."""
-    use_environ = choose_backend(args.backend, environ)[0] == "openvla"
+def backend_arguments(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Backend keyword arguments from flags, else from the environment variables the
+    chosen backend declares; options not given, and those given as unset (empty /
+    none), are omitted."""
+    chosen = choose_backend(args.backend, environ)[0]
+    try:
+        from_env = {option.name for option in declared_options(chosen)}
+        flag_options = options_with(chosen)
+    except UnknownBackendError:  # loading it says why
+        from_env, flag_options = set(), options_with("")
+    by_name = {option.name: option for option in flag_options}
     options: dict[str, Any] = {}
-    for option in model_options.MODEL_OPTIONS:
+    for option in flag_options:
         value = getattr(args, option.name, None)
-        if value is None and use_environ:
-            env_name, text = model_options.from_environment(option, environ)
+        if value is None and option.name in from_env:
+            env_name, text = declarations.from_environment(option, environ)
             if env_name:
                 try:
                     value = option.parse(text)
@@ -251,8 +279,9 @@ def backend_options(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
             options[option.name] = value
     if (
         getattr(args, "attn_implementation", None) is None
-        and use_environ
-        and model_options.from_environment(ATTENTION_OPTION, environ)[0] == UPSTREAM_ATTENTION_ENV
+        and "attn_implementation" in from_env
+        and declarations.from_environment(by_name["attn_implementation"], environ)[0]
+        == UPSTREAM_ATTENTION_ENV
         and options.get("attn_implementation") == "flash_attention_2"
     ):
         # Upstream's variable names a preference: flash-attention when it loads, else the
@@ -285,8 +314,6 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
 
 
 def load_backend(name: str, options: dict[str, Any]):
-    from manipulation_policy.backends import UnknownBackendError, create_backend
-
     try:
         return create_backend(name, **options)
     except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear line
@@ -320,7 +347,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(_backend_flag(argv)).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     startup_log = logging.getLogger("manipulation_policy.policy_server")
     args.backend, why = choose_backend(args.backend, os.environ)
@@ -330,7 +357,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         startup_log.warning(warning)
     try:
         config = build_config(args, os.environ)
-        options = backend_options(args, os.environ)
+        options = backend_arguments(args, os.environ)
         backend = load_backend(args.backend, options)
     except StartupError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

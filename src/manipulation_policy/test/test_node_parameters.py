@@ -10,7 +10,7 @@ from manipulation_policy.nodes.node_parameters import (
     COMMON_PARAMETERS,
     POLICY_NODE_PARAMETERS,
     REMOTE_NODE_PARAMETERS,
-    backend_options,
+    parameter_backend_arguments,
     reason_to_refuse,
     specs_by_name,
 )
@@ -115,7 +115,9 @@ def test_parameters_that_are_not_ours_are_not_judged():
 
 def test_backend_options_turn_empty_and_none_into_unset():
     values = {spec.name: spec.default for spec in POLICY_NODE_PARAMETERS}
-    options = backend_options({**values, "lora_adapter": "/adapters/pick", "position_scale": 2})
+    options = parameter_backend_arguments(
+        {**values, "lora_adapter": "/adapters/pick", "position_scale": 2}
+    )
     assert options["unnorm_key"] is None and options["quantization"] is None
     assert options["lora_adapter"] == "/adapters/pick"
     assert options["position_scale"] == 2.0 and isinstance(options["position_scale"], float)
@@ -127,7 +129,8 @@ def test_backend_options_turn_empty_and_none_into_unset():
     }
     # Bounds are "lower,upper" text as parameters, a pair of numbers for the backend.
     assert options["position_bounds"] == (-1.0, 1.0)
-    assert backend_options({**values, "gripper_bounds": " -0.5, 0.9"})["gripper_bounds"] == (
+    given = {**values, "gripper_bounds": " -0.5, 0.9"}
+    assert parameter_backend_arguments(given)["gripper_bounds"] == (
         -0.5, 0.9)
 
 

@@ -5,14 +5,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from manipulation_policy.core.openvla_actions import (
-    MODEL_CONFIDENCE,
-    ActionConversionOptions,
-    convert_openvla_action,
-    gripper_command,
-    limit_length,
-    normalize_gripper,
-)
 from manipulation_policy.core.policy_types import (
     ActionOverrides,
     EefTargetMode,
@@ -27,13 +19,21 @@ from manipulation_policy.core.pose_math import (
     quaternion_from_rpy,
     rpy_from_quaternion,
 )
+from manipulation_policy.core.upstream_compat import (
+    VECTOR_CONFIDENCE,
+    ActionConversionOptions,
+    convert_action_vector,
+    gripper_command,
+    limit_length,
+    normalize_gripper,
+)
 
 FRAME = "odom"
 
 
 def convert(raw, eef_pose=None, **options):
     observation = Observation(reference_frame=FRAME, eef_pose=eef_pose)
-    return convert_openvla_action(raw, observation, ActionConversionOptions(**options))
+    return convert_action_vector(raw, observation, ActionConversionOptions(**options))
 
 
 def position(action):
@@ -55,7 +55,7 @@ def test_plain_delta_keeps_the_model_numbers_and_frame():
     assert action.eef_target.orientation == quaternion_from_rpy(0.1, -0.2, 0.3)
     np.testing.assert_allclose(rpy(action), [0.1, -0.2, 0.3], atol=1e-12)
     assert action.joint_deltas is None and action.base_velocity_hint is None
-    assert action.confidence == MODEL_CONFIDENCE > 0 and not action.is_hold
+    assert action.confidence == VECTOR_CONFIDENCE > 0 and not action.is_hold
 
 
 def test_zero_rotation_is_the_identity_quaternion():
@@ -109,7 +109,7 @@ def test_scales_apply_per_component():
 
 def test_zero_scale_is_refused_as_everywhere_else():
     # A scale of 0 would silently stop that part of the motion; the node parameter,
-    # the server flag and the per-request field refuse it too (model_options.scale).
+    # the server flag and the per-request field refuse it too (core.options.scale).
     with pytest.raises(ValueError, match="position_scale must be a finite number > 0"):
         ActionConversionOptions(position_scale=0.0)
     action = convert([0.01, 0.02, 0.03, 0.1, 0.2, 0.3, 0.0], position_scale=1e-9).action
@@ -209,7 +209,7 @@ def test_bad_options_are_refused_naming_the_option(options, field):
 
 def test_default_options_are_used_when_none_given():
     observation = Observation(reference_frame=FRAME)
-    result = convert_openvla_action([0, 0, 0, 0, 0, 0, 1.0], observation)
+    result = convert_action_vector([0, 0, 0, 0, 0, 0, 1.0], observation)
     assert result.action.gripper_command == 1.0  # open_is_one by default: 1 stays open
 
 
@@ -247,11 +247,11 @@ def test_per_request_overrides_replace_scaling_and_clipping_but_not_the_caps():
                                 position_bounds=(-0.05, 0.05))
     observation = Observation(reference_frame=FRAME, action_overrides=overrides)
     options = ActionConversionOptions(position_scale=3.0, max_position_step=0.06)
-    action = convert_openvla_action([0.001, 0.02, -0.003, 0.1, 0, 0, 1.0], observation,
+    action = convert_action_vector([0.001, 0.02, -0.003, 0.1, 0, 0, 1.0], observation,
                                     options).action
     np.testing.assert_allclose(position(action), [0.01, 0.05, -0.03])  # 10x, then clamped
     np.testing.assert_allclose(rpy(action), [0.2, 0, 0], atol=1e-12)
-    capped = convert_openvla_action([0.05, 0.05, 0.05, 0, 0, 0, 1.0], observation,
+    capped = convert_action_vector([0.05, 0.05, 0.05, 0, 0, 0, 1.0], observation,
                                     options).action
     assert np.linalg.norm(position(capped)) == pytest.approx(0.06)  # the server's cap wins
 

@@ -35,9 +35,9 @@ from manipulation_policy.backends.openvla import (
     select_unnorm_key,
 )
 from manipulation_policy.core.errors import BackendStartupError, InputError
-from manipulation_policy.core.openvla_actions import ActionConversionOptions, convert_openvla_action
 from manipulation_policy.core.policy_types import EefTargetMode, Observation, Pose, Vector3
 from manipulation_policy.core.pose_math import apply_delta
+from manipulation_policy.core.upstream_compat import ActionConversionOptions, convert_action_vector
 
 INSTRUCTION = "pick up the red cup"
 
@@ -194,7 +194,7 @@ def test_predict_is_the_conversion_of_the_raw_model_output(tiny_openvla_dir):
     current = Pose(Vector3(0.4, 0.0, 0.2))
     observation = Observation(image=GREEN, instruction=INSTRUCTION, eef_pose=current)
     options = ActionConversionOptions("close_is_one", 2.0, 0.5, 0.02, None)
-    expected = convert_openvla_action(backend.predict_raw(observation), observation, options)
+    expected = convert_action_vector(backend.predict_raw(observation), observation, options)
     action = backend.predict(observation)
     assert action == expected.action
     assert action.eef_target_mode is EefTargetMode.DELTA

@@ -20,7 +20,7 @@ from manipulation_policy.core.json_body import parse_json_body
 from manipulation_policy.core.policy_types import Observation, PolicyAction
 from manipulation_policy.policy_server import (
     StartupError,
-    backend_options,
+    backend_arguments,
     build_config,
     build_parser,
 )
@@ -279,7 +279,7 @@ def test_api_key_file_wins_over_environment(tmp_path):
 
 
 def options_for(argv: list[str], environ: dict) -> dict:
-    return backend_options(build_parser().parse_args(argv), environ)
+    return backend_arguments(build_parser().parse_args(argv), environ)
 
 
 def test_only_set_model_options_reach_the_backend():

@@ -36,10 +36,9 @@ from manipulation_policy.backends.openvla import OpenVLABackend
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.core.contract import parse_request, request_to_observation
-from manipulation_policy.core.openvla_actions import convert_openvla_action
 from manipulation_policy.core.policy_types import ActionOverrides, Observation, Quaternion
 from manipulation_policy.core.pose_math import rpy_from_quaternion
-from manipulation_policy.core.upstream_compat import canonical_answer
+from manipulation_policy.core.upstream_compat import canonical_answer, convert_action_vector
 from manipulation_policy.nodes.node_parameters import (
     resolve_upstream_parameters,
     upstream_action_fields,
@@ -286,7 +285,7 @@ def test_backend_choice_and_openvla_environment():
                "OPENVLA_POSITION_BOUNDS": "-0.10, 0.10", "OPENVLA_ROTATION_BOUNDS": "-0.35,0.35",
                "OPENVLA_GRIPPER_BOUNDS": "0.0,1.0", "OPENVLA_ROTATION_SCALING": "10"}  # fmt: skip
     args = policy_server.build_parser().parse_args([])
-    assert policy_server.backend_options(args, environ) == {
+    assert policy_server.backend_arguments(args, environ) == {
         "model": "openvla/openvla-7b",
         "clip_actions": True,
         "position_bounds": (-0.1, 0.1),
@@ -297,7 +296,7 @@ def test_backend_choice_and_openvla_environment():
     for name, bad in (("OPENVLA_POSITION_BOUNDS", "1,-1"), ("OPENVLA_CLIP_ACTIONS", "maybe"),
                       ("OPENVLA_GRIPPER_BOUNDS", "0,nan")):
         with pytest.raises(policy_server.StartupError, match=name):
-            policy_server.backend_options(args, {**environ, name: bad})
+            policy_server.backend_arguments(args, {**environ, name: bad})
     prompt_joints = "OPENVLA_INCLUDE_JOINT_STATES_IN_PROMPT"
     warnings = policy_server.environment_warnings({prompt_joints: "1"})
     assert warnings and "not supported" in warnings[0]
@@ -310,18 +309,18 @@ def test_upstreams_flash_attention_variable_is_a_preference_not_a_requirement(ca
     parse = policy_server.build_parser().parse_args
     upstream = {"OPENVLA_MODEL_ID": "m", "OPENVLA_ATTENTION_IMPL": "flash_attention_2"}
     with caplog.at_level("WARNING"):
-        assert policy_server.backend_options(parse([]), upstream)["attn_implementation"] == "auto"
+        assert policy_server.backend_arguments(parse([]), upstream)["attn_implementation"] == "auto"
     assert "OPENVLA_ATTENTION_IMPL=flash_attention_2 taken as upstream does" in caplog.text
     # Any other value, this project's own variable, or the flag: taken as a requirement.
-    assert policy_server.backend_options(
+    assert policy_server.backend_arguments(
         parse([]), {**upstream, "OPENVLA_ATTENTION_IMPL": "eager"}
     )["attn_implementation"] == "eager"
     own = {"OPENVLA_MODEL_ID": "m", "OPENVLA_ATTN_IMPLEMENTATION": "flash_attention_2"}
-    assert policy_server.backend_options(parse([]), own)["attn_implementation"] == (
+    assert policy_server.backend_arguments(parse([]), own)["attn_implementation"] == (
         "flash_attention_2"
     )
     flag = parse(["--attn-implementation", "flash_attention_2"])
-    assert policy_server.backend_options(flag, upstream)["attn_implementation"] == (
+    assert policy_server.backend_arguments(flag, upstream)["attn_implementation"] == (
         "flash_attention_2"
     )
 
@@ -397,7 +396,7 @@ def test_upstream_answers_keep_their_meaning(upstream_server):
 
 
 def expected_from_vector(vector, frame="base_link"):
-    return convert_openvla_action(vector, Observation(reference_frame=frame)).action
+    return convert_action_vector(vector, Observation(reference_frame=frame)).action
 
 
 @pytest.mark.parametrize(

@@ -19,9 +19,16 @@ ActionChunk and compose its deltas with the current pose in one place
 A backend whose predict is cheap, bounded CPU work (the stub) may set the class
 attribute ``predicts_inline = True``: an idle server then calls it on its event
 loop, without the model thread's hops (and so without its deadline).
+A backend class declares its options once, as ``OPTIONS`` (a tuple of
+``core.options.Option``; none: ``()``), and takes them as keyword arguments. The
+server's flags and environment variables, the policy node's parameters, the launch
+arguments and the params-file check are derived from the declarations
+(``declared_options``, ``registered_options``), plugins' (``module:Class``) included.
 Adding a model means adding one module and one line in ``BACKEND_MODULES``;
 the module is imported only when its backend is chosen, so the stub needs
-neither torch nor transformers.
+neither torch nor transformers. A backend whose module imports heavy packages
+names a light module holding its declaration in ``OPTION_MODULES``, so that
+options can be listed without them (a test keeps the two the same object).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional, Protocol, Union
 
 from manipulation_policy.core.errors import BackendStartupError
+from manipulation_policy.core.options import Option
 from manipulation_policy.core.policy_types import (
     ActionChunk,
     EefTargetMode,
@@ -120,8 +128,81 @@ BACKEND_MODULES = {
 }
 
 
+# backend name -> module (relative to this package) whose OPTIONS is the backend class's
+# OPTIONS, for a backend module that imports torch & co.
+OPTION_MODULES = {
+    "openvla": "openvla_options",
+}
+
+
 class UnknownBackendError(ValueError):
     pass
+
+
+def is_plugin(name: str) -> bool:
+    """A ``module.path:ClassName`` spec rather than a registered name."""
+    return ":" in name
+
+
+def declared_options(name: str) -> tuple[Option, ...]:
+    """The options backend ``name`` declares (``OPTIONS``; none: ``()``). A registered
+    backend's are read without importing its model code; a plugin's class is imported.
+    UnknownBackendError for a name that is neither."""
+    if is_plugin(name):
+        declared = getattr(_plugin_backend_class(name), "OPTIONS", ())
+    else:
+        target = BACKEND_MODULES.get(name)
+        if target is None:
+            raise UnknownBackendError(_unknown_backend(name))
+        module_name, class_name = target.split(":")
+        if name in OPTION_MODULES:
+            module = importlib.import_module(f".{OPTION_MODULES[name]}", __name__)
+            declared = module.OPTIONS
+        else:
+            backend_class = getattr(_backend_module(name, module_name), class_name)
+            declared = getattr(backend_class, "OPTIONS", ())
+    declared = tuple(declared)
+    if not all(isinstance(option, Option) for option in declared):
+        raise UnknownBackendError(f"backend {name!r}: OPTIONS must hold core.options.Option")
+    return declared
+
+
+def declares_options(name: str) -> bool:
+    """Whether backend ``name`` declares its options (has ``OPTIONS``, empty or not)."""
+    if not is_plugin(name):
+        return name in BACKEND_MODULES
+    return hasattr(_plugin_backend_class(name), "OPTIONS")
+
+
+def registered_options() -> tuple[Option, ...]:
+    """The options of every registered backend, in registration order, each once. Two
+    backends may share an option name only by declaring the same Option."""
+    seen: dict[str, Option] = {}
+    for name in BACKEND_MODULES:
+        for option in declared_options(name):
+            if seen.setdefault(option.name, option) != option:
+                raise UnknownBackendError(
+                    f"backend {name!r} declares option {option.name!r} differently from "
+                    "another backend"
+                )
+    return tuple(seen.values())
+
+
+def options_with(name: str) -> tuple[Option, ...]:
+    """The registered backends' options, and those of ``name`` when it is a plugin (after
+    them; a plugin option named like a registered one is the registered one)."""
+    options = registered_options()
+    if not is_plugin(name):
+        return options
+    known = {option.name for option in options}
+    return options + tuple(o for o in declared_options(name) if o.name not in known)
+
+
+def _unknown_backend(name: str) -> str:
+    return (
+        f"unknown backend {name!r}; choose one of {', '.join(sorted(BACKEND_MODULES))}"
+        " or give module.path:ClassName"
+    )
 
 
 def create_backend(name: str, **options: Any) -> PolicyBackend:
@@ -131,15 +212,16 @@ def create_backend(name: str, **options: Any) -> PolicyBackend:
     ``module.path:ClassName`` naming any importable class with the backend
     interface, e.g. a model kept outside this package, or a test double.
     """
-    if ":" in name:
+    if is_plugin(name):
         return _plugin_backend_class(name)(**options)
     target = BACKEND_MODULES.get(name)
     if target is None:
-        raise UnknownBackendError(
-            f"unknown backend {name!r}; choose one of {', '.join(sorted(BACKEND_MODULES))}"
-            " or give module.path:ClassName"
-        )
+        raise UnknownBackendError(_unknown_backend(name))
     module_name, class_name = target.split(":")
+    return getattr(_backend_module(name, module_name), class_name)(**options)
+
+
+def _backend_module(name: str, module_name: str) -> Any:
     try:
         module = importlib.import_module(f".{module_name}", __name__)
     except ModuleNotFoundError as exc:
@@ -149,7 +231,7 @@ def create_backend(name: str, **options: Any) -> PolicyBackend:
             f"the {name} backend needs the Python package {exc.name!r}, which is not "
             "installed; on a GPU host: pip install -r requirements.txt"
         ) from None
-    return getattr(module, class_name)(**options)
+    return module
 
 
 def _plugin_backend_class(spec: str) -> type:

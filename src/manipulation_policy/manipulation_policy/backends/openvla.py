@@ -5,8 +5,9 @@
 checkpoint directory (a fine-tuned run). Each observation becomes the prompt
 ``In: What action should the robot take to {instruction}?\\nOut:`` plus the
 camera image; ``model.predict_action(..., unnorm_key=..., do_sample=False)``
-answers with a 7-dim action that ``openvla_actions`` turns into a
-PolicyAction.
+answers with a 7-dim action in upstream's action-vector layout, which
+``core.upstream_compat.convert_action_vector`` turns into a PolicyAction with the
+settings of the backend's options (``openvla_options``, declared there once).
 
 Everything that can be checked is checked at start-up, so a bad setting
 fails there with a BackendStartupError saying why and how to fix it: option
@@ -36,6 +37,7 @@ only when the "openvla" backend is chosen.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -50,24 +52,20 @@ import transformers
 from packaging.version import Version
 from PIL import Image
 
-from manipulation_policy.backends import openvla_batching
-from manipulation_policy.core import model_options
+from manipulation_policy.backends import openvla_batching, openvla_options
 from manipulation_policy.core.errors import BackendStartupError, InputError
-from manipulation_policy.core.openvla_actions import (
-    OPENVLA_ACTION_DIM,
-    ActionConversionOptions,
-    convert_openvla_action,
-)
+from manipulation_policy.core.options import is_unset, resolve
 from manipulation_policy.core.policy_types import Observation, PolicyAction
+from manipulation_policy.core.upstream_compat import ACTION_VECTOR_DIM, convert_action_vector
 
 logger = logging.getLogger(__name__)
 
 # transformers 4.x calls the auto class AutoModelForVision2Seq; 5.x renamed it
 # AutoModelForImageTextToText. OpenVLA's config.json names the 4.x one.
 VISION2SEQ_AUTO_CLASS_NAMES = ("AutoModelForVision2Seq", "AutoModelForImageTextToText")
-# The vocabularies are model_options'; "none" and "auto" are resolved below.
-QUANTIZATION_CHOICES = tuple(q for q in model_options.QUANTIZATIONS if q != "none")
-ATTN_IMPLEMENTATIONS = tuple(a for a in model_options.ATTN_IMPLEMENTATIONS if a != "auto")
+# The vocabularies are openvla_options'; "none" and "auto" are resolved below.
+QUANTIZATION_CHOICES = tuple(q for q in openvla_options.QUANTIZATIONS if q != "none")
+ATTN_IMPLEMENTATIONS = tuple(a for a in openvla_options.ATTN_IMPLEMENTATIONS if a != "auto")
 DTYPE_NAMES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
@@ -93,7 +91,7 @@ PROMPT_END_TOKEN_ID = 29871
 ATTN_REFUSALS = (ValueError, ImportError, AttributeError)
 
 
-_unset = model_options.is_unset
+_unset = is_unset
 
 
 def build_prompt(instruction: str) -> str:
@@ -349,7 +347,7 @@ def recording_generated_tokens(model: Any) -> Iterator[list]:
 
     def generate(*args: Any, **kwargs: Any) -> Any:
         ids = original(*args, **kwargs)
-        count = kwargs.get("max_new_tokens") or OPENVLA_ACTION_DIM
+        count = kwargs.get("max_new_tokens") or ACTION_VECTOR_DIM
         sequences = getattr(ids, "sequences", ids)
         record.append([int(t) for t in sequences[0, -count:].tolist()])
         return ids
@@ -425,51 +423,15 @@ def image_check_refusal(
 class OpenVLABackend:
     name = "openvla"
 
-    def __init__(
-        self,
-        # Model options: None means the default of their one definition
-        # (model_options.MODEL_OPTIONS), whose checks refuse a bad value here as the
-        # server's flags and the node's parameters do.
-        model: Optional[str] = None,
-        unnorm_key: Optional[str] = None,
-        device: Optional[str] = None,
-        dtype: Optional[str] = None,
-        quantization: Optional[str] = None,
-        lora_adapter: Optional[str] = None,
-        attn_implementation: Optional[str] = None,
-        gripper_convention: Optional[str] = None,
-        position_scale: Optional[float] = None,
-        rotation_scale: Optional[float] = None,
-        max_position_step: Optional[float] = None,
-        max_rotation_step: Optional[float] = None,
-        check_image_sensitivity: bool = True,
-        clip_actions: Optional[bool] = None,
-        position_bounds: Optional[Sequence[float]] = None,
-        rotation_bounds: Optional[Sequence[float]] = None,
-        gripper_bounds: Optional[Sequence[float]] = None,
-    ):
+    # Declared once; flags, variables, node parameters and launch arguments derive from it.
+    OPTIONS = openvla_options.OPTIONS
+
+    def __init__(self, check_image_sensitivity: bool = True, **options: Any):
+        """``options``: any of ``OPTIONS`` by name (absent or None: its default), checked
+        by its declaration as the server's flags and the node's parameters are."""
         try:
-            chosen = model_options.backend_arguments({
-                "model": model, "unnorm_key": unnorm_key, "device": device, "dtype": dtype,
-                "quantization": quantization, "lora_adapter": lora_adapter,
-                "attn_implementation": attn_implementation,
-                "gripper_convention": gripper_convention,
-                "position_scale": position_scale, "rotation_scale": rotation_scale,
-                "max_position_step": max_position_step, "max_rotation_step": max_rotation_step,
-                "clip_actions": clip_actions, "position_bounds": position_bounds,
-                "rotation_bounds": rotation_bounds, "gripper_bounds": gripper_bounds,
-            })  # fmt: skip
-            self._conversion = ActionConversionOptions(
-                gripper_convention=chosen["gripper_convention"].strip().lower(),
-                position_scale=chosen["position_scale"],
-                rotation_scale=chosen["rotation_scale"],
-                max_position_step=chosen["max_position_step"] or None,  # 0: no cap
-                max_rotation_step=chosen["max_rotation_step"] or None,
-                clip_actions=chosen["clip_actions"],
-                position_bounds=chosen["position_bounds"],
-                rotation_bounds=chosen["rotation_bounds"],
-                gripper_bounds=chosen["gripper_bounds"],
-            )
+            chosen = resolve(self.OPTIONS, options)
+            self._conversion = openvla_options.conversion_from_options(chosen)
         except ValueError as exc:
             raise BackendStartupError(str(exc)) from exc
         self.model_id = chosen["model"]
@@ -503,10 +465,10 @@ class OpenVLABackend:
         requested_key = None if _unset(unnorm_key) else str(unnorm_key).strip()
         self.unnorm_key = select_unnorm_key(stats, requested_key, source)
         dim = action_dim_of(stats, self.unnorm_key, source)
-        if dim != OPENVLA_ACTION_DIM:
+        if dim != ACTION_VECTOR_DIM:
             raise BackendStartupError(
                 f"{source}: {self.unnorm_key!r} has {dim}-dim actions; this backend needs "
-                f"OpenVLA's {OPENVLA_ACTION_DIM} (dx, dy, dz, droll, dpitch, dyaw, gripper)"
+                f"OpenVLA's {ACTION_VECTOR_DIM} (dx, dy, dz, droll, dpitch, dyaw, gripper)"
             )
 
         self._model, self.attn_implementation = self._load_model(
@@ -720,7 +682,7 @@ class OpenVLABackend:
     def _to_action(self, raw: np.ndarray, observation: Observation) -> PolicyAction:
         """The model's raw action as the answer to ``observation``: its own per-request
         overrides, the gripper meaning, the step bounds; a rejected output is a hold."""
-        converted = convert_openvla_action(raw, observation, self._conversion)
+        converted = convert_action_vector(raw, observation, self._conversion)
         self.last_hold_reason = converted.hold_reason
         if converted.hold_reason is not None:
             logger.warning("OpenVLA output rejected: %s", converted.hold_reason)
@@ -809,15 +771,11 @@ class OpenVLABackend:
             "auto_class": self.auto_class_name,
             "transformers_version": transformers.__version__,
             "torch_version": torch.__version__,
-            "gripper_convention": self._conversion.gripper_convention,
-            "position_scale": self._conversion.position_scale,
-            "rotation_scale": self._conversion.rotation_scale,
-            "max_position_step": self._conversion.max_position_step,
-            "max_rotation_step": self._conversion.max_rotation_step,
-            "clip_actions": self._conversion.clip_actions,
-            "position_bounds": list(self._conversion.position_bounds),
-            "rotation_bounds": list(self._conversion.rotation_bounds),
-            "gripper_bounds": list(self._conversion.gripper_bounds),
+            # The conversion settings, by their option names (bounds as lists).
+            **{
+                name: list(value) if isinstance(value, tuple) else value
+                for name, value in dataclasses.asdict(self._conversion).items()
+            },
             "image_sensitivity_checked": self.image_sensitivity_checked,
             "kv_cache": self.kv_cache,
             "batched_decoding": self.batched_decoding_off_reason is None,

@@ -74,6 +74,7 @@ class StubBackend:
     # Bounded CPU work (~0.2 ms for a 224x224 image): the server may call predict on
     # its event loop when idle instead of handing it to the model thread.
     predicts_inline = True
+    OPTIONS = ()  # none; other backends' options given to it are ignored
 
     def __init__(self, **_ignored: Any):
         logger.warning(SYNTHETIC_NOTE)

@@ -18,19 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
+from manipulation_policy import backends
 from manipulation_policy.backends import BACKEND_MODULES
-from manipulation_policy.core import model_options
 from manipulation_policy.core.api_key import API_KEY_ENV, ApiKeyUnusable, read_api_key
 from manipulation_policy.core.contract import MAX_IMAGE_SIDE, MAX_INSTRUCTION_CHARS
-from manipulation_policy.core.model_options import (  # noqa: F401 - the model options' vocabularies, defined there
-    ATTN_IMPLEMENTATIONS,
-    DTYPES,
-    GRIPPER_CONVENTIONS,
-    QUANTIZATIONS,
-    NumberRange,
-    device_name,
-    text_up_to,
-)
+from manipulation_policy.core.options import NumberRange, Option, scale, text_up_to
 from manipulation_policy.nodes.remote_client import DEFAULT_MAX_RESPONSE_BYTES
 from manipulation_policy.nodes.response_validation import frame_id_problem
 
@@ -212,21 +204,39 @@ COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
                   integer_in(-MAX_STEPS, MAX_STEPS)),
 )
 
-POLICY_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
-    ParameterSpec("backend", "openvla",
-                  "Policy backend: " + ", ".join(sorted(BACKEND_MODULES))
-                  + ", or module.path:ClassName of another backend class.",
-                  backend_name, live=False),
-    # The model options, from their one definition (model_options.MODEL_OPTIONS).
-    *(
+BACKEND_PARAMETER = ParameterSpec(
+    "backend", "openvla",
+    "Policy backend: " + ", ".join(sorted(BACKEND_MODULES))
+    + ", or module.path:ClassName of another backend class.",
+    backend_name, live=False,
+)
+
+
+def option_parameters(options: Sequence[Option]) -> tuple[ParameterSpec, ...]:
+    """The node parameters of backend options, from their declarations."""
+    return tuple(
         # A number option's check is its NumberRange itself: the descriptor shows it.
         ParameterSpec(option.name, option.parameter_default, option.help,
                       option.check if option.kind is float else option.refusal,
                       live=option.live)
-        for option in model_options.MODEL_OPTIONS
+        for option in options
         if option.node_parameter
-    ),
-)
+    )
+
+
+def policy_node_parameters(backend: str = "") -> tuple[ParameterSpec, ...]:
+    """policy_node's own parameters: ``backend`` and the options of every registered
+    backend, and, when ``backend`` is a module.path:ClassName plugin, its options too."""
+    return (BACKEND_PARAMETER, *option_parameters(backends.options_with(backend)))
+
+
+def __getattr__(name: str) -> Any:
+    # POLICY_NODE_PARAMETERS is derived when first asked for, so that the remote node,
+    # which never asks, reads no backend's declaration (no model's code on its robot).
+    if name == "POLICY_NODE_PARAMETERS":
+        return policy_node_parameters()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 REMOTE_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("remote_url", "http://localhost:5000",
@@ -299,13 +309,18 @@ def reason_to_refuse(
     return None
 
 
-def backend_options(values: Mapping[str, Any]) -> dict[str, Any]:
+def parameter_backend_arguments(values: Mapping[str, Any]) -> dict[str, Any]:
     """create_backend keyword arguments from the policy node's parameter values: each
-    model option's typed value (None: unset), as its definition reads it."""
+    option the chosen backend declares, typed (None: unset), as its declaration reads
+    it. A backend without an ``OPTIONS`` declaration gets every registered option."""
+    name = values["backend"]
+    declared = backends.declared_options(name)
+    if not declared and not backends.declares_options(name):
+        declared = backends.registered_options()
     return {
         option.name: option.from_parameter(values[option.name])
-        for option in model_options.MODEL_OPTIONS
-        if option.node_parameter
+        for option in declared
+        if option.node_parameter and option.name in values
     }
 
 
@@ -399,7 +414,7 @@ def upstream_action_fields(given: Mapping[str, Any]) -> dict[str, Any]:
         if name.endswith("_scaling"):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} expected float, got {type(value).__name__} {value!r}")
-            reason = model_options.scale(float(value))  # the server's own check
+            reason = scale(float(value))  # the server's own check
             if reason is not None:
                 raise ValueError(f"{name} {reason}")
             fields[name] = float(value)

@@ -13,9 +13,13 @@ import sys
 from collections.abc import Callable
 from typing import Any, Optional
 
-from manipulation_policy.backends import PolicyBackend, create_backend, predictor
+from manipulation_policy.backends import PolicyBackend, create_backend, is_plugin, predictor
 from manipulation_policy.core.policy_types import ActionChunk, Observation
-from manipulation_policy.nodes.node_parameters import POLICY_NODE_PARAMETERS, backend_options
+from manipulation_policy.nodes.node_parameters import (
+    POLICY_NODE_PARAMETERS,
+    parameter_backend_arguments,
+    policy_node_parameters,
+)
 from manipulation_policy.nodes.policy_node_base import ActionSource, PolicyNodeBase, run_node
 
 
@@ -29,8 +33,11 @@ class PolicyNode(PolicyNodeBase):
         backend = self._given_backend
         if backend is None:
             values = self.parameter_values()
+            if is_plugin(values["backend"]):  # a plugin's own options are parameters too
+                self.declare_start_parameters(policy_node_parameters(values["backend"]))
+                values = self.parameter_values()
             self.get_logger().info(f"loading backend {values['backend']!r}")
-            backend = create_backend(values["backend"], **backend_options(values))
+            backend = create_backend(values["backend"], **parameter_backend_arguments(values))
         self.backend = backend
         self.get_logger().info(f"backend ready: {backend.describe()}")
         return first_action_of(predictor(backend))

@@ -285,7 +285,21 @@ class PolicyNodeBase(Node):
         )
         return resolve_upstream_parameters(given, remote=self.remote)
 
-    def _prepare_start_values(self) -> None:
+    def declare_start_parameters(self, specs: Sequence[ParameterSpec]) -> None:
+        """Declare those of ``specs`` not declared yet (a plugin backend's options, known
+        once ``backend`` is read), their start values checked as the others' are."""
+        added = {spec.name: spec for spec in specs if spec.name not in self._specs}
+        self._specs.update(added)
+        self._prepare_start_values(added)
+        for spec in added.values():
+            self.declare_parameter(spec.name, spec.default, descriptor_for(spec))
+        with self._values_lock:
+            self._values.update({
+                name: spec.normalized(self.get_parameter(name).value)
+                for name, spec in added.items()
+            })
+
+    def _prepare_start_values(self, specs: Optional[dict[str, ParameterSpec]] = None) -> None:
         """Start values (parameter_overrides, -p, params files) as declared: an integer for
         a double becomes a double; a bad one stops the node with the spec's reason, not
         rclpy's "wrong parameter type". rclpy keeps them in ``_parameter_overrides`` from
@@ -293,7 +307,7 @@ class PolicyNodeBase(Node):
         overrides = getattr(self, "_parameter_overrides", None)
         if not isinstance(overrides, dict):
             return
-        for name, spec in self._specs.items():
+        for name, spec in (self._specs if specs is None else specs).items():
             given = overrides.get(name)
             if given is None:
                 continue

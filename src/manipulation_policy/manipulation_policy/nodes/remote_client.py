@@ -52,9 +52,8 @@ from typing import Any, Optional
 
 from manipulation_policy.core.errors import InputError
 from manipulation_policy.core.json_body import parse_json_body
-from manipulation_policy.core.openvla_actions import ActionConversionOptions
 from manipulation_policy.core.policy_types import ActionChunk, PolicyAction
-from manipulation_policy.core.upstream_compat import canonical_answer
+from manipulation_policy.core.upstream_compat import ActionConversionOptions, canonical_answer
 from manipulation_policy.nodes.http_exchange import (
     AnswerRefused,
     DeadlineExceeded,

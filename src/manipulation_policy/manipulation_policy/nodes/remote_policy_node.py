@@ -28,8 +28,8 @@ from manipulation_policy.core.contract import (
     parse_request,
     request_action_overrides,
 )
-from manipulation_policy.core.openvla_actions import ActionConversionOptions
 from manipulation_policy.core.policy_types import Observation, PolicyAction
+from manipulation_policy.core.upstream_compat import ActionConversionOptions
 from manipulation_policy.nodes.node_parameters import (
     REMOTE_NODE_PARAMETERS,
     UPSTREAM_ACTION_PARAMETERS,

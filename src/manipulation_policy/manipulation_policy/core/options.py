@@ -1,28 +1,24 @@
-"""The OpenVLA model and action-conversion options, each defined once. Pure Python.
+"""Backend options: the declaration type every backend uses, model-neutral. Pure Python.
 
-Every place that takes one of these options derives it from ``MODEL_OPTIONS``:
-the policy server's flags and ``OPENVLA_*`` environment variables
+A backend class declares its options once, as ``OPTIONS`` (a tuple of ``Option``);
+``backends.declared_options`` reads it. Everything that takes one of them is
+derived from that declaration: the policy server's flags and environment variables
 (policy_server.py), the policy node's ROS parameters (node_parameters.py), the
-launch arguments (manipulation_bringup.launch_logic), the shipped params YAML
-(checked by a test) and the OpenVLA backend's constructor arguments
-(backends/openvla.py). One check per option refuses a bad value in all of them
-with the same words.
+launch arguments and the params-file check (manipulation_bringup.launch_logic) and
+the backend's own constructor (``resolve``). One check per option refuses a bad
+value in all of them with the same words. This module knows no model: OpenVLA's
+options are declared in ``backends/openvla_options.py``.
 
 Rules that hold for every option:
 
 - Text (a flag, an environment variable, a launch argument, a string
-  parameter) goes through ``ModelOption.parse``. Empty or ``none`` (any case)
-  means *unset* only for options declared ``unset_ok`` (``unnorm_key``,
-  ``lora_adapter``, ``quantization``, the step caps); elsewhere it is refused
-  like any bad value.
+  parameter) goes through ``Option.parse``. Empty or ``none`` (any case)
+  means *unset* only for options declared ``unset_ok``; elsewhere it is
+  refused like any bad value.
 - An environment variable set to an empty string counts as not set.
 - A backend argument of ``None`` means the option's default.
-- ``max_position_step`` / ``max_rotation_step`` of 0 (or unset) mean "no
-  cap" (a ROS parameter cannot be null); a scale of 0 is refused everywhere (it would
-  silently stop the arm), as the wire contract refuses it per request.
-- ``device`` is auto, cpu, cuda or cuda:N everywhere: ``mps`` is refused
-  (the backend is not tested on Apple GPUs; bitsandbytes and flash-attention
-  need CUDA).
+- ``device`` (``device_name``) is auto, cpu, cuda or cuda:N everywhere: ``mps`` is
+  refused (no backend here is tested on Apple GPUs).
 """
 
 from __future__ import annotations
@@ -39,13 +35,7 @@ Check = Callable[[Any], Optional[str]]
 Bounds = tuple[float, float]
 
 UNSET_WORDS = ("", "none")
-QUANTIZATIONS = ("none", "8bit", "4bit")
-DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half", "float")
-ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
-GRIPPER_CONVENTIONS = ("open_is_one", "close_is_one")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-MAX_MODEL_NAME_CHARS = 1024
-MAX_STEP_CAP = 1000.0  # m or rad; larger is no cap at all, say 0 instead
 
 
 def is_unset(value: Any) -> bool:
@@ -96,7 +86,7 @@ def text_up_to(max_chars: int) -> Check:
 class NumberRange:
     """A check for a number in [low, high] (low excluded when ``low_open``), finite.
 
-    Here, below node_parameters, so that a model option's range is the very object the
+    Here, below node_parameters, so that an option's range is the very object the
     node shows in its parameter descriptor (``ros2 param describe``)."""
 
     low: float
@@ -127,8 +117,6 @@ class NumberRange:
 
 # A scale: > 0 (0 would silently freeze that motion), up to what a request may ask for.
 scale = NumberRange(0.0, MAX_REQUEST_SCALE, low_open=True)
-# A step cap: 0 is "no cap".
-step_cap = NumberRange(0.0, MAX_STEP_CAP)
 
 
 def switch(value: Any) -> Optional[str]:
@@ -191,18 +179,18 @@ def _parse_float(text: str) -> float:
 
 
 @dataclass(frozen=True)
-class ModelOption:
+class Option:
     """One option. ``kind``: str, float, bool or Bounds (a (lower, upper) pair, written
     "lower,upper" wherever it is text, a ROS parameter included)."""
 
-    name: str  # backend keyword, node parameter and launch argument name
+    name: str  # backend keyword, node parameter, launch argument name; flag --name-with-dashes
     kind: Any
     default: Any  # typed; "" for an unset_ok text option means unset
     help: str
     check: Optional[Check] = None
-    env: tuple[str, ...] = ()  # OPENVLA_* variables, first wins; upstream's names included
+    env: tuple[str, ...] = ()  # environment variables of the server, first set wins
     unset_ok: bool = False  # empty / "none" text means unset
-    node_parameter: bool = True  # a policy_node parameter (read at start, read-only)
+    node_parameter: bool = True  # a policy_node parameter (read at start unless live)
     launch_argument: bool = False  # a core_launch.py argument too
     live: bool = False  # the backend is built once: every option is read at start
 
@@ -274,75 +262,18 @@ class ModelOption:
         return self.resolve(value)
 
 
-MODEL_OPTIONS: tuple[ModelOption, ...] = (
-    ModelOption("model", str, "openvla/openvla-7b",
-            "Hugging Face model id or local checkpoint directory.",
-            text_up_to(MAX_MODEL_NAME_CHARS), env=("OPENVLA_MODEL", "OPENVLA_MODEL_ID"),
-            launch_argument=True),
-    ModelOption("unnorm_key", str, "",
-            "Dataset statistics used to un-normalize actions, e.g. bridge_orig "
-            "(empty: the model's only key).",
-            text_up_to(256), env=("OPENVLA_UNNORM_KEY",), unset_ok=True, launch_argument=True),
-    ModelOption("device", str, "auto", "Torch device: auto, cpu, cuda or cuda:N.",
-            device_name, env=("OPENVLA_DEVICE",), launch_argument=True),
-    ModelOption("dtype", str, "auto", "Model weights dtype: " + ", ".join(DTYPES) + ".",
-            choice(DTYPES), env=("OPENVLA_DTYPE",), launch_argument=True),
-    ModelOption("quantization", str, "none",
-            "Weight quantization: none, 8bit or 4bit (bitsandbytes, CUDA only).",
-            choice(QUANTIZATIONS), env=("OPENVLA_QUANTIZATION",), unset_ok=True,
-            launch_argument=True),
-    ModelOption("lora_adapter", str, "", "Directory of a LoRA adapter to load (empty: none).",
-            text_up_to(MAX_MODEL_NAME_CHARS), env=("OPENVLA_LORA_ADAPTER",), unset_ok=True,
-            launch_argument=True),
-    ModelOption("attn_implementation", str, "auto",
-            "Attention kernel: " + ", ".join(ATTN_IMPLEMENTATIONS) + ".",
-            choice(ATTN_IMPLEMENTATIONS),
-            env=("OPENVLA_ATTN_IMPLEMENTATION", "OPENVLA_ATTENTION_IMPL")),
-    ModelOption("gripper_convention", str, "open_is_one",
-            "What the model's gripper value 1 means: open_is_one or close_is_one.",
-            choice(GRIPPER_CONVENTIONS), env=("OPENVLA_GRIPPER_CONVENTION",)),
-    ModelOption("position_scale", float, 1.0,
-            f"Factor on predicted translations, > 0 and at most {MAX_REQUEST_SCALE:g}.",
-            scale, env=("OPENVLA_POSITION_SCALE", "OPENVLA_XYZ_SCALING"), launch_argument=True),
-    ModelOption("rotation_scale", float, 1.0,
-            f"Factor on predicted rotations, > 0 and at most {MAX_REQUEST_SCALE:g}.",
-            scale, env=("OPENVLA_ROTATION_SCALE", "OPENVLA_ROTATION_SCALING"),
-            launch_argument=True),
-    ModelOption("max_position_step", float, 0.0,
-            "Safety cap on the length of each translation step, m (0: no cap); applies "
-            "last, after any per-request scaling.",
-            step_cap, env=("OPENVLA_MAX_POSITION_STEP",), unset_ok=True, launch_argument=True),
-    ModelOption("max_rotation_step", float, 0.0,
-            "Safety cap on the length of each rotation step (roll, pitch, yaw vector), rad "
-            "(0: no cap); applies last.",
-            step_cap, env=("OPENVLA_MAX_ROTATION_STEP",), unset_ok=True, launch_argument=True),
-    ModelOption("clip_actions", bool, False,
-            "Clamp each translation axis to position_bounds, each rotation axis to "
-            "rotation_bounds and the raw gripper value to gripper_bounds.",
-            switch, env=("OPENVLA_CLIP_ACTIONS",)),
-    ModelOption("position_bounds", Bounds, (-1.0, 1.0),
-            "lower,upper per translation axis, m (with clip_actions).",
-            bounds, env=("OPENVLA_POSITION_BOUNDS",)),
-    ModelOption("rotation_bounds", Bounds, (-math.pi, math.pi),
-            "lower,upper per rotation axis, rad (with clip_actions).",
-            bounds, env=("OPENVLA_ROTATION_BOUNDS",)),
-    ModelOption("gripper_bounds", Bounds, (0.0, 1.0),
-            "lower,upper of the raw gripper value (with clip_actions).",
-            bounds, env=("OPENVLA_GRIPPER_BOUNDS",)),
-)
-OPTIONS_BY_NAME: dict[str, ModelOption] = {option.name: option for option in MODEL_OPTIONS}
-
-
-def backend_arguments(given: Mapping[str, Any]) -> dict[str, Any]:
-    """Every option's checked typed value from backend arguments (absent or None: the
-    default; None in the result: unset). ValueError "<name> <reason>" for a bad one."""
-    unknown = sorted(set(given) - set(OPTIONS_BY_NAME))
+def resolve(options: Sequence[Option], given: Mapping[str, Any]) -> dict[str, Any]:
+    """Every declared option's checked typed value from a backend's keyword arguments
+    (absent or None: the default; None in the result: unset). ValueError
+    "<name> <reason>" for a bad one, or for a name ``options`` does not declare."""
+    names = {option.name for option in options}
+    unknown = sorted(set(given) - names)
     if unknown:
-        raise ValueError(f"unknown model option {unknown[0]!r}")
-    return {option.name: option.resolve(given.get(option.name)) for option in MODEL_OPTIONS}
+        raise ValueError(f"unknown option {unknown[0]!r}; known: {', '.join(sorted(names))}")
+    return {option.name: option.resolve(given.get(option.name)) for option in options}
 
 
-def from_environment(option: ModelOption, environ: Mapping[str, str]) -> tuple[str, str]:
+def from_environment(option: Option, environ: Mapping[str, str]) -> tuple[str, str]:
     """(variable, text) of the first of ``option.env`` set non-empty, else ("", "")."""
     for name in option.env:
         text = environ.get(name, "")
