@@ -278,3 +278,49 @@ def test_the_instruction_limit_and_the_api_key_variable_are_defined_once():
     for bad in ("two words", "clé"):
         with pytest.raises(api_key.ApiKeyUnusable):
             server_auth.load_api_key(None, {api_key.API_KEY_ENV: bad})
+
+
+# ------------------------------------------------ a plugin backend's own option
+
+PLUGIN_SOURCE = '''
+from manipulation_policy.backends.stub import StubBackend
+from manipulation_policy.core.options import NumberRange, Option
+
+
+class GripperForceBackend(StubBackend):
+    OPTIONS = (
+        Option("grip_force", float, 5.0, "Grip force, N.",
+               NumberRange(0.0, 40.0, low_open=True), launch_argument=True),
+    )
+'''
+
+
+def test_a_plugins_option_is_a_launch_argument_and_a_params_file_entry(tmp_path, monkeypatch):
+    module = f"launch_grip_plugin_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{module}.py").write_text(PLUGIN_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugin = f"{module}:GripperForceBackend"
+    [argument] = [a for a in launch_logic.launch_arguments(plugin) if a.name == "grip_force"]
+    assert argument.description.startswith("Grip force, N.")
+    assert "grip_force" not in LAUNCH_ARGUMENTS  # only with that backend
+    plan = launch_logic.plan_policy_node(
+        {"backend": plugin, "grip_force": "12"}, default_params_file=PARAMS_FILE)
+    assert plan.overrides == {"backend": plugin, "grip_force": 12.0}
+    with pytest.raises(launch_logic.LaunchArgumentError, match="grip_force"):
+        launch_logic.plan_policy_node(
+            {"backend": plugin, "grip_force": "41"}, default_params_file=PARAMS_FILE)
+    with pytest.raises(launch_logic.LaunchArgumentError, match="grip_force"):
+        launch_logic.plan_policy_node({"grip_force": "12"}, default_params_file=PARAMS_FILE)
+    # core_launch.py takes it from the command line (it is declared by no one).
+    given = {"backend": plugin, "grip_force": "12", "model": "m", "other": "x"}
+    assert launch_logic.plugin_arguments(plugin, given) == {"grip_force": "12"}
+    # A params file naming the plugin may set its option.
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        f"/**/policy_node:\n  ros__parameters:\n    backend: {plugin}\n    grip_force: 7.5\n")
+    view = launch_logic.node_parameters_from_file(params, launch_logic.LOCAL_NODE)
+    assert view.parameters["grip_force"] == 7.5
+    params.write_text(
+        f"/**/policy_node:\n  ros__parameters:\n    backend: {plugin}\n    grip_force: 0.0\n")
+    with pytest.raises(launch_logic.ParamsFileError, match="grip_force"):
+        launch_logic.node_parameters_from_file(params, launch_logic.LOCAL_NODE)
