@@ -206,7 +206,7 @@ def plugin_arguments(backend: str, given: Mapping[str, str]) -> dict[str, str]:
         return {}
     try:
         names = {argument.name for argument in launch_arguments(backend.strip())}
-    except ValueError:
+    except (ValueError, ImportError):
         return {}
     names -= set(LAUNCH_ARGUMENT_NAMES)
     return {name: text for name, text in given.items() if name in names}
@@ -349,7 +349,7 @@ def node_parameters_from_file(
         backend = next((b for b in reversed(named) if isinstance(b, str) and b), "")
     try:
         node_specs = node_parameters_for(backend)[node]
-    except ValueError as exc:  # a plugin backend that cannot be imported
+    except (ValueError, ImportError) as exc:  # a plugin backend that cannot be imported
         raise ParamsFileError(path, str(exc)) from None
     specs = {**STANDARD_PARAMETERS, **node_specs}
     parameters: dict[str, Any] = {}
@@ -438,7 +438,7 @@ def plan_policy_node(
     if is_plugin(backend):
         try:
             known = tuple(argument.name for argument in launch_arguments(backend))
-        except ValueError as exc:
+        except (ValueError, ImportError) as exc:  # UnknownBackendError, or its own imports
             raise LaunchArgumentError("backend", backend, str(exc)) from None
     unknown = sorted(set(arguments) - set(known))
     if unknown:

@@ -181,8 +181,8 @@ def build_parser(backend: str = "") -> argparse.ArgumentParser:
     model = parser.add_argument_group("backend options (passed to the backend when set)")
     try:
         flag_options = options_with(backend)
-    except UnknownBackendError:
-        flag_options = options_with("")  # loading the backend will say why
+    except Exception:  # noqa: BLE001 - a plugin that cannot be imported: loading says why
+        flag_options = options_with("")
     for option in flag_options:
         # No default here: a flag not given leaves the option to the environment, else
         # to the backend, whose default is the same declaration's (named in the help).
@@ -260,8 +260,8 @@ def backend_arguments(args: argparse.Namespace, environ: Mapping[str, str]) -> d
     try:
         from_env = {option.name for option in declared_options(chosen)}
         flag_options = options_with(chosen)
-    except UnknownBackendError:  # loading it says why
-        from_env, flag_options = set(), options_with("")
+    except Exception:  # noqa: BLE001 - unknown, or a plugin that cannot be imported:
+        from_env, flag_options = set(), options_with("")  # loading it says why
     by_name = {option.name: option for option in flag_options}
     options: dict[str, Any] = {}
     for option in flag_options:
