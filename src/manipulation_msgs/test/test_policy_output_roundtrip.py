@@ -86,7 +86,13 @@ def test_constants_are_distinct():
 def test_upstream_fields_come_first_in_upstream_order_and_types():
     fields = list(PolicyOutput.get_fields_and_field_types().items())
     assert fields[: len(UPSTREAM_FIELDS)] == UPSTREAM_FIELDS
-    assert fields[len(UPSTREAM_FIELDS):] == [("eef_target_mode", "uint8")]
+    assert fields[len(UPSTREAM_FIELDS):] == [
+        ("eef_target_mode", "uint8"),
+        ("due", "builtin_interfaces/Time"),
+        ("step_index", "uint16"),
+        ("chunk_length", "uint16"),
+        ("request_id", "string"),
+    ]
 
 
 def test_full_policy_output_round_trips_over_dds(node):
