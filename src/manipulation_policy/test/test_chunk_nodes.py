@@ -22,6 +22,7 @@ from server_test_backends import CHUNK_PERIOD_SEC, ChunkedBackend, chunk_steps
 from manipulation_msgs.msg import PolicyActionChunk
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.core.api_key import API_KEY_ENV
+from manipulation_policy.core.policy_types import PolicyAction
 from manipulation_policy.nodes.policy_node import PolicyNode
 from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
 from manipulation_policy.nodes.ros_conversion import (
@@ -284,3 +285,40 @@ def test_chunk_parameters_are_live_and_checked(rig):
     assert settings.chunk_merge is ChunkMerge.TEMPORAL_ENSEMBLE
     assert (settings.ensemble_weight, settings.crossfade_steps) == (0.5, 2)
     assert settings.refill_horizon_sec is None  # below 0: automatic
+
+
+class FailingAfterOneChunk(ChunkedBackend):
+    """One chunk, then every call fails."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def predict(self, observation):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("simulated CUDA error")
+        return super().predict(observation)
+
+
+class HoldingPolicyNode(PolicyNode):
+    def action_on_failure(self, observation):
+        return PolicyAction.hold(observation.reference_frame)
+
+
+def test_a_failures_hold_ends_the_plan(rig):
+    recorder = Recorder(rig)
+    node = rig.add(HoldingPolicyNode(
+        backend=FailingAfterOneChunk(),
+        **rig.node_kwargs(**node_values(recorder, refill_horizon_sec=0.45)),
+    ))
+    rig.stream_camera(sample_image(), rate_hz=20.0)
+    assert wait_until(lambda: any(policy_output_to_action(m).is_hold for m in rig.outputs()),
+                      WAIT_SEC), node.counters
+    time.sleep(0.6)  # the first chunk's remaining steps would be due by now
+    outputs = rig.outputs()
+    first = outputs[0].request_id
+    hold_at = next(i for i, m in enumerate(outputs) if policy_output_to_action(m).is_hold)
+    assert outputs[hold_at].request_id != first
+    assert (outputs[hold_at].step_index, outputs[hold_at].chunk_length) == (0, 1)
+    assert all(m.request_id != first for m in outputs[hold_at:])
+    assert node.counters["underrun_holds"] == 0

@@ -674,6 +674,9 @@ class PolicyNodeBase(Node):
                 return
         else:
             self._executor.request_failed(request_id)
+            if isinstance(answer, PolicyAction) and answer.is_hold:
+                # A failure's hold ends the plan: no step of an older chunk follows it.
+                self._executor.clear()
         if answer is None:
             self._count("no_action")
             return
