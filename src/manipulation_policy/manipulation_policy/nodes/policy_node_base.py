@@ -1,8 +1,15 @@
 """What both policy nodes share: inputs, the rate, the worker, parameters, publishing.
 
 The nodes differ only in their *action source*, a callable
-``Observation -> PolicyAction | None`` (None: publish nothing): the
-in-process node calls a backend, the remote node calls the policy server.
+``Observation -> ActionChunk | PolicyAction | None``: the in-process node calls
+a backend, the remote node calls the policy server. A chunk goes onto the
+action timeline of a ``robot.executor.ChunkExecutor`` on the node clock (the
+same code in both nodes): it is published whole on ``chunk_topic``, and each
+step as a PolicyOutput when it is due, by the worker on arrival and by a
+timer every EXECUTOR_TICK_SEC after; a chunk of one goes out on arrival, as
+before chunks existed. A PolicyAction (a failure's hold) is published at
+once and ends the plan; None publishes nothing. The next frame goes to the
+worker only when the timeline has no more than ``refill_horizon_sec`` left.
 
 Threading: subscriptions only store the newest message. The newest fresh frame
 goes to one worker thread that runs the action source and publishes; while the
