@@ -180,6 +180,15 @@ _FIXED_ARGUMENTS = (
     ),
     LaunchArgument("instruction", "task text, e.g. 'pick up the red cup'"),
     LaunchArgument("inference_rate", "policy outputs per second, > 0"),
+    LaunchArgument(
+        "chunk_merge",
+        "how overlapping action chunks meet: replace, temporal_ensemble or crossfade",
+    ),
+    LaunchArgument(
+        "refill_horizon_sec",
+        "send the next observation when the action timeline has this many seconds left "
+        "(< 0: automatic, from the measured latency)",
+    ),
     LaunchArgument("backend", "openvla, stub or module.path:ClassName (local mode)"),
 )
 

@@ -37,6 +37,11 @@ SHARED_DEFAULTS = {
     "observation_timeout_sec": 0.5,
     "wait_for_task": False,
     "max_steps": 0,
+    "chunk_topic": "/manipulation/policy_chunk",
+    "chunk_merge": "replace",
+    "chunk_ensemble_weight": 0.01,
+    "crossfade_steps": 4,
+    "refill_horizon_sec": -1.0,
 }
 LOCAL_DEFAULTS = {
     "backend": "openvla",
@@ -137,8 +142,12 @@ def test_remote_overrides_are_typed_and_win_over_the_yaml():
         joint_states_topic="arm/joint_states",
         instruction="put the cup in the sink",
         inference_rate="10",
+        chunk_merge="temporal_ensemble",
+        refill_horizon_sec="0",
     )
     params = result.parameters
+    assert params["chunk_merge"] == "temporal_ensemble"
+    assert params["refill_horizon_sec"] == 0.0 and type(params["refill_horizon_sec"]) is float
     assert params["remote_url"] == "https://gpu-host.example:8443/v1"
     assert params["remote_timeout_sec"] == 2.5
     assert params["remote_retry_attempts"] == 0
@@ -389,6 +398,9 @@ def test_bad_namespaces_are_refused(text):
         ("backend", "gpt", "openvla"),
         ("device", "gpu", "cuda"),
         ("quantization", "16bit", "8bit"),
+        ("chunk_merge", "average", "temporal_ensemble"),
+        ("refill_horizon_sec", "-2", ">= -1"),
+        ("refill_horizon_sec", "soon", "a number"),
     ],
 )
 @pytest.mark.parametrize("mode", ["true", "false"])

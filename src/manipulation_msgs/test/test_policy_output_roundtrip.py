@@ -8,7 +8,7 @@ import rclpy
 from geometry_msgs.msg import Pose, Twist
 from std_msgs.msg import Header
 
-from manipulation_msgs.msg import PolicyOutput
+from manipulation_msgs.msg import PolicyActionChunk, PolicyOutput
 
 FIELDS = [
     "has_eef_target",
@@ -19,6 +19,10 @@ FIELDS = [
     "has_base_hint",
     "reference_frame",
     "confidence",
+    "due",
+    "step_index",
+    "chunk_length",
+    "request_id",
 ]
 
 
@@ -47,6 +51,10 @@ def make_full_output() -> PolicyOutput:
     msg.base_velocity_hint = twist
     msg.reference_frame = "arm_base_link"
     msg.confidence = 0.875
+    msg.due.sec, msg.due.nanosec = 1_700_000_123, 300_456_789  # step 3 of a 0.1 s period
+    msg.step_index = 3
+    msg.chunk_length = 8
+    msg.request_id = "c89d3af380c84d4d-42"
     return msg
 
 
@@ -86,7 +94,13 @@ def test_constants_are_distinct():
 def test_upstream_fields_come_first_in_upstream_order_and_types():
     fields = list(PolicyOutput.get_fields_and_field_types().items())
     assert fields[: len(UPSTREAM_FIELDS)] == UPSTREAM_FIELDS
-    assert fields[len(UPSTREAM_FIELDS):] == [("eef_target_mode", "uint8")]
+    assert fields[len(UPSTREAM_FIELDS):] == [
+        ("eef_target_mode", "uint8"),
+        ("due", "builtin_interfaces/Time"),
+        ("step_index", "uint16"),
+        ("chunk_length", "uint16"),
+        ("request_id", "string"),
+    ]
 
 
 def test_full_policy_output_round_trips_over_dds(node):
@@ -125,3 +139,26 @@ def test_full_policy_output_round_trips_over_dds(node):
         )
     # The whole message compares equal too (generated __eq__ covers every field).
     assert got == sent
+
+
+def test_action_chunk_round_trips_over_dds(node):
+    received = []
+    node.create_subscription(PolicyActionChunk, "/test/policy_chunk", received.append, 10)
+    publisher = node.create_publisher(PolicyActionChunk, "/test/policy_chunk", 10)
+    sent = PolicyActionChunk()
+    sent.header = make_full_output().header
+    sent.action_period_sec = 0.1
+    sent.actions = [make_full_output() for _ in range(3)]
+    for index, action in enumerate(sent.actions):
+        action.step_index, action.chunk_length = index, 3
+
+    deadline = time.monotonic() + 10.0
+    while not received and time.monotonic() < deadline:
+        publisher.publish(sent)
+        rclpy.spin_once(node, timeout_sec=0.1)
+    assert received, "no PolicyActionChunk came back over DDS within 10 s"
+    assert received[0] == sent
+    assert [a.step_index for a in received[0].actions] == [0, 1, 2]
+    assert list(PolicyActionChunk.get_fields_and_field_types()) == [
+        "header", "actions", "action_period_sec"
+    ]

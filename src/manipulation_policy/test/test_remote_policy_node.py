@@ -22,7 +22,7 @@ from node_harness import (
 )
 from rclpy.parameter import Parameter
 
-from manipulation_policy.core.policy_types import Observation
+from manipulation_policy.core.policy_types import ActionChunk, Observation
 from manipulation_policy.nodes.remote_client import RemoteClient, RemoteSettings
 from manipulation_policy.nodes.remote_policy_node import RemoteActionSource, RemotePolicyNode
 from manipulation_policy.nodes.ros_conversion import policy_output_to_action, stamp_to_nanoseconds
@@ -327,13 +327,14 @@ def test_failures_then_recovery_are_each_reported(scripted_server):
     source = RemoteActionSource(client, lambda: values, failures.append, recoveries.append)
     observation = Observation(image=sample_image())
 
-    assert not source(observation).is_hold and not failures and not recoveries
+    # An answer is the server's chunk; a failure's hold is a single action.
+    assert isinstance(source(observation), ActionChunk) and not failures and not recoveries
     scripted_server.fail_status = 500
     assert source(observation).is_hold
     assert len(failures) == 1 and "500" in failures[0] and "hold" in failures[0]
     scripted_server.fail_status = None
     client.breaker.reset()  # skip the cooldown: this test is about the reports
-    assert not source(observation).is_hold
-    assert not source(observation).is_hold
+    assert isinstance(source(observation), ActionChunk)
+    assert isinstance(source(observation), ActionChunk)
     assert recoveries == ["policy server answers again"]
     source.close()

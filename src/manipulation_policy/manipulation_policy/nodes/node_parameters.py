@@ -23,8 +23,16 @@ from manipulation_policy.backends import BACKEND_MODULES
 from manipulation_policy.core.api_key import API_KEY_ENV, ApiKeyUnusable, read_api_key
 from manipulation_policy.core.contract import MAX_IMAGE_SIDE, MAX_INSTRUCTION_CHARS
 from manipulation_policy.core.options import NumberRange, Option, scale, text_up_to
+from manipulation_policy.core.policy_types import MAX_CHUNK_LENGTH
 from manipulation_policy.nodes.remote_client import DEFAULT_MAX_RESPONSE_BYTES
 from manipulation_policy.nodes.response_validation import frame_id_problem
+from manipulation_policy.robot.executor_settings import (
+    DEFAULT_CROSSFADE_STEPS,
+    DEFAULT_ENSEMBLE_WEIGHT,
+    ChunkMerge,
+    ExecutorSettings,
+    setting_problem,
+)
 
 Check = Callable[[Any], Optional[str]]
 
@@ -35,6 +43,7 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_RETRY_AFTER_SEC = 3600.0
 MAX_BOUND = 1000.0  # upper end of the answer bounds: they must stay finite numbers
 MAX_STEPS = 1_000_000_000
+AUTOMATIC_REFILL_HORIZON = -1.0
 
 IMAGE_TRANSPORTS = ("raw", "compressed")
 PLUGIN_BACKEND_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -149,6 +158,55 @@ def frame_id(value: str) -> Optional[str]:
 # ---------------------------------------------------------------- the parameters
 
 
+# The action-chunk executor's parameters (both nodes), checked by the executor's own
+# setting_problem; refill_horizon_sec below 0 means automatic (from measured latency).
+CHUNK_MERGES = tuple(m.value for m in ChunkMerge)
+MAX_REFILL_HORIZON_SEC = 60.0
+
+
+def _executor_setting(name: str) -> Check:
+    def check(value: Any) -> Optional[str]:
+        return setting_problem(name, value.strip().lower() if isinstance(value, str) else value)
+
+    return check
+
+
+EXECUTOR_PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec("chunk_topic", "/manipulation/policy_chunk",
+                  "manipulation_msgs/PolicyActionChunk topic: each accepted action chunk, "
+                  "whole, for controllers that take a trajectory.",
+                  topic_name, live=False),
+    ParameterSpec("chunk_merge", ChunkMerge.REPLACE.value,
+                  "How a new action chunk meets the not yet due steps of older ones: "
+                  "replace (the new one wins), temporal_ensemble (weighted average, "
+                  "chunk_ensemble_weight) or crossfade (over crossfade_steps steps).",
+                  _executor_setting("chunk_merge")),
+    ParameterSpec("chunk_ensemble_weight", DEFAULT_ENSEMBLE_WEIGHT,
+                  "temporal_ensemble: the i-th oldest prediction weighs exp(-weight * i) "
+                  "(0: plain average).",
+                  NumberRange(0.0, MAX_BOUND)),
+    ParameterSpec("crossfade_steps", DEFAULT_CROSSFADE_STEPS,
+                  "crossfade: steps over which a new chunk fades in.",
+                  integer_in(1, MAX_CHUNK_LENGTH)),
+    ParameterSpec("refill_horizon_sec", AUTOMATIC_REFILL_HORIZON,
+                  "Send the next observation when the action timeline has this many seconds "
+                  "left (inference overlaps execution); below 0: automatic, 1.5 x the "
+                  "slowest recent round trip.",
+                  NumberRange(AUTOMATIC_REFILL_HORIZON, MAX_REFILL_HORIZON_SEC)),
+)
+
+
+def executor_settings(values: Mapping[str, Any]) -> ExecutorSettings:
+    """The executor's settings from the node's parameter values."""
+    horizon = float(values["refill_horizon_sec"])
+    return ExecutorSettings(
+        chunk_merge=ChunkMerge(values["chunk_merge"].strip().lower()),
+        ensemble_weight=float(values["chunk_ensemble_weight"]),
+        crossfade_steps=int(values["crossfade_steps"]),
+        refill_horizon_sec=None if horizon < 0 else horizon,
+    )
+
+
 COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("camera_topic", "/camera/color/image_raw",
                   "Camera topic (sensor_msgs/Image; with image_transport=compressed, "
@@ -202,7 +260,7 @@ COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
                   "Decisions published per task, then wait for the next task "
                   "(0 or less: until an empty message on instruction_topic clears it).",
                   integer_in(-MAX_STEPS, MAX_STEPS)),
-)
+) + EXECUTOR_PARAMETERS
 
 BACKEND_PARAMETER = ParameterSpec(
     "backend", "openvla",

@@ -2,19 +2,17 @@
 
 The backend (OpenVLA by default, ``backend:=stub`` for the deterministic
 stub) is loaded once at start; inference runs on the base class's worker
-thread. The backend's answer is an action chunk (``backends.predictor``); this
-node publishes its first action, as it published a single-step model's one
-action before chunks existed.
+thread. The backend's answer is an action chunk (``backends.predictor``); the
+base class's executor publishes each of its actions when it is due (a
+single-step model's one action at once, as before chunks existed).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import Any, Optional
 
 from manipulation_policy.backends import PolicyBackend, create_backend, is_plugin, predictor
-from manipulation_policy.core.policy_types import ActionChunk, Observation
 from manipulation_policy.nodes.node_parameters import (
     POLICY_NODE_PARAMETERS,
     parameter_backend_arguments,
@@ -40,19 +38,7 @@ class PolicyNode(PolicyNodeBase):
             backend = create_backend(values["backend"], **parameter_backend_arguments(values))
         self.backend = backend
         self.get_logger().info(f"backend ready: {backend.describe()}")
-        return first_action_of(predictor(backend))
-
-
-def first_action_of(predict: Callable[[Observation], Any]) -> ActionSource:
-    """The action source publishing the first action of each chunk ``predict`` answers
-    (all of a single-step model's answer). An answer that is not a chunk (a broken
-    backend's) is passed on as it is, for publishing to refuse."""
-
-    def first_action(observation: Observation) -> Any:
-        answer = predict(observation)
-        return answer.actions[0] if isinstance(answer, ActionChunk) else answer
-
-    return first_action
+        return predictor(backend)
 
 
 def main(args: Optional[list[str]] = None) -> int:

@@ -1,8 +1,15 @@
 """What both policy nodes share: inputs, the rate, the worker, parameters, publishing.
 
 The nodes differ only in their *action source*, a callable
-``Observation -> PolicyAction | None`` (None: publish nothing): the
-in-process node calls a backend, the remote node calls the policy server.
+``Observation -> ActionChunk | PolicyAction | None``: the in-process node calls
+a backend, the remote node calls the policy server. A chunk goes onto the
+action timeline of a ``robot.executor.ChunkExecutor`` on the node clock (the
+same code in both nodes): it is published whole on ``chunk_topic``, and each
+step as a PolicyOutput when it is due, by the worker on arrival and by a
+timer every EXECUTOR_TICK_SEC after; a chunk of one goes out on arrival, as
+before chunks existed. A PolicyAction (a failure's hold) is published at
+once and ends the plan; None publishes nothing. The next frame goes to the
+worker only when the timeline has no more than ``refill_horizon_sec`` left.
 
 Threading: subscriptions only store the newest message. The newest fresh frame
 goes to one worker thread that runs the action source and publishes; while the
@@ -24,14 +31,16 @@ by the aggregated observation's freshness, each time a frame may go.
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Optional, TypeVar
+from typing import Any, Generic, Optional, TypeVar, Union
 
 import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.exceptions import InvalidParameterValueException, ParameterException
@@ -43,13 +52,20 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 
 from manipulation_msgs.msg import Observation as ObservationMsg
-from manipulation_msgs.msg import PolicyOutput
-from manipulation_policy.core.policy_types import JointStateData, Observation, PolicyAction
+from manipulation_msgs.msg import PolicyActionChunk, PolicyOutput
+from manipulation_policy.core.policy_types import (
+    ActionChunk,
+    JointStateData,
+    Observation,
+    PolicyAction,
+)
 from manipulation_policy.nodes import ros_conversion
 from manipulation_policy.nodes.node_parameters import (
     COMMON_PARAMETERS,
+    EXECUTOR_PARAMETERS,
     UPSTREAM_PARAMETER_NAMES,
     ParameterSpec,
+    executor_settings,
     reason_to_refuse,
     resolve_upstream_parameters,
     specs_by_name,
@@ -75,10 +91,19 @@ from manipulation_policy.nodes.scheduling import (
     Verdict,
     task_active_at_start,
 )
+from manipulation_policy.robot.executor import ChunkExecutor, DueCommand
 
-ActionSource = Callable[[Observation], Optional[PolicyAction]]
+# An ActionChunk goes onto the executor's timeline; a PolicyAction (a failure's hold) is
+# published at once; None publishes nothing.
+ActionSource = Callable[[Observation], Union[ActionChunk, PolicyAction, None]]
 
 LOG_THROTTLE_SEC = 5.0
+# How often due steps of the action timeline are looked for (and published).
+EXECUTOR_TICK_SEC = 0.01
+EXECUTOR_DIAGNOSTICS_PERIOD_SEC = 1.0
+DIAGNOSTICS_TOPIC = "/diagnostics"
+REMEMBERED_CHUNKS = 64
+EXECUTOR_PARAMETER_NAMES = frozenset(spec.name for spec in EXECUTOR_PARAMETERS)
 WORKER_STOP_TIMEOUT_SEC = 5.0
 SECRET_PARAMETERS = frozenset({"remote_api_key"})
 
@@ -146,6 +171,16 @@ class _Frame:
 
 
 @dataclass(frozen=True)
+class _ChunkInfo:
+    """What a published command needs to know of the chunk it comes from."""
+
+    stamp: Any  # builtin_interfaces/Time of the observation
+    stamp_ns: int
+    length: int
+    period: float
+
+
+@dataclass(frozen=True)
 class _Job:
     frame: _Frame
     observation: Observation  # image still None: decoded on the worker
@@ -193,6 +228,9 @@ class PolicyNodeBase(Node):
             "published": 0,
             "no_action": 0,
             "publish_failed": 0,
+            "chunks_accepted": 0,
+            "chunks_refused": 0,
+            "underrun_holds": 0,
         }
 
         # Registered before declaring, so invalid start values are refused too.
@@ -213,6 +251,14 @@ class PolicyNodeBase(Node):
             self.get_logger().warning(note)
         if task_active_at_start(values["wait_for_task"], upstream.task_given):
             self._scheduler.start_task()
+        # Action chunks on a timeline by the node clock (robot/executor.py).
+        self._executor = ChunkExecutor(
+            lambda: self.get_clock().now().nanoseconds / 1e9, executor_settings(values)
+        )
+        self._request_numbers = itertools.count(1)
+        self._chunks_lock = threading.Lock()
+        self._chunks: dict[str, _ChunkInfo] = {}  # request id -> its accepted chunk
+        self._reported_underruns = 0
 
         self.action_source: ActionSource = self.create_action_source()
 
@@ -239,6 +285,12 @@ class PolicyNodeBase(Node):
         self._task_topic = values["instruction_topic"]
         self.create_subscription(String, values["instruction_topic"], self._on_instruction, 10)
         self._publisher = self.create_publisher(PolicyOutput, values["output_topic"], 10)
+        self._chunk_publisher = self.create_publisher(
+            PolicyActionChunk, values["chunk_topic"], 10
+        )
+        self._executor_diagnostics = self.create_publisher(DiagnosticArray, DIAGNOSTICS_TOPIC, 10)
+        self.create_timer(EXECUTOR_TICK_SEC, self._on_executor_tick)
+        self.create_timer(EXECUTOR_DIAGNOSTICS_PERIOD_SEC, self._publish_executor_diagnostics)
 
         self._worker: SkippingWorker[_Job] = SkippingWorker(self._run_job, f"{node_name}_worker")
         self._timer = self.create_timer(1.0 / values["inference_rate"], self._on_tick)
@@ -354,6 +406,8 @@ class PolicyNodeBase(Node):
     def _apply(self, changes: dict[str, Any]) -> None:
         with self._values_lock:
             self._values.update(changes)
+        if EXECUTOR_PARAMETER_NAMES.intersection(changes):
+            self._executor.update_settings(executor_settings(self.parameter_values()))
         if "instruction" in changes:
             self._start_task(changes["instruction"])
         if "use_observation" in changes:
@@ -467,6 +521,7 @@ class PolicyNodeBase(Node):
     def _on_instruction(self, msg: String) -> None:
         if not msg.data.strip():
             # Upstream's "stop"/"clear": an empty task ends the current one.
+            self._executor.clear()
             if self._scheduler.clear_task():
                 self.get_logger().info(f"task cleared; waiting for a task on {self._task_topic}")
             return
@@ -477,6 +532,7 @@ class PolicyNodeBase(Node):
             self.get_logger().warning(f"instruction message refused: {result.reason}")
 
     def _start_task(self, instruction: str) -> None:
+        self._executor.clear()  # steps planned for the previous task are not published
         self._scheduler.start_task()
         steps = self.parameter_values()["max_steps"]
         self.get_logger().info(
@@ -508,6 +564,8 @@ class PolicyNodeBase(Node):
         Runs in the image callback and the timer, never concurrently with itself: all
         of the node's callbacks share its default, mutually exclusive callback group.
         """
+        if self._executor.remaining_sec() > self._executor.refill_horizon_sec() + 1e-6:
+            return  # the action timeline has enough left: the next observation waits
         values = self.parameter_values()
         with self._state_lock:
             raw = Inputs(self._latest_frame, self._latest_joint_state, self._latest_eef_pose)
@@ -619,22 +677,35 @@ class PolicyNodeBase(Node):
             eef_pose=job.observation.eef_pose,
         )
         self._count("inferences")
+        request_id = self.new_request_id()
+        self._executor.request_sent(request_id)
         try:
-            action = self.action_source(observation)
+            answer = self.call_action_source(observation, request_id)
         except Exception as exc:  # a policy failure must not end the worker thread
             self.get_logger().error(
                 f"policy failed: {type(exc).__name__}: {ascii(str(exc))[1:-1]}",
                 throttle_duration_sec=LOG_THROTTLE_SEC,
             )
-            action = self._fallback_action(observation)
-        if action is None:
+            answer = self._fallback_action(observation)
+        if isinstance(answer, ActionChunk):
+            if self._take_chunk(answer, job, request_id):
+                return
+            answer = self._fallback_action(observation)
+            if answer is None:
+                return
+        else:
+            self._executor.request_failed(request_id)
+            if isinstance(answer, PolicyAction) and answer.is_hold:
+                # A failure's hold ends the plan: no step of an older chunk follows it.
+                self._executor.clear()
+        if answer is None:
             self._count("no_action")
             return
-        if self._publish(action, job):
+        if self._publish(answer, job, request_id):
             return
         fallback = self._fallback_action(observation)
-        if fallback is not None and fallback != action:
-            self._publish(fallback, job)
+        if fallback is not None and fallback != answer:
+            self._publish(fallback, job, request_id)
 
     def _fallback_action(self, observation: Observation) -> Optional[PolicyAction]:
         try:
@@ -642,14 +713,32 @@ class PolicyNodeBase(Node):
         except Exception:  # noqa: BLE001 - no fallback then
             return None
 
-    def _publish(self, action: PolicyAction, job: _Job) -> bool:
-        """Publish ``action`` for ``job``'s frame; False (logged) when it cannot be."""
+    def new_request_id(self) -> str:
+        """A fresh id for the next observation sent to the policy."""
+        return f"{self.get_name()}-{next(self._request_numbers)}"
+
+    def call_action_source(self, observation: Observation, request_id: str) -> Any:
+        """Run the action source on ``observation`` (sent as ``request_id``)."""
+        return self.action_source(observation)
+
+    def _publish(self, action: PolicyAction, job: _Job, request_id: str = "") -> bool:
+        """Publish ``action`` for ``job``'s frame at once; False (logged) when it cannot be."""
+        stamp_ns = ros_conversion.stamp_to_nanoseconds(job.frame.stamp)
+        return self._send(
+            lambda: ros_conversion.command_to_policy_output(
+                action, job.frame.stamp, stamp_ns, 0, 1, request_id
+            ),
+            job.task_generation,
+        )
+
+    def _send(self, build: Callable[[], PolicyOutput], task_generation: Optional[int]) -> bool:
         try:
-            msg = ros_conversion.action_to_policy_output(action, job.frame.stamp)
+            msg = build()
             if not self._closing:
                 self._publisher.publish(msg)
                 self._count("published")
-                self._count_task_step(job.task_generation)
+                if task_generation is not None:
+                    self._count_task_step(task_generation)
             return True
         except Exception as exc:  # noqa: BLE001 - e.g. text ROS cannot carry: this cycle fails
             self._count("publish_failed")
@@ -658,6 +747,113 @@ class PolicyNodeBase(Node):
                 throttle_duration_sec=LOG_THROTTLE_SEC,
             )
             return False
+
+    # ------------------------------------------------------------ the action timeline
+
+    def _take_chunk(self, chunk: ActionChunk, job: _Job, request_id: str) -> bool:
+        """Put an answered chunk on the timeline, publish it whole on the chunk topic and
+        its steps due now; False when the chunk was refused or could not be published."""
+        stamp_ns = ros_conversion.stamp_to_nanoseconds(job.frame.stamp)
+        acceptance = self._executor.accept(chunk, stamp_ns / 1e9, request_id)
+        if not acceptance.accepted:
+            self._count("chunks_refused")
+            self.get_logger().warning(
+                f"action chunk not used: {acceptance.verdict.value} ({acceptance.detail})",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+            return True  # nothing to publish for it, and nothing failed
+        self._count("chunks_accepted")
+        with self._chunks_lock:
+            self._chunks[request_id] = _ChunkInfo(
+                job.frame.stamp, stamp_ns, len(chunk), chunk.action_period_sec
+            )
+            while len(self._chunks) > REMEMBERED_CHUNKS:
+                self._chunks.pop(next(iter(self._chunks)))
+        try:
+            if not self._closing:
+                self._chunk_publisher.publish(
+                    ros_conversion.chunk_to_msg(chunk, job.frame.stamp, request_id)
+                )
+        except Exception as exc:  # noqa: BLE001 - unpublishable: its steps will fail too
+            self._count("publish_failed")
+            self.get_logger().error(
+                f"action chunk not publishable: {type(exc).__name__}: {ascii(str(exc))[1:-1]}",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+        published = self._publish_due()
+        if published:
+            self._count_task_step(job.task_generation)
+        return published is not False
+
+    def _publish_due(self) -> Optional[bool]:
+        """Publish the commands due now: None when none was, else whether all went out."""
+        commands = self._executor.due()
+        if not commands:
+            return None
+        return all([self._publish_command(command) for command in commands])
+
+    def _publish_command(self, command: DueCommand) -> bool:
+        with self._chunks_lock:
+            info = self._chunks.get(command.request_id)
+        if info is None:  # forgotten (cannot happen with REMEMBERED_CHUNKS > 1)
+            return False
+        if command.is_underrun_hold:
+            step, due_ns = info.length, round(command.due_sec * 1e9)
+            self._count("underrun_holds")
+            self.get_logger().warning(
+                "action timeline ran dry before the next chunk arrived: publishing a hold "
+                f"(underruns so far: {self.counters['underrun_holds']}; refill_horizon_sec "
+                f"in effect {self._executor.refill_horizon_sec():.3f})",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+        else:
+            step = command.step_index
+            due_ns = ros_conversion.step_due_nanoseconds(info.stamp_ns, step, info.period)
+        return self._send(
+            lambda: ros_conversion.command_to_policy_output(
+                command.action, info.stamp, due_ns, step, info.length, command.request_id
+            ),
+            None,
+        )
+
+    def _on_executor_tick(self) -> None:
+        """Publish due steps; when the timeline is about to run dry, send the next frame."""
+        self._publish_due()
+        if self._worker.busy:
+            return
+        remaining = self._executor.remaining_sec()
+        if 0.0 < remaining <= self._executor.refill_horizon_sec() + 1e-6:
+            self._dispatch_newest()
+
+    @property
+    def chunk_executor(self) -> ChunkExecutor:
+        return self._executor
+
+    def _publish_executor_diagnostics(self) -> None:
+        counts = self._executor.counts()
+        underruns = counts["underruns"]
+        status = DiagnosticStatus()
+        status.name = f"{self.get_fully_qualified_name()}: action executor"
+        status.hardware_id = self.get_fully_qualified_name()
+        if underruns > self._reported_underruns:
+            status.level = DiagnosticStatus.WARN
+            status.message = f"{underruns - self._reported_underruns} underrun(s): holds published"
+        else:
+            status.level = DiagnosticStatus.OK
+            status.message = "ok"
+        self._reported_underruns = underruns
+        settings = self._executor.settings
+        status.values = [KeyValue(key=name, value=str(value)) for name, value in counts.items()]
+        status.values += [
+            KeyValue(key="chunk_merge", value=settings.chunk_merge.value),
+            KeyValue(key="refill_horizon_sec", value=f"{self._executor.refill_horizon_sec():.3f}"),
+            KeyValue(key="remaining_sec", value=f"{self._executor.remaining_sec():.3f}"),
+        ]
+        msg = DiagnosticArray()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.status = [status]
+        if not self._closing:
+            self._executor_diagnostics.publish(msg)
 
     # ------------------------------------------------------------ shutdown
 

@@ -19,7 +19,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from diagnostic_msgs.msg import DiagnosticArray
 
@@ -28,7 +28,7 @@ from manipulation_policy.core.contract import (
     parse_request,
     request_action_overrides,
 )
-from manipulation_policy.core.policy_types import Observation, PolicyAction
+from manipulation_policy.core.policy_types import ActionChunk, Observation, PolicyAction
 from manipulation_policy.core.upstream_compat import ActionConversionOptions
 from manipulation_policy.nodes.node_parameters import (
     REMOTE_NODE_PARAMETERS,
@@ -84,7 +84,7 @@ def remote_settings(values: dict[str, Any]) -> RemoteSettings:
 
 
 class RemoteActionSource:
-    """Observation -> request -> server -> PolicyAction; a hold or None when that fails.
+    """Observation -> request -> server -> ActionChunk; a hold or None when that fails.
 
     Never raises: whatever goes wrong in a cycle (building the request, the
     exchange, the answer) is a failed cycle, reported, and the next frame comes.
@@ -121,13 +121,18 @@ class RemoteActionSource:
         with self._transitions_lock:
             self._transitions.append((old, new))
 
-    def __call__(self, observation: Observation) -> Optional[PolicyAction]:
+    def __call__(
+        self, observation: Observation, request_id: Optional[str] = None
+    ) -> Union[ActionChunk, PolicyAction, None]:
+        """The server's chunk for ``observation`` (sent as ``request_id`` when given)."""
         values = self._parameter_values()
         try:
             body = self._request(observation, values)
+            if request_id is not None:
+                body["request_id"] = request_id
             result = self.client.infer(body)
             failure = result.failure or ""
-            action = result.action
+            action = result.chunk
         except Exception as exc:  # noqa: BLE001 - a failed cycle, never a dead worker
             failure, action = f"{type(exc).__name__}: {printable(exc)}", None
         self._drain_transitions(failure)
@@ -233,6 +238,12 @@ class RemotePolicyNode(PolicyNodeBase):
             limits=settings.limits,
         )
         self._publish_status(self.action_source, "")
+
+    def new_request_id(self) -> str:
+        return self.action_source.client.new_request_id()
+
+    def call_action_source(self, observation: Observation, request_id: str) -> Any:
+        return self.action_source(observation, request_id=request_id)
 
     def action_on_failure(self, observation: Observation) -> Optional[PolicyAction]:
         if self.parameter_values()["remote_fallback_on_failure"]:

@@ -17,10 +17,11 @@ from geometry_msgs.msg import Twist as TwistMsg
 from sensor_msgs.msg import CompressedImage, Image, JointState
 
 from manipulation_msgs.msg import Observation as ObservationMsg
-from manipulation_msgs.msg import PolicyOutput
+from manipulation_msgs.msg import PolicyActionChunk, PolicyOutput
 from manipulation_policy.core.errors import InputError
 from manipulation_policy.core.imaging import RAW_ENCODINGS, decode_image_bytes, raw_image_to_rgb
 from manipulation_policy.core.policy_types import (
+    ActionChunk,
     EefTargetMode,
     JointStateData,
     PolicyAction,
@@ -210,3 +211,45 @@ def policy_output_to_action(msg: PolicyOutput) -> PolicyAction:
         base_velocity_hint=twist_from_msg(msg.base_velocity_hint) if msg.has_base_hint else None,
         confidence=msg.confidence,
     )
+
+
+# ---------------------------------------------------------------- action chunks
+
+
+def step_due_nanoseconds(stamp_ns: int, step_index: int, action_period_sec: float) -> int:
+    """When step ``step_index`` of a chunk is due: the observation's stamp + i * period."""
+    return int(stamp_ns) + round(step_index * action_period_sec * NANOSECONDS)
+
+
+def command_to_policy_output(
+    action: PolicyAction,
+    stamp: Time,
+    due_ns: int,
+    step_index: int,
+    chunk_length: int,
+    request_id: str,
+) -> PolicyOutput:
+    """One command of a chunk: the observation's stamp, when it is due, where it comes from."""
+    msg = action_to_policy_output(action, stamp)
+    msg.due = nanoseconds_to_stamp(due_ns)
+    msg.step_index = int(step_index)
+    msg.chunk_length = int(chunk_length)
+    msg.request_id = request_id
+    return msg
+
+
+def chunk_to_msg(chunk: ActionChunk, stamp: Time, request_id: str) -> PolicyActionChunk:
+    """A whole chunk, each action with its due time (header: the observation's)."""
+    stamp_ns = stamp_to_nanoseconds(stamp)
+    msg = PolicyActionChunk()
+    msg.header.stamp = stamp
+    msg.header.frame_id = chunk.reference_frame
+    msg.action_period_sec = float(chunk.action_period_sec)
+    msg.actions = [
+        command_to_policy_output(
+            action, stamp, step_due_nanoseconds(stamp_ns, i, chunk.action_period_sec), i,
+            len(chunk), request_id,
+        )
+        for i, action in enumerate(chunk.actions)
+    ]
+    return msg
