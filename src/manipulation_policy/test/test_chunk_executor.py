@@ -162,6 +162,22 @@ def test_replace_the_new_chunk_wins_at_once():
     assert s.executor.counts()["superseded"] == 4
 
 
+@pytest.mark.parametrize("merge", list(ChunkMerge))
+def test_a_new_chunk_takes_over_from_its_first_step_not_yet_due_while_a_command_serves(merge):
+    s = Setup(chunk_merge=merge, crossfade_steps=1)
+    s.answer(chunk_of(*[0.0] * 10), stamp=0.0)
+    assert [s.xs_at(t) for t in (0.0, 0.1, 0.2)] == [[0], [0], [0]]
+    # Stamped 0.12, it comes at 0.25: its steps due 0.12 and 0.22 are late, but the
+    # old step published at 0.2 serves until 0.3, so no extra command now.
+    s.clock.at(0.25)
+    s.answer(chunk_of(10, 11, 12, 13), stamp=0.12)
+    assert s.due_at(0.25) == []
+    (command,) = s.due_at(0.32)
+    assert command.step_index == 2 and command.due_sec == pytest.approx(T0 + 0.32)
+    assert s.executor.counts()["skipped_late"] == 2
+    assert s.executor.counts()["published"] == 4  # one per period: 0.0, 0.1, 0.2, 0.32
+
+
 def test_temporal_ensemble_weighs_every_covering_chunk_as_act_does():
     m = 0.5
     s = Setup(chunk_merge="temporal_ensemble", ensemble_weight=m)

@@ -9,7 +9,10 @@ to send the next observation.
   The newest accepted chunk owns the timeline; older ones only lend values to
   its steps (``ExecutorSettings.chunk_merge``).
 - Late steps: of the steps that became due since the last call, only the latest
-  is published (at once: latency compensation); the others are skipped.
+  is published (at once: latency compensation); the others are skipped. A new
+  chunk whose first due steps fall in a period that a command of the previous
+  timeline still serves takes over from its first step not yet due instead: no
+  second command for a period already served.
 - A chunk of one (single-step models, upstream's answers) is published on arrival,
   exactly as before chunks existed, is never blended, and opens no timeline: no
   underrun follows it and a refill is always in order once it is out.
@@ -91,6 +94,8 @@ class _Scheduled:
     first_published: Optional[int] = None
     last_published_sec: float = 0.0
     previous: Optional[_Scheduled] = None  # crossfade: the timeline it fades from
+    # Until when a command of the timeline this chunk replaced serves the robot.
+    served_until_sec: float = -math.inf
 
     @property
     def period(self) -> float:
@@ -110,6 +115,12 @@ class _Scheduled:
 
     def due_sec(self, step: int) -> float:
         return self.stamp_sec + step * self.period
+
+    def served_until(self) -> float:
+        """The end of the period of this chunk's last published step."""
+        if not self.multi_step or self.next_step == 0:
+            return -math.inf
+        return self.due_sec(self.next_step - 1) + self.period
 
     def step_at(self, t: float) -> Optional[int]:
         """The step in effect at ``t`` (each lasts one period from its due time)."""
@@ -221,6 +232,7 @@ class ChunkExecutor:
         old = self._newest
         if old is not None:
             self._counts["superseded"] += len(old.chunk) - old.next_step
+            new.served_until_sec = old.served_until()
         merge = self._settings.chunk_merge
         frame = new.chunk.reference_frame
         blends = new.multi_step and merge is not ChunkMerge.REPLACE
@@ -246,7 +258,10 @@ class ChunkExecutor:
                 return commands
             if not newest.all_out:
                 step = self._latest_due_step(newest, now)
-                if step is not None:
+                if step is not None and self._served_by_previous(newest, step, now):
+                    self._counts["skipped_late"] += step + 1 - newest.next_step
+                    newest.next_step = step + 1
+                elif step is not None:
                     self._counts["skipped_late"] += step - newest.next_step
                     commands.append(self._publish(newest, step, now))
             elif (
@@ -267,6 +282,18 @@ class ChunkExecutor:
                 )
             self._prune()
             return commands
+
+    @staticmethod
+    def _served_by_previous(scheduled: _Scheduled, step: int, now: float) -> bool:
+        """A new chunk's due steps are late, but the command the previous timeline last
+        published still serves ``now``: the new chunk starts at its next step (if it
+        has one; else its last step is better than nothing new)."""
+        return (
+            scheduled.first_published is None
+            and scheduled.multi_step
+            and step + 1 < len(scheduled.chunk)
+            and now + DUE_TOLERANCE_SEC < scheduled.served_until_sec
+        )
 
     @staticmethod
     def _latest_due_step(scheduled: _Scheduled, now: float) -> Optional[int]:
