@@ -489,3 +489,28 @@ def test_every_step_is_published_at_most_once_never_early_and_newer_never_before
     assert not any(a and b for a, b in zip(holds, holds[1:], strict=False))
     counts = s.executor.counts()
     assert (counts["published"], counts["underruns"]) == (len(steps), sum(holds))
+
+
+# ------------------------------------------------------------ real-time chunking
+
+
+def test_pending_is_the_unpublished_rest_of_the_plan_and_the_measured_delay():
+    s = Setup()
+    assert s.executor.pending("base_link", 0) == ((), None)  # no plan, nothing measured
+    request_id = s.send()
+    s.clock.at(0.15)
+    s.executor.accept(chunk_of(0, 1, 2, 3, 4), T0 + 0.1, request_id)
+    s.due_at(0.2)  # publishes step 1 (due 0.2); step 0 was late
+    actions, delay = s.executor.pending("base_link", 0)
+    assert [a.eef_target.position.x for a in actions] == [2, 3, 4]
+    assert delay == pytest.approx(0.15)
+    s.due_at(0.5)
+    assert s.executor.pending("base_link", 0)[0] == ()  # all out
+
+
+def test_pending_is_empty_when_the_plan_does_not_fit_the_request():
+    s = Setup()
+    s.answer(chunk_of(0, 1, 2, joint_deltas=(0.1, 0.2)), stamp=0.0)
+    assert len(s.executor.pending("base_link", 2)[0]) == 3
+    assert s.executor.pending("base_link", 3)[0] == ()  # a joint was added since
+    assert s.executor.pending("odom", 2)[0] == ()  # another frame

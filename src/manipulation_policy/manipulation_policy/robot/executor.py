@@ -389,6 +389,31 @@ class ChunkExecutor:
                 return False
             return self._remaining(self._clock()) <= self._refill_horizon() + DUE_TOLERANCE_SEC
 
+    # ------------------------------------------------------------ real-time chunking
+
+    def pending(
+        self, reference_frame: str, joint_count: int
+    ) -> tuple[tuple[PolicyAction, ...], Optional[float]]:
+        """What the next observation can tell a policy that conditions on the robot's
+        plan (``Observation.pending_actions`` / ``pending_delay_sec``): the newest
+        chunk's steps not yet published, oldest first, and the expected delay before
+        the next answer takes over (the slowest recent round trip; None before one
+        was measured). No actions when there is no multi-step plan, or when the plan
+        does not fit the request (another frame, another number of joints): a
+        policy is better off without context than with a wrong one."""
+        with self._lock:
+            newest = self._newest
+            delay = max(self._latencies) if self._latencies else None
+            if newest is None or not newest.multi_step or newest.all_out:
+                return (), delay
+            actions = newest.chunk.actions[newest.next_step:]
+        fits = all(
+            a.reference_frame == reference_frame
+            and (a.joint_deltas is None or len(a.joint_deltas) == joint_count)
+            for a in actions
+        )
+        return (actions if fits else ()), delay
+
     # ------------------------------------------------------------ the rest
 
     def clear(self) -> None:
