@@ -20,7 +20,7 @@ from typing import Any, Union
 import yaml
 
 from manipulation_policy.backends import is_plugin, options_with
-from manipulation_policy.nodes.node_parameters import (
+from manipulation_policy.robot.node_parameters import (
     COMMON_PARAMETERS,
     REMOTE_NODE_PARAMETERS,
     ParameterSpec,
@@ -54,7 +54,7 @@ class ParamsFileError(ValueError):
 
 # --------------------------------------------------------------- parameters
 # Names, types (those of the defaults) and checks are the nodes' own, from
-# manipulation_policy.nodes.node_parameters: what the launch file accepts is exactly
+# manipulation_policy.robot.node_parameters: what the launch file accepts is exactly
 # what the node accepts.
 
 # Parameters every ROS 2 node has, which a params file may set too.

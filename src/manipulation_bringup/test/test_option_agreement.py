@@ -20,7 +20,7 @@ from manipulation_policy.backends import openvla_options, registered_options
 from manipulation_policy.backends.openvla_options import OPTIONS, OPTIONS_BY_NAME
 from manipulation_policy.core import api_key, contract, options
 from manipulation_policy.core.options import Bounds, Option
-from manipulation_policy.nodes.node_parameters import (
+from manipulation_policy.robot.node_parameters import (
     COMMON_PARAMETERS,
     POLICY_NODE_PARAMETERS,
     parameter_backend_arguments,

@@ -20,7 +20,7 @@ import pytest
 
 from manipulation_policy import backends, policy_server
 from manipulation_policy.core.options import NumberRange
-from manipulation_policy.nodes import node_parameters
+from manipulation_policy.robot import node_parameters
 
 PACKAGE = Path(__file__).resolve().parents[1] / "manipulation_policy"
 
@@ -141,7 +141,7 @@ def test_the_robots_client_loads_no_models_module():
     code = (
         "import sys\n"
         "import manipulation_policy.nodes.remote_policy_node\n"
-        "import manipulation_policy.nodes.node_parameters\n"
+        "import manipulation_policy.robot.node_parameters\n"
         "print(sorted(m for m in sys.modules if m.startswith('manipulation_policy.backends.')))\n"
     )
     pytest.importorskip("rclpy")

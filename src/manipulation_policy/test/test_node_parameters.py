@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from manipulation_policy.nodes.node_parameters import (
+from manipulation_policy.robot.node_parameters import (
     COMMON_PARAMETERS,
     POLICY_NODE_PARAMETERS,
     REMOTE_NODE_PARAMETERS,

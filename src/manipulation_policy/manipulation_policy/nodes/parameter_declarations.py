@@ -22,7 +22,7 @@ from typing import Any, Optional
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.parameter import Parameter
 
-from manipulation_policy.nodes.node_parameters import ParameterSpec
+from manipulation_policy.robot.node_parameters import ParameterSpec
 
 _TYPES = {
     bool: Parameter.Type.BOOL,

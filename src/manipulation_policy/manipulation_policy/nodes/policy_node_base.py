@@ -60,7 +60,13 @@ from manipulation_policy.core.policy_types import (
     PolicyAction,
 )
 from manipulation_policy.nodes import ros_conversion
-from manipulation_policy.nodes.node_parameters import (
+from manipulation_policy.nodes.parameter_declarations import (
+    as_declared_type,
+    descriptor_for,
+    refusal_reason,
+)
+from manipulation_policy.robot.executor import ChunkExecutor, DueCommand
+from manipulation_policy.robot.node_parameters import (
     COMMON_PARAMETERS,
     EXECUTOR_PARAMETERS,
     UPSTREAM_PARAMETER_NAMES,
@@ -70,19 +76,14 @@ from manipulation_policy.nodes.node_parameters import (
     resolve_upstream_parameters,
     specs_by_name,
 )
-from manipulation_policy.nodes.observation_inputs import (
+from manipulation_policy.robot.observation_inputs import (
     AggregatedObservation,
     Inputs,
     ObservationSettings,
     Source,
     select_inputs,
 )
-from manipulation_policy.nodes.parameter_declarations import (
-    as_declared_type,
-    descriptor_for,
-    refusal_reason,
-)
-from manipulation_policy.nodes.scheduling import (
+from manipulation_policy.robot.scheduling import (
     EefUse,
     FrameInfo,
     FrameScheduler,
@@ -91,7 +92,6 @@ from manipulation_policy.nodes.scheduling import (
     Verdict,
     task_active_at_start,
 )
-from manipulation_policy.robot.executor import ChunkExecutor, DueCommand
 
 # An ActionChunk goes onto the executor's timeline; a PolicyAction (a failure's hold) is
 # published at once; None publishes nothing.

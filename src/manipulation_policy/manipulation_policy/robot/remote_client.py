@@ -54,14 +54,14 @@ from manipulation_policy.core.errors import InputError
 from manipulation_policy.core.json_body import parse_json_body
 from manipulation_policy.core.policy_types import ActionChunk, PolicyAction
 from manipulation_policy.core.upstream_compat import ActionConversionOptions, canonical_answer
-from manipulation_policy.nodes.http_exchange import (
+from manipulation_policy.robot.http_exchange import (
     AnswerRefused,
     DeadlineExceeded,
     ExchangeError,
     HttpAnswer,
     HttpPoster,
 )
-from manipulation_policy.nodes.response_validation import (
+from manipulation_policy.robot.response_validation import (
     Expectation,
     ForeignAnswer,
     ResponseLimits,

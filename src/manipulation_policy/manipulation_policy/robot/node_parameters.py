@@ -24,8 +24,6 @@ from manipulation_policy.core.api_key import API_KEY_ENV, ApiKeyUnusable, read_a
 from manipulation_policy.core.contract import MAX_IMAGE_SIDE, MAX_INSTRUCTION_CHARS
 from manipulation_policy.core.options import NumberRange, Option, scale, text_up_to
 from manipulation_policy.core.policy_types import MAX_CHUNK_LENGTH
-from manipulation_policy.nodes.remote_client import DEFAULT_MAX_RESPONSE_BYTES
-from manipulation_policy.nodes.response_validation import frame_id_problem
 from manipulation_policy.robot.executor_settings import (
     DEFAULT_CROSSFADE_STEPS,
     DEFAULT_ENSEMBLE_WEIGHT,
@@ -33,6 +31,8 @@ from manipulation_policy.robot.executor_settings import (
     ExecutorSettings,
     setting_problem,
 )
+from manipulation_policy.robot.remote_client import DEFAULT_MAX_RESPONSE_BYTES
+from manipulation_policy.robot.response_validation import frame_id_problem
 
 Check = Callable[[Any], Optional[str]]
 
