@@ -30,7 +30,7 @@ from manipulation_policy.core.contract import (
 )
 from manipulation_policy.core.policy_types import ActionChunk, Observation, PolicyAction
 from manipulation_policy.core.upstream_compat import ActionConversionOptions
-from manipulation_policy.nodes.policy_node_base import LOG_THROTTLE_SEC, PolicyNodeBase, run_node
+from manipulation_policy.nodes.policy_node_base import PolicyNodeBase, run_node
 from manipulation_policy.nodes.remote_diagnostics import (
     DIAGNOSTICS_TOPIC,
     ServerLinkState,
@@ -41,6 +41,7 @@ from manipulation_policy.robot.node_parameters import (
     UPSTREAM_ACTION_PARAMETERS,
     upstream_action_fields,
 )
+from manipulation_policy.robot.node_shared import LOG_THROTTLE_SEC
 from manipulation_policy.robot.remote_client import (
     BreakerState,
     RemoteClient,
