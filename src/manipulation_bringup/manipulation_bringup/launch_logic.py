@@ -120,9 +120,9 @@ _PARSERS: dict[type, Callable[[str, str], Any]] = {
 def parse_argument(spec: ParameterSpec, text: str) -> Any:
     """The typed, checked value of a launch-argument string for parameter ``spec``."""
     value = _PARSERS[type(spec.default)](spec.name, text)
-    reason = spec.reason_to_refuse(value)
-    if reason is not None:
-        raise LaunchArgumentError(spec.name, text, reason)
+    problem = spec.problem(value)
+    if problem is not None:
+        raise LaunchArgumentError(spec.name, text, problem)
     return value
 
 
@@ -296,11 +296,11 @@ def _flatten(parameters: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _file_value(path: Union[str, Path], spec: ParameterSpec, value: Any) -> Any:
-    reason = spec.reason_to_refuse(value)
-    if reason is None and isinstance(spec.default, float) and not math.isfinite(value):
-        reason = f"must be a finite number, got {value!r}"
-    if reason is not None:
-        raise ParamsFileError(path, f"{spec.name} {reason}")
+    problem = spec.problem(value)
+    if problem is None and isinstance(spec.default, float) and not math.isfinite(value):
+        problem = f"must be a finite number, got {value!r}"
+    if problem is not None:
+        raise ParamsFileError(path, f"{spec.name} {problem}")
     return spec.normalized(value)
 
 

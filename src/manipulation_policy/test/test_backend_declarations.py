@@ -76,7 +76,7 @@ def test_a_plugins_option_is_a_node_parameter(plugin):
     spec = specs["grip_force"]
     assert spec.default == 5.0 and spec.live is False
     assert spec.number_range == NumberRange(0.0, 40.0, low_open=True)
-    assert spec.reason_to_refuse(41.0) is not None and spec.reason_to_refuse(7) is None
+    assert spec.problem(41.0) is not None and spec.problem(7) is None
     assert "grip_force" not in node_parameters.specs_by_name(node_parameters.POLICY_NODE_PARAMETERS)
     values = {name: s.default for name, s in specs.items()}
     assert node_parameters.parameter_backend_arguments(

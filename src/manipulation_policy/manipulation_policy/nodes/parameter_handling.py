@@ -22,14 +22,14 @@ from rclpy.parameter import Parameter
 from manipulation_policy.nodes.parameter_declarations import (
     as_declared_type,
     descriptor_for,
-    refusal_reason,
+    parameter_problem,
 )
 from manipulation_policy.robot.node_parameters import (
     COMMON_PARAMETERS,
     UPSTREAM_PARAMETER_NAMES,
     ParameterSpec,
     UpstreamParameters,
-    reason_to_refuse,
+    changes_problem,
     resolve_upstream_parameters,
     specs_by_name,
 )
@@ -114,9 +114,9 @@ class NodeParameters:
             if given is None:
                 continue
             given = as_declared_type(spec, given)
-            reason = refusal_reason(spec, given.value, started=False)
-            if reason is not None:
-                raise InvalidParameterValueException(name, given.value, reason)
+            problem = parameter_problem(spec, given.value, started=False)
+            if problem is not None:
+                raise InvalidParameterValueException(name, given.value, problem)
             overrides[name] = given
 
     def set_parameters(self, parameter_list: list[Parameter]) -> list[SetParametersResult]:
@@ -130,10 +130,10 @@ class NodeParameters:
         specs, started = getattr(self, "_specs", {}), getattr(self, "_ready", False)
         parameters = [as_declared_type(specs.get(p.name), p) for p in parameter_list]
         for parameter in parameters:
-            reason = refusal_reason(specs.get(parameter.name), parameter.value, started)
-            if reason is not None:
-                self.get_logger().warning(f"refused parameter change: {reason}")
-                return SetParametersResult(successful=False, reason=reason)
+            problem = parameter_problem(specs.get(parameter.name), parameter.value, started)
+            if problem is not None:
+                self.get_logger().warning(f"refused parameter change: {problem}")
+                return SetParametersResult(successful=False, reason=problem)
         return super().set_parameters_atomically(parameters)
 
     def parameter_values(self) -> dict[str, Any]:
@@ -143,12 +143,12 @@ class NodeParameters:
 
     def _on_set_parameters(self, parameters) -> SetParametersResult:
         changes = {p.name: p.value for p in parameters if p.name in self._specs}
-        reason = reason_to_refuse(self._specs, changes)
+        problem = changes_problem(self._specs, changes)
         changes = {name: self._specs[name].normalized(value) for name, value in changes.items()}
-        if reason is not None:
+        if problem is not None:
             if self._ready:
-                self.get_logger().warning(f"refused parameter change: {reason}")
-            return SetParametersResult(successful=False, reason=reason)
+                self.get_logger().warning(f"refused parameter change: {problem}")
+            return SetParametersResult(successful=False, reason=problem)
         if self._ready and changes:
             self._apply(changes)
         return SetParametersResult(successful=True)
