@@ -20,7 +20,7 @@ from typing import Any, Union
 import yaml
 
 from manipulation_policy.backends import is_plugin, options_with
-from manipulation_policy.nodes.node_parameters import (
+from manipulation_policy.robot.node_parameters import (
     COMMON_PARAMETERS,
     REMOTE_NODE_PARAMETERS,
     ParameterSpec,
@@ -54,7 +54,7 @@ class ParamsFileError(ValueError):
 
 # --------------------------------------------------------------- parameters
 # Names, types (those of the defaults) and checks are the nodes' own, from
-# manipulation_policy.nodes.node_parameters: what the launch file accepts is exactly
+# manipulation_policy.robot.node_parameters: what the launch file accepts is exactly
 # what the node accepts.
 
 # Parameters every ROS 2 node has, which a params file may set too.
@@ -120,9 +120,9 @@ _PARSERS: dict[type, Callable[[str, str], Any]] = {
 def parse_argument(spec: ParameterSpec, text: str) -> Any:
     """The typed, checked value of a launch-argument string for parameter ``spec``."""
     value = _PARSERS[type(spec.default)](spec.name, text)
-    reason = spec.reason_to_refuse(value)
-    if reason is not None:
-        raise LaunchArgumentError(spec.name, text, reason)
+    problem = spec.problem(value)
+    if problem is not None:
+        raise LaunchArgumentError(spec.name, text, problem)
     return value
 
 
@@ -296,11 +296,11 @@ def _flatten(parameters: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _file_value(path: Union[str, Path], spec: ParameterSpec, value: Any) -> Any:
-    reason = spec.reason_to_refuse(value)
-    if reason is None and isinstance(spec.default, float) and not math.isfinite(value):
-        reason = f"must be a finite number, got {value!r}"
-    if reason is not None:
-        raise ParamsFileError(path, f"{spec.name} {reason}")
+    problem = spec.problem(value)
+    if problem is None and isinstance(spec.default, float) and not math.isfinite(value):
+        problem = f"must be a finite number, got {value!r}"
+    if problem is not None:
+        raise ParamsFileError(path, f"{spec.name} {problem}")
     return spec.normalized(value)
 
 

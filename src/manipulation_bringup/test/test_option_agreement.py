@@ -20,7 +20,7 @@ from manipulation_policy.backends import openvla_options, registered_options
 from manipulation_policy.backends.openvla_options import OPTIONS, OPTIONS_BY_NAME
 from manipulation_policy.core import api_key, contract, options
 from manipulation_policy.core.options import Bounds, Option
-from manipulation_policy.nodes.node_parameters import (
+from manipulation_policy.robot.node_parameters import (
     COMMON_PARAMETERS,
     POLICY_NODE_PARAMETERS,
     parameter_backend_arguments,
@@ -103,7 +103,7 @@ def test_one_default_everywhere(option):
     spec = NODE_SPECS[option.name]
     assert spec.default == option.parameter_default
     assert spec.description == option.help and spec.live is option.live is False
-    assert spec.reason_to_refuse(spec.default) is None
+    assert spec.problem(spec.default) is None
     # A number option's range is the node's: `ros2 param describe` shows it.
     if option.kind is float:
         assert isinstance(option.check, options.NumberRange)
@@ -165,7 +165,7 @@ def test_a_good_value_means_the_same_everywhere(option):
         assert policy_server.backend_arguments(args, {env_name: text}) == {option.name: typed}
     # Node parameter, then what the node hands the backend.
     value = _parameter_form(option, text)
-    assert NODE_SPECS[option.name].reason_to_refuse(value) is None
+    assert NODE_SPECS[option.name].problem(value) is None
     defaults = {n: s.default for n, s in NODE_SPECS.items()}
     assert parameter_backend_arguments({**defaults, option.name: value})[option.name] == typed
     # Launch argument.
@@ -185,7 +185,7 @@ def test_a_good_value_means_the_same_everywhere(option):
     ids=lambda v: v.name if isinstance(v, Option) else repr(v)[:12],
 )
 def test_a_bad_value_is_refused_everywhere_in_the_same_words(option, text, capsys):
-    reason = option.refusal(text if option.kind is not float else _parameter_form(option, text))
+    reason = option.problem(text if option.kind is not float else _parameter_form(option, text))
     assert reason is not None
     # Server flag: the real argparse parser, one line naming the flag, before any loading.
     with pytest.raises(SystemExit) as exited:
@@ -200,7 +200,7 @@ def test_a_bad_value_is_refused_everywhere_in_the_same_words(option, text, capsy
                 policy_server.backend_arguments(_server_parse([]), {env_name: text})
     # Node parameter (`ros2 param set` and the params file).
     value = _parameter_form(option, text)
-    refused = NODE_SPECS[option.name].reason_to_refuse(value)
+    refused = NODE_SPECS[option.name].problem(value)
     assert refused is not None
     if isinstance(value, type(NODE_SPECS[option.name].default)):
         assert refused == reason  # the same words as the definition's check
@@ -250,7 +250,7 @@ def test_unset_is_one_rule():
 
 def test_zero_step_cap_is_no_cap_and_zero_scale_is_refused():
     assert OPTIONS_BY_NAME["max_position_step"].resolve(0.0) == 0.0
-    assert OPTIONS_BY_NAME["position_scale"].refusal(0.0) is not None
+    assert OPTIONS_BY_NAME["position_scale"].problem(0.0) is not None
     # The per-request gain has the same range as the server's own scale.
     assert OPTIONS_BY_NAME["position_scale"].check == options.NumberRange(
         0.0, contract.MAX_REQUEST_SCALE, low_open=True)
@@ -267,8 +267,8 @@ def test_bounds_are_written_lower_comma_upper_everywhere():
 def test_the_instruction_limit_and_the_api_key_variable_are_defined_once():
     instruction = specs_by_name(COMMON_PARAMETERS)["instruction"]
     limit = contract.MAX_INSTRUCTION_CHARS
-    assert instruction.reason_to_refuse("x" * limit) is None
-    assert f"at most {limit}" in instruction.reason_to_refuse("x" * (limit + 1))
+    assert instruction.problem("x" * limit) is None
+    assert f"at most {limit}" in instruction.problem("x" * (limit + 1))
     with pytest.raises(ValueError):
         contract.parse_request({"instruction": "x" * (limit + 1)})
     # Server and robot read the key through one reader: the same variable, the same rules.

@@ -20,7 +20,7 @@ import pytest
 
 from manipulation_policy import backends, policy_server
 from manipulation_policy.core.options import NumberRange
-from manipulation_policy.nodes import node_parameters
+from manipulation_policy.robot import node_parameters
 
 PACKAGE = Path(__file__).resolve().parents[1] / "manipulation_policy"
 
@@ -76,7 +76,7 @@ def test_a_plugins_option_is_a_node_parameter(plugin):
     spec = specs["grip_force"]
     assert spec.default == 5.0 and spec.live is False
     assert spec.number_range == NumberRange(0.0, 40.0, low_open=True)
-    assert spec.reason_to_refuse(41.0) is not None and spec.reason_to_refuse(7) is None
+    assert spec.problem(41.0) is not None and spec.problem(7) is None
     assert "grip_force" not in node_parameters.specs_by_name(node_parameters.POLICY_NODE_PARAMETERS)
     values = {name: s.default for name, s in specs.items()}
     assert node_parameters.parameter_backend_arguments(
@@ -141,7 +141,7 @@ def test_the_robots_client_loads_no_models_module():
     code = (
         "import sys\n"
         "import manipulation_policy.nodes.remote_policy_node\n"
-        "import manipulation_policy.nodes.node_parameters\n"
+        "import manipulation_policy.robot.node_parameters\n"
         "print(sorted(m for m in sys.modules if m.startswith('manipulation_policy.backends.')))\n"
     )
     pytest.importorskip("rclpy")

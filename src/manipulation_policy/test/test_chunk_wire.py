@@ -45,8 +45,8 @@ from manipulation_policy.core.policy_types import (
     Vector3,
 )
 from manipulation_policy.core.pose_math import apply_delta
-from manipulation_policy.nodes.remote_client import decode_answer
-from manipulation_policy.nodes.response_validation import (
+from manipulation_policy.robot.remote_client import decode_answer
+from manipulation_policy.robot.response_validation import (
     Expectation,
     ForeignAnswer,
     ResponseLimits,

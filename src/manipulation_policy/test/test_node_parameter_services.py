@@ -18,13 +18,13 @@ from rclpy.exceptions import ParameterException
 from rclpy.parameter import Parameter, parameter_value_to_python
 
 from manipulation_policy.backends.stub import StubBackend
-from manipulation_policy.nodes.node_parameters import (
+from manipulation_policy.nodes.policy_node import PolicyNode
+from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
+from manipulation_policy.robot.node_parameters import (
     COMMON_PARAMETERS,
     POLICY_NODE_PARAMETERS,
     REMOTE_NODE_PARAMETERS,
 )
-from manipulation_policy.nodes.policy_node import PolicyNode
-from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
 
 UNUSED_URL = "http://127.0.0.1:9"  # never asked: no camera frames in these tests
 

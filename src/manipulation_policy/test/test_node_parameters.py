@@ -6,12 +6,12 @@ import math
 
 import pytest
 
-from manipulation_policy.nodes.node_parameters import (
+from manipulation_policy.robot.node_parameters import (
     COMMON_PARAMETERS,
     POLICY_NODE_PARAMETERS,
     REMOTE_NODE_PARAMETERS,
+    changes_problem,
     parameter_backend_arguments,
-    reason_to_refuse,
     specs_by_name,
 )
 
@@ -20,7 +20,7 @@ SPECS = specs_by_name(COMMON_PARAMETERS, POLICY_NODE_PARAMETERS, REMOTE_NODE_PAR
 
 def test_every_default_is_accepted_and_described():
     for spec in SPECS.values():
-        assert spec.reason_to_refuse(spec.default) is None, spec.name
+        assert spec.problem(spec.default) is None, spec.name
         assert spec.description, spec.name
 
 
@@ -82,7 +82,7 @@ def test_the_shared_names_and_defaults():
     ],
 )
 def test_bad_values_are_refused_with_a_reason_naming_the_parameter(name, value, words):
-    reason = reason_to_refuse(SPECS, {name: value})
+    reason = changes_problem(SPECS, {name: value})
     assert reason is not None and reason.startswith(name), reason
     assert words in reason, reason
 
@@ -106,11 +106,11 @@ def test_bad_values_are_refused_with_a_reason_naming_the_parameter(name, value, 
     ],
 )
 def test_good_values_are_accepted(name, value):
-    assert reason_to_refuse(SPECS, {name: value}) is None
+    assert changes_problem(SPECS, {name: value}) is None
 
 
 def test_parameters_that_are_not_ours_are_not_judged():
-    assert reason_to_refuse(SPECS, {"use_sim_time": True}) is None
+    assert changes_problem(SPECS, {"use_sim_time": True}) is None
 
 
 def test_backend_options_turn_empty_and_none_into_unset():
@@ -135,7 +135,7 @@ def test_backend_options_turn_empty_and_none_into_unset():
 
 
 def test_an_int_for_a_float_parameter_becomes_a_float():
-    assert reason_to_refuse(SPECS, {"inference_rate": 10}) is None
+    assert changes_problem(SPECS, {"inference_rate": 10}) is None
     normalized = SPECS["inference_rate"].normalized(10)
     assert normalized == 10.0 and isinstance(normalized, float)
     assert SPECS["remote_retry_attempts"].normalized(3) == 3
@@ -154,13 +154,13 @@ def test_every_numeric_parameter_has_bounds_that_its_check_and_descriptor_share(
         kind = type(spec.default)
         step = 1 if bounds.integer else 1e-6
         if bounds.low_open:
-            assert spec.reason_to_refuse(kind(bounds.low)) is not None, spec.name
+            assert spec.problem(kind(bounds.low)) is not None, spec.name
         else:
-            assert spec.reason_to_refuse(kind(bounds.low)) is None, spec.name
-            assert spec.reason_to_refuse(kind(bounds.low - step)) is not None, spec.name
+            assert spec.problem(kind(bounds.low)) is None, spec.name
+            assert spec.problem(kind(bounds.low - step)) is not None, spec.name
         if math.isfinite(bounds.high):
-            assert spec.reason_to_refuse(kind(bounds.high)) is None, spec.name
-            assert spec.reason_to_refuse(kind(bounds.high) * (1 + step) + step) is not None
+            assert spec.problem(kind(bounds.high)) is None, spec.name
+            assert spec.problem(kind(bounds.high) * (1 + step) + step) is not None
 
 
 def test_number_ranges_describe_themselves():
@@ -168,7 +168,7 @@ def test_number_ranges_describe_themselves():
     assert SPECS["position_scale"].number_range.describe() == "> 0, <= 100"  # as per request
     assert SPECS["max_position_step"].number_range.describe() == ">= 0, <= 1000"  # 0: no cap
     assert SPECS["jpeg_quality"].number_range.describe() == "1 to 100"
-    assert SPECS["position_scale"].reason_to_refuse(float("inf")) is not None
+    assert SPECS["position_scale"].problem(float("inf")) is not None
 
 
 def test_an_int_for_a_float_parameter_is_offered_as_a_double():

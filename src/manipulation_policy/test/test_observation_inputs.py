@@ -10,7 +10,7 @@ import math
 import pytest
 
 from manipulation_policy.core.policy_types import JointStateData, Pose, Quaternion, Vector3
-from manipulation_policy.nodes.observation_inputs import (
+from manipulation_policy.robot.observation_inputs import (
     AggregatedObservation,
     Inputs,
     ObservationSettings,
@@ -20,7 +20,7 @@ from manipulation_policy.nodes.observation_inputs import (
     observation_age_ns,
     select_inputs,
 )
-from manipulation_policy.nodes.scheduling import (
+from manipulation_policy.robot.scheduling import (
     EefUse,
     FrameInfo,
     FrameScheduler,

@@ -29,7 +29,7 @@ from manipulation_policy.core.policy_types import (
     Vector3,
 )
 from manipulation_policy.core.pose_math import compose_chunk_with_current_pose
-from manipulation_policy.nodes.remote_client import RemoteClient, RemoteSettings
+from manipulation_policy.robot.remote_client import RemoteClient, RemoteSettings
 from manipulation_policy.server.process import ServerProcess
 
 TEST_DIR = str(Path(__file__).resolve().parent)

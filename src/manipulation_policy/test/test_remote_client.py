@@ -12,7 +12,7 @@ from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.core.contract import observation_to_request
 from manipulation_policy.core.imaging import decode_base64_image
 from manipulation_policy.core.policy_types import JointStateData, Observation
-from manipulation_policy.nodes.remote_client import (
+from manipulation_policy.robot.remote_client import (
     BreakerState,
     CircuitBreaker,
     RemoteClient,

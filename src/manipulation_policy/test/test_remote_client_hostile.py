@@ -22,7 +22,7 @@ from hostile_servers import (
 )
 from remote_harness import wait_until
 
-from manipulation_policy.nodes.remote_client import (
+from manipulation_policy.robot.remote_client import (
     BreakerState,
     CircuitBreaker,
     RemoteClient,

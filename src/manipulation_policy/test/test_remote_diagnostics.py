@@ -3,8 +3,8 @@
 import pytest
 from diagnostic_msgs.msg import DiagnosticStatus
 
-from manipulation_policy.nodes.remote_client import BreakerState
 from manipulation_policy.nodes.remote_diagnostics import ServerLinkState, server_link_status
+from manipulation_policy.robot.remote_client import BreakerState
 
 
 @pytest.mark.parametrize(

@@ -31,9 +31,9 @@ from rcl_interfaces.msg import Log
 from manipulation_msgs.msg import PolicyOutput
 from manipulation_policy.core.policy_types import PolicyAction
 from manipulation_policy.nodes.policy_node_base import PolicyNodeBase
-from manipulation_policy.nodes.remote_client import CircuitBreaker
 from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
 from manipulation_policy.nodes.ros_conversion import policy_output_to_action, stamp_to_nanoseconds
+from manipulation_policy.robot.remote_client import CircuitBreaker
 
 MIB = 1024 * 1024
 # Time from an image's stamp to the decision's arrival besides the client's own bound:

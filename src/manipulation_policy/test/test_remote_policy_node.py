@@ -23,9 +23,9 @@ from node_harness import (
 from rclpy.parameter import Parameter
 
 from manipulation_policy.core.policy_types import ActionChunk, Observation
-from manipulation_policy.nodes.remote_client import RemoteClient, RemoteSettings
 from manipulation_policy.nodes.remote_policy_node import RemoteActionSource, RemotePolicyNode
 from manipulation_policy.nodes.ros_conversion import policy_output_to_action, stamp_to_nanoseconds
+from manipulation_policy.robot.remote_client import RemoteClient, RemoteSettings
 from manipulation_policy.server.process import ServerProcess, free_port
 
 STUB_CONFIDENCE = 0.5

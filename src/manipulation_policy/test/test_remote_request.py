@@ -15,8 +15,8 @@ import pytest
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.core.imaging import decode_base64_image
 from manipulation_policy.core.policy_types import JointStateData, Observation
-from manipulation_policy.nodes.remote_client import RemoteClient, RemoteSettings
-from manipulation_policy.nodes.remote_request import remote_request_body
+from manipulation_policy.robot.remote_client import RemoteClient, RemoteSettings
+from manipulation_policy.robot.remote_request import remote_request_body
 from manipulation_policy.server.process import ServerProcess
 
 WIDTH, HEIGHT = 224, 224

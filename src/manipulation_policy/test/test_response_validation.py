@@ -9,8 +9,8 @@ from hostile_servers import good_answer
 
 from manipulation_policy.core.errors import InputError
 from manipulation_policy.core.policy_types import EefTargetMode
-from manipulation_policy.nodes.remote_client import decode_answer
-from manipulation_policy.nodes.response_validation import (
+from manipulation_policy.robot.remote_client import decode_answer
+from manipulation_policy.robot.response_validation import (
     Expectation,
     ResponseLimits,
     frame_id_problem,

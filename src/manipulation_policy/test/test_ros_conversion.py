@@ -39,7 +39,7 @@ from manipulation_policy.nodes.ros_conversion import (
     stamp_to_nanoseconds,
     unsupported_encoding,
 )
-from manipulation_policy.nodes.scheduling import StampedPose
+from manipulation_policy.robot.scheduling import StampedPose
 
 RNG = np.random.default_rng(7)
 RGB = RNG.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from manipulation_policy.core.policy_types import Pose, Quaternion, Vector3
-from manipulation_policy.nodes.scheduling import (
+from manipulation_policy.robot.scheduling import (
     RATE_TOLERANCE,
     EefUse,
     FrameInfo,

@@ -39,15 +39,15 @@ from manipulation_policy.core.contract import parse_request, request_to_observat
 from manipulation_policy.core.policy_types import ActionOverrides, Observation, Quaternion
 from manipulation_policy.core.pose_math import rpy_from_quaternion
 from manipulation_policy.core.upstream_compat import canonical_answer, convert_action_vector
-from manipulation_policy.nodes.node_parameters import (
+from manipulation_policy.nodes.policy_node import PolicyNode
+from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
+from manipulation_policy.nodes.ros_conversion import policy_output_to_action
+from manipulation_policy.robot.node_parameters import (
     resolve_upstream_parameters,
     upstream_action_fields,
 )
-from manipulation_policy.nodes.policy_node import PolicyNode
-from manipulation_policy.nodes.remote_client import RemoteClient, RemoteSettings
-from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
-from manipulation_policy.nodes.response_validation import ResponseLimits
-from manipulation_policy.nodes.ros_conversion import policy_output_to_action
+from manipulation_policy.robot.remote_client import RemoteClient, RemoteSettings
+from manipulation_policy.robot.response_validation import ResponseLimits
 from manipulation_policy.server.errors import ApiError
 from manipulation_policy.server.process import ServerProcess
 from manipulation_policy.server.request_decoding import decode_infer_body

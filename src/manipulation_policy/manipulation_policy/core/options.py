@@ -198,7 +198,7 @@ class Option:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    def refusal(self, value: Any) -> Optional[str]:
+    def problem(self, value: Any) -> Optional[str]:
         """Why a typed value (or text, for a str or Bounds option) is refused; None if fine."""
         if isinstance(value, str) and self.kind is not str:
             try:
@@ -226,9 +226,9 @@ class Option:
             value = parse_bool(text)
         else:
             value = parse_bounds(text)
-        reason = self.refusal(value)
-        if reason is not None:
-            raise ValueError(reason)
+        problem = self.problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     def resolve(self, value: Any) -> Any:
@@ -239,9 +239,9 @@ class Option:
         try:
             if isinstance(value, str):
                 return self.parse(value)
-            reason = self.refusal(value)
-            if reason is not None:
-                raise ValueError(reason)
+            problem = self.problem(value)
+            if problem is not None:
+                raise ValueError(problem)
         except ValueError as exc:
             raise ValueError(f"{self.name} {exc}") from None
         if self.kind is float:

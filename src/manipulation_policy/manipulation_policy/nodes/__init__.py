@@ -1,3 +1,4 @@
-"""What runs on the robot: the two ROS 2 nodes, their parameters and scheduling
-(ROS-free where it can be), the ROS conversions and the remote node's HTTP client.
+"""What runs on the robot and touches rclpy: the two ROS 2 nodes, their shared base,
+parameter declaration and the ROS conversions. The logic they run that needs no
+ROS lives in ``manipulation_policy.robot``.
 """

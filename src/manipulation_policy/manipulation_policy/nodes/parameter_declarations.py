@@ -22,7 +22,7 @@ from typing import Any, Optional
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.parameter import Parameter
 
-from manipulation_policy.nodes.node_parameters import ParameterSpec
+from manipulation_policy.robot.node_parameters import ParameterSpec
 
 _TYPES = {
     bool: Parameter.Type.BOOL,
@@ -70,13 +70,13 @@ def as_declared_type(spec: Optional[ParameterSpec], parameter: Parameter) -> Par
     return Parameter(parameter.name, Parameter.Type.DOUBLE, float(parameter.value))
 
 
-def refusal_reason(spec: Optional[ParameterSpec], value: Any, started: bool) -> Optional[str]:
-    """Why the node refuses ``value`` for ``spec`` ("name: reason"), in words a user can
+def parameter_problem(spec: Optional[ParameterSpec], value: Any, started: bool) -> Optional[str]:
+    """Why the node refuses ``value`` for ``spec`` ("name: problem"), in words a user can
     act on, before rclpy's own checks would answer with less telling ones; None: no
     objection (rclpy's checks still follow)."""
     if spec is None:
         return None
     if started and not spec.live:
         return f"{spec.name} is read-only: it is read at start; restart the node to change it"
-    reason = spec.reason_to_refuse(value)
-    return None if reason is None else f"{spec.name} {reason}"
+    problem = spec.problem(value)
+    return None if problem is None else f"{spec.name} {problem}"

@@ -13,12 +13,12 @@ import sys
 from typing import Any, Optional
 
 from manipulation_policy.backends import PolicyBackend, create_backend, is_plugin, predictor
-from manipulation_policy.nodes.node_parameters import (
+from manipulation_policy.nodes.policy_node_base import ActionSource, PolicyNodeBase, run_node
+from manipulation_policy.robot.node_parameters import (
     POLICY_NODE_PARAMETERS,
     parameter_backend_arguments,
     policy_node_parameters,
 )
-from manipulation_policy.nodes.policy_node_base import ActionSource, PolicyNodeBase, run_node
 
 
 class PolicyNode(PolicyNodeBase):

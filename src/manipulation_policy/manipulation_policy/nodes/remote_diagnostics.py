@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
-from manipulation_policy.nodes.remote_client import BreakerState
+from manipulation_policy.robot.remote_client import BreakerState
 
 DIAGNOSTICS_TOPIC = "/diagnostics"
 

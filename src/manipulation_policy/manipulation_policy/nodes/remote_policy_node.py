@@ -30,25 +30,26 @@ from manipulation_policy.core.contract import (
 )
 from manipulation_policy.core.policy_types import ActionChunk, Observation, PolicyAction
 from manipulation_policy.core.upstream_compat import ActionConversionOptions
-from manipulation_policy.nodes.node_parameters import (
-    REMOTE_NODE_PARAMETERS,
-    UPSTREAM_ACTION_PARAMETERS,
-    upstream_action_fields,
-)
-from manipulation_policy.nodes.policy_node_base import LOG_THROTTLE_SEC, PolicyNodeBase, run_node
-from manipulation_policy.nodes.remote_client import (
-    BreakerState,
-    RemoteClient,
-    RemoteSettings,
-    printable,
-)
+from manipulation_policy.nodes.policy_node_base import PolicyNodeBase, run_node
 from manipulation_policy.nodes.remote_diagnostics import (
     DIAGNOSTICS_TOPIC,
     ServerLinkState,
     server_link_status,
 )
-from manipulation_policy.nodes.remote_request import remote_request_body
-from manipulation_policy.nodes.response_validation import ResponseLimits
+from manipulation_policy.robot.node_parameters import (
+    REMOTE_NODE_PARAMETERS,
+    UPSTREAM_ACTION_PARAMETERS,
+    upstream_action_fields,
+)
+from manipulation_policy.robot.node_shared import LOG_THROTTLE_SEC
+from manipulation_policy.robot.remote_client import (
+    BreakerState,
+    RemoteClient,
+    RemoteSettings,
+    printable,
+)
+from manipulation_policy.robot.remote_request import remote_request_body
+from manipulation_policy.robot.response_validation import ResponseLimits
 
 DIAGNOSTICS_PERIOD_SEC = 1.0
 

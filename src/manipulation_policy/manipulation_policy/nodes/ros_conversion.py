@@ -32,8 +32,8 @@ from manipulation_policy.core.policy_types import (
     geometry_from,
     geometry_parts,
 )
-from manipulation_policy.nodes.observation_inputs import eef_pose_from_transform
-from manipulation_policy.nodes.scheduling import StampedPose
+from manipulation_policy.robot.observation_inputs import eef_pose_from_transform
+from manipulation_policy.robot.scheduling import StampedPose
 
 NANOSECONDS = 1_000_000_000
 

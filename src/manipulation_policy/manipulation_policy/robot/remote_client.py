@@ -54,14 +54,15 @@ from manipulation_policy.core.errors import InputError
 from manipulation_policy.core.json_body import parse_json_body
 from manipulation_policy.core.policy_types import ActionChunk, PolicyAction
 from manipulation_policy.core.upstream_compat import ActionConversionOptions, canonical_answer
-from manipulation_policy.nodes.http_exchange import (
+from manipulation_policy.robot.http_exchange import (
     AnswerRefused,
     DeadlineExceeded,
     ExchangeError,
     HttpAnswer,
     HttpPoster,
+    error_text,
 )
-from manipulation_policy.nodes.response_validation import (
+from manipulation_policy.robot.response_validation import (
     Expectation,
     ForeignAnswer,
     ResponseLimits,
@@ -282,7 +283,7 @@ class RemoteClient:
         try:
             return self._infer(body)
         except Exception as exc:  # noqa: BLE001 - the promise: infer never raises
-            return RemoteResult(failure=f"client error: {printable(_describe(exc))}")
+            return RemoteResult(failure=f"client error: {printable(error_text(exc))}")
 
     def _infer(self, body: dict) -> RemoteResult:
         settings = self.settings
@@ -456,8 +457,3 @@ def printable(value: Any, limit: int = 200) -> str:
     text = str(value)[: limit * 2]
     text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

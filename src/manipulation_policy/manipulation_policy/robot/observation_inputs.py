@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Optional, TypeVar
 
 from manipulation_policy.core.policy_types import JointStateData, Pose, Quaternion, Vector3
-from manipulation_policy.nodes.scheduling import StampedPose
+from manipulation_policy.robot.scheduling import StampedPose
 
 Frame = TypeVar("Frame")
 

@@ -305,8 +305,8 @@ class HttpPoster:
             if time.monotonic() >= connection.deadline:
                 raise DeadlineExceeded("deadline passed") from None
             if response is None and isinstance(exc, ConnectionError):
-                raise _StaleConnection(_describe(exc)) from None
-            raise ExchangeError(_describe(exc)) from None
+                raise _StaleConnection(error_text(exc)) from None
+            raise ExchangeError(error_text(exc)) from None
         if response.will_close:
             self._drop(connection)
         return answer
@@ -365,6 +365,7 @@ class HttpPoster:
         connection.close()
 
 
-def _describe(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
+    """``exc`` in words: its type, and its message when it has one."""
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

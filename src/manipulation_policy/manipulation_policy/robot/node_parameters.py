@@ -24,8 +24,6 @@ from manipulation_policy.core.api_key import API_KEY_ENV, ApiKeyUnusable, read_a
 from manipulation_policy.core.contract import MAX_IMAGE_SIDE, MAX_INSTRUCTION_CHARS
 from manipulation_policy.core.options import NumberRange, Option, scale, text_up_to
 from manipulation_policy.core.policy_types import MAX_CHUNK_LENGTH
-from manipulation_policy.nodes.remote_client import DEFAULT_MAX_RESPONSE_BYTES
-from manipulation_policy.nodes.response_validation import frame_id_problem
 from manipulation_policy.robot.executor_settings import (
     DEFAULT_CROSSFADE_STEPS,
     DEFAULT_ENSEMBLE_WEIGHT,
@@ -33,6 +31,8 @@ from manipulation_policy.robot.executor_settings import (
     ExecutorSettings,
     setting_problem,
 )
+from manipulation_policy.robot.remote_client import DEFAULT_MAX_RESPONSE_BYTES
+from manipulation_policy.robot.response_validation import frame_id_problem
 
 Check = Callable[[Any], Optional[str]]
 
@@ -57,7 +57,8 @@ class ParameterSpec:
     check: Optional[Check] = None
     live: bool = True  # False: read once at start, read-only afterwards
 
-    def reason_to_refuse(self, value: Any) -> Optional[str]:
+    def problem(self, value: Any) -> Optional[str]:
+        """Why ``value`` is refused for this parameter; None if fine."""
         expected = type(self.default)
         # bool is an int subclass: keep the two apart; an int is a fine float.
         if isinstance(value, bool) != (expected is bool) or not (
@@ -275,7 +276,7 @@ def option_parameters(options: Sequence[Option]) -> tuple[ParameterSpec, ...]:
     return tuple(
         # A number option's check is its NumberRange itself: the descriptor shows it.
         ParameterSpec(option.name, option.parameter_default, option.help,
-                      option.check if option.kind is float else option.refusal,
+                      option.check if option.kind is float else option.problem,
                       live=option.live)
         for option in options
         if option.node_parameter
@@ -350,10 +351,10 @@ def specs_by_name(*groups: Sequence[ParameterSpec]) -> dict[str, ParameterSpec]:
     return {spec.name: spec for group in groups for spec in group}
 
 
-def reason_to_refuse(
+def changes_problem(
     specs: Mapping[str, ParameterSpec], values: Mapping[str, Any]
 ) -> Optional[str]:
-    """The first reason to refuse one of ``values`` ("name: reason"), or None.
+    """The problem with the first refused one of ``values`` ("name: problem"), or None.
 
     Names without a spec (use_sim_time, ...) are not ours to judge.
     """
@@ -361,9 +362,9 @@ def reason_to_refuse(
         spec = specs.get(name)
         if spec is None:
             continue
-        reason = spec.reason_to_refuse(value)
-        if reason is not None:
-            return f"{name} {reason}"
+        problem = spec.problem(value)
+        if problem is not None:
+            return f"{name} {problem}"
     return None
 
 

@@ -1,0 +1,275 @@
+"""The policy node's execution: when a frame goes to the worker (the rate, the task,
+staleness, the EEF pose: ``robot/scheduling.FrameScheduler``; the refill horizon of
+the action timeline), the worker thread that runs the action source
+(``robot/skipping_worker.SkippingWorker``), and the action timeline
+(``robot/executor.ChunkExecutor`` on the node clock) an answered chunk goes onto.
+
+Threading: the newest fresh frame goes to one worker thread that runs the action
+source and publishes; while the worker is busy, frames are skipped (never
+queued). ``_dispatch_newest`` runs in the subscription callbacks and the timers,
+never concurrently with itself: all of the node's callbacks share its default,
+mutually exclusive callback group. This mixin of ``PolicyNodeBase`` owns
+``_scheduler``, ``_executor``, ``_worker`` and the rate ``_timer``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any, Optional, Union
+
+from sensor_msgs.msg import CompressedImage
+
+from manipulation_policy.core.policy_types import ActionChunk, Observation, PolicyAction
+from manipulation_policy.nodes import ros_conversion
+from manipulation_policy.robot.executor import ChunkExecutor
+from manipulation_policy.robot.node_parameters import EXECUTOR_PARAMETERS, executor_settings
+from manipulation_policy.robot.node_shared import LOG_THROTTLE_SEC, Job
+from manipulation_policy.robot.observation_inputs import Source
+from manipulation_policy.robot.scheduling import EefUse, FrameScheduler, ScheduleSettings, Verdict
+from manipulation_policy.robot.skipping_worker import SkippingWorker
+
+# An ActionChunk goes onto the executor's timeline; a PolicyAction (a failure's hold) is
+# published at once; None publishes nothing.
+ActionSource = Callable[[Observation], Union[ActionChunk, PolicyAction, None]]
+
+# How often due steps of the action timeline are looked for (and published).
+EXECUTOR_TICK_SEC = 0.01
+EXECUTOR_PARAMETER_NAMES = frozenset(spec.name for spec in EXECUTOR_PARAMETERS)
+
+
+class NodeExecution:
+    """Scheduling, the worker and the action timeline of ``PolicyNodeBase`` (a mixin)."""
+
+    def _init_scheduling(self) -> None:
+        # A task is what the node acts on: the instruction, until max_steps decisions
+        # were published or an empty instruction message cleared it.
+        self._scheduler = FrameScheduler(
+            time.monotonic_ns, lambda: self.get_clock().now().nanoseconds, task_active=False
+        )
+
+    def _init_executor(self, values: dict[str, Any]) -> None:
+        # Action chunks on a timeline by the node clock (robot/executor.py).
+        self._executor = ChunkExecutor(
+            lambda: self.get_clock().now().nanoseconds / 1e9, executor_settings(values)
+        )
+        self._request_numbers = itertools.count(1)
+
+    def _start_execution(self, node_name: str, values: dict[str, Any]) -> None:
+        """The executor's tick, the worker and the rate timer."""
+        self.create_timer(EXECUTOR_TICK_SEC, self._on_executor_tick)
+        self._worker: SkippingWorker[Job] = SkippingWorker(self._run_job, f"{node_name}_worker")
+        self._timer = self.create_timer(1.0 / values["inference_rate"], self._on_tick)
+
+    def _execution_parameters_changed(self, changes: dict[str, Any]) -> None:
+        if EXECUTOR_PARAMETER_NAMES.intersection(changes):
+            self._executor.update_settings(executor_settings(self.parameter_values()))
+        if "instruction" in changes:
+            self._start_task(changes["instruction"])
+
+    def _rate_changed(self, rate: float) -> None:
+        # Recreated rather than re-periodised: Humble's Timer has no period setter.
+        self.destroy_timer(self._timer)
+        self._timer = self.create_timer(1.0 / rate, self._on_tick)
+
+    def _stop_worker(self) -> None:
+        if not self._worker.stop():
+            self.get_logger().warning("policy worker still busy at shutdown; left behind")
+
+    # ------------------------------------------------------------ the task
+
+    def _start_task(self, instruction: str) -> None:
+        self._executor.clear()  # steps planned for the previous task are not published
+        self._scheduler.start_task()
+        steps = self.parameter_values()["max_steps"]
+        self.get_logger().info(
+            f"task: {instruction!r} ("
+            + (f"{steps} decisions)" if steps > 0 else "until cleared)")
+        )
+
+    def _clear_task(self) -> None:
+        """An empty task message: the current task ends, its planned steps are dropped."""
+        self._executor.clear()
+        if self._scheduler.clear_task():
+            self.get_logger().info(f"task cleared; waiting for a task on {self._task_topic}")
+
+    def _count_task_step(self, generation: int) -> None:
+        """One decision of the task ``generation`` was published; end it at max_steps."""
+        max_steps = self.parameter_values()["max_steps"]
+        if self._scheduler.count_step(generation, max_steps):
+            self.get_logger().info(
+                f"task reached max_steps={max_steps}; waiting for the next task on "
+                f"{self._task_topic}"
+            )
+
+    @property
+    def task_active(self) -> bool:
+        return self._scheduler.task_active
+
+    # ------------------------------------------------------------ the rate
+
+    def _on_tick(self) -> None:
+        self._dispatch_newest()
+
+    def _dispatch_newest(self) -> None:
+        """Hand the newest frame to the worker if the scheduler and the worker allow.
+
+        Runs in the image callback and the timer, never concurrently with itself: all
+        of the node's callbacks share its default, mutually exclusive callback group.
+        """
+        if self._executor.remaining_sec() > self._executor.refill_horizon_sec() + 1e-6:
+            return  # the action timeline has enough left: the next observation waits
+        values = self.parameter_values()
+        selection = self._select_inputs(values)
+        frame = selection.frame
+        decision = self._scheduler.decide(
+            frame.info if frame is not None else None,
+            selection.eef_candidates,
+            ScheduleSettings.from_values(values),
+        )
+        if decision.verdict is not Verdict.HAND_OVER:
+            self._log_held_back(decision, values)
+            return
+        assert frame is not None
+        if decision.eef is EefUse.WRONG_FRAME:
+            self.get_logger().warning(
+                f"end-effector pose is in {decision.eef_frame_id!r}, not reference_frame "
+                f"{values['reference_frame']!r}; ignored",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+        observation = Observation(
+            joint_state=selection.joint_state,
+            image=None,
+            reference_frame=values["reference_frame"],
+            instruction=values["instruction"],
+            eef_pose=decision.eef_pose,
+        )
+        accepted = self._worker.try_submit(Job(frame, observation, decision.task_generation))
+        self._scheduler.handed_over(frame.info, accepted)
+        if accepted and selection.source is Source.AGGREGATED:
+            self._count("from_observation")
+
+    def _log_held_back(self, decision, values: dict[str, Any]) -> None:
+        if decision.verdict is Verdict.NO_TASK:
+            self.get_logger().info(
+                f"waiting for a task on {self._task_topic}",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+        elif decision.verdict is Verdict.NO_FRAME:
+            self.get_logger().info(
+                f"waiting for images on {self._camera_topic}",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+        elif decision.verdict is Verdict.STALE:
+            self.get_logger().warning(
+                f"newest image is {decision.frame_age_ns / 1e9:.3f} s old "
+                f"(max_observation_age_sec={values['max_observation_age_sec']:g}); not used. "
+                "Check the camera and that its clock matches this node's.",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+
+    # ------------------------------------------------------------ the worker
+
+    def action_on_failure(self, observation: Observation) -> Optional[PolicyAction]:
+        """What to publish when a cycle fails (the policy raised, or its action could not
+        be published): None publishes nothing; a subclass may answer a safe hold."""
+        return None
+
+    def _run_job(self, job: Job) -> None:
+        try:
+            if isinstance(job.frame.msg, CompressedImage):
+                image = ros_conversion.compressed_image_to_rgb(job.frame.msg)
+            else:
+                image = ros_conversion.image_to_rgb(job.frame.msg)
+        except Exception as exc:  # noqa: BLE001 - a bad frame ends this cycle, not the worker
+            self.get_logger().error(
+                f"camera frame not usable: {exc}", throttle_duration_sec=LOG_THROTTLE_SEC
+            )
+            return
+        observation = Observation(
+            joint_state=job.observation.joint_state,
+            image=image,
+            reference_frame=job.observation.reference_frame,
+            instruction=job.observation.instruction,
+            eef_pose=job.observation.eef_pose,
+        )
+        self._count("inferences")
+        request_id = self.new_request_id()
+        self._executor.request_sent(request_id)
+        try:
+            answer = self.call_action_source(observation, request_id)
+        except Exception as exc:  # a policy failure must not end the worker thread
+            self.get_logger().error(
+                f"policy failed: {type(exc).__name__}: {ascii(str(exc))[1:-1]}",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+            answer = self._fallback_action(observation)
+        if isinstance(answer, ActionChunk):
+            if self._take_chunk(answer, job, request_id):
+                return
+            answer = self._fallback_action(observation)
+            if answer is None:
+                return
+        else:
+            self._executor.request_failed(request_id)
+            if isinstance(answer, PolicyAction) and answer.is_hold:
+                # A failure's hold ends the plan: no step of an older chunk follows it.
+                self._executor.clear()
+        if answer is None:
+            self._count("no_action")
+            return
+        if self._publish(answer, job, request_id):
+            return
+        fallback = self._fallback_action(observation)
+        if fallback is not None and fallback != answer:
+            self._publish(fallback, job, request_id)
+
+    def _fallback_action(self, observation: Observation) -> Optional[PolicyAction]:
+        try:
+            return self.action_on_failure(observation)
+        except Exception:  # noqa: BLE001 - no fallback then
+            return None
+
+    def new_request_id(self) -> str:
+        """A fresh id for the next observation sent to the policy."""
+        return f"{self.get_name()}-{next(self._request_numbers)}"
+
+    def call_action_source(self, observation: Observation, request_id: str) -> Any:
+        """Run the action source on ``observation`` (sent as ``request_id``)."""
+        return self.action_source(observation)
+
+    # ------------------------------------------------------------ the action timeline
+
+    def _take_chunk(self, chunk: ActionChunk, job: Job, request_id: str) -> bool:
+        """Put an answered chunk on the timeline, publish it whole on the chunk topic and
+        its steps due now; False when the chunk was refused or could not be published."""
+        stamp_ns = ros_conversion.stamp_to_nanoseconds(job.frame.stamp)
+        acceptance = self._executor.accept(chunk, stamp_ns / 1e9, request_id)
+        if not acceptance.accepted:
+            self._count("chunks_refused")
+            self.get_logger().warning(
+                f"action chunk not used: {acceptance.verdict.value} ({acceptance.detail})",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+            return True  # nothing to publish for it, and nothing failed
+        self._count("chunks_accepted")
+        self._publish_chunk(chunk, job.frame.stamp, stamp_ns, request_id)
+        published = self._publish_due()
+        if published:
+            self._count_task_step(job.task_generation)
+        return published is not False
+
+    def _on_executor_tick(self) -> None:
+        """Publish due steps; when the timeline is about to run dry, send the next frame."""
+        self._publish_due()
+        if self._worker.busy:
+            return
+        remaining = self._executor.remaining_sec()
+        if 0.0 < remaining <= self._executor.refill_horizon_sec() + 1e-6:
+            self._dispatch_newest()
+
+    @property
+    def chunk_executor(self) -> ChunkExecutor:
+        return self._executor
+
