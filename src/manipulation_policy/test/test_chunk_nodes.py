@@ -322,3 +322,31 @@ def test_a_failures_hold_ends_the_plan(rig):
     assert (outputs[hold_at].step_index, outputs[hold_at].chunk_length) == (0, 1)
     assert all(m.request_id != first for m in outputs[hold_at:])
     assert node.counters["underrun_holds"] == 0
+
+
+class PendingRecordingBackend(ChunkedBackend):
+    """ChunkedBackend that keeps the plan context each observation came with."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.seen: list[tuple[tuple[PolicyAction, ...], object]] = []
+
+    def predict(self, observation):
+        self.seen.append((observation.pending_actions, observation.pending_delay_sec))
+        return super().predict(observation)
+
+
+def test_the_next_observation_carries_the_rest_of_the_plan_and_the_delay(rig):
+    recorder = Recorder(rig)
+    backend = PendingRecordingBackend()
+    in_process_node(rig, recorder, backend=backend)
+    _, chunks = run_chunks(rig, recorder)
+    assert backend.seen[0] == ((), None)  # no plan yet, no latency measured
+    with_plan = [(i, p, d) for i, (p, d) in enumerate(backend.seen) if p]
+    assert with_plan, backend.seen
+    index, pending, delay = with_plan[0]
+    assert 0 < len(pending) < LENGTH and delay is not None and 0.0 <= delay < 1.0
+    # The unpublished tail of the chunk the robot was executing, as accepted.
+    executing = [policy_output_to_action(m) for m in chunks[index - 1].actions]
+    for got, want in zip(pending, executing[-len(pending):]):
+        assert_actions_close(got, want, 1e-9)

@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 
 from sensor_msgs.msg import CompressedImage
 
+from manipulation_policy.core.contract import MAX_PENDING_DELAY_SEC
 from manipulation_policy.core.policy_types import ActionChunk, Observation, PolicyAction
 from manipulation_policy.nodes import ros_conversion
 from manipulation_policy.robot.executor import ChunkExecutor
@@ -187,12 +188,19 @@ class NodeExecution:
                 f"camera frame not usable: {exc}", throttle_duration_sec=LOG_THROTTLE_SEC
             )
             return
+        # What the robot will still execute while this observation is answered, for a
+        # policy that conditions on it (real-time chunking); others ignore it.
+        pending, delay = self._executor.pending(
+            job.observation.reference_frame, len(job.observation.joint_state.name)
+        )
         observation = Observation(
             joint_state=job.observation.joint_state,
             image=image,
             reference_frame=job.observation.reference_frame,
             instruction=job.observation.instruction,
             eef_pose=job.observation.eef_pose,
+            pending_actions=pending,
+            pending_delay_sec=None if delay is None else min(delay, MAX_PENDING_DELAY_SEC),
         )
         self._count("inferences")
         request_id = self.new_request_id()
