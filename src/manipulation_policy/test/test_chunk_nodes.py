@@ -348,5 +348,5 @@ def test_the_next_observation_carries_the_rest_of_the_plan_and_the_delay(rig):
     assert 0 < len(pending) < LENGTH and delay is not None and 0.0 <= delay < 1.0
     # The unpublished tail of the chunk the robot was executing, as accepted.
     executing = [policy_output_to_action(m) for m in chunks[index - 1].actions]
-    for got, want in zip(pending, executing[-len(pending):]):
+    for got, want in zip(pending, executing[-len(pending):], strict=True):
         assert_actions_close(got, want, 1e-9)
