@@ -444,16 +444,7 @@ def _make_worker(backend: PolicyBackend, config: ServerConfig) -> InferenceWorke
         predict_batch=batch_predictor(backend),
         max_batch_size=config.max_batch_size if off is None else 1,
         batch_window_s=config.batch_window_ms / 1e3,
-        inline=predicts_inline(backend),
     )
-
-
-def predicts_inline(backend: PolicyBackend) -> bool:
-    """Whether the backend's own class declares its predict cheap (``predicts_inline``).
-
-    Not inherited: a subclass that changes predict (a scripted test backend that
-    sleeps, say) makes no such promise by deriving from the stub."""
-    return vars(type(backend)).get("predicts_inline", False) is True
 
 
 def _batching_report(
