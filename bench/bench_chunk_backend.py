@@ -36,7 +36,6 @@ def target_x(t: float) -> float:
 
 class SimChunkBackend(StubBackend):
     name = "sim-chunk"
-    predicts_inline = False  # it sleeps: the model thread, never the event loop
 
     def __init__(self, **_ignored: Any):
         self.latency_sec = float(os.environ.get("BENCH_LATENCY_MS", "200")) / 1000.0

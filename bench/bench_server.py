@@ -3,8 +3,9 @@
     .ci/ros_env.sh python bench/bench_server.py                 # ~30 s
     .ci/ros_env.sh python bench/bench_server.py --seconds 10
 
-Starts the real server (stub backend, so the model costs ~nothing and the
-server itself is measured) as a subprocess on 127.0.0.1, then for each row
+Starts the real server (stub backend: its predict, a plain mean colour, costs
+under 1 ms, so the server itself is measured) as a subprocess on 127.0.0.1,
+then for each row
 sends requests for --seconds from N client threads, each on its own kept-alive
 connection (http.client: the leanest client, so the client's own cost stays
 small). Rows: GET /health (HTTP + framework floor), /infer without image,

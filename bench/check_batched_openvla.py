@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, "
           f"device {info['device']}, dtype {info['dtype']}, attn {info['attn_implementation']}")
     print(f"start-up check: batched decoding {'on' if backend.batches_observations else 'OFF'}"
-          f" ({backend.batched_decoding_off_reason or 'batched == single on the probes'})")
+          f" ({backend.batched_decoding_problem or 'batched == single on the probes'})")
 
     rng = np.random.default_rng(0)
     observations = [

@@ -127,7 +127,7 @@ def answer_key(response: dict) -> tuple:
     return tuple(round(float(v), 5) for v in (*values, response.get("gripper_command", 0.0)))
 
 
-def refusal_line(log: str) -> str:
+def problem_line(log: str) -> str:
     lines = [line.strip() for line in log.splitlines() if line.strip()]
     for line in reversed(lines):
         if "refusing" in line or "cannot" in line or "Error" in line:
@@ -153,7 +153,7 @@ def run_case(
     try:
         server.start()
     except ServerStartError:
-        case.update(started=False, refusal=refusal_line(server.log()))
+        case.update(started=False, refusal=problem_line(server.log()))
         server.stop()
         return case
     try:

@@ -138,9 +138,9 @@ def _cli_number(check: declarations.NumberRange, what: str):
             value = int(text.strip()) if check.integer else float(text.strip())
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {what}") from None
-        reason = check(value)
-        if reason is not None:
-            raise argparse.ArgumentTypeError(f"{text[:40]!r} ({what}): {reason}")
+        problem = check(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} ({what}): {problem}")
         return value
 
     parse.__name__ = what  # argparse names the type in its messages

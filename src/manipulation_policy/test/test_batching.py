@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from manipulation_policy.backends.stub import StubBackend
-from manipulation_policy.server.app import ServerConfig, batching_off_reason, create_app
+from manipulation_policy.server.app import ServerConfig, batching_problem, create_app
 from manipulation_policy.server.batching import MicroBatcher, batch_wait_s, isolated_batch_call
 from manipulation_policy.server.inference_worker import (
     BackendCrashError,
@@ -517,7 +517,7 @@ class DeclinesBatching(StubBackend):
     ],
 )
 def test_the_server_batches_only_backends_that_predict_together(backend, config, reason):
-    found = batching_off_reason(backend, config)
+    found = batching_problem(backend, config)
     assert found is None if reason is None else reason in found
     worker = create_app(backend, config).state.worker
     try:

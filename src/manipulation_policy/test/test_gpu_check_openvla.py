@@ -85,7 +85,7 @@ def test_helpers(check):
     assert check.attn_cases("eager, sdpa") == ["eager", "sdpa"]
     assert check.attn_cases("all")[:3] == ["auto", "sdpa", "eager"]
     log = "INFO starting\npolicy_server: error: cannot load backend 'openvla': boom\n"
-    assert check.refusal_line(log).endswith("boom")
+    assert check.problem_line(log).endswith("boom")
     frames = check.scene_frames(3)
     assert len(set(frames)) == 3 and all(f[:2] == b"\xff\xd8" for f in frames)
     with pytest.raises(SystemExit):

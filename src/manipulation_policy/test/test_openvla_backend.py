@@ -25,7 +25,7 @@ from manipulation_policy.backends.openvla import (
     attn_implementation_candidates,
     build_prompt,
     decodes_without_kv_cache,
-    image_check_refusal,
+    image_check_problem,
     image_probes,
     remote_code_failure,
     resolve_auto_model_class,
@@ -489,17 +489,17 @@ def test_model_that_never_emits_action_tokens_is_reported_as_such(tmp_path):
 def test_image_check_rules():
     a, b = np.zeros(7), np.ones(7)
     token_range = (31744, 32000)
-    assert image_check_refusal("m", [a, a], [[31800] * 7, [31801] * 7], token_range) is None
-    same = image_check_refusal("m", [a, b], [[31800] * 7, [31800] * 7], token_range, "4.40.1")
+    assert image_check_problem("m", [a, a], [[31800] * 7, [31801] * 7], token_range) is None
+    same = image_check_problem("m", [a, b], [[31800] * 7, [31800] * 7], token_range, "4.40.1")
     assert "the same action tokens [31800" in same and "not affected by" in same
-    newer = image_check_refusal("m", [a, a], [[31800] * 7] * 2, token_range, "4.57.1")
+    newer = image_check_problem("m", [a, a], [[31800] * 7] * 2, token_range, "4.57.1")
     assert "#346" in newer and "transformers==4.40.1" in newer
     # Tokens unknown: the actions are compared instead.
-    assert image_check_refusal("m", [a, b], [None, None], token_range) is None
-    assert "the same action [" in image_check_refusal("m", [a, a], [None, None], token_range)
+    assert image_check_problem("m", [a, b], [None, None], token_range) is None
+    assert "the same action [" in image_check_problem("m", [a, a], [None, None], token_range)
     # Some action tokens among other ids: a weak model, not a refusal.
-    assert image_check_refusal("m", [a, b], [[5] * 7, [31999] + [5] * 6], token_range) is None
-    assert "emitted no action token" in image_check_refusal(
+    assert image_check_problem("m", [a, b], [[5] * 7, [31999] + [5] * 6], token_range) is None
+    assert "emitted no action token" in image_check_problem(
         "m", [a, b], [[5] * 7, [6] * 7], token_range
     )
 

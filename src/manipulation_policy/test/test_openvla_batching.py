@@ -19,7 +19,7 @@ from manipulation_policy.backends.openvla import OpenVLABackend, action_model
 from manipulation_policy.backends.openvla_batching import (
     action_token_ids,
     decode_actions,
-    generation_differs,
+    generation_problem,
     greedy_generate,
     group_by_length,
     stack_rows,
@@ -46,10 +46,10 @@ def test_stack_rows_refuses_rows_of_different_lengths():
 
 
 def test_only_plain_greedy_generation_configs_are_batched():
-    assert generation_differs(None) is None
-    assert generation_differs(GenerationConfig(bos_token_id=1, eos_token_id=2)) is None
-    assert "repetition_penalty" in generation_differs(GenerationConfig(repetition_penalty=1.3))
-    assert "min_new_tokens" in generation_differs(GenerationConfig(min_new_tokens=3))
+    assert generation_problem(None) is None
+    assert generation_problem(GenerationConfig(bos_token_id=1, eos_token_id=2)) is None
+    assert "repetition_penalty" in generation_problem(GenerationConfig(repetition_penalty=1.3))
+    assert "min_new_tokens" in generation_problem(GenerationConfig(min_new_tokens=3))
 
 
 def test_action_ids_decode_as_predict_action_does():
@@ -158,7 +158,7 @@ def batch_sizes(backend):
 
 def test_describe_says_whether_observations_are_batched(backend):
     info = backend.describe()
-    assert info["batched_decoding"] is (backend.batched_decoding_off_reason is None)
+    assert info["batched_decoding"] is (backend.batched_decoding_problem is None)
     assert backend.batches_observations is info["batched_decoding"]  # what the server asks
 
 
@@ -179,7 +179,7 @@ def test_batch_answers_equal_single_answers_in_every_case(backend):
 
 
 def test_batched_decoding_is_on_for_a_model_that_decodes_like_openvla(backend):
-    assert backend.batched_decoding_off_reason is None
+    assert backend.batched_decoding_problem is None
     assert backend.describe()["batched_decoding"] is True
 
 

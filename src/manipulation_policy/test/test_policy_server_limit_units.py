@@ -26,7 +26,7 @@ from manipulation_policy.server.inference_worker import (
     PredictionTimeoutError,
     QueueFullError,
 )
-from manipulation_policy.server.log_limits import AccessLogRedactor, RateLimitFilter, clip
+from manipulation_policy.server.log_limits import AccessLogRedactor, RateLimitFilter, printable
 from manipulation_policy.server.metrics import ServerMetrics, counter_values
 from manipulation_policy.server.middleware import RefusalPacer
 
@@ -274,10 +274,10 @@ def test_access_log_hides_the_query_and_clips_the_path():
 
 
 def test_clip_bounds_text_and_makes_it_valid_unicode():
-    assert clip("short") == "short"
-    clipped = clip("x" * 10_000, 100)
+    assert printable("short") == "short"
+    clipped = printable("x" * 10_000, 100)
     assert len(clipped) < 150 and "10000 characters" in clipped
-    clip("\ud800").encode("utf-8")  # no UnicodeEncodeError
+    printable("\ud800").encode("utf-8")  # no UnicodeEncodeError
 
 
 # ---------------------------------------------------------------- refusals

@@ -170,29 +170,6 @@ def test_predictions_run_one_at_a_time_off_the_event_loop():
     assert all(action.confidence == 0.5 and seconds >= 0.02 for action, seconds in results)
 
 
-def test_a_cheap_backend_predicts_on_the_loop_only_when_the_server_is_idle():
-    threads = []
-
-    def predict(observation: Observation) -> PolicyAction:
-        threads.append(threading.current_thread().name)
-        return PolicyAction(confidence=0.5)
-
-    worker = InferenceWorker(predict, max_queue=8, inline=True)
-
-    async def alone_then_two():
-        loop_thread = threading.current_thread().name
-        with worker.admission():
-            await worker.predict(Observation())
-        with worker.admission(), worker.admission():  # another request is admitted
-            await worker.predict(Observation())
-        return loop_thread
-
-    loop_thread = asyncio.run(alone_then_two())
-    worker.close()
-    assert threads[0] == loop_thread
-    assert threads[1] != loop_thread
-
-
 def test_only_small_lone_bodies_and_small_declared_images_are_decoded_on_the_loop():
     from manipulation_policy.core.contract import InferRequest
     from manipulation_policy.server.request_decoding import decode_inline, parse_inline
@@ -205,19 +182,6 @@ def test_only_small_lone_bodies_and_small_declared_images_are_decoded_on_the_loo
     # A small body may hold a huge one-colour JPEG: undeclared or large sizes go to the pool.
     assert not decode_inline(InferRequest(image="x"))
     assert not decode_inline(InferRequest(image="x", image_width=4096, image_height=4096))
-
-
-def test_only_a_backend_class_that_declares_it_predicts_inline():
-    from manipulation_policy.backends.stub import StubBackend
-    from manipulation_policy.server.app import predicts_inline
-
-    class SlowStub(StubBackend):  # changes predict: the stub's promise is not its own
-        def predict(self, observation):
-            time.sleep(1)
-            return super().predict(observation)
-
-    assert predicts_inline(StubBackend())
-    assert not predicts_inline(SlowStub())
 
 
 def test_a_request_whose_client_left_is_skipped():

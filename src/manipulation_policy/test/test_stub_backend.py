@@ -63,15 +63,6 @@ def test_backend_whose_dependency_is_missing_says_what_to_install(monkeypatch):
         create_backend("openvla", model="openvla/openvla-7b")
 
 
-def test_mean_colour_is_exactly_numpys_mean():
-    from manipulation_policy.backends.stub import mean_colour
-
-    rng = np.random.default_rng(3)
-    for height, width in [(1, 1), (224, 224), (480, 640), (7, 13)]:
-        rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        assert (mean_colour(rgb) == rgb.reshape(-1, 3).mean(axis=0)).all()
-
-
 def test_joint_steps_match_the_clipped_proportional_rule():
     from manipulation_policy.backends.stub import JOINT_GAIN, MAX_JOINT_STEP, joint_steps
 

@@ -16,9 +16,6 @@ when the observation carries ``eef_pose``; ``predictor`` / ``batch_predictor``,
 which the server and the in-process node call, turn every answer into an
 ActionChunk and compose its deltas with the current pose in one place
 (``pose_math.compose_chunk_with_current_pose``: each target on the one before).
-A backend whose predict is cheap, bounded CPU work (the stub) may set the class
-attribute ``predicts_inline = True``: an idle server then calls it on its event
-loop, without the model thread's hops (and so without its deadline).
 A backend class declares its options once, as ``OPTIONS`` (a tuple of
 ``core.options.Option``; none: ``()``), and takes them as keyword arguments. The
 server's flags and environment variables, the policy node's parameters, the launch

@@ -247,7 +247,7 @@ def image_probes(size: int = 224) -> list[np.ndarray]:
     return [a.astype(np.uint8) for a in (gradient, dark_with_square, red)]
 
 
-def missing_model_input(observation: Observation) -> Optional[str]:
+def input_problem(observation: Observation) -> Optional[str]:
     if observation.image is None:
         return "no camera image in the observation"
     if not (observation.instruction or "").strip():
@@ -380,7 +380,7 @@ def _version_cause(version: str) -> str:
     )
 
 
-def image_check_refusal(
+def image_check_problem(
     model: str,
     actions: Sequence[np.ndarray],
     tokens: Sequence[Optional[list]],
@@ -502,7 +502,7 @@ class OpenVLABackend:
         if check_image_sensitivity:
             self._check_image_sensitivity()
             self.image_sensitivity_checked = True
-        self.batched_decoding_off_reason = self._check_batched_decoding()
+        self.batched_decoding_problem = self._batched_decoding_problem()
 
     # --- start-up -------------------------------------------------------------------
 
@@ -643,11 +643,11 @@ class OpenVLABackend:
             for index, probe in enumerate(image_probes()):
                 actions.append(self._predict_raw(Image.fromarray(probe), prompt))
                 tokens.append(record[index] if len(record) > index else None)
-        refusal = image_check_refusal(
+        problem = image_check_problem(
             self.model_id, actions, tokens, action_token_range(action_model(self._model))
         )
-        if refusal is not None:
-            raise BackendStartupError(refusal)
+        if problem is not None:
+            raise BackendStartupError(problem)
 
     # --- inference ------------------------------------------------------------------
 
@@ -692,40 +692,40 @@ class OpenVLABackend:
         # The contract makes image and instruction optional (the guide's minimal
         # request has neither); without them the model has nothing to act on, so
         # the answer is the safe hold rather than an error or a guess.
-        missing = missing_model_input(observation)
-        if missing is not None:
-            self.last_hold_reason = missing
+        problem = input_problem(observation)
+        if problem is not None:
+            self.last_hold_reason = problem
             return PolicyAction.hold(observation.reference_frame)
         return self._to_action(self.predict_raw(observation), observation)
 
     # --- batched inference (openvla_batching.py) --------------------------------------
 
-    def _check_batched_decoding(self) -> Optional[str]:
+    def _batched_decoding_problem(self) -> Optional[str]:
         """Why observations cannot be batched with this model, or None when they can:
         the batched path must answer the probe images exactly as one at a time.
         (Also warms up the batched shapes before the first request.)"""
         owner = action_model(self._model)
-        reason = openvla_batching.generation_differs(getattr(owner, "generation_config", None))
-        if reason is None:
+        problem = openvla_batching.generation_problem(getattr(owner, "generation_config", None))
+        if problem is None:
             prompt = build_prompt(PROBE_INSTRUCTION)
             images = [Image.fromarray(p) for p in image_probes()]
             try:
                 alone = [self._predict_raw(image, prompt) for image in images]
                 together = self._predict_raw_batch([(image, prompt) for image in images])
             except Exception as exc:  # noqa: BLE001 - any failure means: do not batch
-                reason = f"the batched path failed: {type(exc).__name__}: {exc}"
+                problem = f"the batched path failed: {type(exc).__name__}: {exc}"
             else:
                 if any(not np.array_equal(a, b) for a, b in zip(alone, together, strict=True)):
-                    reason = "batched answers differ from single ones on the probe images"
-        if reason is not None:
-            logger.warning("OpenVLA: observations are predicted one at a time: %s", reason)
-        return reason
+                    problem = "batched answers differ from single ones on the probe images"
+        if problem is not None:
+            logger.warning("OpenVLA: observations are predicted one at a time: %s", problem)
+        return problem
 
     @property
     def batches_observations(self) -> bool:
         """Whether predict_batch really predicts observations together (the server
         collects requests into batches only then)."""
-        return self.batched_decoding_off_reason is None
+        return self.batched_decoding_problem is None
 
     def _predict_raw_batch(self, inputs: Sequence[tuple[Image.Image, str]]) -> list[np.ndarray]:
         with self._lock, torch.inference_mode():
@@ -743,13 +743,13 @@ class OpenVLABackend:
         ready: list[tuple[int, Image.Image, str]] = []
         for index, observation in enumerate(observations):
             try:
-                if missing_model_input(observation) is not None:
+                if input_problem(observation) is not None:
                     outcomes[index] = self.predict(observation)  # the safe hold
                 else:
                     ready.append((index, *self._model_input(observation)))
             except InputError as exc:
                 outcomes[index] = exc
-        if self.batched_decoding_off_reason is not None or len(ready) < 2:
+        if self.batched_decoding_problem is not None or len(ready) < 2:
             raw_actions = [self._predict_raw(image, prompt) for _, image, prompt in ready]
         else:
             raw_actions = self._predict_raw_batch([(image, prompt) for _, image, prompt in ready])
@@ -778,6 +778,6 @@ class OpenVLABackend:
             },
             "image_sensitivity_checked": self.image_sensitivity_checked,
             "kv_cache": self.kv_cache,
-            "batched_decoding": self.batched_decoding_off_reason is None,
-            "batched_decoding_off_reason": self.batched_decoding_off_reason,
+            "batched_decoding": self.batched_decoding_problem is None,
+            "batched_decoding_off_reason": self.batched_decoding_problem,
         }

@@ -80,7 +80,7 @@ def stack_rows(rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Te
     return {key: torch.cat([row[key] for row in rows], dim=0) for key in keys}
 
 
-def generation_differs(generation_config: Any) -> Optional[str]:
+def generation_problem(generation_config: Any) -> Optional[str]:
     """Why transformers' generate would not be plain greedy search with this config,
     or None when it would (then the loop here decodes as it does)."""
     if generation_config is None:

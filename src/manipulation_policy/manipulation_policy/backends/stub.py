@@ -24,8 +24,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from manipulation_policy.core.policy_types import (
     EefTargetMode,
     Observation,
@@ -46,18 +44,6 @@ SYNTHETIC_NOTE = (
 logger = logging.getLogger(__name__)
 
 
-def mean_colour(rgb: np.ndarray) -> np.ndarray:
-    """Mean R, G, B of an HxWx3 uint8 image (exact: sums of integers).
-
-    Columns are summed first, down contiguous rows, then the W x 3 sums: ~2x
-    faster than a sum per channel plane and ~20x faster than
-    ``reshape(-1, 3).sum(axis=0)``, whose reduction strides across the
-    interleaved channels. The stub's cost is what the server's own overhead is
-    measured against. uint32 holds a column of up to 16 M rows of 255."""
-    sums = rgb.sum(axis=0, dtype=np.uint32).sum(axis=0, dtype=np.int64)
-    return sums.astype(float) / (rgb.shape[0] * rgb.shape[1])
-
-
 def joint_steps(positions: Sequence[float]) -> tuple[float, ...]:
     """Each joint JOINT_GAIN of the way back to zero, at most MAX_JOINT_STEP; 0 where
     the position is unknown (NaN). Plain floats: a robot's handful of joints is
@@ -71,9 +57,6 @@ def joint_steps(positions: Sequence[float]) -> tuple[float, ...]:
 
 class StubBackend:
     name = "stub"
-    # Bounded CPU work (~0.2 ms for a 224x224 image): the server may call predict on
-    # its event loop when idle instead of handing it to the model thread.
-    predicts_inline = True
     OPTIONS = ()  # none; other backends' options given to it are ignored
 
     def __init__(self, **_ignored: Any):
@@ -81,7 +64,7 @@ class StubBackend:
 
     def predict(self, observation: Observation) -> PolicyAction:
         if observation.image is not None:
-            mean_rgb = mean_colour(observation.image) / 255.0
+            mean_rgb = observation.image.reshape(-1, 3).mean(axis=0) / 255.0
             dx, dy, dz = (float(c) for c in (mean_rgb - 0.5) * 2 * MAX_STEP_M)
             gripper = float(mean_rgb.mean())
         else:

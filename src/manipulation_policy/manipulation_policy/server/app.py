@@ -51,7 +51,7 @@ from manipulation_policy.server.inference_worker import (
     InferenceWorker,
     PredictionTimeoutError,
 )
-from manipulation_policy.server.log_limits import clip
+from manipulation_policy.server.log_limits import printable
 from manipulation_policy.server.metrics import EXPOSITION_CONTENT_TYPE, ServerMetrics
 from manipulation_policy.server.middleware import AdmissionMiddleware, RequestMetricsMiddleware
 from manipulation_policy.server.reports import gpu_memory_report, runtime_report
@@ -137,7 +137,7 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _describe(backend: PolicyBackend) -> dict[str, Any]:
+def backend_description(backend: PolicyBackend) -> dict[str, Any]:
     try:
         return dict(backend.describe())
     except Exception as exc:  # noqa: BLE001
@@ -187,7 +187,7 @@ class PolicyService:
             config.decode_threads, thread_name_prefix="policy-decode"
         )
         self.loop_type: Optional[type] = None  # the event loop serving the app, for /info
-        description = _describe(backend)
+        description = backend_description(backend)
         worker = self.worker
         self.metrics = ServerMetrics(
             queue_depth=lambda: worker.queue_depth,
@@ -213,7 +213,7 @@ class PolicyService:
             return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    async def infer(self, request: Request) -> Response:
+    async def post_infer(self, request: Request) -> Response:
         """One observation in, one policy answer (an action chunk) out (run alone, or
         batched with others)."""
         # Admitted already (AdmissionMiddleware), before the body was read.
@@ -233,7 +233,7 @@ class PolicyService:
                 answer, request_id=parsed.request_id, inference_time_ms=round(seconds * 1e3, 3)
             )
         except BackendAnswerError as exc:
-            logger.error("backend answer refused: %s", clip(str(exc), 1000))
+            logger.error("backend answer refused: %s", printable(str(exc), 1000))
             raise ApiError(
                 500,
                 "backend_error",
@@ -243,7 +243,7 @@ class PolicyService:
         return json_answer(body)
 
     def info(self) -> JSONResponse:
-        described = _describe(self.backend)
+        described = backend_description(self.backend)
         metrics, worker, config = self.metrics, self.worker, self.config
         return JSONResponse(
             {
@@ -318,7 +318,7 @@ class PolicyService:
             logger.error(
                 "backend predict() failed: %s: %s\n%s",
                 type(exc).__name__,
-                clip(str(exc), 1000),
+                printable(str(exc), 1000),
                 "".join(traceback.format_tb(exc.__traceback__))[-4000:],
             )
             raise ApiError(
@@ -372,7 +372,7 @@ def _add_routes(app: FastAPI, server: PolicyService) -> None:
     )
     app.add_api_route(
         "/infer",
-        server.infer,
+        server.post_infer,
         methods=["POST"],
         response_model=InferResponse,
         responses=INFER_RESPONSES,
@@ -418,8 +418,9 @@ def _add_middleware(app: FastAPI, server: PolicyService) -> None:
     app.add_middleware(RequestMetricsMiddleware, metrics=server.metrics)
 
 
-def batching_off_reason(backend: PolicyBackend, config: ServerConfig) -> Optional[str]:
-    """Why observations are predicted one at a time, or None when they are batched.
+def batching_problem(backend: PolicyBackend, config: ServerConfig) -> Optional[str]:
+    """Why observations are predicted one at a time (the problem that keeps
+    micro-batching off), or None when they are batched.
 
     Collecting requests pays only when the backend predicts them together: a backend
     without ``predict_batch``, or one whose ``batches_observations`` is false (say, a
@@ -434,26 +435,17 @@ def batching_off_reason(backend: PolicyBackend, config: ServerConfig) -> Optiona
 
 
 def _make_worker(backend: PolicyBackend, config: ServerConfig) -> InferenceWorker:
-    off = batching_off_reason(backend, config)
-    if off is not None and config.max_batch_size > 1:
-        logger.info("micro-batching off: %s", off)
+    problem = batching_problem(backend, config)
+    if problem is not None and config.max_batch_size > 1:
+        logger.info("micro-batching off: %s", problem)
     return InferenceWorker(
         predictor(backend),
         config.max_queue,
         config.inference_timeout_s,
         predict_batch=batch_predictor(backend),
-        max_batch_size=config.max_batch_size if off is None else 1,
+        max_batch_size=config.max_batch_size if problem is None else 1,
         batch_window_s=config.batch_window_ms / 1e3,
-        inline=predicts_inline(backend),
     )
-
-
-def predicts_inline(backend: PolicyBackend) -> bool:
-    """Whether the backend's own class declares its predict cheap (``predicts_inline``).
-
-    Not inherited: a subclass that changes predict (a scripted test backend that
-    sleeps, say) makes no such promise by deriving from the stub."""
-    return vars(type(backend)).get("predicts_inline", False) is True
 
 
 def _batching_report(
@@ -464,7 +456,7 @@ def _batching_report(
     stats = batcher.stats() if batcher is not None else None
     return {
         "enabled": batcher is not None,
-        "off_reason": batching_off_reason(backend, config),
+        "off_reason": batching_problem(backend, config),
         "max_batch_size": config.max_batch_size,
         "window_ms": config.batch_window_ms,
         "backend_predict_batch": callable(getattr(backend, "predict_batch", None)),

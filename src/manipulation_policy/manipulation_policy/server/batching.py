@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from manipulation_policy.server.log_limits import clip
+from manipulation_policy.server.log_limits import printable
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def isolated_batch_call(
                 "predict_batch failed for %d observations (%s: %s); predicting each alone\n%s",
                 len(items),
                 type(exc).__name__,
-                clip(str(exc), 1000),
+                printable(str(exc), 1000),
                 "".join(traceback.format_tb(exc.__traceback__))[-4000:],
             )
     outcomes: list[Outcome] = []

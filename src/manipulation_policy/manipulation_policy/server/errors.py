@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - requirements install it; json still wo
 
 from manipulation_policy.core.contract import field_path
 from manipulation_policy.core.errors import InputError
-from manipulation_policy.server.log_limits import clip
+from manipulation_policy.server.log_limits import printable
 from manipulation_policy.server.metrics import ServerMetrics
 
 logger = logging.getLogger("manipulation_policy.policy_server")
@@ -75,8 +75,8 @@ def error_response(
     # Bounded and valid Unicode whatever the client sent: details may quote its input.
     body = {
         "error": kind,
-        "field": None if field is None else clip(field, 200),
-        "detail": clip(detail),
+        "field": None if field is None else printable(field, 200),
+        "detail": printable(detail),
     }
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -117,5 +117,5 @@ def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
-        logger.error("unhandled %s: %s", type(exc).__name__, clip(str(exc), 1000))
+        logger.error("unhandled %s: %s", type(exc).__name__, printable(str(exc), 1000))
         return error_response(metrics, 500, "internal_error", f"{type(exc).__name__}: {exc}")

@@ -10,7 +10,7 @@ from typing import Optional
 from fastapi import Request
 
 from manipulation_policy.server.errors import ApiError
-from manipulation_policy.server.log_limits import clip
+from manipulation_policy.server.log_limits import printable
 
 # A body still arriving when the server answers early is read and dropped, up to these
 # bounds, before a closing connection is closed (see drain_before_close).
@@ -47,7 +47,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         await drain_before_close(request.scope, request.receive)
-        raise _body_too_large(f"Content-Length {clip(declared, 30)} exceeds", limit)
+        raise _body_too_large(f"Content-Length {printable(declared, 30)} exceeds", limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():

@@ -120,7 +120,6 @@ class InferenceWorker:
         max_batch_size: int = 1,
         batch_window_s: float = 0.0,
         on_batch: Optional[Callable[[int, float], None]] = None,
-        inline: bool = False,
     ):
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
@@ -128,7 +127,6 @@ class InferenceWorker:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
         self._predict = predict
         self._predict_batch = predict_batch
-        self._inline = inline
         self.max_queue = max_queue
         self.deadline_s = deadline_s
         self._clock = clock
@@ -221,8 +219,6 @@ class InferenceWorker:
         ``client_gone`` is asked just before the model runs, so that a request
         whose client gave up while waiting does not cost a prediction.
         """
-        if self._inline and self._alone():
-            return self._predict_inline(observation)
         if self._batcher is not None:
             return await self._batcher.submit(observation, client_gone)
         if self._model_turn is None:
@@ -232,27 +228,6 @@ class InferenceWorker:
             if client_gone is not None and await client_gone():
                 raise ClientGoneError("client disconnected before its turn")
             return await self._call_model(self._timed_predict, observation)
-
-    def _alone(self) -> bool:
-        """Only this request is admitted and the model thread is idle."""
-        if self._admitted > 1 or self.busy:
-            return False
-        if self._batcher is not None and (self._batcher.pending or self._batcher.running):
-            return False
-        return self._model_turn is None or not self._model_turn.locked()
-
-    def _predict_inline(self, observation: Observation) -> tuple[Any, float]:
-        """``predict`` on the calling (event loop) thread: for a backend that declares its
-        predict cheap, bounded CPU work (``predicts_inline``), the two thread hops of the
-        model thread cost more than the prediction. Without other requests nothing waits
-        on the loop meanwhile; a slow call cannot be cut off at the deadline, which is why
-        only such a backend, and only an idle server, runs this way."""
-        try:
-            return self._timed_predict(observation)
-        except Exception:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - as on the model thread
-            raise crash_error(exc) from None
 
     def _check_free(self) -> None:
         """Raise BackendStuckError while an earlier call still holds the model thread

@@ -7,7 +7,7 @@
   seconds, not megabytes of tracebacks.
 - ``AccessLogRedactor``: the access log never shows a query string (a client
   may put a key there) and never a path longer than a line.
-- ``clip``: any peer-controlled text is shortened before it is logged or
+- ``printable``: any peer-controlled text is shortened before it is logged or
   echoed in an error body.
 """
 
@@ -25,7 +25,7 @@ RATE_LIMIT_INTERVAL_S = 10.0
 NOISY_LOGGERS = ("asyncio", "uvicorn.error", "manipulation_policy.policy_server")
 
 
-def clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+def printable(text: str, limit: int = MAX_ECHO_CHARS) -> str:
     """``text`` cut to about ``limit`` characters, valid Unicode (lone surrogates replaced)."""
     text = str(text)
     if len(text) > limit:
@@ -74,12 +74,12 @@ class RateLimitFilter(logging.Filter):
         return True
 
     def _to_one_line(self, record: logging.LogRecord, dropped: int) -> None:
-        message = clip(record.getMessage(), 8000 if self.keep_traceback else 2000)
+        message = printable(record.getMessage(), 8000 if self.keep_traceback else 2000)
         if record.exc_info and not self.keep_traceback:
             exc = record.exc_info[1]
             message = message.split("\n", 1)[0]
             if exc is not None:
-                message += f": {type(exc).__name__}: {clip(str(exc), 200)}"
+                message += f": {type(exc).__name__}: {printable(str(exc), 200)}"
             record.exc_info = None
             record.exc_text = None
         if dropped:
@@ -95,10 +95,10 @@ class AccessLogRedactor(logging.Filter):
         args = record.args
         if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
             path, has_query, _ = args[2].partition("?")
-            path = clip(path, MAX_LOGGED_PATH_CHARS)
+            path = printable(path, MAX_LOGGED_PATH_CHARS)
             if has_query:
                 path += "?<query hidden>"
-            record.args = (args[0], clip(str(args[1]), 20), path, args[3], args[4])
+            record.args = (args[0], printable(str(args[1]), 20), path, args[3], args[4])
         return True
 
 
