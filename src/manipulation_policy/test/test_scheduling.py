@@ -237,6 +237,19 @@ def test_max_steps_ends_the_task_and_a_new_task_starts_counting_afresh(setup):
     assert not setup.scheduler.count_step(setup.scheduler.task_generation, 3)
 
 
+def test_only_the_active_task_s_answers_are_current(setup):
+    setup.scheduler.start_task()
+    first = setup.scheduler.task_generation
+    assert setup.scheduler.is_current(first)
+    setup.scheduler.count_step(first, 1)  # max_steps reached: the task ended
+    assert not setup.scheduler.is_current(first)
+    setup.scheduler.start_task()
+    second = setup.scheduler.task_generation
+    assert setup.scheduler.is_current(second) and not setup.scheduler.is_current(first)
+    setup.scheduler.clear_task()
+    assert not setup.scheduler.is_current(second)
+
+
 @pytest.mark.parametrize("max_steps", [0, -1, -1_000_000_000])
 def test_max_steps_zero_or_less_means_until_cleared(setup, max_steps):
     generation = setup.scheduler.task_generation

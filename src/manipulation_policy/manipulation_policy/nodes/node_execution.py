@@ -213,6 +213,11 @@ class NodeExecution:
                 throttle_duration_sec=LOG_THROTTLE_SEC,
             )
             answer = self._fallback_action(observation)
+        if not self._scheduler.is_current(job.task_generation):
+            # The task ended (max_steps) or changed while this observation was answered.
+            self._executor.request_failed(request_id)
+            self._count("answers_after_task")
+            return
         if isinstance(answer, ActionChunk):
             if self._take_chunk(answer, job, request_id):
                 return
@@ -253,6 +258,7 @@ class NodeExecution:
         """Put an answered chunk on the timeline, publish it whole on the chunk topic and
         its steps due now; False when the chunk was refused or could not be published."""
         stamp_ns = ros_conversion.stamp_to_nanoseconds(job.frame.stamp)
+        self._remember_chunk(chunk, job.frame.stamp, stamp_ns, request_id)
         acceptance = self._executor.accept(chunk, stamp_ns / 1e9, request_id)
         if not acceptance.accepted:
             self._count("chunks_refused")
@@ -262,11 +268,11 @@ class NodeExecution:
             )
             return True  # nothing to publish for it, and nothing failed
         self._count("chunks_accepted")
-        self._publish_chunk(chunk, job.frame.stamp, stamp_ns, request_id)
-        published = self._publish_due()
-        if published:
-            self._count_task_step(job.task_generation)
-        return published is not False
+        # A decision of the task: counted here, not where its steps are published, since
+        # the executor's tick may publish them first (on the other thread).
+        self._count_task_step(job.task_generation)
+        self._publish_chunk(chunk, job.frame.stamp, request_id)
+        return self._publish_due() is not False
 
     def _on_executor_tick(self) -> None:
         """Publish due steps; when the timeline is about to run dry, send the next frame."""

@@ -82,17 +82,21 @@ class NodePublishing:
             )
             return False
 
-    def _publish_chunk(
+    def _remember_chunk(
         self, chunk: ActionChunk, stamp: Any, stamp_ns: int, request_id: str
     ) -> None:
-        """Remember an accepted chunk for its steps and publish it whole on the chunk topic
-        (logged when it cannot be: its steps will fail too)."""
+        """What the steps of a chunk need to be published. Called before the executor
+        accepts the chunk: its tick, on the other thread, may publish a step at once."""
         with self._chunks_lock:
             self._chunks[request_id] = _ChunkInfo(
                 stamp, stamp_ns, len(chunk), chunk.action_period_sec
             )
             while len(self._chunks) > REMEMBERED_CHUNKS:
                 self._chunks.pop(next(iter(self._chunks)))
+
+    def _publish_chunk(self, chunk: ActionChunk, stamp: Any, request_id: str) -> None:
+        """Publish an accepted chunk whole on the chunk topic (logged when it cannot be:
+        its steps will fail too)."""
         try:
             if not self._closing:
                 self._chunk_publisher.publish(ros_conversion.chunk_to_msg(chunk, stamp, request_id))

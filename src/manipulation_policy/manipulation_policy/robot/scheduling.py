@@ -235,6 +235,12 @@ class FrameScheduler:
             self._task_generation += 1
             return was_active
 
+    def is_current(self, generation: int) -> bool:
+        """Whether task ``generation`` is still the task being worked on: an answer to an
+        observation of an ended or replaced task is not to be published."""
+        with self._lock:
+            return generation == self._task_generation and self._task_active
+
     def count_step(self, generation: int, max_steps: int) -> bool:
         """One decision of task ``generation`` was published; True when that ended the
         task (``max_steps`` > 0 reached). Steps of an earlier or ended task are ignored."""
