@@ -189,6 +189,20 @@ _FIXED_ARGUMENTS = (
         "send the next observation when the action timeline has this many seconds left "
         "(< 0: automatic, from the measured latency)",
     ),
+    LaunchArgument(
+        "dry_run",
+        "true: everything runs but commands go to /manipulation/policy_output_preview "
+        "(and chunks to /manipulation/policy_chunk_preview); the robot gets nothing",
+    ),
+    LaunchArgument(
+        "autostart",
+        "true: the node configures and activates itself; false: it waits unconfigured "
+        "for `ros2 lifecycle set` or a lifecycle manager",
+    ),
+    LaunchArgument(
+        "input_timeout_sec",
+        "input watchdog: no camera frame or joint state for this many seconds means a hold",
+    ),
     LaunchArgument("backend", "openvla, stub or module.path:ClassName (local mode)"),
 )
 

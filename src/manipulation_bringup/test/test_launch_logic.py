@@ -42,6 +42,12 @@ SHARED_DEFAULTS = {
     "chunk_ensemble_weight": 0.01,
     "crossfade_steps": 4,
     "refill_horizon_sec": -1.0,
+    "autostart": True,
+    "dry_run": False,
+    "preview_topic": "/manipulation/policy_output_preview",
+    "chunk_preview_topic": "/manipulation/policy_chunk_preview",
+    "estop_topic": "/manipulation/estop",
+    "input_timeout_sec": 1.0,
 }
 LOCAL_DEFAULTS = {
     "backend": "openvla",

@@ -11,12 +11,14 @@ The ros2 command line is on no package registry: `make test` installs it from
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -39,14 +41,19 @@ from manipulation_policy.server.process import running_server  # noqa: E402
 
 # A domain of this file's own: no other test's nodes in the `ros2` listings.
 DOMAIN_ID = 150 + os.getpid() % 50
+# The managed node's test: a domain apart from the module's autostarted stack.
+MANAGED_DOMAIN_ID = DOMAIN_ID - 50
 ENV = {**os.environ, "ROS_DOMAIN_ID": str(DOMAIN_ID)}
 NODE = "/remote_policy_node"
 WAIT_SEC = 30.0
 
 
-def ros2(*arguments: str, timeout: float = WAIT_SEC) -> subprocess.CompletedProcess:
+def ros2(
+    *arguments: str, timeout: float = WAIT_SEC, domain: int = DOMAIN_ID
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["ros2", *arguments], env=ENV, capture_output=True, text=True, timeout=timeout
+        ["ros2", *arguments], env={**ENV, "ROS_DOMAIN_ID": str(domain)},
+        capture_output=True, text=True, timeout=timeout,
     )
 
 
@@ -60,9 +67,9 @@ def ros2_param(verb: str, *arguments: str) -> str:
 class RobotInputs:
     """A camera and joint states at 10 Hz, as the robot's drivers publish them."""
 
-    def __init__(self) -> None:
+    def __init__(self, domain: int = DOMAIN_ID) -> None:
         self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=DOMAIN_ID)
+        rclpy.init(context=self.context, domain_id=domain)
         self.node = rclpy.create_node("fake_robot_drivers", context=self.context)
         camera = self.node.create_publisher(
             Image, "/camera/color/image_raw", qos_profile_sensor_data
@@ -94,19 +101,20 @@ class RobotInputs:
         self.context.try_shutdown()
 
 
-@pytest.fixture(scope="module")
-def launched_stack():
+@contextlib.contextmanager
+def launched(*arguments: str, domain: int = DOMAIN_ID) -> Iterator[subprocess.Popen]:
+    """`ros2 launch` of the remote node against a stub server, with the robot's inputs."""
     with running_server("--backend", "stub") as url:
         launch = subprocess.Popen(
             ["ros2", "launch", "manipulation_bringup", "core_launch.py",
-             "use_remote_policy:=true", f"remote_url:={url}"],
-            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
+             "use_remote_policy:=true", f"remote_url:={url}", *arguments],
+            env={**ENV, "ROS_DOMAIN_ID": str(domain)}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
-        inputs = RobotInputs()
+        inputs = RobotInputs(domain)
         try:
             deadline = time.monotonic() + WAIT_SEC
-            while NODE not in ros2("node", "list", "--no-daemon").stdout.split():
+            while NODE not in ros2("node", "list", "--no-daemon", domain=domain).stdout.split():
                 assert launch.poll() is None, launch.stdout.read()
                 assert time.monotonic() < deadline, "remote_policy_node never appeared"
                 time.sleep(0.5)
@@ -120,6 +128,27 @@ def launched_stack():
             except subprocess.TimeoutExpired:
                 os.killpg(launch.pid, signal.SIGKILL)
                 launch.communicate()
+
+
+@pytest.fixture(scope="module")
+def launched_stack():
+    with launched() as launch:
+        yield launch
+
+
+def ros2_lifecycle(verb: str, *arguments: str, domain: int = DOMAIN_ID) -> str:
+    answer = ros2(
+        "lifecycle", verb, "--no-daemon", "--spin-time", "3", NODE, *arguments, domain=domain
+    )
+    return (answer.stdout + answer.stderr).strip()
+
+
+def echo_once(topic: str, timeout: float = WAIT_SEC, domain: int = DOMAIN_ID):
+    try:
+        return ros2("topic", "echo", "--once", "--no-daemon", topic,
+                    "manipulation_msgs/msg/PolicyOutput", timeout=timeout, domain=domain)
+    except subprocess.TimeoutExpired as exc:
+        return subprocess.CompletedProcess(exc.cmd, 124, "", "timed out")
 
 
 def test_topic_echo_shows_the_policy_outputs(launched_stack):
@@ -158,3 +187,28 @@ def test_param_describe_shows_the_range(launched_stack):
     described = ros2_param("describe", "remote_retry_attempts")
     assert "Type: integer" in described
     assert "Min value: 0" in described
+
+
+def test_lifecycle_get_shows_the_autostarted_node_active(launched_stack):
+    assert ros2_lifecycle("get") == "active [3]"
+
+
+def test_lifecycle_set_walks_a_managed_node_from_unconfigured_to_commands_and_back():
+    domain = MANAGED_DOMAIN_ID
+
+    def lifecycle(verb: str, *arguments: str) -> str:
+        return ros2_lifecycle(verb, *arguments, domain=domain)
+
+    with launched("autostart:=false", domain=domain):
+        assert lifecycle("get") == "unconfigured [1]"
+        assert lifecycle("set", "configure") == "Transitioning successful"
+        assert lifecycle("get") == "inactive [2]"
+        quiet = echo_once("/manipulation/policy_output", timeout=5.0, domain=domain)
+        assert quiet.returncode != 0, quiet.stdout  # configured, not active: no commands
+        assert lifecycle("set", "activate") == "Transitioning successful"
+        echoed = echo_once("/manipulation/policy_output", domain=domain)
+        assert echoed.returncode == 0 and "has_eef_target: true" in echoed.stdout
+        assert lifecycle("set", "deactivate") == "Transitioning successful"
+        assert lifecycle("get") == "inactive [2]"
+        assert lifecycle("set", "cleanup") == "Transitioning successful"
+        assert lifecycle("get") == "unconfigured [1]"

@@ -3,6 +3,9 @@
 ``RawPolicyServer(behaviour)`` accepts connections and, for each request,
 calls ``behaviour(request, sock)``, which writes whatever bytes it likes:
 a trickled answer, a redirect, a gzip bomb, an answer that never ends.
+The remote node's configure check (``GET /health``, ``GET /info``) is answered
+as a healthy server without /info would, and not recorded, unless
+``answer_checks`` is False: then the behaviour gets those requests too.
 Each connection has its own thread, so a slow behaviour never blocks others.
 """
 
@@ -70,6 +73,14 @@ def good_answer(joint_count: int, **overrides: Any) -> dict:
     return answer
 
 
+def answer_check(request: Request, sock: socket.socket) -> None:
+    """What a healthy server without /info answers to the remote node's configure check."""
+    if request.path == "/health":
+        send_json(sock, {"status": "ok"})
+    else:
+        send_json(sock, {"error": "not_found"}, status=404)
+
+
 def send_json(sock: socket.socket, payload: Any, status: int = 200, **headers: str) -> None:
     sock.sendall(http_answer(status, json.dumps(payload).encode(), **headers))
 
@@ -102,8 +113,9 @@ def gzip_bytes(data_size: int) -> bytes:
 
 
 class RawPolicyServer:
-    def __init__(self, behaviour: Behaviour):
+    def __init__(self, behaviour: Behaviour, answer_checks: bool = True):
         self.behaviour = behaviour
+        self.answer_checks = answer_checks
         self._lock = threading.Lock()
         self.requests: list[Request] = []
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -145,6 +157,9 @@ class RawPolicyServer:
                 request, buffer = _read_request(sock, buffer)
                 if request is None:
                     return
+                if self.answer_checks and request.method == "GET":
+                    answer_check(request, sock)
+                    continue
                 request = dataclasses.replace(
                     request, client_port=client_port, index_on_connection=index
                 )

@@ -73,6 +73,9 @@ class Rig:
             "eef_pose_topic": f"{prefix}/eef_pose",
             "observation_topic": f"{prefix}/observation",
             "output_topic": f"{prefix}/policy_output",
+            "preview_topic": f"{prefix}/policy_output_preview",
+            "chunk_preview_topic": f"{prefix}/policy_chunk_preview",
+            "estop_topic": f"{prefix}/estop",
         }
         self.node = Node("test_rig", context=self.context)
         node = self.node

@@ -106,6 +106,12 @@ class ScriptedPolicyServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def do_GET(self) -> None:  # noqa: N802 - the remote node's configure check
+                if self.path == "/health":
+                    self._answer(200, {"status": "ok"})
+                else:
+                    self._answer(404, {"error": "not_found"})
+
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 record: dict[str, Any] = {

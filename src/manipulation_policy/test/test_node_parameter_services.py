@@ -16,6 +16,7 @@ from parameter_services import ParameterServices
 from rcl_interfaces.msg import ParameterType
 from rclpy.exceptions import ParameterException
 from rclpy.parameter import Parameter, parameter_value_to_python
+from remote_harness import ScriptedPolicyServer
 
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.nodes.policy_node import PolicyNode
@@ -26,17 +27,23 @@ from manipulation_policy.robot.node_parameters import (
     REMOTE_NODE_PARAMETERS,
 )
 
-UNUSED_URL = "http://127.0.0.1:9"  # never asked: no camera frames in these tests
+
+@pytest.fixture(scope="module")
+def policy_server():
+    """Asked only for its /health when a remote node configures: no camera frames here."""
+    with ScriptedPolicyServer() as server:
+        yield server
 
 
 @pytest.fixture
-def rig():
+def rig(policy_server):
     with Rig() as rig:
+        rig.policy_url = policy_server.url
         yield rig
 
 
 def remote_node(rig: Rig, **values) -> RemotePolicyNode:
-    return rig.add(RemotePolicyNode(**rig.node_kwargs(remote_url=UNUSED_URL, **values)))
+    return rig.add(RemotePolicyNode(**rig.node_kwargs(remote_url=rig.policy_url, **values)))
 
 
 def client(rig: Rig, node_name: str) -> ParameterServices:
@@ -87,7 +94,7 @@ def test_integer_start_values_for_doubles_are_doubles(rig, tmp_path):
     )
     node = rig.add(RemotePolicyNode(
         cli_args=["--ros-args", "--params-file", str(params)],
-        **rig.node_kwargs(remote_url=UNUSED_URL, inference_rate=8),
+        **rig.node_kwargs(remote_url=rig.policy_url, inference_rate=8),
     ))  # fmt: skip
     parameters = client(rig, "remote_policy_node")
     for name, want in (("remote_timeout_sec", 2.0), ("max_eef_delta_m", 1.0),

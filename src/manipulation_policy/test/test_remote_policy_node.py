@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from node_harness import (
     sample_image,
     wait_until,
 )
+from parameter_services import ParameterServices
 from rclpy.parameter import Parameter
 
 from manipulation_policy.core.policy_types import ActionChunk, Observation
@@ -291,9 +293,9 @@ def test_the_executable_stops_cleanly_on_sigint(scripted_server):
         while time.monotonic() < deadline:  # wait until it is up and spinning
             line = process.stdout.readline()
             lines.append(line)
-            if "listening to" in line or not line:
+            if "active:" in line or not line:
                 break
-        assert any("listening to" in line and "at 10 Hz" in line for line in lines), lines
+        assert any("active:" in line and "at up to 10 Hz" in line for line in lines), lines
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=15)
     assert process.returncode == 0, output
@@ -338,3 +340,53 @@ def test_failures_then_recovery_are_each_reported(scripted_server):
     assert isinstance(source(observation), ActionChunk)
     assert recoveries == ["policy server answers again"]
     source.close()
+
+
+SECRET = "sk-live-0123456789abcdef0123456789abcdef"
+
+
+def logged_text(output: str, log_dir) -> str:
+    """What the node printed and what it wrote under ROS_LOG_DIR, together."""
+    files = [path for path in log_dir.rglob("*") if path.is_file()]
+    return output + "".join(path.read_text(errors="replace") for path in files)
+
+
+@pytest.mark.parametrize("given", [SECRET, "123456789012345678"], ids=["text", "number"])
+def test_a_key_given_as_a_parameter_is_refused_at_start_without_being_shown(tmp_path, given):
+    log_dir = tmp_path / "ros_log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "manipulation_policy.nodes.remote_policy_node",
+         "--ros-args", "-p", f"remote_api_key:={given}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "ROS_LOG_DIR": str(log_dir)},
+    )
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 2, output
+    assert "remote_api_key" in output and "remote_api_key_file" in output, output
+    assert "Traceback" not in output
+    assert given not in logged_text(output, log_dir)
+
+
+def test_a_key_set_live_is_refused_without_being_shown(rig, scripted_server, tmp_path):
+    log_dir = tmp_path / "ros_log"
+    namespace = f"{rig.namespace}_secret"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "manipulation_policy.nodes.remote_policy_node",
+         "--ros-args", "-r", f"__ns:={namespace}", "-p", f"remote_url:={scripted_server.url}",
+         "--log-level", "debug"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "ROS_LOG_DIR": str(log_dir)},
+    )
+    with killed_if_left_running(process):
+        services = ParameterServices(rig.node, f"{namespace}/remote_policy_node")
+        assert services.wait_for_services(timeout_sec=30.0)
+        for value in (SECRET, 12345678901234):
+            future = services.set_parameters([Parameter("remote_api_key", value=value)])
+            assert wait_until(future.done, 30.0)
+            [result] = future.result().results
+            assert not result.successful and str(value) not in result.reason
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    text = logged_text(output, log_dir)
+    assert "refused parameter change: remote_api_key" in text
+    assert SECRET not in text and "12345678901234" not in text

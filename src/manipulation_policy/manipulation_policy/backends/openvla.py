@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import importlib.util
 import json
 import logging
@@ -756,6 +757,15 @@ class OpenVLABackend:
         for (index, _image, _prompt), raw in zip(ready, raw_actions, strict=True):
             outcomes[index] = self._to_action(raw, observations[index])
         return outcomes
+
+    def close(self) -> None:
+        """Let the weights go (the in-process node's cleanup): with the last reference
+        dropped, their GPU memory returns to the device."""
+        self._model = None
+        self._processor = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -57,11 +57,24 @@ class NodeExecution:
         )
         self._request_numbers = itertools.count(1)
 
-    def _start_execution(self, node_name: str, values: dict[str, Any]) -> None:
-        """The executor's tick, the worker and the rate timer."""
-        self.create_timer(EXECUTOR_TICK_SEC, self._on_executor_tick)
-        self._worker: SkippingWorker[Job] = SkippingWorker(self._run_job, f"{node_name}_worker")
+    def _start_worker(self) -> None:
+        """The worker thread (configure)."""
+        self._worker: SkippingWorker[Job] = SkippingWorker(
+            self._run_job, f"{self.get_name()}_worker"
+        )
+
+    def _start_timers(self, values: dict[str, Any]) -> None:
+        """The executor's tick and the rate timer (activate)."""
+        self._tick_timer = self.create_timer(EXECUTOR_TICK_SEC, self._on_executor_tick)
         self._timer = self.create_timer(1.0 / values["inference_rate"], self._on_tick)
+
+    def _stop_timers(self) -> None:
+        """No more ticks and no more frames to the worker (deactivate)."""
+        for name in ("_tick_timer", "_timer"):
+            timer = getattr(self, name, None)
+            if timer is not None:
+                self.destroy_timer(timer)
+                setattr(self, name, None)
 
     def _execution_parameters_changed(self, changes: dict[str, Any]) -> None:
         if EXECUTOR_PARAMETER_NAMES.intersection(changes):
@@ -71,11 +84,17 @@ class NodeExecution:
 
     def _rate_changed(self, rate: float) -> None:
         # Recreated rather than re-periodised: Humble's Timer has no period setter.
+        if getattr(self, "_timer", None) is None:
+            return  # not active: activation starts it at the rate then in effect
         self.destroy_timer(self._timer)
         self._timer = self.create_timer(1.0 / rate, self._on_tick)
 
     def _stop_worker(self) -> None:
-        if not self._worker.stop():
+        worker = getattr(self, "_worker", None)
+        if worker is None:
+            return
+        self._worker = None
+        if not worker.stop():
             self.get_logger().warning("policy worker still busy at shutdown; left behind")
 
     # ------------------------------------------------------------ the task
@@ -119,6 +138,10 @@ class NodeExecution:
         Runs in the image callback and the timer, never concurrently with itself: all
         of the node's callbacks share its default, mutually exclusive callback group.
         """
+        if not self._publishing or self._worker is None or self.hold_reason() is not None:
+            return  # not active, or stopped: no inference starts
+        if not self.estop_state_known():
+            return  # a stop latched before activation may still be on its way
         if self._executor.remaining_sec() > self._executor.refill_horizon_sec() + 1e-6:
             return  # the action timeline has enough left: the next observation waits
         values = self.parameter_values()
@@ -178,6 +201,8 @@ class NodeExecution:
         return None
 
     def _run_job(self, job: Job) -> None:
+        if self.hold_reason() is not None:
+            return  # a stop began after this frame was handed over
         try:
             if isinstance(job.frame.msg, CompressedImage):
                 image = ros_conversion.compressed_image_to_rgb(job.frame.msg)
@@ -217,6 +242,11 @@ class NodeExecution:
             # The task ended (max_steps) or changed while this observation was answered.
             self._executor.request_failed(request_id)
             self._count("answers_after_task")
+            return
+        if self.hold_reason() is not None:
+            # A stop began while this observation was answered: its hold went out.
+            self._executor.request_failed(request_id)
+            self._count("answers_after_stop")
             return
         if isinstance(answer, ActionChunk):
             if self._take_chunk(answer, job, request_id):
@@ -275,9 +305,11 @@ class NodeExecution:
         return self._publish_due() is not False
 
     def _on_executor_tick(self) -> None:
-        """Publish due steps; when the timeline is about to run dry, send the next frame."""
+        """Check the inputs, publish due steps; when the timeline is about to run dry, send
+        the next frame."""
+        self._check_inputs()
         self._publish_due()
-        if self._worker.busy:
+        if self._worker is None or self._worker.busy:
             return
         remaining = self._executor.remaining_sec()
         if 0.0 < remaining <= self._executor.refill_horizon_sec() + 1e-6:

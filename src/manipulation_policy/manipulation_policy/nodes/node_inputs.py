@@ -85,10 +85,11 @@ class NodeInputs:
         return Frame(msg, info, stamp)
 
     def _store_frame(self, msg) -> None:
+        self._watchdog.camera_frame_received()
         with self._state_lock:
             self._counters["images"] += 1
             self._latest_frame = self._new_frame(msg, msg.header.stamp)
-        if self._ready:
+        if self._publishing:
             self._dispatch_newest()
 
     def _usable_image(self, msg: Image, topic: str) -> bool:
@@ -116,6 +117,7 @@ class NodeInputs:
 
     def _on_joint_state(self, msg: JointState) -> None:
         state = ros_conversion.joint_state_to_data(msg)
+        self._watchdog.joint_state_received()
         with self._state_lock:
             self._counters["joint_states"] += 1
             self._latest_joint_state = state
@@ -140,6 +142,10 @@ class NodeInputs:
             eef=ros_conversion.observation_eef_pose(msg),
         )
         stamp_ns = ros_conversion.stamp_to_nanoseconds(msg.header.stamp)
+        if image_usable:
+            self._watchdog.camera_frame_received()
+        if parts_without_frame.joint_state.name:
+            self._watchdog.joint_state_received()
         with self._state_lock:
             self._counters["observations"] += 1
             frame = (
@@ -149,7 +155,7 @@ class NodeInputs:
             self._latest_aggregate = AggregatedObservation(
                 stamp_ns, Inputs(frame, parts_without_frame.joint_state, parts_without_frame.eef)
             )
-        if self._ready:
+        if self._publishing:
             self._dispatch_newest()
 
     def _on_eef_pose(self, msg) -> None:

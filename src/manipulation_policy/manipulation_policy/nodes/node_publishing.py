@@ -44,11 +44,19 @@ class NodePublishing:
         self._chunks_lock = threading.Lock()
         self._chunks: dict[str, _ChunkInfo] = {}  # request id -> its accepted chunk
         self._reported_underruns = 0
+        # Commands go out only while active (lifecycle); the lock orders the last command
+        # before deactivation's hold, and nothing after it.
+        self._publish_lock = threading.RLock()
+        self._publishing = False
 
     def _create_publishers(self, values: dict[str, Any]) -> None:
         self._publisher = self.create_publisher(PolicyOutput, values["output_topic"], 10)
         self._chunk_publisher = self.create_publisher(
             PolicyActionChunk, values["chunk_topic"], 10
+        )
+        self._preview_publisher = self.create_publisher(PolicyOutput, values["preview_topic"], 10)
+        self._chunk_preview_publisher = self.create_publisher(
+            PolicyActionChunk, values["chunk_preview_topic"], 10
         )
         self._executor_diagnostics = self.create_publisher(DiagnosticArray, DIAGNOSTICS_TOPIC, 10)
 
@@ -56,7 +64,11 @@ class NodePublishing:
         self.create_timer(EXECUTOR_DIAGNOSTICS_PERIOD_SEC, self._publish_executor_diagnostics)
 
     def _publish(self, action: PolicyAction, job: Job, request_id: str = "") -> bool:
-        """Publish ``action`` for ``job``'s frame at once; False (logged) when it cannot be."""
+        """Publish ``action`` for ``job``'s frame at once; False (logged) when it cannot be.
+        While a stop holds (e-stop, stale inputs), a hold goes out instead."""
+        if self.hold_reason() is not None and not action.is_hold:
+            self._count("held_by_stop")
+            action = PolicyAction.hold(action.reference_frame)
         stamp_ns = ros_conversion.stamp_to_nanoseconds(job.frame.stamp)
         return self._send(
             lambda: ros_conversion.command_to_policy_output(
@@ -68,11 +80,13 @@ class NodePublishing:
     def _send(self, build: Callable[[], PolicyOutput], task_generation: Optional[int]) -> bool:
         try:
             msg = build()
-            if not self._closing:
-                self._publisher.publish(msg)
-                self._count("published")
-                if task_generation is not None:
-                    self._count_task_step(task_generation)
+            with self._publish_lock:
+                if self._closing or not self._publishing:
+                    return True  # not active: nothing goes out, and nothing failed
+                self._command_publisher().publish(msg)
+            self._count("published")
+            if task_generation is not None:
+                self._count_task_step(task_generation)
             return True
         except Exception as exc:  # noqa: BLE001 - e.g. text ROS cannot carry: this cycle fails
             self._count("publish_failed")
@@ -98,8 +112,10 @@ class NodePublishing:
         """Publish an accepted chunk whole on the chunk topic (logged when it cannot be:
         its steps will fail too)."""
         try:
-            if not self._closing:
-                self._chunk_publisher.publish(ros_conversion.chunk_to_msg(chunk, stamp, request_id))
+            msg = ros_conversion.chunk_to_msg(chunk, stamp, request_id)
+            with self._publish_lock:
+                if not self._closing and self._publishing:
+                    self._chunk_output_publisher().publish(msg)
         except Exception as exc:  # noqa: BLE001 - unpublishable: its steps will fail too
             self._count("publish_failed")
             self.get_logger().error(
@@ -115,6 +131,8 @@ class NodePublishing:
         return all([self._publish_command(command) for command in commands])
 
     def _publish_command(self, command: DueCommand) -> bool:
+        if self.hold_reason() is not None:
+            return True  # the stop dropped the plan and published its hold
         with self._chunks_lock:
             info = self._chunks.get(command.request_id)
         if info is None:  # forgotten (cannot happen with REMEMBERED_CHUNKS > 1)
@@ -160,7 +178,7 @@ class NodePublishing:
         ]
         msg = DiagnosticArray()
         msg.header.stamp = self.get_clock().now().to_msg()
-        msg.status = [status]
+        msg.status = [status, self._safety_status(self.lifecycle_state)]
         if not self._closing:
             self._executor_diagnostics.publish(msg)
 

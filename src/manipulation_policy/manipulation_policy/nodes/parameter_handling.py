@@ -34,7 +34,10 @@ from manipulation_policy.robot.node_parameters import (
     specs_by_name,
 )
 
-SECRET_PARAMETERS = frozenset({"remote_api_key"})
+
+class SecretParameterRefused(ValueError):
+    """A start value of a secret parameter is refused; the message never holds the value
+    (rclpy's InvalidParameterValueException would print it)."""
 
 
 class NodeParameters:
@@ -115,6 +118,11 @@ class NodeParameters:
                 continue
             given = as_declared_type(spec, given)
             problem = parameter_problem(spec, given.value, started=False)
+            if problem is not None and spec.secret:
+                overrides.pop(name)  # the value goes nowhere, not even into a traceback
+                raise SecretParameterRefused(
+                    f"parameter {name} refused at start: {problem}. {spec.description}"
+                )
             if problem is not None:
                 raise InvalidParameterValueException(name, given.value, problem)
             overrides[name] = given
@@ -157,6 +165,6 @@ class NodeParameters:
         with self._values_lock:
             self._values.update(changes)
         self._react_to(changes)
-        shown = {k: ("***" if k in SECRET_PARAMETERS and v else v) for k, v in changes.items()}
+        shown = {k: ("***" if self._specs[k].secret and v else v) for k, v in changes.items()}
         self.get_logger().info(f"parameters changed: {shown}")
         self.parameters_changed(changes)

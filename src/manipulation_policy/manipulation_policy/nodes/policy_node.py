@@ -40,6 +40,14 @@ class PolicyNode(PolicyNodeBase):
         self.get_logger().info(f"backend ready: {backend.describe()}")
         return predictor(backend)
 
+    def close_action_source(self) -> None:
+        """Release the model (cleanup, shutdown): the backend's close(), where it has one,
+        and no reference left here."""
+        backend, self.backend = getattr(self, "backend", None), None
+        close = getattr(backend, "close", None)
+        if callable(close):
+            close()
+
 
 def main(args: Optional[list[str]] = None) -> int:
     return run_node(PolicyNode, args)

@@ -28,12 +28,22 @@ Inputs: the raw topics (camera, joint states, end-effector pose) and, with
 perception node; ``robot/observation_inputs.select_inputs`` chooses between them
 by the aggregated observation's freshness, each time a frame may go.
 
+Lifecycle: the node is a managed node. Construction declares the parameters and
+subscribes (inputs, e-stop); ``configure`` makes the action source (loads the model,
+or checks the policy server) and the worker; ``activate`` starts the timers and lets
+commands out; ``deactivate`` publishes one hold and stops them; ``cleanup`` and
+``shutdown`` release the action source. With ``autostart`` (the default) the node
+configures and activates itself at start, as a plain node would; a failed configure
+leaves it unconfigured with its reason logged, and the remote node tries again every
+``AUTOSTART_RETRY_SEC`` (a server may come up later).
+
 The node is composed of one part per job, each a mixin in its own module that
 owns its state: ``parameter_handling`` (declaration, checks, live changes),
 ``node_inputs`` (subscriptions, input selection), ``node_execution`` (scheduling,
-the worker, the action timeline) and ``node_publishing`` (outputs, chunks,
-diagnostics). This module builds them in order, reacts to accepted parameter
-changes across them, keeps the shared counters and shuts down.
+the worker, the action timeline), ``node_safety`` (e-stop, input watchdog, dry run)
+and ``node_publishing`` (outputs, chunks, diagnostics). This module builds them in
+order, runs the lifecycle transitions, reacts to accepted parameter changes across
+them, keeps the shared counters and shuts down.
 """
 
 from __future__ import annotations
@@ -46,11 +56,13 @@ from typing import Any, Optional
 import rclpy
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
 
 from manipulation_policy.nodes.node_execution import ActionSource, NodeExecution
 from manipulation_policy.nodes.node_inputs import NodeInputs
 from manipulation_policy.nodes.node_publishing import NodePublishing
+from manipulation_policy.nodes.node_safety import NodeSafety
 from manipulation_policy.nodes.parameter_handling import NodeParameters
 from manipulation_policy.robot.node_parameters import ParameterSpec
 from manipulation_policy.robot.scheduling import task_active_at_start
@@ -58,20 +70,35 @@ from manipulation_policy.robot.scheduling import task_active_at_start
 __all__ = ["ActionSource", "PolicyNodeBase", "run_node"]
 
 
-class PolicyNodeBase(NodeParameters, NodeInputs, NodeExecution, NodePublishing, Node):
+class ConfigureFailed(Exception):
+    """The action source cannot be made (no weights, no server): the reason, in one line."""
+
+
+class PolicyNodeBase(
+    NodeParameters, NodeInputs, NodeExecution, NodeSafety, NodePublishing, LifecycleNode
+):
     """The shared node; subclasses supply the action source through two hooks.
 
-    - ``create_action_source()``: called once, after parameters are declared.
+    - ``create_action_source()``: called at each configure; raises (ConfigureFailed,
+      ValueError, OSError...) with a reason when it cannot be made.
     - ``parameters_changed(changed)``: called after live parameters were accepted.
     """
 
     # remote_policy_node sets this: upstream's use_remote:=true then means "this node".
     remote = False
+    # Seconds between configure attempts under autostart after a failed one (None: no
+    # retry: missing weights do not come back by themselves; a server may).
+    AUTOSTART_RETRY_SEC: Optional[float] = None
 
     def __init__(self, node_name: str, extra_parameters: Sequence[ParameterSpec], **node_kwargs):
         super().__init__(node_name, **node_kwargs)
         self._ready = False
         self._closing = False
+        self.lifecycle_state = "unconfigured"
+        self.action_source: Optional[ActionSource] = None
+        self._worker = None
+        self._autostart_timer = None
+        self.configure_problem: Optional[str] = None
         # Guards the inputs' latest messages and the counters.
         self._state_lock = threading.Lock()
         self._counters = {
@@ -88,6 +115,9 @@ class PolicyNodeBase(NodeParameters, NodeInputs, NodeExecution, NodePublishing, 
             "chunks_accepted": 0,
             "chunks_refused": 0,
             "underrun_holds": 0,
+            "stop_holds": 0,
+            "held_by_stop": 0,
+            "answers_after_stop": 0,
         }
         self._init_scheduling()
         self._init_inputs()
@@ -97,21 +127,126 @@ class PolicyNodeBase(NodeParameters, NodeInputs, NodeExecution, NodePublishing, 
             self._scheduler.start_task()
         self._init_executor(values)
         self._init_publishing()
-
-        self.action_source: ActionSource = self.create_action_source()
+        self._init_safety(values)
 
         self._subscribe_to_inputs(values)
         self._create_publishers(values)
         self._start_diagnostics()
-        self._start_execution(node_name, values)
         self._ready = True
+        if values["autostart"]:
+            self._autostart()
+        else:
+            self.get_logger().info(
+                "autostart is false: unconfigured until `ros2 lifecycle set "
+                f"{self.get_fully_qualified_name()} configure` (or a lifecycle manager)"
+            )
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _autostart(self) -> None:
+        """configure, then activate; under AUTOSTART_RETRY_SEC, again until configured."""
+        if self.lifecycle_state != "unconfigured":
+            self._stop_autostart_retry()
+            return
+        if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            self._stop_autostart_retry()
+            self.trigger_activate()
+        elif self.AUTOSTART_RETRY_SEC is not None and self._autostart_timer is None:
+            self.get_logger().info(
+                f"autostart: trying to configure again every {self.AUTOSTART_RETRY_SEC:g} s"
+            )
+            self._autostart_timer = self.create_timer(self.AUTOSTART_RETRY_SEC, self._autostart)
+
+    def _stop_autostart_retry(self) -> None:
+        if self._autostart_timer is not None:
+            self.destroy_timer(self._autostart_timer)
+            self._autostart_timer = None
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self.action_source = self.create_action_source()
+        except Exception as exc:  # noqa: BLE001 - any reason leaves the node unconfigured
+            self.configure_problem = failure_reason(exc)
+            self.get_logger().error(f"configure failed: {self.configure_problem}")
+            self.action_source = None
+            return TransitionCallbackReturn.FAILURE
+        self.configure_problem = None
+        self._start_worker()
+        self.lifecycle_state = "inactive"
+        values = self.parameter_values()
         self.get_logger().info(
-            f"listening to {self._camera_topic} ({values['image_transport']})"
+            f"configured: listening to {self._camera_topic} ({values['image_transport']})"
             + (f" and {self._observation_topic} (aggregated observation)"
                if values["use_observation"] else "")
-            + f", publishing {values['output_topic']} at {values['inference_rate']:g} Hz; "
-            f"tasks on {self._task_topic}"
+            + f"; tasks on {self._task_topic}; e-stop on {self._estop_topic}"
         )
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        values = self.parameter_values()
+        self._executor.clear()
+        self._watchdog.arm()
+        self._estop_gate.arm()
+        with self._publish_lock:
+            self._publishing = True
+        self._start_timers(values)
+        self.lifecycle_state = "active"
+        destination = (
+            f"dry run: commands go to {values['preview_topic']}, nothing to "
+            f"{values['output_topic']}" if values["dry_run"]
+            else f"commands go to {values['output_topic']}"
+        )
+        self.get_logger().info(
+            f"active: {destination}, at up to {values['inference_rate']:g} Hz"
+            + (f"; EMERGENCY STOP engaged on {self._estop_topic}"
+               if self._stops.estop_engaged else "")
+        )
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stand_down()
+        self.lifecycle_state = "inactive"
+        self.get_logger().info("inactive: one hold published, no more commands")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        self.lifecycle_state = "unconfigured"
+        self.get_logger().info("cleaned up: action source released")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_autostart_retry()
+        if self._publishing:
+            self._stand_down()
+        self._release()
+        self.lifecycle_state = "finalized"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stand_down()
+        self._release()
+        self.lifecycle_state = "unconfigured"
+        return TransitionCallbackReturn.SUCCESS
+
+    def _stand_down(self) -> None:
+        """Stop the timers and the planned steps; one hold, then nothing goes out."""
+        self._stop_timers()
+        self._executor.clear()
+        with self._publish_lock:
+            if self._publishing:
+                self._publish_hold_now()
+            self._publishing = False
+        self._watchdog.disarm()
+        self._stops.clear_input_problem()
+
+    def _release(self) -> None:
+        """The action source (model, connections) and the worker go."""
+        if self.action_source is not None:
+            self.close_action_source()
+        self._stop_worker()
+        self.action_source = None
+        self._executor.clear()
 
     # ------------------------------------------------------------ hooks
 
@@ -126,6 +261,8 @@ class PolicyNodeBase(NodeParameters, NodeInputs, NodeExecution, NodePublishing, 
     def _react_to(self, changes: dict[str, Any]) -> None:
         """What accepted live parameter changes set in motion (values already current)."""
         self._execution_parameters_changed(changes)
+        if "dry_run" in changes:
+            self._dry_run_changed(changes["dry_run"])
         if "use_observation" in changes:
             self._use_observation_changed(changes["use_observation"])
         if "inference_rate" in changes:
@@ -154,11 +291,23 @@ class PolicyNodeBase(NodeParameters, NodeInputs, NodeExecution, NodePublishing, 
         if self._closing:
             return
         self._closing = True
-        if hasattr(self, "_worker"):
-            if hasattr(self, "action_source"):
-                self.close_action_source()
-            self._stop_worker()
+        if hasattr(self, "_executor"):  # construction got that far
+            self._stop_autostart_retry()
+            self._stop_timers()
+            with self._publish_lock:
+                self._publishing = False
+            self._release()
         super().destroy_node()
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a configure failed, in one printable line: a ConfigureFailed's own words, else
+    the exception's type and the first line of its message (as the server's start says)."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if not isinstance(exc, ConfigureFailed):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if text.isprintable() else ascii(text)[1:-1]
 
 
 def run_node(factory: Callable[[], Node], args: Optional[list[str]] = None) -> int:

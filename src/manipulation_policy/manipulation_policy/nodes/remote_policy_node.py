@@ -30,7 +30,7 @@ from manipulation_policy.core.contract import (
 )
 from manipulation_policy.core.policy_types import ActionChunk, Observation, PolicyAction
 from manipulation_policy.core.upstream_compat import ActionConversionOptions
-from manipulation_policy.nodes.policy_node_base import PolicyNodeBase, run_node
+from manipulation_policy.nodes.policy_node_base import ConfigureFailed, PolicyNodeBase, run_node
 from manipulation_policy.nodes.remote_diagnostics import (
     DIAGNOSTICS_TOPIC,
     ServerLinkState,
@@ -50,8 +50,11 @@ from manipulation_policy.robot.remote_client import (
 )
 from manipulation_policy.robot.remote_request import remote_request_body
 from manipulation_policy.robot.response_validation import ResponseLimits
+from manipulation_policy.robot.server_check import ServerCheckFailed, check_server
 
 DIAGNOSTICS_PERIOD_SEC = 1.0
+# Under autostart, a server that is not there yet is asked again this often.
+AUTOSTART_RETRY_SEC = 2.0
 
 # Parameters that make up RemoteSettings: a change to any of them updates the client.
 SETTINGS_PARAMETERS = frozenset({
@@ -171,6 +174,7 @@ class RemoteActionSource:
 
 class RemotePolicyNode(PolicyNodeBase):
     remote = True
+    AUTOSTART_RETRY_SEC = AUTOSTART_RETRY_SEC
 
     def __init__(self, **node_kwargs: Any):
         super().__init__("remote_policy_node", REMOTE_NODE_PARAMETERS, **node_kwargs)
@@ -188,7 +192,17 @@ class RemotePolicyNode(PolicyNodeBase):
         return fields
 
     def create_action_source(self) -> RemoteActionSource:
-        extra_fields = self._upstream_action_fields()
+        """The client of a server that answered /health and /info (configure); raises
+        ServerCheckFailed (unreachable, unhealthy, our key refused) otherwise."""
+        if not hasattr(self, "_extra_fields"):  # read once: they are start parameters
+            self._extra_fields = self._upstream_action_fields()
+            self._status_lock = threading.Lock()
+            self._last_status: Optional[ServerLinkState] = None
+            self._diagnostics_publisher = self.create_publisher(
+                DiagnosticArray, DIAGNOSTICS_TOPIC, 10
+            )
+            self.create_timer(DIAGNOSTICS_PERIOD_SEC, self._republish_status)
+        extra_fields = self._extra_fields
         # A raw action vector in the answer is converted with the same settings.
         raw_options = ActionConversionOptions().with_overrides(
             request_action_overrides(parse_request(extra_fields))
@@ -196,12 +210,11 @@ class RemotePolicyNode(PolicyNodeBase):
         settings = replace(
             remote_settings(self.parameter_values()), raw_action_options=raw_options
         )
-        self._status_lock = threading.Lock()
-        self._last_status: Optional[ServerLinkState] = None
-        self._diagnostics_publisher = self.create_publisher(
-            DiagnosticArray, DIAGNOSTICS_TOPIC, 10
-        )
-        self.create_timer(DIAGNOSTICS_PERIOD_SEC, self._republish_status)
+        try:
+            served = check_server(settings)
+        except ServerCheckFailed as exc:
+            raise ConfigureFailed(str(exc)) from None
+        self.get_logger().info(f"policy server {settings.url} is up: {served}")
         self.get_logger().info(
             f"policy server {settings.url} (deadline {settings.timeout_sec:g} s per attempt, "
             f"{settings.retry_attempts} retries: an answer comes within "
@@ -220,8 +233,8 @@ class RemotePolicyNode(PolicyNodeBase):
         return source
 
     def parameters_changed(self, changed: dict[str, Any]) -> None:
-        if not SETTINGS_PARAMETERS.intersection(changed):
-            return
+        if not SETTINGS_PARAMETERS.intersection(changed) or self.action_source is None:
+            return  # not configured: configure reads the values then in effect
         try:
             settings = remote_settings(self.parameter_values())
         except ApiKeyUnusable as exc:  # the file changed since it was checked

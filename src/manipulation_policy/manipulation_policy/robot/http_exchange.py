@@ -1,4 +1,4 @@
-"""One HTTP POST under a wall-clock deadline and a size cap. No ROS, no requests.
+"""One HTTP exchange (POST or GET) under a wall-clock deadline and a size cap. No ROS.
 
 ``requests``' timeout bounds each socket operation, not the exchange: a
 server that trickles one byte per 100 ms, or redirects to itself, can keep a
@@ -263,6 +263,23 @@ class HttpPoster:
         max_body_bytes: int,
     ) -> HttpAnswer:
         """Raises ExchangeError (DeadlineExceeded, ConnectFailed, AnswerRefused...) on failure."""
+        return self.exchange("POST", url, body, headers, timeout_sec, max_body_bytes)
+
+    def get(
+        self, url: str, headers: Mapping[str, str], timeout_sec: float, max_body_bytes: int
+    ) -> HttpAnswer:
+        """As ``post``, for a GET."""
+        return self.exchange("GET", url, None, headers, timeout_sec, max_body_bytes)
+
+    def exchange(
+        self,
+        method: str,
+        url: str,
+        body: Optional[bytes],
+        headers: Mapping[str, str],
+        timeout_sec: float,
+        max_body_bytes: int,
+    ) -> HttpAnswer:
         deadline = time.monotonic() + timeout_sec
         parts = urlsplit(url)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -270,23 +287,24 @@ class HttpPoster:
         connection.deadline = deadline
         if connection.sock is not None:  # kept alive from an earlier exchange
             try:
-                return self._exchange(connection, path, body, headers, max_body_bytes)
+                return self._exchange(connection, method, path, body, headers, max_body_bytes)
             except _StaleConnection:
                 connection = self._connection_for(parts)
                 connection.deadline = deadline
-        return self._exchange(connection, path, body, headers, max_body_bytes)
+        return self._exchange(connection, method, path, body, headers, max_body_bytes)
 
     def _exchange(
         self,
         connection: _Connection,
+        method: str,
         path: str,
-        body: bytes,
+        body: Optional[bytes],
         headers: Mapping[str, str],
         max_body_bytes: int,
     ) -> HttpAnswer:
         response: Optional[http.client.HTTPResponse] = None
         try:
-            connection.request("POST", path, body=body, headers=dict(headers))
+            connection.request(method, path, body=body, headers=dict(headers))
             response = connection.getresponse()
             answer = HttpAnswer(
                 status=response.status,

@@ -56,6 +56,7 @@ class ParameterSpec:
     description: str
     check: Optional[Check] = None
     live: bool = True  # False: read once at start, read-only afterwards
+    secret: bool = False  # a refusal never shows the value (it may be a key)
 
     def problem(self, value: Any) -> Optional[str]:
         """Why ``value`` is refused for this parameter; None if fine."""
@@ -64,7 +65,8 @@ class ParameterSpec:
         if isinstance(value, bool) != (expected is bool) or not (
             isinstance(value, expected) or (expected is float and isinstance(value, int))
         ):
-            return f"expected {expected.__name__}, got {type(value).__name__} {value!r}"
+            shown = "a value (not shown)" if self.secret else repr(value)
+            return f"expected {expected.__name__}, got {type(value).__name__} {shown}"
         return self.check(value) if self.check is not None else None
 
     def normalized(self, value: Any) -> Any:
@@ -197,6 +199,37 @@ EXECUTOR_PARAMETERS: tuple[ParameterSpec, ...] = (
 )
 
 
+MAX_INPUT_TIMEOUT_SEC = 60.0
+
+# Stop, dry run, watchdog and managed start-up (both nodes): robot/safety_stops.py.
+SAFETY_PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec("autostart", True,
+                  "true: configure and activate at start, as a plain node would (ros2 launch, "
+                  "ros2 run); false: wait in the unconfigured state for a lifecycle manager "
+                  "or `ros2 lifecycle set`.", live=False),
+    ParameterSpec("dry_run", False,
+                  "true: everything runs (inference, guard, executor) but commands go to "
+                  "preview_topic and chunks to chunk_preview_topic; output_topic and "
+                  "chunk_topic get nothing. Recommended for a policy's first runs on a robot.",
+                  ),
+    ParameterSpec("preview_topic", "/manipulation/policy_output_preview",
+                  "manipulation_msgs/PolicyOutput topic of the commands while dry_run is true.",
+                  topic_name, live=False),
+    ParameterSpec("chunk_preview_topic", "/manipulation/policy_chunk_preview",
+                  "manipulation_msgs/PolicyActionChunk topic of the chunks while dry_run is "
+                  "true.", topic_name, live=False),
+    ParameterSpec("estop_topic", "/manipulation/estop",
+                  "std_msgs/Bool emergency stop (reliable, transient local: a stop latched "
+                  "before the node starts holds). true: only holds are published and no "
+                  "inference starts, until an explicit false.", topic_name, live=False),
+    ParameterSpec("input_timeout_sec", 1.0,
+                  "Input watchdog: no camera frame (since activation), or no joint state "
+                  "(once one arrived), received within this many seconds: the planned steps "
+                  "are dropped and holds published until inputs come back.",
+                  positive_number(MAX_INPUT_TIMEOUT_SEC)),
+)
+
+
 def executor_settings(values: Mapping[str, Any]) -> ExecutorSettings:
     """The executor's settings from the node's parameter values."""
     horizon = float(values["refill_horizon_sec"])
@@ -261,7 +294,7 @@ COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
                   "Decisions published per task, then wait for the next task "
                   "(0 or less: until an empty message on instruction_topic clears it).",
                   integer_in(-MAX_STEPS, MAX_STEPS)),
-) + EXECUTOR_PARAMETERS
+) + EXECUTOR_PARAMETERS + SAFETY_PARAMETERS
 
 BACKEND_PARAMETER = ParameterSpec(
     "backend", "openvla",
@@ -313,7 +346,7 @@ REMOTE_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("remote_api_key", "",
                   "Must stay empty: any ROS peer can read a parameter. The key comes from "
                   f"remote_api_key_file or the {API_KEY_ENV} environment variable.",
-                  no_secret_here),
+                  no_secret_here, secret=True),
     ParameterSpec("remote_api_key_file", "",
                   f"File holding the server's bearer key (empty: the {API_KEY_ENV} "
                   "environment variable, else no key).", usable_api_key_file),
