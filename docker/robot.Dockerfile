@@ -36,5 +36,6 @@ COPY docker/robot_entrypoint.sh /usr/local/bin/robot_entrypoint.sh
 ENTRYPOINT ["/bin/bash", "/usr/local/bin/robot_entrypoint.sh"]
 # The image has no torch, so its default is the remote node (a server on this
 # host's port 5000 unless remote_url:= says otherwise); until a server answers
-# it publishes holds. The in-process node needs a CUDA torch stack on the robot.
+# it stays unconfigured and asks again every 2 s. The in-process node needs a
+# CUDA torch stack on the robot.
 CMD ["ros2", "launch", "manipulation_bringup", "core_launch.py", "use_remote_policy:=true"]

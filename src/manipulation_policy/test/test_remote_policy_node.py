@@ -380,6 +380,10 @@ def test_a_key_set_live_is_refused_without_being_shown(rig, scripted_server, tmp
     with killed_if_left_running(process):
         services = ParameterServices(rig.node, f"{namespace}/remote_policy_node")
         assert services.wait_for_services(timeout_sec=30.0)
+        # A service found is not yet a service whose answers reach us (DDS matches the
+        # two directions one by one): a harmless read, asked until answered, proves it.
+        assert wait_until(lambda: wait_until(
+            services.get_parameters(["remote_url"]).done, 3.0), 30.0)
         for value in (SECRET, 12345678901234):
             future = services.set_parameters([Parameter("remote_api_key", value=value)])
             assert wait_until(future.done, 30.0)
