@@ -126,6 +126,7 @@ class PolicyNodeBase(NodeParameters, NodeInputs, NodeExecution, NodePublishing, 
     def _react_to(self, changes: dict[str, Any]) -> None:
         """What accepted live parameter changes set in motion (values already current)."""
         self._execution_parameters_changed(changes)
+        self._guard_parameters_changed(changes)
         if "use_observation" in changes:
             self._use_observation_changed(changes["use_observation"])
         if "inference_rate" in changes:
