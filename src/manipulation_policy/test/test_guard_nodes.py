@@ -27,6 +27,7 @@ from server_test_backends import (
 
 from manipulation_msgs.msg import PolicyActionChunk
 from manipulation_policy.core.api_key import API_KEY_ENV
+from manipulation_policy.nodes.guard_diagnostics import guard_status
 from manipulation_policy.nodes.policy_node import PolicyNode
 from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
 from manipulation_policy.nodes.ros_conversion import (
@@ -197,3 +198,14 @@ def test_guard_limits_are_live():
         [result] = rig.set_parameters("policy_node", workspace_min=[0.0, 0.0, 2.0])
         assert not result.successful
         assert result.reason == "workspace_min[2]=2 must be below workspace_max[2]=1.5"
+
+
+def test_the_guard_status_warns_with_the_newest_reason_only_for_new_refusals():
+    counts = {"refused_confidence": 2, "refused_non_finite": 1, "clamped_workspace": 7}
+    status = guard_status("/robot1/policy_node", counts, REASON, reported_refusals=1)
+    assert status.name == "/robot1/policy_node: safety guard"
+    assert status.level == DiagnosticStatus.WARN
+    assert status.message == f"2 action(s) refused, holds published: {REASON}"
+    assert {kv.key: kv.value for kv in status.values} == {k: str(v) for k, v in counts.items()}
+    quiet = guard_status("/robot1/policy_node", counts, REASON, reported_refusals=3)
+    assert quiet.level == DiagnosticStatus.OK and quiet.message == "ok"

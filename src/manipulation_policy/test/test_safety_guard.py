@@ -130,7 +130,8 @@ joint_states = st.builds(
     st.just(JOINTS.name),
     st.tuples(*[st.one_of(st.floats(-3.0, 3.0), st.just(math.nan))] * 3),
 )
-contexts = st.builds(GuardContext, st.floats(0.0, 100.0), joint_states, st.none() | pose)
+contexts = st.builds(GuardContext, st.floats(0.0, 100.0), joint_states, st.none() | pose,
+                     st.none() | st.floats(0.0, 100.0))
 
 
 # ---------------------------------------------------------------- the invariant
@@ -141,7 +142,7 @@ class Published:
     account, kept apart from the guard's)."""
 
     def __init__(self) -> None:
-        self.target = None
+        self.target = None  # (pose, due time)
         self.gripper = None  # (command, due time)
 
     def reset(self) -> None:
@@ -199,14 +200,27 @@ def assert_within_limits(limits: GuardLimits, action: PolicyAction, context: Gua
             for value, low, high in zip((p.x, p.y, p.z), limits.workspace_min,
                                         limits.workspace_max, strict=True):
                 assert low <= value <= high
-            reference = published.target or context.eef_pose
-            if reference is not None and finite(*(getattr(reference.position, a)
-                                                  for a in "xyz")):
+            reference = step_reference(published.target, context)
+            if reference is not None:
                 assert distance(reference.position, p) <= limits.max_eef_step_m + EPS
                 r = reference.orientation
                 if abs(vector_length((r.x, r.y, r.z, r.w)) - 1.0) <= 1e-3:
                     assert relative_angle(r, q) <= limits.max_eef_step_rad + 1e-6
-            published.target = action.eef_target
+            published.target = (action.eef_target, context.now_sec)
+
+
+def step_reference(target, context: GuardContext):
+    """The pose an absolute step is measured from: the last target, unless the
+    observation's pose is known, finite and taken after it was due."""
+    pose = context.eef_pose
+    if pose is not None and not finite(pose.position.x, pose.position.y, pose.position.z):
+        pose = None
+    if target is None:
+        return pose
+    if pose is not None and context.observation_sec is not None \
+            and context.observation_sec > target[1]:
+        return pose
+    return target[0]
 
 
 def run_checked(guard: SafetyGuard, limits: GuardLimits, action: PolicyAction,
@@ -353,6 +367,20 @@ def test_absolute_steps_are_capped_from_the_current_pose_then_from_the_last_targ
     guard.reset()
     third = guard.check(action, ctx(eef=CURRENT)).action.eef_target
     assert third.position.z == pytest.approx(0.30)
+
+
+def test_a_pose_observed_after_the_last_target_is_the_newer_reference():
+    guard = SafetyGuard(GuardLimits(max_eef_step_m=0.05))
+    moved = Pose(Vector3(0.35, 0.05, 0.60), CURRENT.orientation)  # e.g. moved by hand
+    action = PolicyAction(eef_target=Pose(Vector3(0.35, 0.05, 0.62), CURRENT.orientation),
+                          eef_target_mode=EefTargetMode.ABSOLUTE, confidence=0.5)
+    guard.check(replace(action, eef_target=CURRENT), ctx(now=1.0, eef=CURRENT))
+    # Observed before the last target was due: the target is the reference (cut to 5 cm).
+    stale = guard.copy().check(action, GuardContext(1.1, JOINTS, moved, observation_sec=0.9))
+    assert stale.action.eef_target.position.z == pytest.approx(0.30)
+    # Observed after it: the measured pose is; 2 cm from it pass untouched.
+    fresh = guard.check(action, GuardContext(2.0, JOINTS, moved, observation_sec=1.5))
+    assert fresh.action == action
 
 
 def test_an_absolute_target_from_a_pose_outside_the_workspace_is_refused():

@@ -64,7 +64,7 @@ class _ChunkInfo:
     eef_pose: Optional[Pose]
 
     def guard_context(self, due_ns: int) -> GuardContext:
-        return GuardContext(due_ns / 1e9, self.joint_state, self.eef_pose)
+        return GuardContext(due_ns / 1e9, self.joint_state, self.eef_pose, self.stamp_ns / 1e9)
 
 
 class NodePublishing:
@@ -122,9 +122,10 @@ class NodePublishing:
         """Publish ``action`` for ``job``'s frame at once; False (logged) when it cannot be."""
         stamp_ns = ros_conversion.stamp_to_nanoseconds(job.frame.stamp)
         observation = job.observation
-        checked = self._guarded(
-            action, GuardContext(stamp_ns / 1e9, observation.joint_state, observation.eef_pose)
-        ).action
+        context = GuardContext(
+            stamp_ns / 1e9, observation.joint_state, observation.eef_pose, stamp_ns / 1e9
+        )
+        checked = self._guarded(action, context).action
         return self._send(
             lambda: ros_conversion.command_to_policy_output(
                 checked, job.frame.stamp, stamp_ns, 0, 1, request_id

@@ -277,8 +277,8 @@ GUARD_PARAMETERS: tuple[ParameterSpec, ...] = (
                 numbers_within(-MAX_WORKSPACE_M, MAX_WORKSPACE_M, 3), float),
     _guard_spec("max_eef_step_m",
                 "Longest end-effector translation per step (m): a delta's, or an absolute "
-                "target's from the last target (else the current pose); longer ones are "
-                "scaled down.", positive_number(MAX_BOUND)),
+                "target's from the last target (or the current pose, when observed after "
+                "it); longer ones are scaled down.", positive_number(MAX_BOUND)),
     _guard_spec("max_eef_step_rad",
                 "Largest end-effector rotation per step (rad); larger ones are cut to it.",
                 NumberRange(0.0, math.pi, low_open=True)),

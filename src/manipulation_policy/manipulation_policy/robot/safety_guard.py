@@ -31,9 +31,13 @@ Clamped (the direction the policy chose is kept, the size is cut):
   absolute target's rotation from the reference orientation) is cut to this
   angle about the same axis (a slerp from the reference).
 - The step reference of an absolute target is the last absolute target the
-  guard let out, else the observation's current end-effector pose, else none
-  (then only the box applies). A pose with a non-finite position is no
-  reference; one whose orientation is not a unit quaternion caps no rotation.
+  guard let out, unless the observation's current end-effector pose was taken
+  after that target was due (the arm's measured pose is then the newer word on
+  where it is: after an idle time, a stop, a new task); with neither, none
+  (then only the box applies). Within a chunk, and where a new chunk takes over
+  a plan still running, the reference is the previous step's target. A pose
+  with a non-finite position is no reference; one whose orientation is not a
+  unit quaternion caps no rotation.
 - ``max_joint_delta`` (every joint), or the joint's own ``joint_max_deltas``
   entry where ``joint_limit_names`` names it: each joint delta is clamped to
   [-cap, cap].
@@ -158,6 +162,8 @@ class GuardContext:
     now_sec: float  # when the command is due (node clock)
     joint_state: JointStateData = field(default_factory=JointStateData)
     eef_pose: Optional[Pose] = None  # the observation's current end-effector pose
+    # When the observation (its eef_pose) was taken; None: unknown, not newer than anything.
+    observation_sec: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -192,7 +198,8 @@ class SafetyGuard:
     def __init__(self, limits: GuardLimits):
         self._lock = threading.Lock()
         self._limits = limits
-        self._last_target: Optional[Pose] = None  # the last absolute EEF target let out
+        # The last absolute EEF target let out, and its due time.
+        self._last_target: Optional[tuple[Pose, float]] = None
         self._last_gripper: Optional[tuple[float, float]] = None  # (command, due time)
         self._counts = {**{f"refused_{c}": 0 for c in REFUSAL_CODES},
                         **{f"clamped_{c}": 0 for c in CLAMP_NAMES}}
@@ -249,7 +256,7 @@ class SafetyGuard:
             for name in clamped:
                 self._counts[f"clamped_{name}"] += 1
             if checked.eef_target is not None and checked.eef_target_mode is EefTargetMode.ABSOLUTE:
-                self._last_target = checked.eef_target
+                self._last_target = (checked.eef_target, context.now_sec)
             if checked.gripper_command is not None:
                 self._last_gripper = (checked.gripper_command, context.now_sec)
             return GuardResult(checked, clamped=tuple(clamped))
@@ -304,7 +311,7 @@ class _Clamping:
     limits: GuardLimits
     context: GuardContext
     clamped: list[str]
-    last_target: Optional[Pose]
+    last_target: Optional[tuple[Pose, float]]
     last_gripper: Optional[tuple[float, float]]
 
     def apply(self, action: PolicyAction) -> PolicyAction:
@@ -339,9 +346,7 @@ class _Clamping:
 
     def _absolute_target(self, target: Pose) -> Pose:
         limits = self.limits
-        reference = self.last_target or self.context.eef_pose
-        if reference is not None and not all(map(math.isfinite, _vec(reference.position))):
-            reference = None  # an unknown pose is no reference: the box alone applies
+        reference = self._step_reference()
         position, orientation = _vec(target.position), target.orientation
         if reference is not None:
             start = _vec(reference.position)
@@ -370,6 +375,17 @@ class _Clamping:
         if boxed != position:
             self._note("workspace")
         return Pose(Vector3(*boxed), orientation)
+
+    def _step_reference(self) -> Optional[Pose]:
+        pose, taken = self.context.eef_pose, self.context.observation_sec
+        if pose is not None and not all(map(math.isfinite, _vec(pose.position))):
+            pose = None  # an unknown pose is no reference
+        if self.last_target is None:
+            return pose
+        target, due = self.last_target
+        if pose is not None and taken is not None and taken > due:
+            return pose
+        return target
 
     def _joint_deltas(self, deltas: Sequence[float]) -> tuple[float, ...]:
         limits, state = self.limits, self.context.joint_state
