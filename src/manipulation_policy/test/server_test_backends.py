@@ -216,9 +216,11 @@ def reckless_chunk(frame: str = "base_link", joint_count: int = 3) -> ActionChun
              base_velocity_hint=Twist(Vector3(3.0, 4.0, 0.0), Vector3(0.0, 0.0, 0.5))),
         step(joint_deltas=joints, confidence=0.1),
         step(joint_deltas=joints),
-    ), CHUNK_PERIOD_SEC)
+    ), RECKLESS_PERIOD_SEC)
 
 
+# Long enough that the first step is not late yet when a loaded machine answers.
+RECKLESS_PERIOD_SEC = 0.3
 # The node parameters reckless_chunk breaks (the others at their defaults).
 RECKLESS_LIMITS = {"min_confidence": 0.3, "max_gripper_rate": 2.0}
 

@@ -19,8 +19,8 @@ import pytest
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from node_harness import JOINT_NAMES, Rig, assert_actions_close, sample_image, wait_until
 from server_test_backends import (
-    CHUNK_PERIOD_SEC,
     RECKLESS_LIMITS,
+    RECKLESS_PERIOD_SEC,
     ChunkedBackend,
     reckless_chunk,
 )
@@ -39,7 +39,7 @@ from manipulation_policy.server.process import ServerProcess
 
 TEST_DIR = str(Path(__file__).resolve().parent)
 WAIT_SEC = 20.0
-PERIOD_NS = round(CHUNK_PERIOD_SEC * 1e9)
+PERIOD_NS = round(RECKLESS_PERIOD_SEC * 1e9)
 REFUSED_STEP = 3
 REASON = "confidence 0.1 below min_confidence=0.3"
 # PolicyOutput's gripper_command is a float32, and the gripper rate's time step comes
@@ -116,7 +116,7 @@ def expected_steps():
     """What the guard alone makes of the reckless chunk, step by step, to the refusal."""
     guard = SafetyGuard(replace(GuardLimits(), **RECKLESS_LIMITS))
     chunk = reckless_chunk("base_link", len(JOINT_NAMES))
-    results = [guard.check(action, GuardContext(i * CHUNK_PERIOD_SEC))
+    results = [guard.check(action, GuardContext(i * RECKLESS_PERIOD_SEC))
                for i, action in enumerate(chunk.actions[: REFUSED_STEP + 1])]
     assert results[-1].refusal == REASON and not any(r.refused for r in results[:-1])
     return [r.action for r in results]

@@ -487,14 +487,15 @@ def test_a_reckless_chunk_is_clamped_step_by_step_and_refused_where_unsure():
     defaults = GuardLimits()
     guard = SafetyGuard(replace(defaults, **RECKLESS_LIMITS))
     chunk = reckless_chunk()
-    results = [guard.check(action, ctx(now=i * CHUNK_PERIOD_SEC))
+    period = chunk.action_period_sec
+    results = [guard.check(action, ctx(now=i * period))
                for i, action in enumerate(chunk.actions[:4])]
     assert results[0].action == chunk.actions[0] and not results[0].clamped
     leap = results[1].action
     assert results[1].clamped == ("eef_step_m", "joint_delta", "gripper_rate")
     assert (leap.eef_target.position.x, leap.eef_target.position.z) == pytest.approx((0.06, 0.08))
     assert leap.joint_deltas == (0.25, -0.25, 0.0)
-    assert leap.gripper_command == pytest.approx(0.2)  # 2.0 per second for 0.1 s
+    assert leap.gripper_command == pytest.approx(2.0 * period)  # 2.0 per second
     boxed = results[2].action
     assert results[2].clamped == ("workspace", "base_linear_speed")
     assert boxed.eef_target.position == Vector3(1.5, 0.0, 0.2)
