@@ -22,8 +22,10 @@ import yaml
 from manipulation_policy.backends import is_plugin, options_with
 from manipulation_policy.robot.node_parameters import (
     COMMON_PARAMETERS,
+    GUARD_PARAMETER_NAMES,
     REMOTE_NODE_PARAMETERS,
     ParameterSpec,
+    guard_values_problem,
     policy_node_parameters,
     specs_by_name,
 )
@@ -117,13 +119,25 @@ _PARSERS: dict[type, Callable[[str, str], Any]] = {
 }
 
 
+def parse_list(argument: str, text: str, item_type: type) -> list[Any]:
+    """An array argument: ``[a, b, c]`` or ``a,b,c`` (items parsed as ``item_type``)."""
+    body = text.strip()
+    if body.startswith("[") and body.endswith("]"):
+        body = body[1:-1]
+    items = [item.strip() for item in body.split(",")] if body.strip() else []
+    return [_PARSERS[item_type](argument, item) for item in items]
+
+
 def parse_argument(spec: ParameterSpec, text: str) -> Any:
     """The typed, checked value of a launch-argument string for parameter ``spec``."""
-    value = _PARSERS[type(spec.default)](spec.name, text)
+    if spec.item_type is not None:
+        value = parse_list(spec.name, text, spec.item_type)
+    else:
+        value = _PARSERS[type(spec.default)](spec.name, text)
     problem = spec.problem(value)
     if problem is not None:
         raise LaunchArgumentError(spec.name, text, problem)
-    return value
+    return spec.normalized(value)
 
 
 # ------------------------------------------------------------ launch arguments
@@ -204,6 +218,19 @@ _FIXED_ARGUMENTS = (
         "input watchdog: no camera frame or joint state for this many seconds means a hold",
     ),
     LaunchArgument("backend", "openvla, stub or module.path:ClassName (local mode)"),
+    # The safety guard's limits (both modes); per-joint limits go in the params file.
+    LaunchArgument("workspace_min",
+                   "lower corner x,y,z (m, reference_frame) of the box absolute end-effector "
+                   "targets are clamped into, e.g. '[-0.5, -0.8, 0.0]'"),
+    LaunchArgument("workspace_max", "upper corner x,y,z (m) of the workspace box"),
+    LaunchArgument("max_eef_step_m", "longest end-effector translation per step, m"),
+    LaunchArgument("max_eef_step_rad", "largest end-effector rotation per step, rad"),
+    LaunchArgument("max_joint_delta", "largest joint delta per step, rad (or m)"),
+    LaunchArgument("max_gripper_rate",
+                   "fastest gripper command change, full range per second (0: no limit)"),
+    LaunchArgument("max_base_linear_speed", "fastest base velocity hint, m/s"),
+    LaunchArgument("max_base_angular_speed", "fastest base turn hint, rad/s"),
+    LaunchArgument("min_confidence", "actions with a lower confidence are refused (a hold)"),
 )
 
 
@@ -426,7 +453,9 @@ class PolicyNodePlan:
         return {**self.file_parameters, **self.overrides}
 
     def launch_parameters(self) -> list[Any]:
-        return [self.params_file, self.overrides] if self.overrides else [self.params_file]
+        # launch_ros takes arrays as lists.
+        overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in self.overrides.items()}
+        return [self.params_file, overrides] if overrides else [self.params_file]
 
     def summary(self) -> str:
         parameters = self.parameters
@@ -441,6 +470,26 @@ class PolicyNodePlan:
             f"starting {self.fully_qualified_name} ({details}) "
             f"with parameters from {self.params_file}"
         )
+
+
+def _check_guard_limits(
+    specs: Mapping[str, ParameterSpec],
+    file_parameters: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    given: Mapping[str, str],
+    params_file: Union[str, Path],
+) -> None:
+    """The safety guard's limits must agree with each other (workspace_min below
+    workspace_max, per-joint arrays as long as joint_limit_names) as the node will
+    get them: defaults, then the file, then the launch arguments."""
+    values = {name: spec.default for name, spec in specs.items()}
+    problem = guard_values_problem({**values, **file_parameters, **overrides})
+    if problem is None:
+        return
+    named = [name for name in overrides if name in GUARD_PARAMETER_NAMES]
+    if named:
+        raise LaunchArgumentError(named[0], given[named[0]], problem)
+    raise ParamsFileError(params_file, problem)
 
 
 def plan_policy_node(
@@ -497,6 +546,7 @@ def plan_policy_node(
             overrides[name] = value
         else:
             ignored.append(name)
+    _check_guard_limits(node_specs[node], from_file.parameters, overrides, given, params_file)
     return PolicyNodePlan(
         package=POLICY_PACKAGE,
         executable=node,

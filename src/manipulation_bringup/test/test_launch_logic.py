@@ -48,6 +48,16 @@ SHARED_DEFAULTS = {
     "chunk_preview_topic": "/manipulation/policy_chunk_preview",
     "estop_topic": "/manipulation/estop",
     "input_timeout_sec": 1.0,
+    # The safety guard's (the per-joint arrays are empty by default: not in the file).
+    "workspace_min": (-1.5, -1.5, -1.5),
+    "workspace_max": (1.5, 1.5, 1.5),
+    "max_eef_step_m": 0.1,
+    "max_eef_step_rad": 0.5,
+    "max_joint_delta": 0.25,
+    "max_gripper_rate": 10.0,
+    "max_base_linear_speed": 0.5,
+    "max_base_angular_speed": 1.0,
+    "min_confidence": 0.0,
 }
 LOCAL_DEFAULTS = {
     "backend": "openvla",
@@ -77,11 +87,6 @@ REMOTE_DEFAULTS = {
     "remote_api_key_file": "",
     "remote_max_response_bytes": 262144,
     "remote_retry_after_max_sec": 30.0,
-    "max_eef_position_m": 1.5,
-    "max_eef_delta_m": 0.1,
-    "max_joint_delta": 0.25,
-    "max_base_linear_speed": 0.5,
-    "max_base_angular_speed": 1.0,
     "image_width": 224,
     "image_height": 224,
     "jpeg_quality": 90,
@@ -493,7 +498,11 @@ def test_the_yaml_names_only_parameters_the_nodes_have_and_all_of_them():
     assert set(document) == {f"/**/{LOCAL_NODE}", f"/**/{REMOTE_NODE}"}
     for node, specs in NODE_PARAMETERS.items():
         in_yaml = set(document[f"/**/{node}"]["ros__parameters"])
-        assert in_yaml == set(specs) - {"use_sim_time"}, node
+        # Empty arrays are examples in comments: rcl reads a YAML [] as not set.
+        commented = {name for name, spec in specs.items()
+                     if spec.item_type is not None and not spec.default}
+        assert in_yaml == set(specs) - {"use_sim_time"} - commented, node
+        assert all(f"# {name}: [" in PARAMS_FILE.read_text() for name in commented)
 
 
 def test_the_yaml_defaults_are_the_shared_names_defaults():
@@ -509,7 +518,11 @@ def test_the_yaml_defaults_are_the_shared_names_defaults():
 
 def test_the_yaml_defaults_are_the_defaults_the_nodes_declare():
     for node, specs in NODE_PARAMETERS.items():
-        declared = {name: spec.default for name, spec in specs.items()}
+        # Empty arrays are left out (rcl reads a YAML [] as not set).
+        declared = {
+            name: spec.default for name, spec in specs.items()
+            if spec.item_type is None or spec.default
+        }
         from_file = launch_logic.node_parameters_from_file(PARAMS_FILE, node)
         assert from_file.parameters == declared, node
 
@@ -579,3 +592,46 @@ def test_launch_file_parses_and_delegates_to_launch_logic():
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
     }
     assert "plan_policy_node" in calls
+
+
+# ------------------------------------------------------------------ the safety guard
+
+
+def test_guard_limits_are_launch_arguments_in_both_modes():
+    for mode in ("false", "true"):
+        result = plan(use_remote_policy=mode, workspace_min="[-0.5, -0.8, 0]",
+                      workspace_max="1.0,0.8,1.2", min_confidence="0.2")
+        assert result.overrides["workspace_min"] == (-0.5, -0.8, 0.0)
+        assert result.overrides["min_confidence"] == 0.2
+        # launch_ros takes arrays as lists.
+        assert result.launch_parameters()[1]["workspace_max"] == [1.0, 0.8, 1.2]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        ({"workspace_min": "0,0,2"}, "workspace_min[2]=2 must be below workspace_max[2]=1.5"),
+        ({"workspace_max": "1,1"}, "must hold 3 numbers"),
+        ({"workspace_max": "1,x,1"}, "expected a number"),
+        ({"max_eef_step_rad": "4"}, "at most 3.14159"),
+        ({"min_confidence": "-0.1"}, "must be a finite number >= 0"),
+    ],
+)
+def test_guard_launch_arguments_are_checked_alone_and_together(arguments, words):
+    with pytest.raises(LaunchArgumentError) as caught:
+        plan(**arguments)
+    assert words in str(caught.value)
+
+
+def test_guard_limits_in_a_params_file_must_agree(tmp_path):
+    path = write_params(tmp_path, (
+        "/**/policy_node:\n  ros__parameters:\n    joint_limit_names: [elbow]\n"
+        "    joint_max_deltas: [0.1, 0.2]\n"
+    ))
+    with pytest.raises(ParamsFileError, match="joint_max_deltas must be empty or hold one"):
+        plan(params_file=str(path))
+    path = write_params(tmp_path, (
+        "/**/policy_node:\n  ros__parameters:\n    joint_limit_names: [elbow]\n"
+        "    joint_max_deltas: [0.1]\n"
+    ))
+    assert plan(params_file=str(path)).parameters["joint_max_deltas"] == (0.1,)

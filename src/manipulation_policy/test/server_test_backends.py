@@ -29,6 +29,7 @@ from manipulation_policy.core.policy_types import (
     Observation,
     PolicyAction,
     Pose,
+    Twist,
     Vector3,
 )
 from manipulation_policy.core.pose_math import quaternion_from_rpy
@@ -195,6 +196,35 @@ BAD_CHUNKS: dict[str, tuple[Callable[[ActionChunk], Any], str]] = {
 assert len(chunk_steps(6).actions * 43) > MAX_CHUNK_LENGTH
 
 
+def reckless_chunk(frame: str = "base_link", joint_count: int = 3) -> ActionChunk:
+    """A misbehaving model's chunk, every value well formed (the wire takes it), several
+    over the limits of RECKLESS_LIMITS: step 1 leaps (joints, end effector, gripper),
+    step 2 boxes and speeds, step 3 is unsure (refused: a hold, the plan dropped), so
+    step 4 is never published."""
+
+    def step(**parts: Any) -> PolicyAction:
+        return PolicyAction(reference_frame=frame, **{"confidence": 0.5, **parts})
+
+    joints = (0.01,) * joint_count
+    return ActionChunk((
+        step(eef_target=Pose(Vector3(0.01, 0.0, 0.0)), joint_deltas=joints,
+             gripper_command=0.0),
+        step(eef_target=Pose(Vector3(0.3, 0.0, 0.4)),
+             joint_deltas=tuple((1.0, -1.0, 0.0)[i % 3] for i in range(joint_count)),
+             gripper_command=1.0),
+        step(eef_target=Pose(Vector3(5.0, 0.0, 0.2)), eef_target_mode=EefTargetMode.ABSOLUTE,
+             base_velocity_hint=Twist(Vector3(3.0, 4.0, 0.0), Vector3(0.0, 0.0, 0.5))),
+        step(joint_deltas=joints, confidence=0.1),
+        step(joint_deltas=joints),
+    ), RECKLESS_PERIOD_SEC)
+
+
+# Long enough that the first step is not late yet when a loaded machine answers.
+RECKLESS_PERIOD_SEC = 0.3
+# The node parameters reckless_chunk breaks (the others at their defaults).
+RECKLESS_LIMITS = {"min_confidence": 0.3, "max_gripper_rate": 2.0}
+
+
 class ChunkedBackend(ScriptedBackend):
     """A chunk-predicting model. By its instruction:
 
@@ -202,6 +232,7 @@ class ChunkedBackend(ScriptedBackend):
     - ``bad <kind>``: a broken chunk (BAD_CHUNKS);
     - ``echo pending``: the request's pending actions as the chunk, its period the
       request's pending_delay_sec (what the backend was given, sent back);
+    - ``reckless``: ``reckless_chunk``, well formed but over the robot's limits;
     - anything else: as ScriptedBackend (``sleep``, ``raise`` ..., else the stub's one
       action), so a single-step answer comes from the same server.
     """
@@ -218,6 +249,8 @@ class ChunkedBackend(ScriptedBackend):
             return BAD_CHUNKS[argument][0](chunk_steps(6, frame, joints))
         if command == "echo":
             return ActionChunk(observation.pending_actions, observation.pending_delay_sec)
+        if command == "reckless":
+            return reckless_chunk(frame, joints)
         return super().predict(observation)
 
     def describe(self) -> dict[str, Any]:

@@ -90,14 +90,14 @@ def test_an_integer_set_on_a_double_parameter_reads_back_as_a_double(rig, atomic
 def test_integer_start_values_for_doubles_are_doubles(rig, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(
-        "/**:\n  ros__parameters:\n    remote_timeout_sec: 2\n    max_eef_delta_m: 1\n"
+        "/**:\n  ros__parameters:\n    remote_timeout_sec: 2\n    max_eef_step_m: 1\n"
     )
     node = rig.add(RemotePolicyNode(
         cli_args=["--ros-args", "--params-file", str(params)],
         **rig.node_kwargs(remote_url=rig.policy_url, inference_rate=8),
     ))  # fmt: skip
     parameters = client(rig, "remote_policy_node")
-    for name, want in (("remote_timeout_sec", 2.0), ("max_eef_delta_m", 1.0),
+    for name, want in (("remote_timeout_sec", 2.0), ("max_eef_step_m", 1.0),
                        ("inference_rate", 8.0)):  # fmt: skip
         kind, value = remote_value(parameters, name)
         assert kind == ParameterType.PARAMETER_DOUBLE and value == want, (name, kind, value)
@@ -142,6 +142,11 @@ def test_every_numeric_spec_has_its_range_and_every_spec_its_type(rig):
         owner = remote if spec in REMOTE_NODE_PARAMETERS else node
         descriptor = owner.describe_parameter(spec.name)
         assert descriptor.read_only is (not spec.live), spec.name
+        if spec.item_type is not None and not spec.default:
+            # rclpy cannot tell an empty list's type: the spec's check types it.
+            assert descriptor.dynamic_typing, spec.name
+            assert list(owner.get_parameter(spec.name).value) == [], spec.name
+            continue
         assert not descriptor.dynamic_typing, spec.name
         assert Parameter.Type(descriptor.type).check(spec.default), spec.name
         bounds = spec.number_range
@@ -201,3 +206,34 @@ def test_read_only_parameters_are_refused_with_a_reason(rig):
 def test_a_bad_start_value_stops_the_node_with_the_specs_reason(rig, value, words):
     with pytest.raises(ParameterException, match=words):
         PolicyNode(backend=StubBackend(), **rig.node_kwargs(backend="stub", inference_rate=value))
+
+
+def test_guard_arrays_are_set_typed_and_checked_together(rig):
+    node = remote_node(rig)
+    parameters = client(rig, "remote_policy_node")
+
+    def set_one(name, value):
+        [result] = answer(parameters.set_parameters([Parameter(name, value=value)])).results
+        return result
+
+    # Integers for a double array are doubles, for every reader and for the guard.
+    assert set_one("workspace_max", [2, 2, 2]).successful
+    assert remote_value(parameters, "workspace_max") == (
+        ParameterType.PARAMETER_DOUBLE_ARRAY, [2.0, 2.0, 2.0])
+    assert node.safety_guard.limits.workspace_max == (2.0, 2.0, 2.0)
+    described = answer(parameters.describe_parameters(["workspace_min"])).descriptors[0]
+    assert described.type == ParameterType.PARAMETER_DOUBLE_ARRAY
+    # Limits that must agree are checked as they would be after the change.
+    result = set_one("workspace_min", [0.0, 0.0, 3.0])
+    assert not result.successful
+    assert result.reason == "workspace_min[2]=3 must be below workspace_max[2]=2"
+    assert node.safety_guard.limits.workspace_min == (-1.5, -1.5, -1.5)
+    # Per-joint limits: names first, then arrays as long as the names.
+    assert set_one("joint_limit_names", ["elbow"]).successful
+    result = set_one("joint_max_deltas", [0.1, 0.2])
+    assert not result.successful and result.reason.startswith("joint_max_deltas must be empty")
+    assert set_one("joint_max_deltas", [0.1]).successful
+    assert node.safety_guard.limits.joint_max_deltas == (0.1,)
+    assert node.safety_guard.limits.joint_limit_names == ("elbow",)
+    result = set_one("joint_limit_names", "elbow")
+    assert not result.successful and "expected a list of str" in result.reason

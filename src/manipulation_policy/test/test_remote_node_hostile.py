@@ -229,9 +229,6 @@ def test_an_unpublishable_frame_id_is_refused_and_the_worker_goes_on(rig):
 BAD_ANSWERS = [
     {"confidence": 5.0},
     {"gripper_command": 7.0},
-    {"joint_deltas": [1e6, 1e6, 1e6]},
-    {"eef_target_pose": {"position": {"x": 1e308, "y": 0, "z": 0},
-                         "orientation": {"x": 0, "y": 0, "z": 0, "w": 1}}},
     {"has_eef_target": "yes"},
     {"gripper_active": 1},
     {"reference_frame": "odom"},
@@ -326,3 +323,27 @@ def test_any_exception_in_a_cycle_ends_that_cycle_only(rig):
     assert wait_until(lambda: len(watch.commands()) >= 3, 10.0), node.counters
     assert node.counters["publish_failed"] == 1
     assert len(watch.holds()) == 2  # one for the unpublishable action, one for the raise
+
+
+def test_well_formed_answers_over_the_limits_are_published_clamped(rig):
+    # The wire takes them (their form is right); the safety guard cuts every value to
+    # the robot's limits before it is published: never a leap as the server sent it.
+    huge = good_answer(3, joint_deltas=[1e6, -1e6, 0.01], has_base_hint=True,
+                       eef_target_pose={"position": {"x": 1e308, "y": 0, "z": -1e308},
+                                        "orientation": {"x": 0, "y": 0, "z": 0, "w": 1}},
+                       base_velocity_hint={"linear": {"x": 50.0, "y": 0, "z": 0},
+                                           "angular": {"x": 0, "y": 0, "z": -9.0}})
+
+    with RawPolicyServer(answering(lambda request: huge)) as server:
+        node, watch = start(rig, server.url)
+        assert wait_until(lambda: len(watch.commands()) >= 3, 10.0), node.counters
+    for msg in watch.commands():
+        action = policy_output_to_action(msg)
+        assert action.joint_deltas == (0.25, -0.25, 0.01)
+        p = action.eef_target.position
+        assert p.x == pytest.approx(0.1 / 2**0.5) and p.z == pytest.approx(-0.1 / 2**0.5)
+        assert action.base_velocity_hint.linear.x == pytest.approx(0.5)
+        assert action.base_velocity_hint.angular.z == pytest.approx(-1.0)
+    counts = node.safety_guard.counts()
+    assert counts["clamped_joint_delta"] >= 3 and counts["clamped_eef_step_m"] >= 3
+    assert sum(v for k, v in counts.items() if k.startswith("refused_")) == 0

@@ -12,18 +12,16 @@ from manipulation_policy.core.policy_types import EefTargetMode
 from manipulation_policy.robot.remote_client import decode_answer
 from manipulation_policy.robot.response_validation import (
     Expectation,
-    ResponseLimits,
     frame_id_problem,
     validate_answer,
 )
 
 EXPECT = Expectation(reference_frame="base_link", joint_count=3)
-LIMITS = ResponseLimits()
 
 
 def refusal(answer: dict, expect: Expectation = EXPECT) -> InputError:
     with pytest.raises(InputError) as caught:
-        validate_answer(answer, expect, LIMITS)
+        validate_answer(answer, expect)
     return caught.value
 
 
@@ -37,7 +35,7 @@ def without(answer: dict, *path: str) -> dict:
 
 
 def test_a_good_answer_is_taken_as_it_is():
-    action = validate_answer(good_answer(3), EXPECT, LIMITS)
+    action = validate_answer(good_answer(3), EXPECT)
     assert action.joint_deltas == (0.01, 0.01, 0.01)
     assert action.gripper_command == 0.5 and action.confidence == 0.5
     assert action.eef_target.position.x == 0.01
@@ -46,13 +44,13 @@ def test_a_good_answer_is_taken_as_it_is():
 
 
 def test_a_minimal_hold_answer_is_taken():
-    action = validate_answer({}, EXPECT, LIMITS)
+    action = validate_answer({}, EXPECT)
     assert action.is_hold and action.reference_frame == "base_link"
 
 
 def test_the_robots_frame_is_kept_when_the_server_names_none():
     answer = without(good_answer(3), "reference_frame")
-    action = validate_answer(answer, Expectation("odom", 3), LIMITS)
+    action = validate_answer(answer, Expectation("odom", 3))
     assert action.reference_frame == "odom"
 
 
@@ -62,27 +60,11 @@ def test_the_robots_frame_is_kept_when_the_server_names_none():
         ({"confidence": 5.0}, "confidence"),
         ({"confidence": -0.1}, "confidence"),
         ({"gripper_command": 7.0}, "gripper_command"),
-        ({"joint_deltas": [1e6, 1e6, 1e6]}, "joint_deltas[0]"),
         ({"joint_deltas": [0.01, 0.01]}, "joint_deltas"),
         ({"joint_deltas": [0.01] * 4}, "joint_deltas"),
-        ({"eef_target_pose": {"position": {"x": 1e308, "y": 1e308, "z": 1e308},
-                              "orientation": {"x": 0, "y": 0, "z": 0, "w": 1}}},
-         "eef_target_pose.position"),
-        ({"eef_target_mode": "absolute",
-          "eef_target_pose": {"position": {"x": 3.0, "y": 0, "z": 0},
-                              "orientation": {"x": 0, "y": 0, "z": 0, "w": 1}}},
-         "eef_target_pose.position"),
         ({"eef_target_pose": {"position": {"x": 0, "y": 0, "z": 0},
                               "orientation": {"x": 0, "y": 0, "z": 0, "w": 2}}},
          "eef_target_pose.orientation"),
-        ({"has_base_hint": True,
-          "base_velocity_hint": {"linear": {"x": 50.0, "y": 0, "z": 0},
-                                 "angular": {"x": 0, "y": 0, "z": 0}}},
-         "base_velocity_hint.linear"),
-        ({"has_base_hint": True,
-          "base_velocity_hint": {"linear": {"x": 0, "y": 0, "z": 0},
-                                 "angular": {"x": 0, "y": 0, "z": 9.0}}},
-         "base_velocity_hint.angular"),
         ({"has_eef_target": "yes"}, "has_eef_target"),
         ({"gripper_active": 1}, "gripper_active"),
         ({"confidence": "0.5"}, "confidence"),
@@ -125,16 +107,30 @@ def test_a_base_hint_its_flag_announces_must_be_there():
 def test_parts_without_their_flag_are_not_published_whatever_they_hold():
     answer = good_answer(3, has_eef_target=False, has_joint_deltas=False, gripper_active=False,
                          joint_deltas=[9.0])
-    action = validate_answer(answer, EXPECT, LIMITS)
+    action = validate_answer(answer, EXPECT)
     assert action.eef_target is None and action.joint_deltas is None
     assert action.gripper_command is None
 
 
-def test_the_bounds_are_the_robots():
-    answer = good_answer(3, joint_deltas=[0.2, 0.2, 0.2])
-    assert validate_answer(answer, EXPECT, LIMITS).joint_deltas == (0.2, 0.2, 0.2)
-    with pytest.raises(InputError, match="max_joint_delta=0.1"):
-        validate_answer(answer, EXPECT, ResponseLimits(max_joint_delta=0.1))
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"joint_deltas": [1e6, 1e6, 1e6]},
+        {"eef_target_pose": {"position": {"x": 1e308, "y": 1e308, "z": 1e308},
+                             "orientation": {"x": 0, "y": 0, "z": 0, "w": 1}}},
+        {"eef_target_mode": "absolute",
+         "eef_target_pose": {"position": {"x": 3.0, "y": 0, "z": 0},
+                             "orientation": {"x": 0, "y": 0, "z": 0, "w": 1}}},
+        {"has_base_hint": True,
+         "base_velocity_hint": {"linear": {"x": 50.0, "y": 0, "z": 0},
+                                "angular": {"x": 0, "y": 0, "z": 9.0}}},
+    ],
+)
+def test_well_formed_answers_over_the_robots_limits_are_the_guards_to_judge(overrides):
+    # The wire checks form only: the safety guard clamps such values when they are
+    # published (test_safety_guard, test_guard_nodes), as for an in-process model.
+    action = validate_answer(good_answer(3, **overrides), EXPECT)
+    assert not action.is_hold
 
 
 @pytest.mark.parametrize(
@@ -151,7 +147,7 @@ def test_the_bounds_are_the_robots():
 )
 def test_undecodable_answers_are_refused_naming_why(raw, says):
     with pytest.raises(InputError) as caught:
-        decode_answer(raw, EXPECT, LIMITS)
+        decode_answer(raw, EXPECT)
     assert says in str(caught.value)
 
 

@@ -20,8 +20,6 @@ import base64
 import io
 import json
 import math
-from dataclasses import replace
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -47,7 +45,7 @@ from manipulation_policy.robot.node_parameters import (
     upstream_action_fields,
 )
 from manipulation_policy.robot.remote_client import RemoteClient, RemoteSettings
-from manipulation_policy.robot.response_validation import ResponseLimits
+from manipulation_policy.robot.safety_guard import GuardContext, GuardLimits, SafetyGuard
 from manipulation_policy.server.errors import ApiError
 from manipulation_policy.server.process import ServerProcess
 from manipulation_policy.server.request_decoding import decode_infer_body
@@ -369,11 +367,9 @@ def upstream_server():
         yield server
 
 
-def ask(server: ScriptedPolicyServer, answer: dict, limits: Optional[ResponseLimits] = None):
+def ask(server: ScriptedPolicyServer, answer: dict):
     server.raw_answer = (200, json.dumps(answer).encode())
     settings = RemoteSettings(url=server.url, timeout_sec=5.0, retry_attempts=0)
-    if limits is not None:
-        settings = replace(settings, limits=limits)
     client = RemoteClient(settings)
     try:
         return client.infer({"reference_frame": "base_link"})
@@ -382,17 +378,21 @@ def ask(server: ScriptedPolicyServer, answer: dict, limits: Optional[ResponseLim
 
 
 def test_upstream_answers_keep_their_meaning(upstream_server):
-    # The documented example moves 0.42 m in one step: over the robot's default bound on
-    # a delta, so refused as it stands (never a surprise leap), taken once the bound allows.
-    refused = ask(upstream_server, UPSTREAM_EXAMPLE_ANSWER)
-    assert not refused.ok and "max_eef_delta_m" in refused.failure
-    result = ask(upstream_server, UPSTREAM_EXAMPLE_ANSWER, ResponseLimits(max_eef_delta_m=0.5))
+    result = ask(upstream_server, UPSTREAM_EXAMPLE_ANSWER)
     assert result.ok, result.failure
     action = result.action
     assert action.gripper_command == 0.5 and action.confidence == 0.0
     assert (action.eef_target.position.x, action.eef_target.position.z) == (0.3, 0.3)
     assert action.eef_target_mode.value == "delta"  # what upstream's answers are
     assert ask(upstream_server, UPSTREAM_NO_OP_ANSWER).action.is_hold
+    # The documented example moves 0.42 m in one step: over the robot's default step
+    # limit, so the guard cuts it to 0.1 m in the same direction (never a surprise leap),
+    # and lets it through once the limit allows.
+    cut = SafetyGuard(GuardLimits()).check(action, GuardContext(0.0)).action.eef_target
+    assert (cut.position.x, cut.position.y, cut.position.z) == pytest.approx(
+        (0.1 / math.sqrt(2), 0.0, 0.1 / math.sqrt(2)))
+    wide = SafetyGuard(GuardLimits(max_eef_step_m=0.5)).check(action, GuardContext(0.0))
+    assert wide.action == action and not wide.clamped
 
 
 def expected_from_vector(vector, frame="base_link"):
@@ -482,7 +482,7 @@ def test_remote_node_sends_upstreams_openvla_parameters_and_applies_them_to_vect
     with Rig() as rig:
         # A 10x step is over the default bound on a delta (0.1 m): this robot allows more.
         node = rig.add(RemotePolicyNode(**rig.node_kwargs(
-            remote_url=upstream_server.url, inference_rate=20.0, max_eef_delta_m=0.5,
+            remote_url=upstream_server.url, inference_rate=20.0, max_eef_step_m=0.5,
             **settings)))  # fmt: skip
         rig.stream_joint_states()
         rig.stream_camera(sample_image())

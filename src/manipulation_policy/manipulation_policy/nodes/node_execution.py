@@ -288,7 +288,7 @@ class NodeExecution:
         """Put an answered chunk on the timeline, publish it whole on the chunk topic and
         its steps due now; False when the chunk was refused or could not be published."""
         stamp_ns = ros_conversion.stamp_to_nanoseconds(job.frame.stamp)
-        self._remember_chunk(chunk, job.frame.stamp, stamp_ns, request_id)
+        self._remember_chunk(chunk, job.frame.stamp, stamp_ns, request_id, job.observation)
         acceptance = self._executor.accept(chunk, stamp_ns / 1e9, request_id)
         if not acceptance.accepted:
             self._count("chunks_refused")

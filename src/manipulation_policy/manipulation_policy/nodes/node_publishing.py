@@ -1,10 +1,20 @@
 """The policy node's outputs: each command as a PolicyOutput (an answer's action at
 once, or a step of the action timeline when it is due), each accepted chunk whole
-as a PolicyActionChunk, and the action executor's diagnostics.
+as a PolicyActionChunk, and the diagnostics of the action executor and the guard.
 
-This mixin of ``PolicyNodeBase`` owns the publishers and what a published command
-needs to know of the chunk it comes from (``_chunks``, under ``_chunks_lock``).
-Nothing is published once the node is closing.
+Every command passes the safety guard (``robot/safety_guard.SafetyGuard``, on the
+node's guard parameters) right before it becomes a PolicyOutput: what goes out is
+the guard's action, clamped. A refused one goes out as a hold, the plan is dropped
+(the executor cleared, the guard's references reset), the refusal is counted,
+logged and reported on /diagnostics; the node goes on. The chunk message shows
+each step as the guard would let it out from the guard's state when the chunk
+arrives (a copy of the guard runs through the steps at their due times; after a
+refused step, holds): no value the guard would stop is on the chunk topic. Each
+command is checked again when it is due, against the references of that moment.
+
+This mixin of ``PolicyNodeBase`` owns the publishers, the guard and what a
+published command needs to know of the chunk it comes from (``_chunks``, under
+``_chunks_lock``). Nothing is published once the node is closing.
 """
 
 from __future__ import annotations
@@ -17,10 +27,24 @@ from typing import Any, Optional
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
 from manipulation_msgs.msg import PolicyActionChunk, PolicyOutput
-from manipulation_policy.core.policy_types import ActionChunk, PolicyAction
+from manipulation_policy.core.policy_types import (
+    ActionChunk,
+    JointStateData,
+    Observation,
+    PolicyAction,
+    Pose,
+)
 from manipulation_policy.nodes import ros_conversion
+from manipulation_policy.nodes.guard_diagnostics import guard_status, refusal_total
 from manipulation_policy.robot.executor import DueCommand
+from manipulation_policy.robot.node_parameters import GUARD_PARAMETER_NAMES
 from manipulation_policy.robot.node_shared import LOG_THROTTLE_SEC, Job
+from manipulation_policy.robot.safety_guard import (
+    GuardContext,
+    GuardLimits,
+    GuardResult,
+    SafetyGuard,
+)
 
 EXECUTOR_DIAGNOSTICS_PERIOD_SEC = 1.0
 DIAGNOSTICS_TOPIC = "/diagnostics"
@@ -35,6 +59,12 @@ class _ChunkInfo:
     stamp_ns: int
     length: int
     period: float
+    # Of the observation the chunk answers: what the guard checks its steps against.
+    joint_state: JointStateData
+    eef_pose: Optional[Pose]
+
+    def guard_context(self, due_ns: int) -> GuardContext:
+        return GuardContext(due_ns / 1e9, self.joint_state, self.eef_pose, self.stamp_ns / 1e9)
 
 
 class NodePublishing:
@@ -48,6 +78,39 @@ class NodePublishing:
         # before deactivation's hold, and nothing after it.
         self._publish_lock = threading.RLock()
         self._publishing = False
+        self._reported_refusals = 0
+        try:
+            limits = GuardLimits.from_values(self.parameter_values())
+        except ValueError as exc:  # inconsistent start values (each alone was checked)
+            raise ValueError(f"safety guard parameters: {exc}") from None
+        self._guard = SafetyGuard(limits)
+
+    @property
+    def safety_guard(self) -> SafetyGuard:
+        return self._guard
+
+    def _guard_parameters_changed(self, changes: dict[str, Any]) -> None:
+        # Checked together when set (changes_problem): consistent here.
+        if GUARD_PARAMETER_NAMES.intersection(changes):
+            self._guard.update_limits(GuardLimits.from_values(self.parameter_values()))
+
+    def _guarded(self, action: PolicyAction, context: GuardContext) -> GuardResult:
+        """The guard's verdict on ``action``; a refusal drops the plan and is logged."""
+        result = self._guard.check(action, context)
+        if result.refused:
+            self._executor.clear()
+            self._guard.reset()
+            self.get_logger().warning(
+                f"safety guard refused an action: {result.refusal}; publishing a hold, "
+                f"plan dropped (refusals so far: {refusal_total(self._guard.counts())})",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+        elif result.clamped:
+            self.get_logger().info(
+                f"safety guard clamped an action to {', '.join(result.clamped)}",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
+            )
+        return result
 
     def _create_publishers(self, values: dict[str, Any]) -> None:
         self._publisher = self.create_publisher(PolicyOutput, values["output_topic"], 10)
@@ -70,9 +133,14 @@ class NodePublishing:
             self._count("held_by_stop")
             action = PolicyAction.hold(action.reference_frame)
         stamp_ns = ros_conversion.stamp_to_nanoseconds(job.frame.stamp)
+        observation = job.observation
+        context = GuardContext(
+            stamp_ns / 1e9, observation.joint_state, observation.eef_pose, stamp_ns / 1e9
+        )
+        checked = self._guarded(action, context).action
         return self._send(
             lambda: ros_conversion.command_to_policy_output(
-                action, job.frame.stamp, stamp_ns, 0, 1, request_id
+                checked, job.frame.stamp, stamp_ns, 0, 1, request_id
             ),
             job.task_generation,
         )
@@ -97,13 +165,19 @@ class NodePublishing:
             return False
 
     def _remember_chunk(
-        self, chunk: ActionChunk, stamp: Any, stamp_ns: int, request_id: str
+        self,
+        chunk: ActionChunk,
+        stamp: Any,
+        stamp_ns: int,
+        request_id: str,
+        observation: Observation,
     ) -> None:
         """What the steps of a chunk need to be published. Called before the executor
         accepts the chunk: its tick, on the other thread, may publish a step at once."""
         with self._chunks_lock:
             self._chunks[request_id] = _ChunkInfo(
-                stamp, stamp_ns, len(chunk), chunk.action_period_sec
+                stamp, stamp_ns, len(chunk), chunk.action_period_sec,
+                observation.joint_state, observation.eef_pose,
             )
             while len(self._chunks) > REMEMBERED_CHUNKS:
                 self._chunks.pop(next(iter(self._chunks)))
@@ -112,7 +186,8 @@ class NodePublishing:
         """Publish an accepted chunk whole on the chunk topic (logged when it cannot be:
         its steps will fail too)."""
         try:
-            msg = ros_conversion.chunk_to_msg(chunk, stamp, request_id)
+            shown = self._guard_preview(chunk, request_id)
+            msg = ros_conversion.chunk_to_msg(shown, stamp, request_id)
             with self._publish_lock:
                 if not self._closing and self._publishing:
                     self._chunk_output_publisher().publish(msg)
@@ -123,20 +198,46 @@ class NodePublishing:
                 throttle_duration_sec=LOG_THROTTLE_SEC,
             )
 
+    def _guard_preview(self, chunk: ActionChunk, request_id: str) -> ActionChunk:
+        """``chunk``'s steps as a copy of the guard lets them out at their due times
+        (holds from a refused step on); the guard itself is not touched."""
+        with self._chunks_lock:
+            info = self._chunks.get(request_id)
+        if info is None:
+            return chunk
+        preview = self._guard.copy()
+        steps: list[PolicyAction] = []
+        for index, action in enumerate(chunk.actions):
+            due_ns = ros_conversion.step_due_nanoseconds(info.stamp_ns, index, info.period)
+            result = preview.check(action, info.guard_context(due_ns))
+            steps.append(result.action)
+            if result.refused:  # the plan ends there: the rest is never published
+                steps += [PolicyAction.hold(chunk.reference_frame)] * (len(chunk) - index - 1)
+                break
+        return ActionChunk(tuple(steps), chunk.action_period_sec)
+
     def _publish_due(self) -> Optional[bool]:
-        """Publish the commands due now: None when none was, else whether all went out."""
+        """Publish the commands due now: None when none was, else whether all went out.
+        After a refused one (a hold went out, the plan was dropped) none follows."""
         commands = self._executor.due()
         if not commands:
             return None
-        return all([self._publish_command(command) for command in commands])
+        sent_all = True
+        for command in commands:
+            sent, refused = self._publish_command(command)
+            sent_all = sent_all and sent
+            if refused:
+                break
+        return sent_all
 
-    def _publish_command(self, command: DueCommand) -> bool:
+    def _publish_command(self, command: DueCommand) -> tuple[bool, bool]:
+        """Publish a due command, guarded: (whether it went out, whether it was refused)."""
         if self.hold_reason() is not None:
-            return True  # the stop dropped the plan and published its hold
+            return True, False  # the stop dropped the plan and published its hold
         with self._chunks_lock:
             info = self._chunks.get(command.request_id)
         if info is None:  # forgotten (cannot happen with REMEMBERED_CHUNKS > 1)
-            return False
+            return False, False
         if command.is_underrun_hold:
             step, due_ns = info.length, round(command.due_sec * 1e9)
             self._count("underrun_holds")
@@ -149,12 +250,14 @@ class NodePublishing:
         else:
             step = command.step_index
             due_ns = ros_conversion.step_due_nanoseconds(info.stamp_ns, step, info.period)
-        return self._send(
+        result = self._guarded(command.action, info.guard_context(due_ns))
+        sent = self._send(
             lambda: ros_conversion.command_to_policy_output(
-                command.action, info.stamp, due_ns, step, info.length, command.request_id
+                result.action, info.stamp, due_ns, step, info.length, command.request_id
             ),
             None,
         )
+        return sent, result.refused
 
     def _publish_executor_diagnostics(self) -> None:
         counts = self._executor.counts()
@@ -178,7 +281,14 @@ class NodePublishing:
         ]
         msg = DiagnosticArray()
         msg.header.stamp = self.get_clock().now().to_msg()
-        msg.status = [status, self._safety_status(self.lifecycle_state)]
+        guard_counts = self._guard.counts()
+        msg.status = [
+            status,
+            self._safety_status(self.lifecycle_state),
+            guard_status(self.get_fully_qualified_name(), guard_counts,
+                         self._guard.newest_refusal(), self._reported_refusals),
+        ]
+        self._reported_refusals = refusal_total(guard_counts)
         if not self._closing:
             self._executor_diagnostics.publish(msg)
 

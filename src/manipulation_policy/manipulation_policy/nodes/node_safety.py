@@ -86,6 +86,7 @@ class NodeSafety:
     def _stop_now(self, change: StopChange) -> None:
         """A stop began: drop the planned steps and publish one hold (when active)."""
         self._executor.clear()
+        self._guard.reset()
         self._count("stop_holds")
         self._publish_hold_now()
 

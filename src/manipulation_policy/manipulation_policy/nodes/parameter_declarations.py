@@ -30,20 +30,31 @@ _TYPES = {
     float: Parameter.Type.DOUBLE,
     str: Parameter.Type.STRING,
 }
+_ARRAY_TYPES = {
+    float: Parameter.Type.DOUBLE_ARRAY,
+    str: Parameter.Type.STRING_ARRAY,
+}
 READ_AT_START_NOTE = " (read at start; restart to change)"
 
 
 def parameter_type(spec: ParameterSpec) -> Parameter.Type:
+    if spec.item_type is not None:
+        return _ARRAY_TYPES[spec.item_type]
     return _TYPES[type(spec.default)]
 
 
 def descriptor_for(spec: ParameterSpec) -> ParameterDescriptor:
     descriptor = ParameterDescriptor(
         name=spec.name,
-        type=parameter_type(spec).value,
         description=spec.description + ("" if spec.live else READ_AT_START_NOTE),
         read_only=not spec.live,
     )
+    if spec.item_type is not None and not spec.default:
+        # rclpy infers a declared parameter's type from its default, and an empty list
+        # has none it can tell: typed by the spec's check instead.
+        descriptor.dynamic_typing = True
+    else:
+        descriptor.type = parameter_type(spec).value
     bounds = spec.number_range
     if bounds is not None:
         # rclpy checks the range with inclusive ends; a spec's open lower end (> 0) is
@@ -62,12 +73,18 @@ def descriptor_for(spec: ParameterSpec) -> ParameterDescriptor:
 
 
 def as_declared_type(spec: Optional[ParameterSpec], parameter: Parameter) -> Parameter:
-    """``parameter`` with an integer value turned into a double when ``spec`` is a double."""
-    if spec is None or parameter.type_ is not Parameter.Type.INTEGER:
+    """``parameter`` with an integer value turned into a double when ``spec`` is a double
+    (integers into doubles for a double array)."""
+    if spec is None:
         return parameter
-    if parameter_type(spec) is not Parameter.Type.DOUBLE:
-        return parameter
-    return Parameter(parameter.name, Parameter.Type.DOUBLE, float(parameter.value))
+    declared = parameter_type(spec)
+    if parameter.type_ is Parameter.Type.INTEGER and declared is Parameter.Type.DOUBLE:
+        return Parameter(parameter.name, Parameter.Type.DOUBLE, float(parameter.value))
+    if (parameter.type_ is Parameter.Type.INTEGER_ARRAY
+            and declared is Parameter.Type.DOUBLE_ARRAY):
+        return Parameter(parameter.name, Parameter.Type.DOUBLE_ARRAY,
+                         [float(v) for v in parameter.value])
+    return parameter
 
 
 def parameter_problem(spec: Optional[ParameterSpec], value: Any, started: bool) -> Optional[str]:

@@ -116,6 +116,9 @@ class NodeParameters:
             given = overrides.get(name)
             if given is None:
                 continue
+            if given.type_ is Parameter.Type.NOT_SET and spec.item_type is not None:
+                del overrides[name]  # rcl reads a YAML [] as not set: the (empty) default
+                continue
             given = as_declared_type(spec, given)
             problem = parameter_problem(spec, given.value, started=False)
             if problem is not None and spec.secret:
@@ -151,7 +154,7 @@ class NodeParameters:
 
     def _on_set_parameters(self, parameters) -> SetParametersResult:
         changes = {p.name: p.value for p in parameters if p.name in self._specs}
-        problem = changes_problem(self._specs, changes)
+        problem = changes_problem(self._specs, changes, self.parameter_values())
         changes = {name: self._specs[name].normalized(value) for name, value in changes.items()}
         if problem is not None:
             if self._ready:

@@ -233,6 +233,7 @@ class PolicyNodeBase(
         """Stop the timers and the planned steps; one hold, then nothing goes out."""
         self._stop_timers()
         self._executor.clear()
+        self._guard.reset()
         with self._publish_lock:
             if self._publishing:
                 self._publish_hold_now()
@@ -263,6 +264,7 @@ class PolicyNodeBase(
         self._execution_parameters_changed(changes)
         if "dry_run" in changes:
             self._dry_run_changed(changes["dry_run"])
+        self._guard_parameters_changed(changes)
         if "use_observation" in changes:
             self._use_observation_changed(changes["use_observation"])
         if "inference_rate" in changes:

@@ -2,11 +2,12 @@
 
 Each observation is resized to image_width x image_height, JPEG-encoded
 into a contract request and posted by ``RemoteClient`` (a deadline per
-attempt, bounded retries, circuit breaker, every answer validated against
-the robot's bounds) from the base class's worker thread, never from the
-executor thread. When the server cannot answer, or answers something that
-is not a valid action, the node publishes a safe hold
-(``remote_fallback_on_failure``) or nothing.
+attempt, bounded retries, circuit breaker, every answer's form validated)
+from the base class's worker thread, never from the executor thread. When the
+server cannot answer, or answers something that is not a valid action, the
+node publishes a safe hold (``remote_fallback_on_failure``) or nothing. What
+a valid answer may make the robot do is the safety guard's to say, as in the
+in-process node (``node_publishing``).
 
 The circuit breaker's state is logged when it opens and closes, and
 reported on /diagnostics (diagnostic_msgs/DiagnosticArray) when it changes
@@ -49,7 +50,6 @@ from manipulation_policy.robot.remote_client import (
     printable,
 )
 from manipulation_policy.robot.remote_request import remote_request_body
-from manipulation_policy.robot.response_validation import ResponseLimits
 from manipulation_policy.robot.server_check import ServerCheckFailed, check_server
 
 DIAGNOSTICS_PERIOD_SEC = 1.0
@@ -59,19 +59,8 @@ AUTOSTART_RETRY_SEC = 2.0
 # Parameters that make up RemoteSettings: a change to any of them updates the client.
 SETTINGS_PARAMETERS = frozenset({
     "remote_url", "remote_timeout_sec", "remote_retry_attempts", "remote_api_key_file",
-    "remote_max_response_bytes", "remote_retry_after_max_sec", "max_eef_position_m",
-    "max_eef_delta_m", "max_joint_delta", "max_base_linear_speed", "max_base_angular_speed",
+    "remote_max_response_bytes", "remote_retry_after_max_sec",
 })
-
-
-def response_limits(values: dict[str, Any]) -> ResponseLimits:
-    return ResponseLimits(
-        max_eef_position_m=float(values["max_eef_position_m"]),
-        max_eef_delta_m=float(values["max_eef_delta_m"]),
-        max_joint_delta=float(values["max_joint_delta"]),
-        max_base_linear_speed=float(values["max_base_linear_speed"]),
-        max_base_angular_speed=float(values["max_base_angular_speed"]),
-    )
 
 
 def remote_settings(values: dict[str, Any]) -> RemoteSettings:
@@ -83,7 +72,6 @@ def remote_settings(values: dict[str, Any]) -> RemoteSettings:
         api_key=read_api_key(values["remote_api_key_file"]),
         max_response_bytes=int(values["remote_max_response_bytes"]),
         retry_after_max_sec=float(values["remote_retry_after_max_sec"]),
-        limits=response_limits(values),
     )
 
 
@@ -249,7 +237,6 @@ class RemotePolicyNode(PolicyNodeBase):
             api_key=settings.api_key,
             max_response_bytes=settings.max_response_bytes,
             retry_after_max_sec=settings.retry_after_max_sec,
-            limits=settings.limits,
         )
         self._publish_status(self.action_source, "")
 

@@ -11,6 +11,7 @@ parameter's range in its descriptor (``ros2 param describe``).
 
 from __future__ import annotations
 
+import array
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ from manipulation_policy.robot.executor_settings import (
 )
 from manipulation_policy.robot.remote_client import DEFAULT_MAX_RESPONSE_BYTES
 from manipulation_policy.robot.response_validation import frame_id_problem
+from manipulation_policy.robot.safety_guard import GuardLimits
 
 Check = Callable[[Any], Optional[str]]
 
@@ -57,9 +59,16 @@ class ParameterSpec:
     check: Optional[Check] = None
     live: bool = True  # False: read once at start, read-only afterwards
     secret: bool = False  # a refusal never shows the value (it may be a key)
+    # An array parameter: the type of its items (float or str); its default is a tuple.
+    item_type: Optional[type] = None
 
     def problem(self, value: Any) -> Optional[str]:
         """Why ``value`` is refused for this parameter; None if fine."""
+        if self.item_type is not None:
+            problem = _array_problem(self.item_type, value)
+            if problem is not None:
+                return problem
+            return self.check(self.normalized(value)) if self.check is not None else None
         expected = type(self.default)
         # bool is an int subclass: keep the two apart; an int is a fine float.
         if isinstance(value, bool) != (expected is bool) or not (
@@ -70,7 +79,10 @@ class ParameterSpec:
         return self.check(value) if self.check is not None else None
 
     def normalized(self, value: Any) -> Any:
-        """An accepted value in the default's type (an int given for a float becomes a float)."""
+        """An accepted value in the default's type (an int given for a float becomes a
+        float; an array, a tuple of its item type)."""
+        if self.item_type is not None:
+            return tuple(self.item_type(v) for v in value)
         if isinstance(self.default, float) and isinstance(value, int) and not isinstance(
             value, bool
         ):
@@ -81,6 +93,19 @@ class ParameterSpec:
     def number_range(self) -> Optional[NumberRange]:
         """The bounds of a numeric parameter, when its check is one."""
         return self.check if isinstance(self.check, NumberRange) else None
+
+
+def _array_problem(item_type: type, value: Any) -> Optional[str]:
+    # rclpy hands arrays over as lists, tuples or array.array (doubles).
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, array.array)):
+        return f"expected a list of {item_type.__name__}, got {type(value).__name__} {value!r}"
+    for index, item in enumerate(value):
+        if isinstance(item, bool) or not (
+            isinstance(item, item_type) or (item_type is float and isinstance(item, int))
+        ):
+            return (f"expected a list of {item_type.__name__}, got {type(item).__name__} "
+                    f"{item!r} at [{index}]")
+    return None
 
 
 # ---------------------------------------------------------------- checks
@@ -241,6 +266,100 @@ def executor_settings(values: Mapping[str, Any]) -> ExecutorSettings:
     )
 
 
+# The safety guard's limits (both nodes): one parameter per GuardLimits field, its
+# default the field's (robot/safety_guard.py says what each limit clamps or refuses).
+GUARD_DEFAULTS = GuardLimits()
+MAX_WORKSPACE_M = 100.0
+
+
+def numbers_within(low: float, high: float, count: Optional[int] = None) -> Check:
+    """Each item finite and within [low, high]; exactly ``count`` items when given."""
+
+    def check(values: tuple[float, ...]) -> Optional[str]:
+        if count is not None and len(values) != count:
+            return f"must hold {count} numbers, got {len(values)}"
+        for index, value in enumerate(values):
+            if not (math.isfinite(value) and low <= value <= high):
+                return (f"[{index}] must be a finite number within [{low:g}, {high:g}], "
+                        f"got {value!r}")
+        return None
+
+    return check
+
+
+def joint_names(values: tuple[str, ...]) -> Optional[str]:
+    if any(not name.strip() for name in values):
+        return "must not hold an empty name"
+    if len(set(values)) != len(values):
+        return "must not name a joint twice"
+    return None
+
+
+def _guard_spec(name: str, description: str, check: Check, item_type: Optional[type] = None):
+    return ParameterSpec(name, getattr(GUARD_DEFAULTS, name), description, check,
+                         item_type=item_type)
+
+
+GUARD_PARAMETERS: tuple[ParameterSpec, ...] = (
+    _guard_spec("workspace_min",
+                "Lower corner (x, y, z, m, reference_frame) of the box absolute end-effector "
+                "targets are clamped into; each below workspace_max.",
+                numbers_within(-MAX_WORKSPACE_M, MAX_WORKSPACE_M, 3), float),
+    _guard_spec("workspace_max",
+                "Upper corner (x, y, z, m) of the workspace box.",
+                numbers_within(-MAX_WORKSPACE_M, MAX_WORKSPACE_M, 3), float),
+    _guard_spec("max_eef_step_m",
+                "Longest end-effector translation per step (m): a delta's, or an absolute "
+                "target's from the last target (or the current pose, when observed after "
+                "it); longer ones are scaled down.", positive_number(MAX_BOUND)),
+    _guard_spec("max_eef_step_rad",
+                "Largest end-effector rotation per step (rad); larger ones are cut to it.",
+                NumberRange(0.0, math.pi, low_open=True)),
+    _guard_spec("max_joint_delta",
+                "Largest joint delta per step (rad, or m for prismatic joints), for joints "
+                "without their own joint_max_deltas entry; larger ones are clamped.",
+                positive_number(MAX_BOUND)),
+    _guard_spec("joint_limit_names",
+                "Joints (joint_states names) with their own limits in joint_max_deltas, "
+                "joint_position_min and joint_position_max (same order).",
+                joint_names, str),
+    _guard_spec("joint_max_deltas",
+                "Per joint of joint_limit_names: its largest delta per step (empty: "
+                "max_joint_delta for all).", numbers_within(1e-9, MAX_BOUND), float),
+    _guard_spec("joint_position_min",
+                "Per joint of joint_limit_names: lowest position a delta may lead to "
+                "(empty: none).", numbers_within(-MAX_BOUND, MAX_BOUND), float),
+    _guard_spec("joint_position_max",
+                "Per joint of joint_limit_names: highest position a delta may lead to "
+                "(empty: none).", numbers_within(-MAX_BOUND, MAX_BOUND), float),
+    _guard_spec("max_gripper_rate",
+                "Fastest gripper command change (full range per second, between due times); "
+                "faster changes are slowed (0: no limit).", NumberRange(0.0, MAX_BOUND)),
+    _guard_spec("max_base_linear_speed",
+                "Fastest base velocity hint (m/s); faster ones are scaled down.",
+                positive_number(MAX_BOUND)),
+    _guard_spec("max_base_angular_speed",
+                "Fastest base turn hint (rad/s); faster ones are scaled down.",
+                positive_number(MAX_BOUND)),
+    _guard_spec("min_confidence",
+                "Actions with a lower confidence are refused: a hold instead.",
+                NumberRange(0.0, 1.0)),
+)
+GUARD_PARAMETER_NAMES = frozenset(spec.name for spec in GUARD_PARAMETERS)
+
+
+def guard_values_problem(values: Mapping[str, Any]) -> Optional[str]:
+    """What makes the guard parameters in ``values`` inconsistent together (lengths,
+    min below max), naming the field; None when consistent or not all there yet."""
+    if not GUARD_PARAMETER_NAMES <= set(values):
+        return None
+    try:
+        GuardLimits.from_values(values)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("camera_topic", "/camera/color/image_raw",
                   "Camera topic (sensor_msgs/Image; with image_transport=compressed, "
@@ -294,7 +413,7 @@ COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
                   "Decisions published per task, then wait for the next task "
                   "(0 or less: until an empty message on instruction_topic clears it).",
                   integer_in(-MAX_STEPS, MAX_STEPS)),
-) + EXECUTOR_PARAMETERS + SAFETY_PARAMETERS
+) + EXECUTOR_PARAMETERS + SAFETY_PARAMETERS + GUARD_PARAMETERS
 
 BACKEND_PARAMETER = ParameterSpec(
     "backend", "openvla",
@@ -356,21 +475,6 @@ REMOTE_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("remote_retry_after_max_sec", 30.0,
                   "Longest quiet time a server's Retry-After (503, 429) can ask for, seconds.",
                   positive_number(MAX_RETRY_AFTER_SEC)),
-    ParameterSpec("max_eef_position_m", 1.5,
-                  "An absolute end-effector target farther than this from the reference frame's "
-                  "origin (m) is refused.", positive_number(MAX_BOUND)),
-    ParameterSpec("max_eef_delta_m", 0.1,
-                  "A delta end-effector target longer than this (m) is refused.",
-                  positive_number(MAX_BOUND)),
-    ParameterSpec("max_joint_delta", 0.25,
-                  "A joint delta larger than this (rad, or m for prismatic joints) is refused.",
-                  positive_number(MAX_BOUND)),
-    ParameterSpec("max_base_linear_speed", 0.5,
-                  "A base velocity hint faster than this (m/s) is refused.",
-                  positive_number(MAX_BOUND)),
-    ParameterSpec("max_base_angular_speed", 1.0,
-                  "A base velocity hint turning faster than this (rad/s) is refused.",
-                  positive_number(MAX_BOUND)),
     ParameterSpec("image_width", 224, "Width the image is resized to before sending.",
                   integer_in(1, MAX_IMAGE_SIDE)),
     ParameterSpec("image_height", 224, "Height the image is resized to before sending.",
@@ -385,11 +489,15 @@ def specs_by_name(*groups: Sequence[ParameterSpec]) -> dict[str, ParameterSpec]:
 
 
 def changes_problem(
-    specs: Mapping[str, ParameterSpec], values: Mapping[str, Any]
+    specs: Mapping[str, ParameterSpec],
+    values: Mapping[str, Any],
+    current: Optional[Mapping[str, Any]] = None,
 ) -> Optional[str]:
     """The problem with the first refused one of ``values`` ("name: problem"), or None.
 
-    Names without a spec (use_sim_time, ...) are not ours to judge.
+    Names without a spec (use_sim_time, ...) are not ours to judge. With ``current``
+    (the values in force), limits that must agree with each other (the guard's) are
+    checked together as they would be after the change.
     """
     for name, value in values.items():
         spec = specs.get(name)
@@ -398,6 +506,8 @@ def changes_problem(
         problem = spec.problem(value)
         if problem is not None:
             return f"{name} {problem}"
+    if current is not None and GUARD_PARAMETER_NAMES.intersection(values):
+        return guard_values_problem({**current, **values})
     return None
 
 

@@ -46,7 +46,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
 from typing import Any, Optional
 
@@ -65,7 +65,6 @@ from manipulation_policy.robot.http_exchange import (
 from manipulation_policy.robot.response_validation import (
     Expectation,
     ForeignAnswer,
-    ResponseLimits,
     is_chunk_answer,
     validate_chunk,
 )
@@ -86,7 +85,6 @@ class RemoteSettings:
     backoff_max_sec: float = 0.5
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     retry_after_max_sec: float = 30.0
-    limits: ResponseLimits = field(default_factory=ResponseLimits)
     # How a raw OpenVLA action vector in an upstream-shaped answer is converted.
     raw_action_options: Optional[ActionConversionOptions] = None
 
@@ -359,9 +357,7 @@ class RemoteClient:
             )
         if answer.status == 200:
             try:
-                chunk = decode_answer(
-                    answer.body, expect, settings.limits, settings.raw_action_options
-                )
+                chunk = decode_answer(answer.body, expect, settings.raw_action_options)
             except ForeignAnswer as exc:
                 # This connection carried another request's answer: its stream may hold
                 # more of them, so it is not used again. Another attempt goes out fresh.
@@ -380,7 +376,6 @@ class RemoteClient:
 def decode_answer(
     raw: bytes,
     expect: Expectation,
-    limits: ResponseLimits,
     raw_action_options: Optional[ActionConversionOptions] = None,
 ) -> ActionChunk:
     """Body bytes of a 200 answer -> the validated chunk; InputError says why not.
@@ -395,7 +390,7 @@ def decode_answer(
         payload = canonical_answer(payload, raw_action_options, expect.reference_frame)
         if isinstance(payload, dict) and "actions" in payload:
             payload = {key: value for key, value in payload.items() if key != "actions"}
-    return validate_chunk(payload, expect, limits)
+    return validate_chunk(payload, expect)
 
 
 def _refusal(answer: HttpAnswer, settings: RemoteSettings) -> _Attempt:
