@@ -137,10 +137,18 @@ def launched_stack():
 
 
 def ros2_lifecycle(verb: str, *arguments: str, domain: int = DOMAIN_ID) -> str:
-    answer = ros2(
-        "lifecycle", verb, "--no-daemon", "--spin-time", "3", NODE, *arguments, domain=domain
-    )
-    return (answer.stdout + answer.stderr).strip()
+    """`ros2 lifecycle VERB` without the daemon; what it printed. "Node not found" means
+    its discovery missed the node within --spin-time (a loaded machine), before any
+    request went out: then it is asked again, a bounded number of times."""
+    for _ in range(3):
+        answer = ros2(
+            "lifecycle", verb, "--no-daemon", "--spin-time", "5", NODE, *arguments,
+            domain=domain,
+        )
+        printed = (answer.stdout + answer.stderr).strip()
+        if printed != "Node not found":
+            break
+    return printed
 
 
 def echo_once(topic: str, timeout: float = WAIT_SEC, domain: int = DOMAIN_ID):

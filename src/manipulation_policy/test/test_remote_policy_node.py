@@ -370,13 +370,15 @@ def test_a_key_given_as_a_parameter_is_refused_at_start_without_being_shown(tmp_
 def test_a_key_set_live_is_refused_without_being_shown(rig, scripted_server, tmp_path):
     log_dir = tmp_path / "ros_log"
     namespace = f"{rig.namespace}_secret"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "manipulation_policy.nodes.remote_policy_node",
-         "--ros-args", "-r", f"__ns:={namespace}", "-p", f"remote_url:={scripted_server.url}",
-         "--log-level", "debug"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "ROS_LOG_DIR": str(log_dir)},
-    )
+    printed = tmp_path / "printed.txt"  # a file, not a pipe: debug logs would fill a pipe
+    with printed.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "manipulation_policy.nodes.remote_policy_node",
+             "--ros-args", "-r", f"__ns:={namespace}",
+             "-p", f"remote_url:={scripted_server.url}", "--log-level", "debug"],
+            stdout=sink, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "ROS_LOG_DIR": str(log_dir)},
+        )
     with killed_if_left_running(process):
         services = ParameterServices(rig.node, f"{namespace}/remote_policy_node")
         assert services.wait_for_services(timeout_sec=30.0)
@@ -390,7 +392,7 @@ def test_a_key_set_live_is_refused_without_being_shown(rig, scripted_server, tmp
             [result] = future.result().results
             assert not result.successful and str(value) not in result.reason
         process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=30)
-    text = logged_text(output, log_dir)
+        process.wait(30)
+    text = logged_text(printed.read_text(), log_dir)
     assert "refused parameter change: remote_api_key" in text
     assert SECRET not in text and "12345678901234" not in text

@@ -30,16 +30,17 @@ def test_a_disarmed_watchdog_finds_nothing_wrong():
     assert watchdog.problem(1.0) is None
 
 
-def test_the_camera_is_watched_from_activation_even_if_no_frame_ever_came():
+def test_a_camera_is_watched_once_its_first_frame_came():
     clock = Clock()
     watchdog = InputWatchdog(clock)
     watchdog.arm()
+    clock.advance(10.0)
+    assert watchdog.problem(1.0) is None  # nothing seen, nothing acted on: no stop
+    watchdog.camera_frame_received()
     clock.advance(0.9)
     assert watchdog.problem(1.0) is None
     clock.advance(0.2)
-    assert watchdog.problem(1.0) == (
-        "no camera frame since activation for 1.10 s (input_timeout_sec=1)"
-    )
+    assert watchdog.problem(1.0) == "no camera frame for 1.10 s (input_timeout_sec=1)"
 
 
 def test_a_frame_before_activation_does_not_count_against_it():
@@ -93,6 +94,7 @@ def test_the_timeout_is_read_at_each_check():
     clock = Clock()
     watchdog = InputWatchdog(clock)
     watchdog.arm()
+    watchdog.camera_frame_received()
     clock.advance(2.0)
     assert watchdog.problem(1.0) is not None
     assert watchdog.problem(5.0) is None

@@ -56,6 +56,7 @@ class NodeExecution:
             lambda: self.get_clock().now().nanoseconds / 1e9, executor_settings(values)
         )
         self._request_numbers = itertools.count(1)
+        self._held_by_estop_gate = False  # a frame waits for the e-stop's state (activation)
 
     def _start_worker(self) -> None:
         """The worker thread (configure)."""
@@ -141,6 +142,7 @@ class NodeExecution:
         if not self._publishing or self._worker is None or self.hold_reason() is not None:
             return  # not active, or stopped: no inference starts
         if not self.estop_state_known():
+            self._held_by_estop_gate = True  # the executor tick dispatches once it opens
             return  # a stop latched before activation may still be on its way
         if self._executor.remaining_sec() > self._executor.refill_horizon_sec() + 1e-6:
             return  # the action timeline has enough left: the next observation waits
@@ -308,6 +310,9 @@ class NodeExecution:
         """Check the inputs, publish due steps; when the timeline is about to run dry, send
         the next frame."""
         self._check_inputs()
+        if self._held_by_estop_gate and self.estop_state_known():
+            self._held_by_estop_gate = False
+            self._dispatch_newest()
         self._publish_due()
         if self._worker is None or self._worker.busy:
             return

@@ -248,9 +248,9 @@ SAFETY_PARAMETERS: tuple[ParameterSpec, ...] = (
                   "before the node starts holds). true: only holds are published and no "
                   "inference starts, until an explicit false.", topic_name, live=False),
     ParameterSpec("input_timeout_sec", 1.0,
-                  "Input watchdog: no camera frame (since activation), or no joint state "
-                  "(once one arrived), received within this many seconds: the planned steps "
-                  "are dropped and holds published until inputs come back.",
+                  "Input watchdog: no camera frame or no joint state (each once its first "
+                  "arrived) received within this many seconds: the planned steps are dropped, "
+                  "one hold is published and no inference starts until inputs come back.",
                   positive_number(MAX_INPUT_TIMEOUT_SEC)),
 )
 

@@ -5,10 +5,11 @@ Two causes, either one enough:
 - the emergency stop (``/manipulation/estop``, std_msgs/Bool): engaged by a true,
   released only by an explicit false;
 - the input watchdog: no camera frame, or no joint state, received within
-  ``input_timeout_sec``. The camera is watched from activation on (a node that never
-  saw a frame is as blind as one whose camera stopped); joint states once the first
-  one arrived, so that a robot that publishes none is not held forever. Receipt
-  time counts, not the message's stamp: a stamp says how old the picture is
+  ``input_timeout_sec`` (from activation, or from the last one, whichever is later).
+  Each input is watched once its first message arrived: before that the node has
+  nothing to act on and commands nothing (it logs that it waits for images), and a
+  robot that publishes no joint states is not held forever. Receipt time counts,
+  not the message's stamp: a stamp says how old the picture is
   (``max_observation_age_sec`` judges that), not whether the camera still runs.
 
 While a cause holds, the node starts no inference, drops the planned steps and
@@ -69,15 +70,10 @@ class InputWatchdog:
         if armed is None:
             return None
         now = self._clock_ns()
-        limit_ns = timeout_sec * 1e9
-        camera_since = armed if camera is None else max(camera, armed)
-        if now - camera_since > limit_ns:
-            what = "no camera frame since activation" if camera is None else "no camera frame"
-            return f"{what} for {(now - camera_since) / 1e9:.2f} s " \
-                   f"(input_timeout_sec={timeout_sec:g})"
-        if joints is not None and now - max(joints, armed) > limit_ns:
-            return f"no joint state for {(now - max(joints, armed)) / 1e9:.2f} s " \
-                   f"(input_timeout_sec={timeout_sec:g})"
+        for what, last in (("camera frame", camera), ("joint state", joints)):
+            if last is not None and now - max(last, armed) > timeout_sec * 1e9:
+                return (f"no {what} for {(now - max(last, armed)) / 1e9:.2f} s "
+                        f"(input_timeout_sec={timeout_sec:g})")
         return None
 
 
