@@ -18,9 +18,11 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from manipulation_policy.backends.stub import StubBackend
+from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.core.errors import InputError
 from manipulation_policy.core.policy_types import (
     MAX_CHUNK_LENGTH,
@@ -33,6 +35,7 @@ from manipulation_policy.core.policy_types import (
     Vector3,
 )
 from manipulation_policy.core.pose_math import quaternion_from_rpy
+from manipulation_policy.server.process import ServerProcess
 
 # answer <kind> -> (the action, the response field the server must name)
 BAD_ANSWERS = {
@@ -255,3 +258,11 @@ class ChunkedBackend(ScriptedBackend):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "model": "chunked-test-model", "device": "cpu"}
+
+
+def chunked_server(*flags: str) -> ServerProcess:
+    """A policy server process of ChunkedBackend (start it with ``with``), no API key."""
+    return ServerProcess(
+        "--backend", "server_test_backends:ChunkedBackend", "--no-access-log", *flags,
+        env={API_KEY_ENV: ""}, extra_pythonpath=[str(Path(__file__).resolve().parent)],
+    )  # fmt: skip

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray
 from node_harness import Rig, assert_actions_close, sample_image, wait_until
-from server_test_backends import CHUNK_PERIOD_SEC, ChunkedBackend, chunk_steps
+from server_test_backends import CHUNK_PERIOD_SEC, ChunkedBackend, chunk_steps, chunked_server
 
 from manipulation_msgs.msg import PolicyActionChunk
 from manipulation_policy.backends.stub import StubBackend
-from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.core.policy_types import PolicyAction
 from manipulation_policy.nodes.policy_node import PolicyNode
 from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
@@ -30,9 +28,7 @@ from manipulation_policy.nodes.ros_conversion import (
     stamp_to_nanoseconds,
 )
 from manipulation_policy.robot.executor_settings import ChunkMerge
-from manipulation_policy.server.process import ServerProcess
 
-TEST_DIR = str(Path(__file__).resolve().parent)
 LENGTH = 5
 PERIOD_NS = round(CHUNK_PERIOD_SEC * 1e9)
 WAIT_SEC = 20.0
@@ -87,10 +83,7 @@ def rig():
 
 @pytest.fixture(scope="module")
 def chunk_server():
-    with ServerProcess(
-        "--backend", "server_test_backends:ChunkedBackend", "--no-access-log",
-        env={API_KEY_ENV: ""}, extra_pythonpath=[TEST_DIR],
-    ) as process:  # fmt: skip
+    with chunked_server() as process:
         yield process.base_url
     assert "Traceback" not in process.log()
 

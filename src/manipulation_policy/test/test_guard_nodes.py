@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -22,11 +21,11 @@ from server_test_backends import (
     RECKLESS_LIMITS,
     RECKLESS_PERIOD_SEC,
     ChunkedBackend,
+    chunked_server,
     reckless_chunk,
 )
 
 from manipulation_msgs.msg import PolicyActionChunk
-from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.nodes.guard_diagnostics import guard_status
 from manipulation_policy.nodes.policy_node import PolicyNode
 from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
@@ -35,9 +34,7 @@ from manipulation_policy.nodes.ros_conversion import (
     stamp_to_nanoseconds,
 )
 from manipulation_policy.robot.safety_guard import GuardContext, GuardLimits, SafetyGuard
-from manipulation_policy.server.process import ServerProcess
 
-TEST_DIR = str(Path(__file__).resolve().parent)
 WAIT_SEC = 20.0
 PERIOD_NS = round(RECKLESS_PERIOD_SEC * 1e9)
 REFUSED_STEP = 3
@@ -80,10 +77,7 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def chunk_server():
-    with ServerProcess(
-        "--backend", "server_test_backends:ChunkedBackend", "--no-access-log",
-        env={API_KEY_ENV: ""}, extra_pythonpath=[TEST_DIR],
-    ) as process:  # fmt: skip
+    with chunked_server() as process:
         yield process.base_url
     assert "Traceback" not in process.log()
 
