@@ -2,7 +2,9 @@
 take our key? No ROS.
 
 ``check_server(settings)`` asks ``GET /health`` and ``GET /info``, each under the
-remote deadline and size cap, and answers what the server serves (for the log), or
+remote deadline (at most ``MAX_CHECK_SEC``: the check runs on the node's executor
+thread, and a configure must not keep it from its other callbacks for long) and a
+size cap, and answers what the server serves (for the log), or
 raises ServerCheckFailed with one line saying why the node cannot be configured:
 
 - nothing answers (refused, unresolvable, past the deadline), or the answer is no
@@ -30,6 +32,7 @@ from manipulation_policy.robot.http_exchange import (
 from manipulation_policy.robot.remote_client import RemoteSettings, printable
 
 CHECK_MAX_BODY_BYTES = 256 * 1024
+MAX_CHECK_SEC = 3.0
 NOT_OFFERED = frozenset({404, 405, 501})
 
 
@@ -71,12 +74,12 @@ def _get(poster: HttpPoster, settings: RemoteSettings, path: str) -> HttpAnswer:
     if settings.api_key:
         headers["Authorization"] = f"Bearer {settings.api_key}"
     url = settings.url.rstrip("/") + path
+    deadline = min(settings.timeout_sec, MAX_CHECK_SEC)
     try:
-        return poster.get(url, headers, settings.timeout_sec, CHECK_MAX_BODY_BYTES)
+        return poster.get(url, headers, deadline, CHECK_MAX_BODY_BYTES)
     except DeadlineExceeded:
         raise ServerCheckFailed(
-            f"policy server {settings.url} did not answer {path} within "
-            f"remote_timeout_sec={settings.timeout_sec:g} s"
+            f"policy server {settings.url} did not answer {path} within {deadline:g} s"
         ) from None
     except ExchangeError as exc:
         raise ServerCheckFailed(
