@@ -1,0 +1,232 @@
+"""python3 -m manipulation_policy.replay on small recorded episodes (written with rosbags).
+
+Each replay runs in this process through ``cli.main``; the policy server runs as a real
+process on 127.0.0.1. No ROS is needed here (test_replay_dds.py records a real node).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from replay_bags import (
+    CAMERA,
+    OUTPUT,
+    STORE,
+    Episode,
+    frame_colour,
+    write_episode,
+)
+from rosbags.rosbag2 import StoragePlugin
+
+from manipulation_policy.replay import action_sources
+from manipulation_policy.replay.bag_input import RecordedBag
+from manipulation_policy.replay.cli import EXIT_BAD_INPUT, EXIT_BREACH, EXIT_PASSED, main
+from manipulation_policy.replay.runs import run_from_bag
+from manipulation_policy.server.process import ServerProcess
+
+DIFFERENT_BACKEND = "server_test_backends:FixedDeltaBackend"
+
+
+def replay(tmp_path: Path, bag: Path, *flags: str, name: str = "out") -> tuple[int, Path, dict]:
+    """Replay ``bag``; (exit status, output bag, the JSON report or {})."""
+    output, report = tmp_path / name, tmp_path / f"{name}.json"
+    status = main([str(bag), "--output", str(output), "--report-json", str(report),
+                   "--no-progress", *flags])
+    return status, output, json.loads(report.read_text()) if report.exists() else {}
+
+
+def recorded_episode(tmp_path: Path, **changes) -> Path:
+    """An episode whose recorded outputs are a stub replay's (the DDS test records a node)."""
+    plain = write_episode(tmp_path / "plain", Episode(**changes))
+    status, output, _ = replay(tmp_path, plain, "--backend", "stub", name="stub_run")
+    assert status == EXIT_PASSED
+    run = run_from_bag(str(output), STORE, OUTPUT)
+    with RecordedBag(str(output), STORE) as bag:
+        outputs = [(t, msg) for _, t, msg in bag.messages({OUTPUT: "o"})]
+    assert len(outputs) == len(run.steps) == changes.get("frames", 8)
+    fields = [(t, _fields_of(msg)) for t, msg in outputs]
+    shutil.rmtree(output)
+    return write_episode(tmp_path / "episode", Episode(outputs=fields, **changes))
+
+
+def _fields_of(msg) -> dict:
+    """A deserialized message back to nested field dicts (what build_message takes)."""
+    if hasattr(msg, "__dataclass_fields__"):
+        return {name: _fields_of(getattr(msg, name)) for name in msg.__dataclass_fields__
+                if name != "__msgtype__"}
+    return msg
+
+
+@pytest.fixture(scope="module")
+def stub_server():
+    with ServerProcess("--backend", "stub") as server:
+        yield server
+
+
+def test_the_stub_replays_to_the_recorded_commands_with_a_bag_a_report_and_a_plot(tmp_path):
+    episode = recorded_episode(tmp_path)
+    plot = tmp_path / "trajectories.png"
+    status, output, report = replay(tmp_path, episode, "--backend", "stub", "--plot", str(plot))
+    assert status == EXIT_PASSED
+    summary = report["summary"]
+    assert summary["steps"] == summary["paired"] == summary["within"] == 8
+    assert summary["share_within"] == 1.0 and summary["passed"]
+    assert summary["failures"]["replay stub"] == 0
+    assert summary["latency_p50_ms"]["replay stub"] is not None
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    # The replay's bag: MCAP, one command and one chunk per frame, stamped like the node's.
+    assert list(output.glob("*.mcap")) and (output / "metadata.yaml").exists()
+    with RecordedBag(str(output), STORE) as bag:
+        topics = bag.topics()
+        assert topics[OUTPUT] == "manipulation_msgs/msg/PolicyOutput"
+        assert topics["/manipulation/policy_chunk"] == "manipulation_msgs/msg/PolicyActionChunk"
+        outputs = [(t, m) for _, t, m in bag.messages({OUTPUT: "o"})]
+    assert len(outputs) == 8
+    for time_ns, msg in outputs:
+        stamp_ns = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+        assert time_ns == stamp_ns  # answered on arrival, in simulated time
+        assert (msg.step_index, msg.chunk_length) == (0, 1)
+        assert msg.request_id.startswith("policy_node-")
+    grippers = [m.gripper_command for _, m in outputs]
+    assert len(set(grippers)) == 8  # each frame's own answer, none repeated
+
+
+def test_in_process_and_server_replays_agree(tmp_path, stub_server):
+    episode = write_episode(tmp_path / "episode", Episode(frames=6))
+    status, local, _ = replay(tmp_path, episode, "--backend", "stub", name="local")
+    assert status == EXIT_PASSED
+    status, remote, report = replay(
+        tmp_path, episode, "--server", stub_server.base_url, "--compare-with", str(local),
+        name="remote",
+    )
+    assert status == EXIT_PASSED, report
+    summary = report["summary"]
+    assert summary["steps"] == summary["paired"] == summary["within"] == 6
+    # Not the same run twice: the remote path resized and JPEG-encoded the frames.
+    assert summary["max_gripper"] > 0.0 or summary["max_position_m"] > 0.0
+    requests = [json.loads(m.data) for _, _, m in
+                RecordedBag(str(remote), STORE).messages({"/manipulation/replay/requests": "r"})]
+    assert len(requests) == 6 and not any(r["failure"] for r in requests)
+
+
+def test_a_different_backend_fails_the_comparison(tmp_path):
+    episode = recorded_episode(tmp_path, frames=5)
+    status, output, report = replay(tmp_path, episode, "--backend", DIFFERENT_BACKEND)
+    assert status == EXIT_BREACH
+    assert not report["summary"]["passed"] and report["summary"]["within"] == 0
+    assert output.exists()  # the bag is written either way
+    # Each step says how it differs: another target, and no joint deltas (the stub has them).
+    for step in report["steps"]:
+        assert not step["within"] and step["position_m"] > 0.005
+        assert step["note"] == "only one has joint deltas" and step["joint"] is None
+
+
+def test_a_share_below_min_within_fails(tmp_path):
+    episode = recorded_episode(tmp_path, frames=4)
+    status, _, report = replay(tmp_path, episode, "--backend", DIFFERENT_BACKEND,
+                               "--min-within", "0")
+    assert status == EXIT_PASSED and report["summary"]["share_within"] == 0.0
+
+
+def test_a_server_failing_mid_replay_is_counted_and_the_replay_goes_on(
+    tmp_path, stub_server, monkeypatch
+):
+    episode = recorded_episode(tmp_path, frames=6)
+    calls = []
+    original = action_sources.ServerSource.__call__
+
+    def failing_after_three(self, observation, request_id):
+        calls.append(request_id)
+        if len(calls) > 3:
+            self._values["remote_url"] = "unused"  # noqa: SLF001 - only the client counts
+            self.client.update(url="http://127.0.0.1:9")  # nothing listens on port 9
+        return original(self, observation, request_id)
+
+    monkeypatch.setattr(action_sources.ServerSource, "__call__", failing_after_three)
+    status, output, report = replay(
+        tmp_path, episode, "--server", stub_server.base_url, "-p", "remote_retry_attempts=0",
+        "-p", "remote_timeout_sec=0.5",
+    )
+    assert len(calls) == 6
+    summary = report["summary"]
+    assert summary["failures"]["replay " + stub_server.base_url] == 3
+    assert summary["holds"]["replay " + stub_server.base_url] == 3  # remote_fallback_on_failure
+    assert summary["within"] == 3 and status == EXIT_BREACH
+    assert output.exists()
+
+
+@pytest.mark.parametrize("storage", [StoragePlugin.SQLITE3, StoragePlugin.MCAP])
+def test_both_storage_formats_replay(tmp_path, storage):
+    episode = write_episode(tmp_path / "episode", Episode(frames=3, storage=storage))
+    status, output, _ = replay(tmp_path, episode, "--backend", "stub")
+    assert status == EXIT_PASSED
+    assert len(run_from_bag(str(output), STORE, OUTPUT).steps) == 3
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _bad_input(tmp_path: Path, capsys, bag: Path, *flags: str) -> str:
+    """Replay a bag that cannot be used: exit 2, one line, nothing written."""
+    before = set(tmp_path.iterdir())
+    status, output, _ = replay(tmp_path, bag, "--backend", "stub", *flags)
+    error = capsys.readouterr().err.strip().splitlines()
+    assert status == EXIT_BAD_INPUT
+    assert len([line for line in error if line.startswith("replay: error:")]) == 1, error
+    assert "Traceback" not in "\n".join(error)
+    assert not output.exists() and set(tmp_path.iterdir()) == before  # no leftovers
+    return error[-1]
+
+
+def test_a_truncated_bag_is_one_line_and_nothing_written(tmp_path, capsys):
+    episode = write_episode(tmp_path / "episode", Episode(frames=8, width=64, height=48))
+    [mcap] = episode.glob("*.mcap")
+    data = mcap.read_bytes()
+    mcap.write_bytes(data[: len(data) // 2])
+    line = _bad_input(tmp_path, capsys, episode)
+    assert "episode" in line and ("truncated" in line or "not a readable" in line)
+
+
+def test_a_corrupt_bag_is_one_line(tmp_path, capsys):
+    episode = write_episode(tmp_path / "episode", Episode(frames=4))
+    [mcap] = episode.glob("*.mcap")
+    data = bytearray(mcap.read_bytes())
+    quarter = len(data) // 4
+    data[quarter: 3 * quarter] = b"\xa5" * (2 * quarter)  # records and their lengths
+    mcap.write_bytes(bytes(data))
+    line = _bad_input(tmp_path, capsys, episode)
+    assert "episode" in line
+
+
+def test_a_missing_camera_topic_is_named(tmp_path, capsys):
+    episode = write_episode(tmp_path / "episode", Episode(camera_topic="/other/image"))
+    line = _bad_input(tmp_path, capsys, episode)
+    assert CAMERA in line and "/other/image" in line
+
+
+def test_a_bag_without_any_image_is_refused(tmp_path, capsys):
+    episode = write_episode(tmp_path / "episode", Episode(frames=0))
+    assert "no image topic" in _bad_input(tmp_path, capsys, episode)
+
+
+def test_an_unknown_message_type_on_an_input_is_refused(tmp_path, capsys):
+    episode = write_episode(
+        tmp_path / "episode",
+        Episode(frames=0, extra=[(CAMERA, "std_msgs/msg/String", 1, {"data": "x"})]),
+    )
+    line = _bad_input(tmp_path, capsys, episode)
+    assert "std_msgs/msg/String" in line and CAMERA in line
+
+
+def test_a_missing_bag_and_a_bad_parameter_are_one_line(tmp_path, capsys):
+    assert "no such bag" in _bad_input(tmp_path, capsys, tmp_path / "nothing")
+    episode = write_episode(tmp_path / "episode", Episode(frames=1))
+    line = _bad_input(tmp_path, capsys, episode, "-p", "inference_rate=-1")
+    assert "inference_rate" in line
+
+
+def test_frame_colours_differ():
+    assert len({frame_colour(i) for i in range(8)}) == 8

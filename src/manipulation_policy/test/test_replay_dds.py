@@ -1,0 +1,107 @@
+"""A real policy node's run over DDS, recorded, replays to the commands it published.
+
+The recorder subscribes as ``ros2 bag record`` does (serialized CDR, log time = its
+clock at receipt) and writes the bag with rosbags' writer; the node's params file is
+the replay's --params-file.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+from node_harness import Rig, wait_until
+from rclpy.qos import qos_profile_sensor_data
+from replay_bags import STORE
+from rosbags.rosbag2 import StoragePlugin, Writer
+from sensor_msgs.msg import Image, JointState
+
+from manipulation_msgs.msg import PolicyOutput
+from manipulation_policy.nodes.policy_node import PolicyNode
+from manipulation_policy.replay.cli import EXIT_PASSED, main
+
+FRAMES = 6
+
+
+class Recorder:
+    """Serialized messages of ``topics`` as they arrive, with the time they arrived."""
+
+    def __init__(self, rig: Rig, topics: dict[str, tuple[type, Any]]):
+        self._node = rig.add(rig.node.__class__("replay_recorder", context=rig.context))
+        self._lock = threading.Lock()
+        self.messages: list[tuple[str, str, int, bytes]] = []
+        for topic, (message_type, qos) in topics.items():
+            name = message_type.__module__.split(".")[0] + "/msg/" + message_type.__name__
+            self._node.create_subscription(
+                message_type, topic, lambda data, t=topic, n=name: self._store(t, n, data), qos,
+                raw=True,
+            )
+
+    def _store(self, topic: str, msgtype: str, data: bytes) -> None:
+        with self._lock:
+            self.messages.append((topic, msgtype, self._node.get_clock().now().nanoseconds,
+                                  bytes(data)))
+
+    def count(self, topic: str) -> int:
+        with self._lock:
+            return sum(1 for m in self.messages if m[0] == topic)
+
+    def write(self, path) -> None:
+        with self._lock:
+            messages = sorted(self.messages, key=lambda m: m[2])
+        connections = {}
+        with Writer(path, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
+            for topic, msgtype, time_ns, data in messages:
+                if topic not in connections:
+                    connections[topic] = writer.add_connection(topic, msgtype, typestore=STORE)
+                writer.write(connections[topic], time_ns, data)
+
+
+@pytest.fixture
+def rig():
+    with Rig() as rig:
+        yield rig
+
+
+def test_a_recorded_node_run_replays_to_the_commands_it_published(rig, tmp_path):
+    topics = rig.topics
+    values = {
+        "backend": "stub", "inference_rate": 20.0, "use_observation": False,
+        "input_timeout_sec": 60.0, "instruction": "stack the blocks",
+    }
+    recorder = Recorder(rig, {
+        topics["camera_topic"]: (Image, qos_profile_sensor_data),
+        topics["joint_states_topic"]: (JointState, 50),
+        topics["output_topic"]: (PolicyOutput, 50),
+    })
+    node = rig.add(PolicyNode(**rig.node_kwargs(**values)))
+    rig.stream_joint_states()
+    assert wait_until(lambda: recorder.count(topics["joint_states_topic"]) >= 2)
+    assert wait_until(lambda: rig.image_pub.get_subscription_count() >= 2)
+    for index in range(FRAMES):
+        rgb = np.empty((24, 32, 3), dtype=np.uint8)
+        rgb[...] = (40 + 30 * index, 200 - 20 * index, 90 + 10 * index)
+        rig.publish_image(rgb)
+        # One frame at a time: the node is never busy, so it answers every frame.
+        assert wait_until(lambda n=index + 1: recorder.count(topics["output_topic"]) >= n)
+    assert node.counters["inferences"] == FRAMES
+    bag = tmp_path / "episode"
+    recorder.write(bag)
+
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "/**:\n  ros__parameters:\n"
+        + "".join(f"    {name}: {json.dumps(value)}\n"
+                  for name, value in {**topics, **values}.items())
+    )
+    report = tmp_path / "report.json"
+    status = main([str(bag), "--backend", "stub", "--params-file", str(params),
+                   "--output", str(tmp_path / "replay"), "--report-json", str(report),
+                   "--no-progress", "--position-tolerance", "0", "--rotation-tolerance", "0",
+                   "--joint-tolerance", "0", "--gripper-tolerance", "0"])
+    summary = json.loads(report.read_text())["summary"]
+    assert status == EXIT_PASSED, summary
+    assert summary["steps"] == summary["paired"] == summary["within"] == FRAMES
