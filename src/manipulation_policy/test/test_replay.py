@@ -230,3 +230,48 @@ def test_a_missing_bag_and_a_bad_parameter_are_one_line(tmp_path, capsys):
 
 def test_frame_colours_differ():
     assert len({frame_colour(i) for i in range(8)}) == 8
+
+
+# ---------------------------------------------------------------- chunks, the command
+
+
+def test_a_chunked_policy_replays_on_the_node_timeline(tmp_path):
+    """Five-step chunks: each step goes out when due (the executor's timeline, simulated),
+    the chunk message carries the guard's view of all five, and a new frame is taken
+    only when the timeline runs low."""
+    episode = write_episode(tmp_path / "episode", Episode(frames=6, task="chunk 5"))
+    status, output, _ = replay(tmp_path, episode, "--backend",
+                               "server_test_backends:ChunkedBackend",
+                               "-p", "refill_horizon_sec=0.15")
+    assert status == EXIT_PASSED
+    with RecordedBag(str(output), STORE) as bag:
+        outputs = [(t, m) for _, t, m in bag.messages({OUTPUT: "o"})]
+        chunks = [m for _, _, m in bag.messages({"/manipulation/policy_chunk": "c"})]
+    assert chunks and all(len(c.actions) == 5 for c in chunks)
+    assert {c.action_period_sec for c in chunks} == {0.1}
+    steps = [m for _, m in outputs if m.step_index < m.chunk_length]
+    assert {m.chunk_length for m in steps} == {5}
+    for time_ns, msg in outputs:
+        due_ns = msg.due.sec * 10**9 + msg.due.nanosec
+        # On the 10 ms tick at or after it fell due (due times are float sums: 1 us slack).
+        assert -1_000 <= time_ns - due_ns < 20_000_000
+    # Each chunk from a newer frame; a new chunk takes over: 6 chunks, fewer than 30 steps.
+    stamps = [c.header.stamp.sec * 10**9 + c.header.stamp.nanosec for c in chunks]
+    assert stamps == sorted(set(stamps)) and len(chunks) == 6
+    assert len({(m.header.stamp.sec, m.header.stamp.nanosec, m.step_index) for _, m in outputs}
+               ) == len(outputs) < 30
+
+
+def test_the_command_line_exits_2_with_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "manipulation_policy.replay", str(tmp_path / "none"),
+         "--backend", "stub", "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ),
+    )
+    assert result.returncode == EXIT_BAD_INPUT
+    expected = f"replay: error: {tmp_path / 'none'}: no such bag"
+    assert result.stderr.strip().splitlines() == [expected]
