@@ -141,7 +141,6 @@ def test_a_server_failing_mid_replay_is_counted_and_the_replay_goes_on(
     def failing_after_three(self, observation, request_id):
         calls.append(request_id)
         if len(calls) > 3:
-            self._values["remote_url"] = "unused"  # noqa: SLF001 - only the client counts
             self.client.update(url="http://127.0.0.1:9")  # nothing listens on port 9
         return original(self, observation, request_id)
 
@@ -275,3 +274,79 @@ def test_the_command_line_exits_2_with_one_line(tmp_path):
     assert result.returncode == EXIT_BAD_INPUT
     expected = f"replay: error: {tmp_path / 'none'}: no such bag"
     assert result.stderr.strip().splitlines() == [expected]
+
+
+# ---------------------------------------------------------------- inputs as the node takes them
+
+
+def _outputs(output: Path) -> list:
+    with RecordedBag(str(output), STORE) as bag:
+        return [m for _, _, m in bag.messages({OUTPUT: "o"})]
+
+
+def test_compressed_frames_replay_as_the_raw_ones(tmp_path):
+    raw = write_episode(tmp_path / "raw", Episode(frames=4))
+    compressed = write_episode(tmp_path / "compressed", Episode(frames=4, compressed=True))
+    status, raw_out, _ = replay(tmp_path, raw, "--backend", "stub", name="raw_out")
+    assert status == EXIT_PASSED
+    status, _, report = replay(tmp_path, compressed, "--backend", "stub",
+                               "--image-transport", "compressed", "--compare-with", str(raw_out),
+                               "--gripper-tolerance", "0", "--position-tolerance", "0")
+    assert status == EXIT_PASSED and report["summary"]["within"] == 4  # PNG is lossless
+
+
+def test_the_end_effector_pose_goes_with_a_frame_only_in_the_reference_frame(tmp_path):
+    in_frame = write_episode(tmp_path / "in", Episode(frames=3, eef_frame="base_link"))
+    status, output, _ = replay(tmp_path, in_frame, "--backend", "stub", name="in_out")
+    assert status == EXIT_PASSED
+    absolute = _outputs(output)
+    # The stub's delta (at most 1 cm) composed with the pose recorded before the frame.
+    assert len(absolute) == 3
+    for index, msg in enumerate(absolute):
+        pose_x = 0.4 + 0.01 * (2 + 5 * index)  # poses every 50 ms, frames every 250 ms
+        assert msg.eef_target_mode == 0 and abs(msg.eef_target_pose.position.x - pose_x) < 0.011
+    elsewhere = write_episode(tmp_path / "other", Episode(frames=3, eef_frame="tool0"))
+    status, output, _ = replay(tmp_path, elsewhere, "--backend", "stub", name="other_out")
+    assert all(m.eef_target_mode == 1 for m in _outputs(output))  # no pose: a delta
+
+
+def test_the_aggregated_observation_is_an_input(tmp_path):
+    episode = write_episode(tmp_path / "episode", Episode(frames=3, as_observation=True))
+    status, output, _ = replay(tmp_path, episode, "--backend", "stub")
+    assert status == EXIT_PASSED and len(_outputs(output)) == 3
+    status, _, _ = replay(tmp_path, episode, "--backend", "stub", "-p", "use_observation=false",
+                          name="off")
+    assert status == EXIT_BAD_INPUT  # then the camera topic is needed, and missing
+
+
+def test_a_server_that_does_not_answer_at_the_start_is_one_line(tmp_path, capsys):
+    episode = write_episode(tmp_path / "episode", Episode(frames=1))
+    before = set(tmp_path.iterdir())
+    status = main([str(episode), "--server", "http://127.0.0.1:9", "--output",
+                   str(tmp_path / "out")])
+    assert status == EXIT_BAD_INPUT and set(tmp_path.iterdir()) == before
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("replay: error:") and "127.0.0.1:9" in line
+
+
+def test_an_existing_output_is_not_overwritten(tmp_path, capsys):
+    episode = write_episode(tmp_path / "episode", Episode(frames=1))
+    (tmp_path / "out" / "kept").mkdir(parents=True)
+    before = set(tmp_path.iterdir())
+    status, _, _ = replay(tmp_path, episode, "--backend", "stub")
+    assert status == EXIT_BAD_INPUT and set(tmp_path.iterdir()) == before
+    assert "exists already" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["kept"]
+
+
+def test_the_progress_bar_reaches_the_total():
+    import io
+
+    from manipulation_policy.replay.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress(3, True, stream)
+    for _ in range(3):
+        progress.advance()
+    progress.close()
+    assert stream.getvalue().rstrip().endswith("100.0 % 3/3 messages")

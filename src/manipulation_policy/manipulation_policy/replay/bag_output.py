@@ -42,15 +42,20 @@ def request_json(request: Request) -> str:
     })
 
 
+def check_destination(path: Path) -> None:
+    """The bag can be written at ``path`` (checked before a model is loaded)."""
+    if path.exists():
+        raise ReplayInputError(f"{path} exists already: choose another --output")
+    if not path.parent.is_dir():
+        raise ReplayInputError(f"{path.parent}: no such folder for --output")
+
+
 class OutputBag:
     """A context manager: ``write`` each output; the bag appears at ``path`` on a clean exit."""
 
     def __init__(self, path: str, store: Typestore, output_topic: str, chunk_topic: str):
         self.path = Path(path)
-        if self.path.exists():
-            raise ReplayInputError(f"{self.path} exists already: choose another --output")
-        if not self.path.parent.is_dir():
-            raise ReplayInputError(f"{self.path.parent}: no such folder for --output")
+        check_destination(self.path)
         self._store = store
         self._topics = (output_topic, chunk_topic)
         self._staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))

@@ -141,7 +141,7 @@ def _source(args: argparse.Namespace, values: dict[str, Any]):
 
 def replay(args: argparse.Namespace) -> int:
     from manipulation_policy.replay.bag_input import RECORDED_OUTPUT, InputTopics, RecordedBag
-    from manipulation_policy.replay.bag_output import OutputBag
+    from manipulation_policy.replay.bag_output import OutputBag, check_destination
     from manipulation_policy.replay.bag_types import message_typestore
     from manipulation_policy.replay.node_settings import LOCAL_NODE, REMOTE_NODE, node_values
     from manipulation_policy.replay.progress import Progress
@@ -155,6 +155,7 @@ def replay(args: argparse.Namespace) -> int:
         args.namespace, _overrides(args),
     )
     topics = InputTopics.from_values(values)
+    check_destination(Path(args.output))
     with RecordedBag(args.bag, store) as bag:
         kinds = bag.check_inputs(topics)
         recorded = RunRecorder(f"recorded {Path(args.bag).name}", with_requests=False)
@@ -190,7 +191,7 @@ def replay(args: argparse.Namespace) -> int:
             print(f"{PROG}: no outputs recorded on {topics.output} in the bag: nothing to "
                   "compare (give --compare-with)", file=sys.stderr)
             return EXIT_PASSED
-    return _compare(args, baseline, candidate, node.counts.as_dict())
+    return _compare(args, baseline, candidate, node.count_summary())
 
 
 def _compare(args: argparse.Namespace, baseline, candidate, counts: dict[str, int]) -> int:

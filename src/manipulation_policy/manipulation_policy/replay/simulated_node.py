@@ -127,7 +127,6 @@ class Counts:
     chunks_refused: int = 0
     answers_after_task: int = 0
     underrun_holds: int = 0
-    stale_skipped: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -172,6 +171,12 @@ class SimulatedNode:
         self._eef: Optional[StampedPose] = None
         self._aggregate: Optional[AggregatedObservation[Frame]] = None
         self._sequence = 0
+
+    def count_summary(self) -> dict[str, int]:
+        """The replay's counters and the scheduler's (frames handed over, stale ones)."""
+        counts = self.counts.as_dict()
+        counts.update(self._scheduler.counts())
+        return counts
 
     # ------------------------------------------------------------ time
 
@@ -273,8 +278,6 @@ class SimulatedNode:
             selection.eef_candidates,
             ScheduleSettings.from_values(self._values),
         )
-        if decision.verdict is Verdict.STALE:
-            self.counts.stale_skipped += 1
         if decision.verdict is not Verdict.HAND_OVER:
             return
         assert frame is not None
