@@ -22,7 +22,6 @@ from manipulation_policy.core.policy_types import (
 from manipulation_policy.robot.message_reading import (
     EEF_MODE_VALUES,
     NANOSECONDS,
-    stamp_to_nanoseconds,
     step_due_nanoseconds,
 )
 
@@ -89,7 +88,3 @@ def policy_action_chunk_fields(
         ],
     }
 
-
-def stamp_fields(stamp: Any) -> dict[str, int]:
-    """A builtin_interfaces/Time object's fields."""
-    return time_fields(stamp_to_nanoseconds(stamp))
