@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from node_harness import Rig, wait_until
 from rclpy.qos import qos_profile_sensor_data
+from rclpy.serialization import deserialize_message
 from replay_bags import STORE
+from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import StoragePlugin, Writer
 from sensor_msgs.msg import Image, JointState
 
@@ -105,3 +107,15 @@ def test_a_recorded_node_run_replays_to_the_commands_it_published(rig, tmp_path)
     summary = json.loads(report.read_text())["summary"]
     assert status == EXIT_PASSED, summary
     assert summary["steps"] == summary["paired"] == summary["within"] == FRAMES
+
+    # What `ros2 bag play` would publish: the replay's bytes are ROS's own messages.
+    recorded = [deserialize_message(data, PolicyOutput)
+                for topic, _, _, data in recorder.messages if topic == topics["output_topic"]]
+    with AnyReader([tmp_path / "replay"], default_typestore=STORE) as reader:
+        [connection] = [c for c in reader.connections if c.topic == topics["output_topic"]]
+        replayed = [deserialize_message(bytes(raw), PolicyOutput)
+                    for _, _, raw in reader.messages(connections=[connection])]
+    assert [(m.header, m.due, m.step_index, m.gripper_command, m.joint_deltas.tolist())
+            for m in replayed] == [
+        (m.header, m.due, m.step_index, m.gripper_command, m.joint_deltas.tolist())
+        for m in recorded]
