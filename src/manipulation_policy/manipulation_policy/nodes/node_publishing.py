@@ -157,10 +157,7 @@ class NodePublishing:
         """What the steps of a chunk need to be published. Called before the executor
         accepts the chunk: its tick, on the other thread, may publish a step at once."""
         with self._chunks_lock:
-            self._chunks[request_id] = ChunkOrigin(
-                stamp, stamp_ns, len(chunk), chunk.action_period_sec,
-                observation.joint_state, observation.eef_pose,
-            )
+            self._chunks[request_id] = ChunkOrigin.of(chunk, stamp, stamp_ns, observation)
             while len(self._chunks) > REMEMBERED_CHUNKS:
                 self._chunks.pop(next(iter(self._chunks)))
 
@@ -211,8 +208,8 @@ class NodePublishing:
             info = self._chunks.get(command.request_id)
         if info is None:  # forgotten (cannot happen with REMEMBERED_CHUNKS > 1)
             return False, False
+        step, due_ns = info.step_and_due_ns(command)
         if command.is_underrun_hold:
-            step, due_ns = info.length, round(command.due_sec * 1e9)
             self._count("underrun_holds")
             self.get_logger().warning(
                 "action timeline ran dry before the next chunk arrived: publishing a hold "
@@ -220,9 +217,6 @@ class NodePublishing:
                 f"in effect {self._executor.refill_horizon_sec():.3f})",
                 throttle_duration_sec=LOG_THROTTLE_SEC,
             )
-        else:
-            step = command.step_index
-            due_ns = ros_conversion.step_due_nanoseconds(info.stamp_ns, step, info.period)
         result = self._guarded(command.action, info.guard_context(due_ns))
         sent = self._send(
             lambda: ros_conversion.command_to_policy_output(

@@ -334,10 +334,7 @@ class SimulatedNode:
 
     def _take_chunk(self, chunk: ActionChunk, job: Job, request_id: str) -> bool:
         stamp_ns = job.frame.info.stamp_ns
-        origin = ChunkOrigin(
-            job.frame.stamp, stamp_ns, len(chunk), chunk.action_period_sec,
-            job.observation.joint_state, job.observation.eef_pose,
-        )
+        origin = ChunkOrigin.of(chunk, job.frame.stamp, stamp_ns, job.observation)
         self._chunks[request_id] = origin
         while len(self._chunks) > REMEMBERED_CHUNKS:
             self._chunks.popitem(last=False)
@@ -387,12 +384,9 @@ class SimulatedNode:
         origin = self._chunks.get(command.request_id)
         if origin is None:
             return False
+        step, due_ns = origin.step_and_due_ns(command)
         if command.is_underrun_hold:
-            step, due_ns = origin.length, round(command.due_sec * 1e9)
             self.counts.underrun_holds += 1
-        else:
-            step = command.step_index
-            due_ns = origin.step_due_ns(step)
         result = self._guarded(command.action, origin.guard_context(due_ns))
         self._emit(result.action, origin.stamp_ns, due_ns, step, origin.length,
                    command.request_id)

@@ -10,7 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from manipulation_policy.core.policy_types import ActionChunk, JointStateData, PolicyAction, Pose
+from manipulation_policy.core.policy_types import (
+    ActionChunk,
+    JointStateData,
+    Observation,
+    PolicyAction,
+    Pose,
+)
+from manipulation_policy.robot.executor import DueCommand
 from manipulation_policy.robot.message_reading import step_due_nanoseconds
 from manipulation_policy.robot.safety_guard import GuardContext, SafetyGuard
 
@@ -30,8 +37,23 @@ class ChunkOrigin:
     def guard_context(self, due_ns: int) -> GuardContext:
         return GuardContext(due_ns / 1e9, self.joint_state, self.eef_pose, self.stamp_ns / 1e9)
 
+    @classmethod
+    def of(cls, chunk: ActionChunk, stamp: Any, stamp_ns: int, observation: Observation
+           ) -> ChunkOrigin:
+        """The origin of ``chunk``, the answer to ``observation`` stamped ``stamp``."""
+        return cls(stamp, stamp_ns, len(chunk), chunk.action_period_sec,
+                   observation.joint_state, observation.eef_pose)
+
     def step_due_ns(self, step: int) -> int:
         return step_due_nanoseconds(self.stamp_ns, step, self.period)
+
+    def step_and_due_ns(self, command: DueCommand) -> tuple[int, int]:
+        """The PolicyOutput ``step_index`` and ``due`` of a due command of this chunk: an
+        underrun hold is past the chunk's end (step_index == chunk_length), due when the
+        timeline ran dry."""
+        if command.is_underrun_hold:
+            return self.length, round(command.due_sec * 1e9)
+        return command.step_index, self.step_due_ns(command.step_index)
 
 
 def guard_preview(guard: SafetyGuard, chunk: ActionChunk, origin: ChunkOrigin) -> ActionChunk:
