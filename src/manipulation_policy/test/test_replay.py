@@ -74,8 +74,8 @@ def test_the_stub_replays_to_the_recorded_commands_with_a_bag_a_report_and_a_plo
     summary = report["summary"]
     assert summary["steps"] == summary["paired"] == summary["within"] == 8
     assert summary["share_within"] == 1.0 and summary["passed"]
-    assert summary["failures"]["replay stub"] == 0
-    assert summary["latency_p50_ms"]["replay stub"] is not None
+    assert summary["failures"]["candidate"] == 0
+    assert summary["latency_p50_ms"]["candidate"] is not None
     assert plot.read_bytes().startswith(b"\x89PNG")
     # The replay's bag: MCAP, one command and one chunk per frame, stamped like the node's.
     assert list(output.glob("*.mcap")) and (output / "metadata.yaml").exists()
@@ -153,8 +153,8 @@ def test_a_server_failing_mid_replay_is_counted_and_the_replay_goes_on(
     )
     assert len(calls) == 6
     summary = report["summary"]
-    assert summary["failures"]["replay " + stub_server.base_url] == 3
-    assert summary["holds"]["replay " + stub_server.base_url] == 3  # remote_fallback_on_failure
+    assert summary["failures"]["candidate"] == 3
+    assert summary["holds"]["candidate"] == 3  # remote_fallback_on_failure
     assert summary["within"] == 3 and status == EXIT_BREACH
     assert output.exists()
 

@@ -53,10 +53,11 @@ def test_the_verdict_counts_holds_failures_and_latency():
     summary = summarize(base, cand, diffs, Tolerances(min_share=0.5))
     assert (summary.within, summary.steps, summary.share_within, summary.passed) == (
         1, 2, 0.5, True)
-    assert summary.holds == {"recorded": 1, "replay": 0}
-    assert summary.failures == {"recorded": None, "replay": 1}
-    assert summary.latency_p50_ms == {"recorded": 5.0, "replay": 2.0}
-    assert summary.latency_p99_ms["replay"] == 30.0
+    assert (summary.baseline, summary.candidate) == ("recorded", "replay")
+    assert summary.holds == {"baseline": 1, "candidate": 0}
+    assert summary.failures == {"baseline": None, "candidate": 1}
+    assert summary.latency_p50_ms == {"baseline": 5.0, "candidate": 2.0}
+    assert summary.latency_p99_ms["candidate"] == 30.0
     strict = summarize(base, cand, diffs, Tolerances())
     assert not strict.passed
 

@@ -171,6 +171,7 @@ class Summary:
     max_rotation_rad: float
     max_joint: float
     max_gripper: float
+    # Each by run: {"baseline": ..., "candidate": ...}.
     holds: dict[str, int]
     failures: dict[str, Optional[int]]
     latency_p50_ms: dict[str, Optional[float]]
@@ -190,7 +191,7 @@ def summarize(
     def largest(values) -> float:
         return max(values, default=0.0)
 
-    runs = (baseline, candidate)
+    runs = {"baseline": baseline, "candidate": candidate}
     return Summary(
         baseline=baseline.name,
         candidate=candidate.name,
@@ -206,8 +207,8 @@ def summarize(
         max_rotation_rad=largest(d.rotation_rad for d in paired),
         max_joint=largest(d.joint for d in paired),
         max_gripper=largest(d.gripper for d in paired),
-        holds={run.name: run.holds for run in runs},
-        failures={run.name: run.failures for run in runs},
-        latency_p50_ms={run.name: percentile(run.latencies_ms, 50) for run in runs},
-        latency_p99_ms={run.name: percentile(run.latencies_ms, 99) for run in runs},
+        holds={role: run.holds for role, run in runs.items()},
+        failures={role: run.failures for role, run in runs.items()},
+        latency_p50_ms={role: percentile(run.latencies_ms, 50) for role, run in runs.items()},
+        latency_p99_ms={role: percentile(run.latencies_ms, 99) for role, run in runs.items()},
     )

@@ -26,13 +26,13 @@ def _number(value: Optional[float], unit: str = "", digits: int = 4) -> str:
 def table(summary: Summary, counts: dict[str, int]) -> str:
     """A few lines a person reads: the verdict first."""
     t = summary.tolerances
-    base, cand = summary.baseline, summary.candidate
+    base, cand = "baseline", "candidate"
     verdict = "PASS" if summary.passed else "FAIL"
     rows = [
         (f"{verdict}: {summary.within}/{summary.steps} steps within tolerance "
          f"({100 * summary.share_within:.1f} %, required {100 * t.min_share:.1f} %)"),
-        f"  baseline  {base}",
-        f"  candidate {cand}",
+        f"  baseline  {summary.baseline}",
+        f"  candidate {summary.candidate}",
         f"  paired steps {summary.paired}; only in baseline {summary.only_baseline}; "
         f"only in candidate {summary.only_candidate}",
         f"  {'difference':<14}{'max':>12}{'tolerance':>12}",
