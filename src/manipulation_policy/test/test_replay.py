@@ -352,3 +352,20 @@ def test_the_progress_bar_reaches_the_total():
         progress.advance()
     progress.close()
     assert stream.getvalue().rstrip().endswith("100.0 % 3/3 messages")
+
+
+def test_a_frame_held_back_by_the_rate_goes_when_the_rate_first_allows(tmp_path):
+    """Frames every 30 ms, 20 Hz: a frame goes on arrival when 45 ms (0.9 period) have
+    passed since the last, else the moment they have, unless a newer one came first:
+    frames 0 (0 ms), 1 (at 45), 2 (at 90), 4 (at 135); frame 3 was overtaken."""
+    episode = write_episode(tmp_path / "episode", Episode(frames=5, frame_period_ns=30_000_000))
+    status, output, _ = replay(tmp_path, episode, "--backend", "stub",
+                               "-p", "inference_rate=20.0")
+    assert status == EXIT_PASSED
+    first = Episode().frame_time(0)
+    used = [(m.header.stamp.sec * 10**9 + m.header.stamp.nanosec - first) // 30_000_000
+            for m in _outputs(output)]
+    assert used == [0, 1, 2, 4]
+    with RecordedBag(str(output), STORE) as bag:
+        sent = [t - first for _, t, _ in bag.messages({"/manipulation/replay/requests": "r"})]
+    assert sent == [0, 45_000_000, 90_000_000, 135_000_000]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,9 @@ from sensor_msgs.msg import Image, JointState
 
 from manipulation_msgs.msg import PolicyOutput
 from manipulation_policy.nodes.policy_node import PolicyNode
+from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
 from manipulation_policy.replay.cli import EXIT_PASSED, main
+from manipulation_policy.server.process import ServerProcess
 
 FRAMES = 6
 
@@ -68,18 +71,34 @@ def rig():
         yield rig
 
 
-def test_a_recorded_node_run_replays_to_the_commands_it_published(rig, tmp_path):
+@pytest.fixture(scope="module")
+def stub_server():
+    with ServerProcess("--backend", "stub") as server:
+        yield server
+
+
+@pytest.mark.parametrize("path", ["in-process", "remote"])
+def test_a_recorded_node_run_replays_to_the_commands_it_published(rig, tmp_path, path, request):
+    """policy_node replayed with --backend, remote_policy_node with --server: exactly the
+    commands each published (tolerances 0)."""
     topics = rig.topics
     values = {
-        "backend": "stub", "inference_rate": 20.0, "use_observation": False,
+        "inference_rate": 20.0, "use_observation": False,
         "input_timeout_sec": 60.0, "instruction": "stack the blocks",
     }
+    if path == "remote":
+        server = request.getfixturevalue("stub_server")
+        values["remote_url"] = server.base_url
+        make_node, replay_path = RemotePolicyNode, ["--server", server.base_url]
+    else:
+        values["backend"] = "stub"
+        make_node, replay_path = PolicyNode, ["--backend", "stub"]
     recorder = Recorder(rig, {
         topics["camera_topic"]: (Image, qos_profile_sensor_data),
         topics["joint_states_topic"]: (JointState, 50),
         topics["output_topic"]: (PolicyOutput, 50),
     })
-    node = rig.add(PolicyNode(**rig.node_kwargs(**values)))
+    node = rig.add(make_node(**rig.node_kwargs(**values)))
     rig.stream_joint_states()
     assert wait_until(lambda: recorder.count(topics["joint_states_topic"]) >= 2)
     assert wait_until(lambda: rig.image_pub.get_subscription_count() >= 2)
@@ -87,8 +106,10 @@ def test_a_recorded_node_run_replays_to_the_commands_it_published(rig, tmp_path)
         rgb = np.empty((24, 32, 3), dtype=np.uint8)
         rgb[...] = (40 + 30 * index, 200 - 20 * index, 90 + 10 * index)
         rig.publish_image(rgb)
-        # One frame at a time: the node is never busy, so it answers every frame.
+        # One frame at a time, more than a period (at 20 Hz) after the last answer: the
+        # node is never busy nor held back by the rate, so it answers every frame.
         assert wait_until(lambda n=index + 1: recorder.count(topics["output_topic"]) >= n)
+        time.sleep(0.06)
     assert node.counters["inferences"] == FRAMES
     bag = tmp_path / "episode"
     recorder.write(bag)
@@ -100,7 +121,7 @@ def test_a_recorded_node_run_replays_to_the_commands_it_published(rig, tmp_path)
                   for name, value in {**topics, **values}.items())
     )
     report = tmp_path / "report.json"
-    status = main([str(bag), "--backend", "stub", "--params-file", str(params),
+    status = main([str(bag), *replay_path, "--params-file", str(params),
                    "--output", str(tmp_path / "replay"), "--report-json", str(report),
                    "--no-progress", "--position-tolerance", "0", "--rotation-tolerance", "0",
                    "--joint-tolerance", "0", "--gripper-tolerance", "0"])

@@ -172,6 +172,7 @@ def replay(args: argparse.Namespace) -> int:
                     progress.advance()
                     if kind == RECORDED_OUTPUT:
                         recorded.output(time_ns, msg)
+                        node.advance_to(time_ns)  # the node's timers ran meanwhile
                     else:
                         node.receive(kind, time_ns, msg)
                 node.finish()

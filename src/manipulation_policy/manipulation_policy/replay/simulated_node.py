@@ -12,6 +12,9 @@ simulated times in between.
 
 What differs from a live node, by design:
 
+- the rate timer's phase is not in the recording: besides ticking at the rate from the
+  first message, it fires the moment the rate lets a held-back frame go, the earliest
+  the node's timer could have taken it;
 - inference takes no simulated time: the answer arrives at the instant its frame was
   handed over, so a replay is deterministic and two replays of one bag differ only
   by what their policies answered (the wall-clock time of each call is measured and
@@ -74,6 +77,7 @@ from manipulation_policy.robot.scheduling import (
 # The node's timer of due steps (nodes/node_execution.EXECUTOR_TICK_SEC).
 EXECUTOR_TICK_NS = 10_000_000
 REMEMBERED_CHUNKS = 64
+MAX_FINISH_ROUNDS = 1000
 # Inputs a replay takes, by kind (see bag_input).
 CAMERA, JOINT_STATES, EEF_POSE, OBSERVATION, INSTRUCTION = (
     "camera", "joint_states", "eef_pose", "observation", "instruction")
@@ -159,6 +163,9 @@ class SimulatedNode:
         self._next_tick_ns = 0
         self._next_rate_ns = 0
         self._rate_period_ns = round(1e9 / float(self._values["inference_rate"]))
+        # When a frame held back by the rate may go (see the module docstring).
+        self._rate_retry_ns: Optional[int] = None
+        self._last_hand_over_ns: Optional[int] = None
         self._scheduler = FrameScheduler(
             lambda: self._now_ns, lambda: self._now_ns,
             task_active=task_active_at_start(self._values["wait_for_task"], False),
@@ -188,22 +195,37 @@ class SimulatedNode:
             self._next_tick_ns = time_ns + EXECUTOR_TICK_NS
             self._next_rate_ns = time_ns + self._rate_period_ns
             return
-        while min(self._next_tick_ns, self._next_rate_ns) <= time_ns:
-            if self._next_tick_ns <= self._next_rate_ns:
-                self._now_ns = self._next_tick_ns
+        while True:
+            retry_ns = self._rate_retry_ns if self._rate_retry_ns is not None else math.inf
+            next_ns = min(self._next_tick_ns, self._next_rate_ns, retry_ns)
+            if next_ns > time_ns:
+                break
+            self._now_ns = int(next_ns)
+            if next_ns == self._next_tick_ns:
                 self._next_tick_ns += EXECUTOR_TICK_NS
                 self._on_executor_tick()
             else:
-                self._now_ns = self._next_rate_ns
-                self._next_rate_ns += self._rate_period_ns
+                if next_ns == self._next_rate_ns:
+                    self._next_rate_ns += self._rate_period_ns
+                if next_ns == retry_ns:
+                    self._rate_retry_ns = None
                 self._dispatch_newest()
         self._now_ns = max(self._now_ns, time_ns)
 
     def finish(self) -> None:
-        """Run on until the action timeline has published what it planned."""
-        if self._started:
+        """Run on after the last message, as the node would: its rate timer still hands
+        over a frame held back by the rate, and the action timeline publishes what it
+        planned. Ends when a rate period and the timeline pass with nothing new sent
+        (each frame goes at most once, so that comes)."""
+        if not self._started:
+            return
+        for _ in range(MAX_FINISH_ROUNDS):
+            sent = self.counts.requests
             remaining_ns = math.ceil(self._executor.remaining_sec() * 1e9)
-            self.advance_to(self._now_ns + remaining_ns + 2 * EXECUTOR_TICK_NS)
+            self.advance_to(self._now_ns + max(remaining_ns, self._rate_period_ns)
+                            + 2 * EXECUTOR_TICK_NS)
+            if self.counts.requests == sent and self._executor.remaining_sec() == 0.0:
+                return
 
     # ------------------------------------------------------------ inputs
 
@@ -278,6 +300,9 @@ class SimulatedNode:
             selection.eef_candidates,
             ScheduleSettings.from_values(self._values),
         )
+        if decision.verdict is Verdict.RATE_CAPPED and self._last_hand_over_ns is not None:
+            self._rate_retry_ns = self._last_hand_over_ns + math.ceil(
+                ScheduleSettings.from_values(self._values).min_interval_ns)
         if decision.verdict is not Verdict.HAND_OVER:
             return
         assert frame is not None
@@ -285,6 +310,7 @@ class SimulatedNode:
             selection.joint_state, decision.eef_pose, self._values
         )
         self._scheduler.handed_over(frame.info, True)
+        self._last_hand_over_ns = self._now_ns
         self._run_job(Job(frame, observation, decision.task_generation))
 
     def _run_job(self, job: Job) -> None:
