@@ -3,8 +3,9 @@
 The lane runs the whole suite under the robot's Python and library floor
 (docker/robot-requirements.txt) in a venv with no ROS and no torch. A test
 module or a test that stops on importing ROS 2 (rclpy, message packages,
-launch) or the GPU stack (torch, transformers) is reported as skipped with
-that module's name: it runs in the main lane. Any other error, an import
+launch), the GPU stack (torch, transformers) or the replay's libraries (rosbags,
+matplotlib: the replay runs on a GPU host or a workstation, never on the robot) is
+reported as skipped with that module's name: it runs in the main lane. Any other error, an import
 error of a library the floor does have included, fails as usual.
 
 Only this lane loads the plugin, so the main lane never skips a test for a
@@ -33,6 +34,7 @@ GPU_MODULES = frozenset(
     {"torch", "torchvision", "transformers", "tokenizers", "safetensors", "accelerate",
      "peft", "timm", "bitsandbytes"}
 )
+REPLAY_MODULES = frozenset({"rosbags", "matplotlib"})
 
 
 def main_lane_reason(error: BaseException | None) -> str | None:
@@ -44,6 +46,8 @@ def main_lane_reason(error: BaseException | None) -> str | None:
         return f"needs ROS 2 ({top}): runs in the main lane"
     if top in GPU_MODULES:
         return f"needs the GPU stack ({top}): runs in the main lane"
+    if top in REPLAY_MODULES:
+        return f"needs the replay's libraries ({top}): runs in the main lane"
     return None
 
 

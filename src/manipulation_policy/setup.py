@@ -23,6 +23,7 @@ setup(
             "policy_node = manipulation_policy.nodes.policy_node:main",
             "remote_policy_node = manipulation_policy.nodes.remote_policy_node:main",
             "task_prompt_cli = manipulation_policy.task_prompt_cli:main",
+            "policy_replay = manipulation_policy.replay.cli:main",
         ],
     },
 )

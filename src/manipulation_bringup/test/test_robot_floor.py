@@ -36,9 +36,9 @@ POLICY = REPO / "src" / "manipulation_policy" / "manipulation_policy"
 BRINGUP = REPO / "src" / "manipulation_bringup"
 # What runs on the robot: manipulation_policy (the nodes and what they call: core, the
 # backends the local node loads ...) and the bringup (launch file, its logic, the demo).
-# Not the HTTP server: the GPU host runs it.
+# Not the HTTP server and not the replay of recorded episodes: the GPU host runs them.
 ROBOT_SIDE = (POLICY, BRINGUP / "manipulation_bringup", BRINGUP / "launch")
-GPU_HOST_SIDE = (POLICY / "server", POLICY / "policy_server.py")
+GPU_HOST_SIDE = (POLICY / "server", POLICY / "policy_server.py", POLICY / "replay")
 PINS_FILE = REPO / "docker" / "robot-requirements.txt"
 FIRST_PARTY = {"manipulation_policy", "manipulation_bringup", "manipulation_msgs"}
 
@@ -62,6 +62,14 @@ NEEDS_ROS_OR_GPU = {
 }
 ROS_OR_GPU_TOPS = {"rclpy", "rcl_interfaces", "builtin_interfaces", "ament_index_python",
                    "torch", "transformers", "tokenizers", "safetensors"}
+# The replay's modules that read or write bags (rosbags): GPU-host side, not in the floor.
+NEEDS_REPLAY_LIBRARIES = {
+    "manipulation_policy.replay.bag_input",
+    "manipulation_policy.replay.bag_output",
+    "manipulation_policy.replay.bag_types",
+    "manipulation_policy.replay.runs",
+}
+REPLAY_TOPS = {"rosbags", "matplotlib"}
 
 
 def python_files(*roots: Path) -> list[Path]:
@@ -249,20 +257,22 @@ def _package_modules() -> list[str]:
 
 
 def test_only_the_listed_modules_need_ros_or_the_gpu_stack():
-    """Everything else imports without ROS 2 and torch, so the floor lane tests it."""
+    """Everything else imports without ROS 2, torch and rosbags, so the floor lane tests it."""
     needing = set()
     for name in _package_modules():
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as error:
             top = (error.name or "").split(".")[0]
-            if not (top in ROS_OR_GPU_TOPS or top.endswith("_msgs")):
+            if not (top in ROS_OR_GPU_TOPS | REPLAY_TOPS or top.endswith("_msgs")):
                 raise
             needing.add(name)
+    expected = set()
     if importlib.util.find_spec("rclpy") is None and importlib.util.find_spec("torch") is None:
-        assert needing == NEEDS_ROS_OR_GPU
-    else:
-        assert needing == set()
+        expected |= NEEDS_ROS_OR_GPU
+    if importlib.util.find_spec("rosbags") is None:
+        expected |= NEEDS_REPLAY_LIBRARIES
+    assert needing == expected
 
 
 # ------------------------------------------------------------------ one pins file

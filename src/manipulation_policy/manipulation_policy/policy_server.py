@@ -151,12 +151,37 @@ def _count(low: int, what: str):
     return _cli_number(declarations.NumberRange(low, math.inf, integer=True), what)
 
 
-def _backend_flag(argv: Optional[Sequence[str]]) -> str:
+def backend_flag(argv: Optional[Sequence[str]]) -> str:
     """The --backend given in ``argv`` ("" if none), before the full parse: a plugin's
     options are flags too."""
     scout = argparse.ArgumentParser(add_help=False)
     scout.add_argument("--backend", default="")
     return scout.parse_known_args(argv)[0].backend or ""
+
+
+def add_backend_option_flags(group: Any, backend: str = "") -> None:
+    """One flag per option of the registered backends (and of ``backend`` when it is a
+    plugin), and --skip-image-sensitivity-check: what ``backend_arguments`` reads. The
+    replay command (manipulation_policy.replay) takes the same flags."""
+    try:
+        flag_options = options_with(backend)
+    except Exception:  # noqa: BLE001 - a plugin that cannot be imported: loading says why
+        flag_options = options_with("")
+    for option in flag_options:
+        # No default here: a flag not given leaves the option to the environment, else
+        # to the backend, whose default is the same declaration's (named in the help).
+        env = f"; env {' or '.join(option.env)}" if option.env else ""
+        group.add_argument(
+            option.flag,
+            type=_option_flag_type(option),
+            default=argparse.SUPPRESS,
+            help=f"{option.help} Default {option.parameter_default!r}{env}",
+        )
+    group.add_argument(
+        "--skip-image-sensitivity-check",
+        action="store_true",
+        help="skip the backend's load-time check that its answer depends on the image",
+    )
 
 
 def build_parser(backend: str = "") -> argparse.ArgumentParser:
@@ -179,25 +204,7 @@ def build_parser(backend: str = "") -> argparse.ArgumentParser:
         f"{BACKEND_ENV}, else openvla when any OPENVLA_* variable is set, else stub",
     )
     model = parser.add_argument_group("backend options (passed to the backend when set)")
-    try:
-        flag_options = options_with(backend)
-    except Exception:  # noqa: BLE001 - a plugin that cannot be imported: loading says why
-        flag_options = options_with("")
-    for option in flag_options:
-        # No default here: a flag not given leaves the option to the environment, else
-        # to the backend, whose default is the same declaration's (named in the help).
-        env = f"; env {' or '.join(option.env)}" if option.env else ""
-        model.add_argument(
-            option.flag,
-            type=_option_flag_type(option),
-            default=argparse.SUPPRESS,
-            help=f"{option.help} Default {option.parameter_default!r}{env}",
-        )
-    model.add_argument(
-        "--skip-image-sensitivity-check",
-        action="store_true",
-        help="skip the backend's load-time check that its answer depends on the image",
-    )
+    add_backend_option_flags(model, backend)
     serving = parser.add_argument_group("serving")
     serving.add_argument(
         "--api-key-file", default=None, help=f"file holding the bearer key (or env {API_KEY_ENV})"
@@ -347,7 +354,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
-    args = build_parser(_backend_flag(argv)).parse_args(argv)
+    args = build_parser(backend_flag(argv)).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     startup_log = logging.getLogger("manipulation_policy.policy_server")
     args.backend, why = choose_backend(args.backend, os.environ)

@@ -54,7 +54,7 @@ def plugin(tmp_path, monkeypatch):
 
 def test_a_plugins_option_is_a_server_flag_and_variable(plugin):
     argv = ["--backend", plugin, "--grip-force", "12.5"]
-    args = policy_server.build_parser(policy_server._backend_flag(argv)).parse_args(argv)
+    args = policy_server.build_parser(policy_server.backend_flag(argv)).parse_args(argv)
     assert policy_server.backend_arguments(args, {}) == {"grip_force": 12.5}
     args = policy_server.build_parser(plugin).parse_args(["--backend", plugin])
     assert policy_server.backend_arguments(args, {"GRIP_FORCE": "3"}) == {"grip_force": 3.0}

@@ -21,12 +21,15 @@ from typing import Any, Optional, Union
 
 from sensor_msgs.msg import CompressedImage
 
-from manipulation_policy.core.contract import MAX_PENDING_DELAY_SEC
 from manipulation_policy.core.policy_types import ActionChunk, Observation, PolicyAction
 from manipulation_policy.nodes import ros_conversion
 from manipulation_policy.robot.executor import ChunkExecutor
 from manipulation_policy.robot.node_parameters import EXECUTOR_PARAMETERS, executor_settings
 from manipulation_policy.robot.node_shared import LOG_THROTTLE_SEC, Job
+from manipulation_policy.robot.observation_assembly import (
+    observation_to_send,
+    observation_without_image,
+)
 from manipulation_policy.robot.observation_inputs import Source
 from manipulation_policy.robot.scheduling import EefUse, FrameScheduler, ScheduleSettings, Verdict
 from manipulation_policy.robot.skipping_worker import SkippingWorker
@@ -164,13 +167,7 @@ class NodeExecution:
                 f"{values['reference_frame']!r}; ignored",
                 throttle_duration_sec=LOG_THROTTLE_SEC,
             )
-        observation = Observation(
-            joint_state=selection.joint_state,
-            image=None,
-            reference_frame=values["reference_frame"],
-            instruction=values["instruction"],
-            eef_pose=decision.eef_pose,
-        )
+        observation = observation_without_image(selection.joint_state, decision.eef_pose, values)
         accepted = self._worker.try_submit(Job(frame, observation, decision.task_generation))
         self._scheduler.handed_over(frame.info, accepted)
         if accepted and selection.source is Source.AGGREGATED:
@@ -215,20 +212,7 @@ class NodeExecution:
                 f"camera frame not usable: {exc}", throttle_duration_sec=LOG_THROTTLE_SEC
             )
             return
-        # What the robot will still execute while this observation is answered, for a
-        # policy that conditions on it (real-time chunking); others ignore it.
-        pending, delay = self._executor.pending(
-            job.observation.reference_frame, len(job.observation.joint_state.name)
-        )
-        observation = Observation(
-            joint_state=job.observation.joint_state,
-            image=image,
-            reference_frame=job.observation.reference_frame,
-            instruction=job.observation.instruction,
-            eef_pose=job.observation.eef_pose,
-            pending_actions=pending,
-            pending_delay_sec=None if delay is None else min(delay, MAX_PENDING_DELAY_SEC),
-        )
+        observation = observation_to_send(job.observation, image, self._executor)
         self._count("inferences")
         request_id = self.new_request_id()
         self._executor.request_sent(request_id)

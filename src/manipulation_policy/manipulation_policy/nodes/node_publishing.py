@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Optional
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -29,14 +28,13 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from manipulation_msgs.msg import PolicyActionChunk, PolicyOutput
 from manipulation_policy.core.policy_types import (
     ActionChunk,
-    JointStateData,
     Observation,
     PolicyAction,
-    Pose,
 )
 from manipulation_policy.nodes import ros_conversion
 from manipulation_policy.nodes.guard_diagnostics import guard_status, refusal_total
 from manipulation_policy.robot.executor import DueCommand
+from manipulation_policy.robot.guarded_commands import ChunkOrigin, guard_preview
 from manipulation_policy.robot.node_parameters import GUARD_PARAMETER_NAMES
 from manipulation_policy.robot.node_shared import LOG_THROTTLE_SEC, Job
 from manipulation_policy.robot.safety_guard import (
@@ -51,28 +49,12 @@ DIAGNOSTICS_TOPIC = "/diagnostics"
 REMEMBERED_CHUNKS = 64
 
 
-@dataclass(frozen=True)
-class _ChunkInfo:
-    """What a published command needs to know of the chunk it comes from."""
-
-    stamp: Any  # builtin_interfaces/Time of the observation
-    stamp_ns: int
-    length: int
-    period: float
-    # Of the observation the chunk answers: what the guard checks its steps against.
-    joint_state: JointStateData
-    eef_pose: Optional[Pose]
-
-    def guard_context(self, due_ns: int) -> GuardContext:
-        return GuardContext(due_ns / 1e9, self.joint_state, self.eef_pose, self.stamp_ns / 1e9)
-
-
 class NodePublishing:
     """Publishing of ``PolicyNodeBase`` (a mixin)."""
 
     def _init_publishing(self) -> None:
         self._chunks_lock = threading.Lock()
-        self._chunks: dict[str, _ChunkInfo] = {}  # request id -> its accepted chunk
+        self._chunks: dict[str, ChunkOrigin] = {}  # request id -> its accepted chunk
         self._reported_underruns = 0
         # Commands go out only while active (lifecycle); the lock orders the last command
         # before deactivation's hold, and nothing after it.
@@ -175,10 +157,7 @@ class NodePublishing:
         """What the steps of a chunk need to be published. Called before the executor
         accepts the chunk: its tick, on the other thread, may publish a step at once."""
         with self._chunks_lock:
-            self._chunks[request_id] = _ChunkInfo(
-                stamp, stamp_ns, len(chunk), chunk.action_period_sec,
-                observation.joint_state, observation.eef_pose,
-            )
+            self._chunks[request_id] = ChunkOrigin.of(chunk, stamp, stamp_ns, observation)
             while len(self._chunks) > REMEMBERED_CHUNKS:
                 self._chunks.pop(next(iter(self._chunks)))
 
@@ -205,16 +184,7 @@ class NodePublishing:
             info = self._chunks.get(request_id)
         if info is None:
             return chunk
-        preview = self._guard.copy()
-        steps: list[PolicyAction] = []
-        for index, action in enumerate(chunk.actions):
-            due_ns = ros_conversion.step_due_nanoseconds(info.stamp_ns, index, info.period)
-            result = preview.check(action, info.guard_context(due_ns))
-            steps.append(result.action)
-            if result.refused:  # the plan ends there: the rest is never published
-                steps += [PolicyAction.hold(chunk.reference_frame)] * (len(chunk) - index - 1)
-                break
-        return ActionChunk(tuple(steps), chunk.action_period_sec)
+        return guard_preview(self._guard, chunk, info)
 
     def _publish_due(self) -> Optional[bool]:
         """Publish the commands due now: None when none was, else whether all went out.
@@ -238,8 +208,8 @@ class NodePublishing:
             info = self._chunks.get(command.request_id)
         if info is None:  # forgotten (cannot happen with REMEMBERED_CHUNKS > 1)
             return False, False
+        step, due_ns = info.step_and_due_ns(command)
         if command.is_underrun_hold:
-            step, due_ns = info.length, round(command.due_sec * 1e9)
             self._count("underrun_holds")
             self.get_logger().warning(
                 "action timeline ran dry before the next chunk arrived: publishing a hold "
@@ -247,9 +217,6 @@ class NodePublishing:
                 f"in effect {self._executor.refill_horizon_sec():.3f})",
                 throttle_duration_sec=LOG_THROTTLE_SEC,
             )
-        else:
-            step = command.step_index
-            due_ns = ros_conversion.step_due_nanoseconds(info.stamp_ns, step, info.period)
         result = self._guarded(command.action, info.guard_context(due_ns))
         sent = self._send(
             lambda: ros_conversion.command_to_policy_output(

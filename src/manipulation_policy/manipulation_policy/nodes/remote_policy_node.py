@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from diagnostic_msgs.msg import DiagnosticArray
 
-from manipulation_policy.core.api_key import ApiKeyUnusable, read_api_key
+from manipulation_policy.core.api_key import ApiKeyUnusable
 from manipulation_policy.core.contract import (
     parse_request,
     request_action_overrides,
 )
-from manipulation_policy.core.policy_types import ActionChunk, Observation, PolicyAction
+from manipulation_policy.core.policy_types import Observation, PolicyAction
 from manipulation_policy.core.upstream_compat import ActionConversionOptions
 from manipulation_policy.nodes.policy_node_base import ConfigureFailed, PolicyNodeBase, run_node
 from manipulation_policy.nodes.remote_diagnostics import (
@@ -43,13 +42,11 @@ from manipulation_policy.robot.node_parameters import (
     upstream_action_fields,
 )
 from manipulation_policy.robot.node_shared import LOG_THROTTLE_SEC
-from manipulation_policy.robot.remote_client import (
-    BreakerState,
-    RemoteClient,
-    RemoteSettings,
-    printable,
+from manipulation_policy.robot.remote_action_source import (
+    RemoteActionSource,
+    remote_settings,
 )
-from manipulation_policy.robot.remote_request import remote_request_body
+from manipulation_policy.robot.remote_client import BreakerState, RemoteClient
 from manipulation_policy.robot.server_check import ServerCheckFailed, check_server
 
 DIAGNOSTICS_PERIOD_SEC = 1.0
@@ -61,103 +58,6 @@ SETTINGS_PARAMETERS = frozenset({
     "remote_url", "remote_timeout_sec", "remote_retry_attempts", "remote_api_key_file",
     "remote_max_response_bytes", "remote_retry_after_max_sec",
 })
-
-
-def remote_settings(values: dict[str, Any]) -> RemoteSettings:
-    """Settings from parameter values; raises ApiKeyUnusable (a ValueError) for a bad key."""
-    return RemoteSettings(
-        url=values["remote_url"],
-        timeout_sec=float(values["remote_timeout_sec"]),
-        retry_attempts=int(values["remote_retry_attempts"]),
-        api_key=read_api_key(values["remote_api_key_file"]),
-        max_response_bytes=int(values["remote_max_response_bytes"]),
-        retry_after_max_sec=float(values["remote_retry_after_max_sec"]),
-    )
-
-
-class RemoteActionSource:
-    """Observation -> request -> server -> ActionChunk; a hold or None when that fails.
-
-    Never raises: whatever goes wrong in a cycle (building the request, the
-    exchange, the answer) is a failed cycle, reported, and the next frame comes.
-    """
-
-    def __init__(
-        self,
-        client: RemoteClient,
-        parameter_values: Callable[[], dict[str, Any]],
-        report_failure: Callable[[str], None],
-        report_recovery: Callable[[str], None] = lambda message: None,
-        report_breaker: Callable[[BreakerState, BreakerState, str], None] = (
-            lambda old, new, failure: None
-        ),
-        extra_fields: Optional[dict[str, Any]] = None,
-    ):
-        self.client = client
-        self._extra_fields = dict(extra_fields or {})
-        self._parameter_values = parameter_values
-        self._report_failure = report_failure
-        self._report_recovery = report_recovery
-        self._report_breaker = report_breaker
-        self._failing = False  # only the worker thread reads and writes it
-        self._transitions: list[tuple[BreakerState, BreakerState]] = []
-        self._transitions_lock = threading.Lock()
-        client.breaker.on_change = self._on_breaker_change
-
-    @property
-    def failing(self) -> bool:
-        return self._failing
-
-    def _on_breaker_change(self, old: BreakerState, new: BreakerState) -> None:
-        # Called inside infer() (or on a URL change): reported once the call's outcome is known.
-        with self._transitions_lock:
-            self._transitions.append((old, new))
-
-    def __call__(
-        self, observation: Observation, request_id: Optional[str] = None
-    ) -> Union[ActionChunk, PolicyAction, None]:
-        """The server's chunk for ``observation`` (sent as ``request_id`` when given)."""
-        values = self._parameter_values()
-        try:
-            body = self._request(observation, values)
-            if request_id is not None:
-                body["request_id"] = request_id
-            result = self.client.infer(body)
-            failure = result.failure or ""
-            action = result.chunk
-        except Exception as exc:  # noqa: BLE001 - a failed cycle, never a dead worker
-            failure, action = f"{type(exc).__name__}: {printable(exc)}", None
-        self._drain_transitions(failure)
-        if action is not None:
-            if self._failing:
-                self._failing = False
-                self._report_recovery("policy server answers again")
-            return action
-        self._failing = True
-        fallback = values["remote_fallback_on_failure"]
-        self._report_failure(
-            f"policy server failed: {failure}; "
-            + ("publishing a hold" if fallback else "publishing nothing")
-        )
-        return PolicyAction.hold(observation.reference_frame) if fallback else None
-
-    def _request(self, observation: Observation, values: dict[str, Any]) -> dict:
-        return remote_request_body(
-            observation,
-            values["image_width"],
-            values["image_height"],
-            values["jpeg_quality"],
-            self._extra_fields,
-        )
-
-    def _drain_transitions(self, failure: str) -> None:
-        with self._transitions_lock:
-            transitions, self._transitions = self._transitions, []
-        for old, new in transitions:
-            self._report_breaker(old, new, failure)
-
-    def close(self) -> None:
-        self.client.close()
 
 
 class RemotePolicyNode(PolicyNodeBase):
