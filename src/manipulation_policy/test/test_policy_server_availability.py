@@ -1,0 +1,301 @@
+"""The real server stays available to well-behaved clients whatever slow, idle or
+surplus connections do: deadlines on idle connections, headers and bodies, a bounded
+number of bodies read at once, a connection cap, and answers to pipelined requests
+before a 400 closes the connection (issue 21)."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from waiting import wait_until
+
+from manipulation_policy.core.api_key import API_KEY_ENV
+from manipulation_policy.server.process import ServerProcess
+
+TEST_DIR = str(Path(__file__).resolve().parent)
+NO_KEY = {API_KEY_ENV: ""}
+BODY = json.dumps({"joint_states": {"name": [], "position": []}}).encode()
+
+
+def request_bytes(body: bytes = BODY, path: str = "/infer", extra: str = "") -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    )
+    return head.encode() + body
+
+
+def connect(server: ServerProcess) -> socket.socket:
+    connection = socket.create_connection((server.host, server.port), timeout=10)
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return connection
+
+
+def read_until_closed(connection: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the server sends until it closes; AssertionError if it does not."""
+    connection.settimeout(timeout)
+    received = b""
+    try:
+        while True:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
+    except ConnectionResetError:
+        return received
+    except TimeoutError:
+        raise AssertionError(f"the connection stayed open; got {received[:200]!r}") from None
+
+
+def statuses(raw: bytes) -> list[int]:
+    """The status codes of the answers in ``raw``, in order (a body ends without CRLF)."""
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
+
+
+def closed_count(server: ServerProcess, reason: str) -> float:
+    text = requests.get(f"{server.base_url}/metrics", timeout=5).text
+    prefix = f'policy_server_connections_closed_total{{reason="{reason}"}} '
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[1])
+    return 0.0
+
+
+def server(*args: str) -> ServerProcess:
+    return ServerProcess(
+        "--backend", "stub", "--no-access-log", *args, env=NO_KEY, extra_pythonpath=[TEST_DIR]
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quick():
+    """Short deadlines, few reader places, no waiting line behind the model."""
+    with server(
+        "--body-timeout", "0.6", "--header-timeout", "0.6", "--idle-timeout", "0.8",
+        "--max-body-readers", "2", "--max-queue", "0", "--max-connections", "40",
+    ) as running:  # fmt: skip
+        yield running
+
+
+# ------------------------------------------------------------------- slow bodies
+
+
+def test_a_body_past_its_deadline_is_408_and_closed(quick):
+    with connect(quick) as slow:
+        slow.sendall(request_bytes()[:-3])
+        began = time.monotonic()
+        answer = read_until_closed(slow)
+    assert statuses(answer) == [408]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "body_timeout"
+    assert 0.5 <= time.monotonic() - began < 5.0
+
+
+def test_a_body_trickling_in_byte_by_byte_is_still_cut_at_its_deadline(quick):
+    raw = request_bytes(b'{"instruction": "' + b"x" * 400 + b'"}')
+    with connect(quick) as slow:
+        head, body = raw.split(b"\r\n\r\n", 1)
+        slow.sendall(head + b"\r\n\r\n")
+        began = time.monotonic()
+        slow.settimeout(0.05)
+        answer = b""
+        for byte in body[:-1]:
+            try:
+                slow.sendall(bytes([byte]))
+                answer += slow.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if answer:
+                break
+        assert time.monotonic() - began < 5.0
+        answer += read_until_closed(slow)
+    assert statuses(answer) == [408]
+
+
+def test_a_body_still_arriving_holds_no_place_in_the_models_queue(quick):
+    """--max-queue 0: one place in all. Two slow senders hold none of it."""
+    slow = [connect(quick) for _ in range(2)]
+    try:
+        for connection in slow:
+            connection.sendall(request_bytes()[:-3])
+        wait_until(lambda: bodies_reading(quick) == 2)
+        answer = requests.post(f"{quick.base_url}/infer", data=BODY, timeout=10,
+                               headers={"Content-Type": "application/json"})  # fmt: skip
+        assert answer.status_code == 200, answer.text
+    finally:
+        for connection in slow:
+            connection.close()
+
+
+def bodies_reading(running: ServerProcess) -> float:
+    text = requests.get(f"{running.base_url}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith("policy_server_bodies_reading "):
+            return float(line.split()[1])
+    raise AssertionError("no policy_server_bodies_reading in /metrics")
+
+
+def test_past_the_reader_places_a_body_still_arriving_is_503_at_once(quick):
+    slow = [connect(quick) for _ in range(2)]
+    try:
+        for connection in slow:
+            connection.sendall(request_bytes()[:-3])
+        wait_until(lambda: bodies_reading(quick) == 2)
+        with connect(quick) as third:
+            third.sendall(request_bytes()[:-3])
+            began = time.monotonic()
+            answer = read_until_closed(third)
+            assert time.monotonic() - began < 0.5  # not the body deadline (0.6 s)
+        assert statuses(answer) == [503]
+        assert b"\r\nretry-after: 1\r\n" in answer.lower()
+        # A body that comes with its headers needs no reader place.
+        whole = requests.post(f"{quick.base_url}/infer", data=BODY, timeout=10,
+                              headers={"Content-Type": "application/json"})  # fmt: skip
+        assert whole.status_code == 200
+    finally:
+        for connection in slow:
+            connection.close()
+
+
+def test_expect_100_continue_gets_its_continue_then_its_answer(quick):
+    raw = request_bytes(extra="Expect: 100-continue\r\n")
+    head, body = raw.split(b"\r\n\r\n", 1)
+    with connect(quick) as client:
+        client.sendall(head + b"\r\n\r\n")
+        client.settimeout(5)
+        assert client.recv(65536).startswith(b"HTTP/1.1 100 Continue")
+        client.sendall(body)
+        answer = client.recv(65536)
+    assert statuses(answer) == [200]
+
+
+# ------------------------------------------------------- headers and idle time
+
+
+def test_headers_past_their_deadline_are_408_and_closed_even_trickling(quick):
+    with connect(quick) as slow:
+        began = time.monotonic()
+        slow.settimeout(0.1)
+        answer = b""
+        for byte in b"GET /health HTTP/1.1\r\nX-Padding: " + b"a" * 200:
+            try:
+                slow.sendall(bytes([byte]))
+                answer += slow.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if answer:
+                break
+        answer += read_until_closed(slow)
+    assert statuses(answer) == [408]
+    assert time.monotonic() - began < 5.0
+
+
+def test_an_idle_connection_is_closed_after_its_deadline(quick):
+    with connect(quick) as idle:
+        began = time.monotonic()
+        assert read_until_closed(idle) == b""
+        assert 0.7 <= time.monotonic() - began < 5.0
+
+
+def test_a_kept_alive_connection_is_closed_after_its_answer_and_deadline(quick):
+    with connect(quick) as client:
+        client.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        began = time.monotonic()
+        answer = read_until_closed(client)
+        assert statuses(answer) == [200]
+        assert 0.7 <= time.monotonic() - began < 5.0
+
+
+# --------------------------------------------------------------- connection cap
+
+
+def test_past_the_connection_cap_the_longest_idle_connections_make_room(quick):
+    """40 connections at most: 100 idle ones cannot keep /health out."""
+    evicted_before = closed_count(quick, "evicted")
+    idle = []
+    try:
+        for _ in range(100):
+            idle.append(connect(quick))
+        answer = requests.get(f"{quick.base_url}/health", timeout=5)
+        assert answer.status_code == 200
+        # The oldest were closed for the newest: the first connection reads its close.
+        assert read_until_closed(idle[0], timeout=0.5) == b""
+        assert closed_count(quick, "evicted") - evicted_before >= 60
+    finally:
+        for connection in idle:
+            connection.close()
+
+
+# ------------------------------------------------------------------ pipelining
+
+
+def test_a_request_followed_by_garbage_gets_its_answer_before_the_400(quick):
+    with connect(quick) as client:
+        client.sendall(request_bytes() + b"NOT HTTP AT ALL\x00\r\n\r\n")
+        answer = read_until_closed(client)
+    assert statuses(answer) == [200, 400]
+    first = answer.split(b"HTTP/1.1 400", 1)[0]
+    assert b'"actions"' in first
+
+
+def test_two_pipelined_requests_then_garbage_get_two_answers_then_400(quick):
+    with connect(quick) as client:
+        client.sendall(
+            b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" + request_bytes() + b"\x01\x02garbage\r\n"
+        )
+        answer = read_until_closed(client)
+    assert statuses(answer) == [200, 200, 400]
+
+
+def test_garbage_alone_is_still_400_at_once(quick):
+    with connect(quick) as client:
+        client.sendall(b"\x16\x03\x01 not http\r\n\r\n")
+        assert statuses(read_until_closed(client)) == [400]
+
+
+# --------------------------------------------------------------------- flags
+
+
+def run_server_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "manipulation_policy.policy_server", "--backend", "stub",
+               "--port", "1", *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=None)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("--body-timeout", "0"), "--body-timeout"),
+        (("--header-timeout", "nan"), "--header-timeout"),
+        (("--idle-timeout", "-1"), "--idle-timeout"),
+        (("--max-body-readers", "0"), "--max-body-readers"),
+        (("--max-connections", "-3"), "--max-connections"),
+    ],
+)
+def test_bad_connection_flags_are_refused_in_one_line(args, words):
+    done = run_server_cli(*args)
+    assert done.returncode == 2
+    assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_connection_cap_above_the_open_file_limit_is_refused_at_start():
+    done = run_server_cli("--max-connections", "100000000")
+    assert done.returncode == 1
+    assert "open-file limit" in done.stderr and "ulimit -n" in done.stderr
+
+
+def test_a_connection_cap_at_or_below_the_reader_places_is_refused_at_start():
+    done = run_server_cli("--max-connections", "10", "--max-body-readers", "10")
+    assert done.returncode == 1
+    assert "max_body_readers" in done.stderr
