@@ -18,11 +18,18 @@ import requests
 from waiting import wait_until
 
 from manipulation_policy.core.api_key import API_KEY_ENV
+from manipulation_policy.server.connection_guard import (
+    ConnectionGuard,
+    ConnectionLimits,
+    connection_cap,
+)
 from manipulation_policy.server.process import ServerProcess
 
 TEST_DIR = str(Path(__file__).resolve().parent)
 NO_KEY = {API_KEY_ENV: ""}
 BODY = json.dumps({"joint_states": {"name": [], "position": []}}).encode()
+# Past 128 KiB buffered, a body still arriving needs a reader place at once.
+BIG_BODY = json.dumps({"instruction": "x" * 200_000}).encode()
 
 
 def request_bytes(body: bytes = BODY, path: str = "/infer", extra: str = "") -> bytes:
@@ -53,6 +60,21 @@ def read_until_closed(connection: socket.socket, timeout: float = 10.0) -> bytes
         return received
     except TimeoutError:
         raise AssertionError(f"the connection stayed open; got {received[:200]!r}") from None
+
+
+def read_answer(connection: socket.socket, timeout: float = 10.0) -> bytes:
+    """One answer: its head and its Content-Length body."""
+    connection.settimeout(timeout)
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = connection.recv(65536)
+        assert chunk, f"closed after {received!r}"
+        received += chunk
+    head, body = received.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head + b"\r\n\r\n" + body
 
 
 def statuses(raw: bytes) -> list[int]:
@@ -126,7 +148,7 @@ def test_a_body_still_arriving_holds_no_place_in_the_models_queue(quick):
     slow = [connect(quick) for _ in range(2)]
     try:
         for connection in slow:
-            connection.sendall(request_bytes()[:-3])
+            connection.sendall(request_bytes(BIG_BODY)[:-3])
         wait_until(lambda: bodies_reading(quick) == 2)
         answer = requests.post(f"{quick.base_url}/infer", data=BODY, timeout=10,
                                headers={"Content-Type": "application/json"})  # fmt: skip
@@ -148,13 +170,17 @@ def test_past_the_reader_places_a_body_still_arriving_is_503_at_once(quick):
     slow = [connect(quick) for _ in range(2)]
     try:
         for connection in slow:
-            connection.sendall(request_bytes()[:-3])
+            connection.sendall(request_bytes(BIG_BODY)[:-3])
         wait_until(lambda: bodies_reading(quick) == 2)
         with connect(quick) as third:
-            third.sendall(request_bytes()[:-3])
+            third.sendall(request_bytes(BIG_BODY)[:-3])
             began = time.monotonic()
-            answer = read_until_closed(third)
+            answer = read_answer(third)
             assert time.monotonic() - began < 0.5  # not the body deadline (0.6 s)
+            # It closes at the idle deadline whatever the client sends meanwhile.
+            third.sendall(b"xyz")
+            assert read_until_closed(third) == b""
+            assert time.monotonic() - began >= 0.7
         assert statuses(answer) == [503]
         assert b"\r\nretry-after: 1\r\n" in answer.lower()
         # A body that comes with its headers needs no reader place.
@@ -208,13 +234,29 @@ def test_an_idle_connection_is_closed_after_its_deadline(quick):
         assert 0.7 <= time.monotonic() - began < 5.0
 
 
-def test_a_kept_alive_connection_is_closed_after_its_answer_and_deadline(quick):
+def test_a_kept_alive_connection_is_closed_at_its_idle_deadline_even_fed_newlines(quick):
     with connect(quick) as client:
         client.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert statuses(read_answer(client)) == [200]
         began = time.monotonic()
-        answer = read_until_closed(client)
-        assert statuses(answer) == [200]
+        client.settimeout(0.2)
+        while time.monotonic() - began < 5.0:
+            try:
+                client.sendall(b"\r\n")  # no request: does not count as activity
+                if client.recv(65536) == b"":
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                break
         assert 0.7 <= time.monotonic() - began < 5.0
+
+
+def test_headers_past_64_kib_are_431_and_closed(quick):
+    with connect(quick) as client:
+        client.sendall(b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 70_000)
+        answer = read_until_closed(client)
+    assert statuses(answer) == [431]
 
 
 # --------------------------------------------------------------- connection cap
@@ -299,3 +341,56 @@ def test_a_connection_cap_at_or_below_the_reader_places_is_refused_at_start():
     done = run_server_cli("--max-connections", "10", "--max-body-readers", "10")
     assert done.returncode == 1
     assert "max_body_readers" in done.stderr
+
+
+# ------------------------------------------------------------ the guard alone
+
+
+def test_the_guard_closes_the_connection_waiting_longest_first():
+    guard = ConnectionGuard(ConnectionLimits(max_body_readers=1, max_connections=3))
+    assert [guard.opened(name) for name in "abc"] == [None, None, None]
+    guard.headers_complete("a")  # a is being served: not a victim
+    guard.answered("b")  # b just answered: the youngest waiting one
+    assert guard.opened("d") == "c"
+    assert guard.opened("e") == "b"
+    assert guard.open_connections == 3
+    assert guard.closed_by_reason["evicted"] == 2
+
+
+def test_the_guard_refuses_a_new_connection_when_none_is_waiting():
+    guard = ConnectionGuard(ConnectionLimits(max_body_readers=1, max_connections=2))
+    for name in "ab":
+        guard.opened(name)
+        guard.headers_complete(name)
+    assert guard.opened("c") == "c"
+    assert guard.closed_by_reason["over_limit"] == 1
+
+
+def test_the_guard_bounds_the_bodies_read_at_once():
+    guard = ConnectionGuard(ConnectionLimits(max_body_readers=2))
+    assert [guard.start_body(name) for name in "abc"] == [True, True, False]
+    assert guard.start_body("a")  # a place already held
+    guard.end_body("a")
+    assert guard.start_body("c") and guard.body_readers == 2
+    guard.closed("b")
+    assert guard.body_readers == 1
+
+
+def test_the_derived_cap_keeps_descriptors_free():
+    assert connection_cap(1024, 20) == 1024 - 20 - 128
+    assert connection_cap(100, 20) == 100 - 20 - 32
+    assert connection_cap(40, 20) == 0
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"body_timeout_s": 0},
+        {"idle_timeout_s": float("inf")},
+        {"max_body_readers": 0},
+        {"max_connections": 8, "max_body_readers": 8},
+    ],
+)
+def test_unusable_limits_are_refused(limits):
+    with pytest.raises(ValueError):
+        ConnectionLimits(**limits)

@@ -152,14 +152,20 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     400: _error("The body is not valid JSON (NaN/Infinity included); names the field."),
     401: _error("Missing or wrong bearer token (only when an API key is set)."),
+    408: _error(
+        "The headers or the body did not arrive within the server's deadline "
+        "(--header-timeout, --body-timeout); the connection is closed."
+    ),
     413: _error("The body exceeds the server's size limit."),
     415: _error("Content-Type is not JSON."),
+    431: _error("The request line and headers exceed 64 KiB; the connection is closed."),
     422: _error("A field has the wrong type or value, or the image is unusable."),
     500: _error("The backend failed or its answer broke the contract (not the client's fault)."),
     503: {
         **_error(
-            "Too many requests waiting for the model, or a prediction is stuck past its "
-            "deadline; retry after Retry-After s."
+            "Too many requests waiting for the model, too many bodies arriving at once "
+            "(too_many_bodies), or a prediction is stuck past its deadline; retry after "
+            "Retry-After s."
         ),
         "headers": {"Retry-After": {"schema": {"type": "integer"}}},
     },

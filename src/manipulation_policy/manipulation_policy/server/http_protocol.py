@@ -8,8 +8,9 @@ What it changes, per connection (the bookkeeping is ``connection_guard.py``):
 - The body is buffered here, as a proxy would, before the application sees the
   request: admission to the model happens only with the whole body in. A body still
   arriving after the bytes that came with its headers needs one of the guard's
-  reader places (after a grace of BODY_GRACE_S: clients such as urllib3 send the
-  body after the headers); with none free the answer is 503 with Retry-After at once.
+  reader places (after a grace, BODY_GRACE_S and BODY_GRACE_BYTES: clients such as
+  urllib3 send the body after the headers); with none free the answer is 503 with
+  Retry-After at once.
 - Past the connection cap, the connection waiting longest is closed.
 - A request followed by bytes that are not HTTP gets its own answer before the 400
   that closes the connection (uvicorn would answer 400 at once and lose it).
@@ -27,8 +28,14 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from manipulation_policy.server.connection_guard import BODY_UNREAD, ConnectionGuard
 
 INVALID_REQUEST = "Invalid HTTP request received."
-# A body complete this soon after its headers never needs a reader place.
-BODY_GRACE_S = 0.1
+# A body complete this soon after its headers, and before this many bytes of it are
+# buffered, needs no reader place: a client's ordinary body (robots send 16-200 KiB)
+# never waits for one, and a refused slow sender cannot be back sooner than this.
+BODY_GRACE_S = 1.0
+BODY_GRACE_BYTES = 128 * 1024
+# Request line plus headers (counted a read at a time: each read that leaves them
+# incomplete); past it 431. httptools itself sets no bound.
+MAX_HEADER_BYTES = 64 * 1024
 
 
 def guarded_protocol(guard: ConnectionGuard, retry_after_s: int) -> type:
@@ -67,7 +74,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._reading_body = False  # holds one of the guard's reader places
         self._grace: Optional[asyncio.TimerHandle] = None
         self._deferred_error: Optional[str] = None
+        self._discarding = False  # answered and closing: input is dropped
         self._in_headers = False
+        self._header_bytes = 0
         victim = self.guard.opened(self)
         if victim is not None:
             victim.transport.close()
@@ -123,16 +132,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             f"the request body did not arrive within {self.guard.limits.body_timeout_s:g} s",
         )
 
-    def _refuse(self, status: int, kind: str, detail: str, headers=()) -> None:
+    def _refuse(self, status: int, kind: str, detail: str, headers=(), linger=False) -> None:
+        """Answer an error and close; with ``linger``, close only at the idle deadline
+        (or when the client does), dropping what it sends meanwhile. A refused client
+        that ignores the answer then cannot come back at once on a new connection,
+        and the lingering connection is the first to go when connections run short."""
+        if self._buffering is not None:
+            self._buffering[0].response_complete = True  # uvicorn drops what follows
         self._end_buffering()
-        if not self.transport.is_closing():
-            self.transport.write(error_answer(status, kind, detail, headers))
+        if self.transport.is_closing():
+            return
+        self.transport.write(error_answer(status, kind, detail, headers))
+        if not linger:
             self.transport.close()
+            return
+        self._discarding = True
+        self.guard.answered(self)
+        self._arm(self.guard.limits.idle_timeout_s, self._idle_expired)
 
     # --- parsing ---------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._deferred_error is not None:
+        if self._deferred_error is not None or self._discarding:
             return  # the connection closes once the answers in flight are out
         self._unset_keepalive_if_required()
         try:
@@ -148,19 +169,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         except httptools.HttpParserUpgrade:
             self._unsupported_upgrade_warning()
+        if self._in_headers:
+            self._header_bytes += len(data)
+        if self._in_headers and self._header_bytes > MAX_HEADER_BYTES:
+            self.guard.count("headers_too_large")
+            detail = f"the request line and headers exceed {MAX_HEADER_BYTES} bytes"
+            self._refuse(431, "headers_too_large", detail)
+            return
         self._after_feed()
 
     def _after_feed(self) -> None:
-        if self._buffering is None or self._reading_body or self._grace is not None:
+        if self._buffering is None or self._reading_body:
             return
-        if self._buffering[0].waiting_for_100_continue:
-            self._claim_reader()  # the client sends nothing before its 100 Continue
-        else:
+        cycle = self._buffering[0]
+        # With 100-continue the client sends nothing before its 100 Continue.
+        if cycle.waiting_for_100_continue or len(cycle.body) > BODY_GRACE_BYTES:
+            self._claim_reader()
+        elif self._grace is None:
             self._grace = self.loop.call_later(BODY_GRACE_S, self._claim_reader)
 
     def _claim_reader(self) -> None:
         """A body still arriving after its grace needs a reader place."""
-        self._grace = None
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
         if self._buffering is None or self._reading_body or self.transport.is_closing():
             return
         if not self.guard.start_body(self):
@@ -170,6 +202,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 "too_many_bodies",
                 "too many request bodies are arriving at once; retry later",
                 ((b"retry-after", str(self.retry_after_s).encode()),),
+                linger=True,
             )
             return
         self._reading_body = True
@@ -181,6 +214,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
+        self._header_bytes = 0
         if not self._in_flight():
             self._arm(self.guard.limits.header_timeout_s, self._headers_expired)
 

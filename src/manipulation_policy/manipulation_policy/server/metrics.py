@@ -48,6 +48,7 @@ CONNECTION_ERROR_KINDS = {
     "header_timeout": "header_timeout",
     "body_timeout": "body_timeout",
     "body_readers_full": "too_many_bodies",
+    "headers_too_large": "headers_too_large",
 }
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -154,7 +155,8 @@ class ServerMetrics:
         self.connections_closed = Counter(
             "policy_server_connections_closed_total",
             "Connections the server closed or refused itself, by reason (idle_timeout, "
-            "header_timeout, body_timeout, body_readers_full, evicted, over_limit).",
+            "header_timeout, body_timeout, body_readers_full, headers_too_large, evicted, "
+            "over_limit).",
             ("reason",),
             registry=registry,
         )
