@@ -62,6 +62,24 @@ def read_until_closed(connection: socket.socket, timeout: float = 10.0) -> bytes
         raise AssertionError(f"the connection stayed open; got {received[:200]!r}") from None
 
 
+def trickle(connection: socket.socket, data: bytes, interval: float) -> bytes:
+    """Send ``data`` a byte per ``interval`` s until the server answers; then everything
+    it sends until it closes."""
+    connection.settimeout(interval)
+    answer = b""
+    for byte in data:
+        try:
+            connection.sendall(bytes([byte]))
+            answer += connection.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if answer:
+            break
+    return answer + read_until_closed(connection)
+
+
 def read_answer(connection: socket.socket, timeout: float = 10.0) -> bytes:
     """One answer: its head and its Content-Length body."""
     connection.settimeout(timeout)
@@ -126,20 +144,8 @@ def test_a_body_trickling_in_byte_by_byte_is_still_cut_at_its_deadline(quick):
         head, body = raw.split(b"\r\n\r\n", 1)
         slow.sendall(head + b"\r\n\r\n")
         began = time.monotonic()
-        slow.settimeout(0.05)
-        answer = b""
-        for byte in body[:-1]:
-            try:
-                slow.sendall(bytes([byte]))
-                answer += slow.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if answer:
-                break
+        answer = trickle(slow, body[:-1], 0.05)
         assert time.monotonic() - began < 5.0
-        answer += read_until_closed(slow)
     assert statuses(answer) == [408]
 
 
@@ -210,19 +216,7 @@ def test_expect_100_continue_gets_its_continue_then_its_answer(quick):
 def test_headers_past_their_deadline_are_408_and_closed_even_trickling(quick):
     with connect(quick) as slow:
         began = time.monotonic()
-        slow.settimeout(0.1)
-        answer = b""
-        for byte in b"GET /health HTTP/1.1\r\nX-Padding: " + b"a" * 200:
-            try:
-                slow.sendall(bytes([byte]))
-                answer += slow.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if answer:
-                break
-        answer += read_until_closed(slow)
+        answer = trickle(slow, b"GET /health HTTP/1.1\r\nX-Padding: " + b"a" * 200, 0.1)
     assert statuses(answer) == [408]
     assert time.monotonic() - began < 5.0
 
