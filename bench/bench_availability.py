@@ -4,6 +4,7 @@
     .ci/ros_env.sh python bench/bench_availability.py                        # ~90 s
     .ci/ros_env.sh python bench/bench_availability.py --seconds 5 --slow-bodies 100 \\
         --slow-headers 100 --idle 100                                         # smaller
+    .ci/ros_env.sh python bench/bench_availability.py --server-path OTHER/src/manipulation_policy
 
 Starts the real server (stub backend spending --model-ms per prediction,
 ``--max-queue 8``, its open-file limit lowered to --nofile as on a default Linux
@@ -16,8 +17,9 @@ Phases, --seconds each:
   unloaded     robots and probe alone.
   slow bodies  --slow-bodies connections send headers, then their body at a byte
                per --trickle-s; each reconnects when the server closes it.
-  slow headers --slow-headers connections send their headers at a byte per
-               --trickle-s, and --idle connections send nothing; all reconnect.
+  slow headers --slow-headers connections (default 1000) send their headers at a
+               byte per --trickle-s, and --idle connections (600) send nothing;
+               all reconnect when closed.
   load 8, 64   8, then 64 clients send /infer back to back and retry a 503 at once
                (ignoring Retry-After); goodput is their 200s per second.
   big bodies   --big-clients clients send 7 MiB bodies (a noise JPEG) back to back.
@@ -254,10 +256,10 @@ def load_process(kind: str, port: int, count: int, seconds: float, options: dict
             tasks = [_hammer(port, request, until, counts) for _ in range(count)]
         elif kind == "slow_bodies":
             tasks = [_trickler(port, head, payload, trickle, until, counts) for _ in range(count)]
-        else:  # slow headers and idle connections, half each
-            half = count // 2
-            tasks = [_trickler(port, b"", head, trickle, until, counts) for _ in range(half)]
-            tasks += [_trickler(port, b"", b"", trickle, until, counts) for _ in range(half, count)]
+        else:  # ``count`` slow-header connections and options["idle"] idle ones
+            tasks = [_trickler(port, b"", head, trickle, until, counts) for _ in range(count)]
+            idle = options.get("idle", 0)
+            tasks += [_trickler(port, b"", b"", trickle, until, counts) for _ in range(idle)]
         await asyncio.gather(*tasks)
 
     asyncio.run(main())
@@ -338,13 +340,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--robot-hz", type=float, default=10.0)
     parser.add_argument("--model-ms", type=float, default=5.0, help="stub prediction time")
     parser.add_argument("--slow-bodies", type=int, default=500)
-    parser.add_argument("--slow-headers", type=int, default=1000,
-                        help="slow-header plus idle connections, half each")  # fmt: skip
+    parser.add_argument("--slow-headers", type=int, default=1000)
+    parser.add_argument("--idle", type=int, default=600, help="idle connections")
     parser.add_argument("--trickle-s", type=float, default=1.0, help="seconds per byte")
     parser.add_argument("--load-clients", type=int, nargs=2, default=[8, 64])
     parser.add_argument("--big-clients", type=int, default=2)
     parser.add_argument("--nofile", type=int, default=1024, help="the server's open-file limit")
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    parser.add_argument("--server-path", default=None,
+                        help="a package folder put first on the server's PYTHONPATH, to "
+                        "measure another checkout (src/manipulation_policy of it)")  # fmt: skip
     parser.add_argument("server_args", nargs="*", help="more server flags (after --)")
     args = parser.parse_args(argv)
     if not 2 <= args.seconds <= 300:
@@ -359,7 +364,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--backend", "bench_goodput:TimedStubBackend", "--max-queue", "8", "--no-access-log",
         "--log-level", "warning", *args.server_args,
         env={"BENCH_MODEL_MS": str(args.model_ms), "MANIPULATION_POLICY_API_KEY": ""},
-        extra_pythonpath=[BENCH_DIR], preexec_fn=limit_files,
+        extra_pythonpath=[p for p in (args.server_path, BENCH_DIR) if p],
+        preexec_fn=limit_files,
     )  # fmt: skip
     rows: list[dict] = []
     seconds = args.seconds
@@ -378,9 +384,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                       seconds, load))  # fmt: skip
             elif phase == "slow_headers":
                 load = Load("slow_headers", port, args.slow_headers, seconds, body=body,
-                            trickle_s=args.trickle_s)  # fmt: skip
-                rows.append(run_phase(f"{args.slow_headers} slow headers + idle", robots,
-                                      probe, seconds, load))  # fmt: skip
+                            trickle_s=args.trickle_s, idle=args.idle)  # fmt: skip
+                name = f"{args.slow_headers} slow headers + {args.idle} idle"
+                rows.append(run_phase(name, robots, probe, seconds, load))
             elif phase == "load":
                 for clients in args.load_clients:
                     load = Load("hammer", port, clients, seconds, body=body)
@@ -402,6 +408,7 @@ def print_report(args, rows: list[dict], connections: Optional[dict]) -> None:
         f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {args.robots} robots at "
         f"{args.robot_hz:g} Hz; model {args.model_ms:g} ms; {args.seconds:g} s a phase; "
         f"server open-file limit {args.nofile}; server flags {args.server_args or 'default'}"
+        + (f"; server code from {args.server_path}" if args.server_path else "")
     )
     base = next((row for row in rows if row["phase"] == "unloaded"), None)
     print("| phase | robot 200s | robot p50 ms | robot p99 ms | p99 / unloaded | "
