@@ -28,8 +28,8 @@ from manipulation_policy.server.process import ServerProcess
 TEST_DIR = str(Path(__file__).resolve().parent)
 NO_KEY = {API_KEY_ENV: ""}
 BODY = json.dumps({"joint_states": {"name": [], "position": []}}).encode()
-# Past 128 KiB buffered, a body still arriving needs a reader place at once.
-BIG_BODY = json.dumps({"instruction": "x" * 200_000}).encode()
+# Past 256 KiB buffered, a body still arriving needs a reader place at once.
+BIG_BODY = json.dumps({"instruction": "x" * 300_000}).encode()
 
 
 def request_bytes(body: bytes = BODY, path: str = "/infer", extra: str = "") -> bytes:

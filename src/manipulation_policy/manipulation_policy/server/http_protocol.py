@@ -6,11 +6,13 @@ What it changes, per connection (the bookkeeping is ``connection_guard.py``):
   request's first byte), headers (first byte to headers complete: 408), body (headers
   complete to the last body byte: 408). None is reset by bytes that trickle in.
 - The body is buffered here, as a proxy would, before the application sees the
-  request: admission to the model happens only with the whole body in. A body still
-  arriving after the bytes that came with its headers needs one of the guard's
-  reader places (after a grace, BODY_GRACE_S and BODY_GRACE_BYTES: clients such as
-  urllib3 send the body after the headers); with none free the answer is 503 with
-  Retry-After at once.
+  request: admission to the model happens only with the whole body in (a request
+  the application will refuse at once, /infer while the queue is full, is handed
+  over unread). A body still arriving BODY_GRACE_S after its headers, or past
+  BODY_GRACE_BYTES, needs one of the guard's reader places; with none free the
+  answer is 503 with Retry-After at once, and the connection lingers, dropping
+  input, until its idle deadline.
+- Headers past MAX_HEADER_BYTES: 431.
 - Past the connection cap, the connection waiting longest is closed.
 - A request followed by bytes that are not HTTP gets its own answer before the 400
   that closes the connection (uvicorn would answer 400 at once and lose it).
@@ -29,10 +31,12 @@ from manipulation_policy.server.connection_guard import BODY_UNREAD, ConnectionG
 
 INVALID_REQUEST = "Invalid HTTP request received."
 # A body complete this soon after its headers, and before this many bytes of it are
-# buffered, needs no reader place: a client's ordinary body (robots send 16-200 KiB)
-# never waits for one, and a refused slow sender cannot be back sooner than this.
+# buffered, needs no reader place: a robot's observation (a 224x224 to 640x480 JPEG,
+# 16-150 KiB) never waits for one, clients that send the body after the headers
+# (urllib3) included, and a refused slow sender cannot be back sooner than this.
+# Bodies in their grace hold at most the connection cap times BODY_GRACE_BYTES.
 BODY_GRACE_S = 1.0
-BODY_GRACE_BYTES = 128 * 1024
+BODY_GRACE_BYTES = 256 * 1024
 # Request line plus headers (counted a read at a time: each read that leaves them
 # incomplete); past it 431. httptools itself sets no bound.
 MAX_HEADER_BYTES = 64 * 1024
@@ -138,7 +142,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         that ignores the answer then cannot come back at once on a new connection,
         and the lingering connection is the first to go when connections run short."""
         if self._buffering is not None:
-            self._buffering[0].response_complete = True  # uvicorn drops what follows
+            cycle = self._buffering[0]
+            cycle.response_complete = True  # uvicorn drops what follows
+            cycle.body = bytearray()
         self._end_buffering()
         if self.transport.is_closing():
             return
@@ -161,8 +167,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         except httptools.HttpParserError:
             self.logger.warning(INVALID_REQUEST)
             if self._in_flight():
+                # Reading goes on (and drops what comes): a socket closed with unread
+                # input is reset, and the client could lose the answers before the 400.
                 self._deferred_error = INVALID_REQUEST
-                self.flow.pause_reading()
                 self._disarm()
             else:
                 self.send_400_response(INVALID_REQUEST)

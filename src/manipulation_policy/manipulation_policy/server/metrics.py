@@ -160,6 +160,7 @@ class ServerMetrics:
             ("reason",),
             registry=registry,
         )
+        self._closed_by_reason: dict[str, Counter] = {}
         if info_labels:
             info = Gauge(
                 "policy_server_info",
@@ -184,7 +185,11 @@ class ServerMetrics:
         self.errors.labels(kind).inc()
 
     def count_connection_closed(self, reason: str) -> None:
-        self.connections_closed.labels(reason).inc()
+        # Counted once per connection in a flood of them: the labelled child is kept.
+        child = self._closed_by_reason.get(reason)
+        if child is None:
+            child = self._closed_by_reason[reason] = self.connections_closed.labels(reason)
+        child.inc()
         if reason in CONNECTION_ERROR_KINDS:
             self.count_error(CONNECTION_ERROR_KINDS[reason])
 
