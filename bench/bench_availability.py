@@ -240,6 +240,8 @@ def _raise_own_file_limit() -> None:
 
 def load_process(kind: str, port: int, count: int, seconds: float, options: dict, results):
     _raise_own_file_limit()
+    if options.get("nice"):
+        os.nice(options["nice"])  # the attacker's CPU, not the server's: see --load-nice
     counts: dict = {"connect_failed": 0, "closed": 0, "connections": 0}
     until = time.monotonic() + seconds
     body = options["body"]
@@ -347,6 +349,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--big-clients", type=int, default=2)
     parser.add_argument("--nofile", type=int, default=1024, help="the server's open-file limit")
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    parser.add_argument("--load-nice", type=int, default=0,
+                        help="niceness of the attack/load process: on a small machine "
+                        "the attacker's own CPU is the server's, unlike attackers elsewhere")
     parser.add_argument("--server-path", default=None,
                         help="a package folder put first on the server's PYTHONPATH, to "
                         "measure another checkout (src/manipulation_policy of it)")  # fmt: skip
@@ -379,21 +384,24 @@ def main(argv: Optional[list[str]] = None) -> int:
                 rows.append(run_phase("unloaded", robots, probe, seconds))
             elif phase == "slow_bodies":
                 load = Load("slow_bodies", port, args.slow_bodies, seconds, body=body,
-                            trickle_s=args.trickle_s)  # fmt: skip
+                            trickle_s=args.trickle_s, nice=args.load_nice)  # fmt: skip
                 rows.append(run_phase(f"{args.slow_bodies} slow bodies", robots, probe,
                                       seconds, load))  # fmt: skip
             elif phase == "slow_headers":
                 load = Load("slow_headers", port, args.slow_headers, seconds, body=body,
-                            trickle_s=args.trickle_s, idle=args.idle)  # fmt: skip
+                            trickle_s=args.trickle_s, idle=args.idle,
+                            nice=args.load_nice)  # fmt: skip
                 name = f"{args.slow_headers} slow headers + {args.idle} idle"
                 rows.append(run_phase(name, robots, probe, seconds, load))
             elif phase == "load":
                 for clients in args.load_clients:
-                    load = Load("hammer", port, clients, seconds, body=body)
+                    load = Load("hammer", port, clients, seconds, body=body,
+                                nice=args.load_nice)  # fmt: skip
                     rows.append(run_phase(f"{clients} clients ignoring Retry-After", robots,
                                           probe, seconds, load))  # fmt: skip
             elif phase == "big_bodies":
-                load = Load("hammer", port, args.big_clients, seconds, body=big_body())
+                load = Load("hammer", port, args.big_clients, seconds, body=big_body(),
+                            nice=args.load_nice)  # fmt: skip
                 rows.append(run_phase(f"{args.big_clients} clients sending 7 MiB bodies",
                                       robots, probe, seconds, load))  # fmt: skip
         with urllib.request.urlopen(f"{server.base_url}/info", timeout=10) as answer:
@@ -409,6 +417,7 @@ def print_report(args, rows: list[dict], connections: Optional[dict]) -> None:
         f"{args.robot_hz:g} Hz; model {args.model_ms:g} ms; {args.seconds:g} s a phase; "
         f"server open-file limit {args.nofile}; server flags {args.server_args or 'default'}"
         + (f"; server code from {args.server_path}" if args.server_path else "")
+        + (f"; load process at nice {args.load_nice}" if args.load_nice else "")
     )
     base = next((row for row in rows if row["phase"] == "unloaded"), None)
     print("| phase | robot 200s | robot p50 ms | robot p99 ms | p99 / unloaded | "

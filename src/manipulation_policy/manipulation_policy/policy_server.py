@@ -15,6 +15,11 @@ predicted together, up to --max-batch-size per model call, collected for at most
 off); past --max-queue waiting requests the server answers 503 with Retry-After.
 A model call (one prediction or one batch) past --inference-timeout is answered
 504 to each of its requests, and /health answers 503 until the backend returns.
+Each connection has a deadline while idle (--idle-timeout), for its headers
+(--header-timeout) and for its body (--body-timeout); a body is read whole before
+its request is admitted, at most --max-body-readers slow ones at once, and at most
+--max-connections connections are kept (by default derived from the open-file limit;
+past it the one idle the longest is closed).
 SIGTERM or Ctrl-C stops taking connections and lets requests in flight finish,
 for --graceful-timeout seconds at most.
 """
@@ -283,8 +288,8 @@ def build_parser(backend: str = "") -> argparse.ArgumentParser:
         "--max-body-readers",
         type=_count(1, "a request count"),
         default=DEFAULT_MAX_BODY_READERS,
-        help="request bodies that may be arriving at once (a body that comes with its "
-        "headers needs no place); past it 503 with Retry-After at once",
+        help="slow request bodies that may be arriving at once (one complete within 1 s "
+        "of its headers and under 256 KiB needs no place); past it 503 with Retry-After",
     )
     connections.add_argument(
         "--max-connections",
