@@ -151,6 +151,7 @@ def test_a_body_trickling_in_byte_by_byte_is_still_cut_at_its_deadline(quick):
 
 def test_a_body_still_arriving_holds_no_place_in_the_models_queue(quick):
     """--max-queue 0: one place in all. Two slow senders hold none of it."""
+    wait_until(lambda: bodies_reading(quick) == 0)  # no other test's slow body left
     slow = [connect(quick) for _ in range(2)]
     try:
         for connection in slow:
@@ -173,6 +174,7 @@ def bodies_reading(running: ServerProcess) -> float:
 
 
 def test_past_the_reader_places_a_body_still_arriving_is_503_at_once(quick):
+    wait_until(lambda: bodies_reading(quick) == 0)  # no other test's slow body left
     slow = [connect(quick) for _ in range(2)]
     try:
         for connection in slow:
@@ -199,6 +201,7 @@ def test_past_the_reader_places_a_body_still_arriving_is_503_at_once(quick):
 
 
 def test_expect_100_continue_gets_its_continue_then_its_answer(quick):
+    wait_until(lambda: bodies_reading(quick) == 0)
     raw = request_bytes(extra="Expect: 100-continue\r\n")
     head, body = raw.split(b"\r\n\r\n", 1)
     with connect(quick) as client:
@@ -208,6 +211,28 @@ def test_expect_100_continue_gets_its_continue_then_its_answer(quick):
         client.sendall(body)
         answer = client.recv(65536)
     assert statuses(answer) == [200]
+
+
+def test_expect_100_continue_without_a_reader_place_is_503_before_the_body(quick):
+    wait_until(lambda: bodies_reading(quick) == 0)  # no other test's slow body left
+    slow = [connect(quick) for _ in range(2)]
+    try:
+        for connection in slow:
+            connection.sendall(request_bytes(BIG_BODY)[:-3])
+        wait_until(lambda: bodies_reading(quick) == 2)
+        head = request_bytes(extra="Expect: 100-continue\r\n").split(b"\r\n\r\n", 1)[0]
+        with connect(quick) as client:
+            client.sendall(head + b"\r\n\r\n")
+            assert statuses(read_answer(client)) == [503]
+    finally:
+        for connection in slow:
+            connection.close()
+
+
+def test_info_reports_the_connection_limits_and_what_they_did(quick):
+    connections = requests.get(f"{quick.base_url}/info", timeout=5).json()["connections"]
+    assert connections["max"] == 40 and connections["max_body_readers"] == 2
+    assert connections["body_timeout_s"] == 0.6 and connections["open"] >= 1
 
 
 # ------------------------------------------------------- headers and idle time
