@@ -319,6 +319,15 @@ def test_two_pipelined_requests_then_garbage_get_two_answers_then_400(quick):
     assert statuses(answer) == [200, 200, 400]
 
 
+def test_a_pipelined_request_cut_short_gets_the_header_deadline_after_the_answer(quick):
+    with connect(quick) as client:
+        client.sendall(request_bytes() + b"GET /health HTTP/1.1\r\nHost: t")
+        began = time.monotonic()
+        answer = read_until_closed(client)
+    assert statuses(answer) == [200, 408]
+    assert 0.5 <= time.monotonic() - began < 5.0
+
+
 def test_garbage_alone_is_still_400_at_once(quick):
     with connect(quick) as client:
         client.sendall(b"\x16\x03\x01 not http\r\n\r\n")

@@ -297,6 +297,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.send_400_response(self._deferred_error)
             return
         self.guard.answered(self)
-        if not self._in_headers:
-            self._unset_keepalive_if_required()  # the idle deadline below replaces it
+        self._unset_keepalive_if_required()  # the deadline below replaces it
+        if self._in_headers:  # the next request began while this one was served
+            self._arm(self.guard.limits.header_timeout_s, self._headers_expired)
+        else:
             self._arm(self.guard.limits.idle_timeout_s, self._idle_expired)
