@@ -5,6 +5,7 @@ before a 400 closes the connection (issue 21)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -149,22 +150,6 @@ def test_a_body_trickling_in_byte_by_byte_is_still_cut_at_its_deadline(quick):
     assert statuses(answer) == [408]
 
 
-def test_a_body_still_arriving_holds_no_place_in_the_models_queue(quick):
-    """--max-queue 0: one place in all. Two slow senders hold none of it."""
-    wait_until(lambda: bodies_reading(quick) == 0)  # no other test's slow body left
-    slow = [connect(quick) for _ in range(2)]
-    try:
-        for connection in slow:
-            connection.sendall(request_bytes(BIG_BODY)[:-3])
-        wait_until(lambda: bodies_reading(quick) == 2)
-        answer = requests.post(f"{quick.base_url}/infer", data=BODY, timeout=10,
-                               headers={"Content-Type": "application/json"})  # fmt: skip
-        assert answer.status_code == 200, answer.text
-    finally:
-        for connection in slow:
-            connection.close()
-
-
 def bodies_reading(running: ServerProcess) -> float:
     text = requests.get(f"{running.base_url}/metrics", timeout=5).text
     for line in text.splitlines():
@@ -173,13 +158,31 @@ def bodies_reading(running: ServerProcess) -> float:
     raise AssertionError("no policy_server_bodies_reading in /metrics")
 
 
-def test_past_the_reader_places_a_body_still_arriving_is_503_at_once(quick):
-    wait_until(lambda: bodies_reading(quick) == 0)  # no other test's slow body left
-    slow = [connect(quick) for _ in range(2)]
+@contextlib.contextmanager
+def both_reader_places_taken(running: ServerProcess):
+    """Two slow bodies past the grace size hold the fixture's two reader places."""
+    wait_until(lambda: bodies_reading(running) == 0)  # no other test's slow body left
+    slow = [connect(running) for _ in range(2)]
     try:
         for connection in slow:
             connection.sendall(request_bytes(BIG_BODY)[:-3])
-        wait_until(lambda: bodies_reading(quick) == 2)
+        wait_until(lambda: bodies_reading(running) == 2)
+        yield
+    finally:
+        for connection in slow:
+            connection.close()
+
+
+def test_a_body_still_arriving_holds_no_place_in_the_models_queue(quick):
+    """--max-queue 0: one place in all. Two slow senders hold none of it."""
+    with both_reader_places_taken(quick):
+        answer = requests.post(f"{quick.base_url}/infer", data=BODY, timeout=10,
+                               headers={"Content-Type": "application/json"})  # fmt: skip
+        assert answer.status_code == 200, answer.text
+
+
+def test_past_the_reader_places_a_body_still_arriving_is_503_at_once(quick):
+    with both_reader_places_taken(quick):
         with connect(quick) as third:
             third.sendall(request_bytes(BIG_BODY)[:-3])
             began = time.monotonic()
@@ -195,9 +198,6 @@ def test_past_the_reader_places_a_body_still_arriving_is_503_at_once(quick):
         whole = requests.post(f"{quick.base_url}/infer", data=BODY, timeout=10,
                               headers={"Content-Type": "application/json"})  # fmt: skip
         assert whole.status_code == 200
-    finally:
-        for connection in slow:
-            connection.close()
 
 
 def test_expect_100_continue_gets_its_continue_then_its_answer(quick):
@@ -214,19 +214,11 @@ def test_expect_100_continue_gets_its_continue_then_its_answer(quick):
 
 
 def test_expect_100_continue_without_a_reader_place_is_503_before_the_body(quick):
-    wait_until(lambda: bodies_reading(quick) == 0)  # no other test's slow body left
-    slow = [connect(quick) for _ in range(2)]
-    try:
-        for connection in slow:
-            connection.sendall(request_bytes(BIG_BODY)[:-3])
-        wait_until(lambda: bodies_reading(quick) == 2)
+    with both_reader_places_taken(quick):
         head = request_bytes(extra="Expect: 100-continue\r\n").split(b"\r\n\r\n", 1)[0]
         with connect(quick) as client:
             client.sendall(head + b"\r\n\r\n")
             assert statuses(read_answer(client)) == [503]
-    finally:
-        for connection in slow:
-            connection.close()
 
 
 def test_info_reports_the_connection_limits_and_what_they_did(quick):
