@@ -285,6 +285,13 @@ def build_parser(backend: str = "") -> argparse.ArgumentParser:
         "before its body is in",
     )
     connections.add_argument(
+        "--body-min-rate",
+        type=_cli_number(declarations.NumberRange(0.0, 1e12), "bytes per second"),
+        default=0.0,
+        help="a body holding a reader place must arrive at this average rate or more "
+        "(checked each second), else 408; 0: no minimum",
+    )
+    connections.add_argument(
         "--max-body-readers",
         type=_count(1, "a request count"),
         default=DEFAULT_MAX_BODY_READERS,
@@ -364,6 +371,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
             idle_timeout_s=args.idle_timeout,
             header_timeout_s=args.header_timeout,
             body_timeout_s=args.body_timeout,
+            body_min_rate=args.body_min_rate,
             max_body_readers=args.max_body_readers,
         )
     except (ApiKeyUnusable, ValueError) as exc:

@@ -200,6 +200,17 @@ def test_past_the_reader_places_a_body_still_arriving_is_503_at_once(quick):
         assert whole.status_code == 200
 
 
+def test_a_body_below_the_minimum_rate_is_408_before_its_deadline():
+    with server("--body-min-rate", "1000000", "--body-timeout", "30") as running:
+        with connect(running) as slow:
+            slow.sendall(request_bytes(BIG_BODY)[:-3])  # then nothing: far under 1 MB/s
+            began = time.monotonic()
+            answer = read_until_closed(slow)
+    assert statuses(answer) == [408]
+    assert b"body_too_slow" in answer
+    assert 0.9 <= time.monotonic() - began < 10.0  # the first check, not the 30 s deadline
+
+
 def test_expect_100_continue_gets_its_continue_then_its_answer(quick):
     wait_until(lambda: bodies_reading(quick) == 0)
     raw = request_bytes(extra="Expect: 100-continue\r\n")
@@ -342,6 +353,7 @@ def run_server_cli(*args: str) -> subprocess.CompletedProcess:
         (("--header-timeout", "nan"), "--header-timeout"),
         (("--idle-timeout", "-1"), "--idle-timeout"),
         (("--max-body-readers", "0"), "--max-body-readers"),
+        (("--body-min-rate", "-5"), "--body-min-rate"),
         (("--max-connections", "-3"), "--max-connections"),
     ],
 )
@@ -408,6 +420,7 @@ def test_the_derived_cap_keeps_descriptors_free():
         {"body_timeout_s": 0},
         {"idle_timeout_s": float("inf")},
         {"max_body_readers": 0},
+        {"body_min_rate": -1.0},
         {"max_connections": 8, "max_body_readers": 8},
     ],
 )

@@ -103,6 +103,7 @@ class ServerConfig:
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    body_min_rate: float = 0.0
     max_body_readers: int = DEFAULT_MAX_BODY_READERS
     max_connections: Optional[int] = None
 
@@ -111,6 +112,7 @@ class ServerConfig:
             idle_timeout_s=self.idle_timeout_s,
             header_timeout_s=self.header_timeout_s,
             body_timeout_s=self.body_timeout_s,
+            body_min_rate=self.body_min_rate,
             max_buffered_body_bytes=self.max_body_bytes,
             max_body_readers=self.max_body_readers,
             max_connections=self.max_connections,
@@ -155,7 +157,7 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: _error("Missing or wrong bearer token (only when an API key is set)."),
     408: _error(
         "The headers or the body did not arrive within the server's deadline "
-        "(--header-timeout, --body-timeout); the connection is closed."
+        "(--header-timeout, --body-timeout, --body-min-rate); the connection is closed."
     ),
     413: _error("The body exceeds the server's size limit."),
     415: _error("Content-Type is not JSON."),

@@ -41,6 +41,9 @@ class ConnectionLimits:
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    # A body holding a reader place must arrive at this many bytes per second on
+    # average (checked each second; 0: no minimum).
+    body_min_rate: float = 0.0
     # Bodies under way past this many bytes are handed to the application (which
     # refuses them with 413) instead of being buffered further.
     max_buffered_body_bytes: int = 8 * 1024 * 1024
@@ -52,6 +55,8 @@ class ConnectionLimits:
             value = getattr(self, name)
             if not 0 < value < math.inf:
                 raise ValueError(f"{name} must be > 0 and finite, got {value}")
+        if not 0 <= self.body_min_rate < math.inf:
+            raise ValueError(f"body_min_rate must be >= 0 and finite, got {self.body_min_rate}")
         if self.max_body_readers < 1 or self.max_buffered_body_bytes < 1:
             raise ValueError("max_body_readers and max_buffered_body_bytes must be >= 1")
         if self.max_connections is not None and self.max_connections <= self.max_body_readers:
@@ -163,5 +168,6 @@ class ConnectionGuard:
             "idle_timeout_s": limits.idle_timeout_s,
             "header_timeout_s": limits.header_timeout_s,
             "body_timeout_s": limits.body_timeout_s,
+            "body_min_rate": limits.body_min_rate,
             "closed_by_reason": dict(sorted(self.closed_by_reason.items())),
         }

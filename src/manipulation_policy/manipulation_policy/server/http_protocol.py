@@ -213,10 +213,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             )
             return
         self._reading_body = True
+        if self.guard.limits.body_min_rate > 0:
+            self._grace = self.loop.call_later(1.0, self._check_rate)
         cycle = self._buffering[0]
         if cycle.waiting_for_100_continue:
             cycle.waiting_for_100_continue = False
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _check_rate(self) -> None:
+        """A body holding a reader place below --body-min-rate on average: 408."""
+        self._grace = None
+        if self._buffering is None or self.transport.is_closing():
+            return
+        cycle = self._buffering[0]
+        rate = len(cycle.body) / max(self.loop.time() - self._body_since, 1e-3)
+        minimum = self.guard.limits.body_min_rate
+        if rate >= minimum:
+            self._grace = self.loop.call_later(1.0, self._check_rate)
+            return
+        self.guard.count("body_too_slow")
+        detail = f"the request body arrives at {rate:.0f} bytes/s, under {minimum:g}"
+        self._refuse(408, "body_too_slow", detail)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -242,6 +259,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super()._start_asgi_task(cycle, app)
             return
         self._buffering = (cycle, app)
+        self._body_since = self.loop.time()
         self._arm(self.guard.limits.body_timeout_s, self._body_expired)
 
     def _declared_too_large(self) -> bool:

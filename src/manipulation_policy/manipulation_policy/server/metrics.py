@@ -47,6 +47,7 @@ LATENCY_BUCKETS = (
 CONNECTION_ERROR_KINDS = {
     "header_timeout": "header_timeout",
     "body_timeout": "body_timeout",
+    "body_too_slow": "body_too_slow",
     "body_readers_full": "too_many_bodies",
     "headers_too_large": "headers_too_large",
 }
@@ -155,7 +156,8 @@ class ServerMetrics:
         self.connections_closed = Counter(
             "policy_server_connections_closed_total",
             "Connections the server closed or refused itself, by reason (idle_timeout, "
-            "header_timeout, body_timeout, body_readers_full, headers_too_large, evicted, "
+            "header_timeout, body_timeout, body_too_slow, body_readers_full, headers_too_large, "
+            "evicted, "
             "over_limit).",
             ("reason",),
             registry=registry,
