@@ -15,6 +15,11 @@ predicted together, up to --max-batch-size per model call, collected for at most
 off); past --max-queue waiting requests the server answers 503 with Retry-After.
 A model call (one prediction or one batch) past --inference-timeout is answered
 504 to each of its requests, and /health answers 503 until the backend returns.
+Each connection has a deadline while idle (--idle-timeout), for its headers
+(--header-timeout) and for its body (--body-timeout); a body is read whole before
+its request is admitted, at most --max-body-readers slow ones at once, and at most
+--max-connections connections are kept (by default derived from the open-file limit;
+past it the one idle the longest is closed).
 SIGTERM or Ctrl-C stops taking connections and lets requests in flight finish,
 for --graceful-timeout seconds at most.
 """
@@ -22,6 +27,7 @@ for --graceful-timeout seconds at most.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -49,6 +55,15 @@ from manipulation_policy.server.app import (
 )
 from manipulation_policy.server.auth import load_api_key
 from manipulation_policy.server.batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE
+from manipulation_policy.server.connection_guard import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_BODY_READERS,
+    MIN_DESCRIPTOR_RESERVE,
+    connection_cap,
+    open_descriptors,
+)
 from manipulation_policy.server.inference_worker import DEFAULT_DEADLINE_S
 
 PROG = "policy_server"
@@ -252,6 +267,51 @@ def build_parser(backend: str = "") -> argparse.ArgumentParser:
         help="seconds requests in flight get to finish after SIGTERM; the process "
         "exits by then whatever the backend does",
     )
+    seconds = _cli_number(declarations.NumberRange(0.0, 3600.0, low_open=True), "seconds")
+    connections = parser.add_argument_group("connections (slow, idle and surplus clients)")
+    connections.add_argument(
+        "--idle-timeout",
+        type=seconds,
+        default=DEFAULT_IDLE_TIMEOUT_S,
+        help="a connection with no request under way is closed after this long (behind "
+        "a load balancer that keeps connections, set it above the balancer's idle timeout)",
+    )
+    connections.add_argument(
+        "--header-timeout",
+        type=seconds,
+        default=DEFAULT_HEADER_TIMEOUT_S,
+        help="a request's headers must be complete this long after its first byte, else "
+        "408 and the connection is closed",
+    )
+    connections.add_argument(
+        "--body-timeout",
+        type=seconds,
+        default=DEFAULT_BODY_TIMEOUT_S,
+        help="a request's body must be complete this long after its headers, else 408 "
+        "and the connection is closed; a request holds no place in the model's queue "
+        "before its body is in",
+    )
+    connections.add_argument(
+        "--body-min-rate",
+        type=_cli_number(declarations.NumberRange(0.0, 1e12), "bytes per second"),
+        default=0.0,
+        help="a body holding a reader place must arrive at this average rate or more "
+        "(checked each second), else 408; 0: no minimum",
+    )
+    connections.add_argument(
+        "--max-body-readers",
+        type=_count(1, "a request count"),
+        default=DEFAULT_MAX_BODY_READERS,
+        help="slow request bodies that may be arriving at once (one complete within 1 s "
+        "of its headers and under 256 KiB needs no place); past it 503 with Retry-After",
+    )
+    connections.add_argument(
+        "--max-connections",
+        type=_count(0, "a connection count"),
+        default=0,
+        help="connections kept open; past it the one idle the longest is closed. 0: "
+        "derived from the open-file limit, keeping descriptors free for the server itself",
+    )
     serving.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     serving.add_argument(
         "--access-log", action=argparse.BooleanOptionalAction, default=True, help="log requests"
@@ -315,6 +375,11 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
             inference_timeout_s=args.inference_timeout,
             max_batch_size=args.max_batch_size,
             batch_window_ms=args.batch_window_ms,
+            idle_timeout_s=args.idle_timeout,
+            header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout,
+            body_min_rate=args.body_min_rate,
+            max_body_readers=args.max_body_readers,
         )
     except (ApiKeyUnusable, ValueError) as exc:
         raise StartupError(str(exc)) from None
@@ -342,6 +407,46 @@ def raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, 65536), hard))
     except (ImportError, ValueError, OSError):
         pass  # not fatal: the server runs with the limit it has
+
+
+def open_file_limit() -> Optional[int]:
+    """The soft open-file limit, None when unlimited or unknown."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def with_connection_cap(config: ServerConfig, requested: int) -> ServerConfig:
+    """``config`` with its connection cap: ``requested``, or derived from the open-file
+    limit when 0; refused when the limit leaves no room for it."""
+    limit = open_file_limit()
+    cap: Optional[int] = requested or None
+    if limit is not None:
+        in_use = open_descriptors()
+        cap = requested or connection_cap(limit, in_use)
+        room = limit - in_use - MIN_DESCRIPTOR_RESERVE
+        if cap > room:
+            raise StartupError(
+                f"--max-connections {cap} leaves no room under the open-file limit "
+                f"{limit} ({in_use} in use, {MIN_DESCRIPTOR_RESERVE} kept free): "
+                f"use at most {max(room, 0)}, or raise the limit (ulimit -n)"
+            )
+    readers = config.max_body_readers
+    if not requested and cap is not None and cap <= readers:
+        # A derived cap under a low limit: fewer reader places, not a refusal to start.
+        readers = max(1, cap // 2)
+        logging.getLogger("manipulation_policy.policy_server").warning(
+            "the open-file limit %d allows %d connections: %d body readers instead of %d",
+            limit, cap, readers, config.max_body_readers,
+        )  # fmt: skip
+    try:
+        return dataclasses.replace(config, max_connections=cap, max_body_readers=readers)
+    except ValueError as exc:
+        raise StartupError(f"--max-connections: {exc}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -374,20 +479,37 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
     from manipulation_policy.server import log_limits as server_logging
     from manipulation_policy.server.app import create_app
+    from manipulation_policy.server.http_protocol import guarded_protocol
     from manipulation_policy.server.reports import uvicorn_implementations
 
     raise_open_file_limit()
+    try:
+        config = with_connection_cap(config, args.max_connections)
+    except StartupError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
     app = create_app(backend, config)
     startup_log.info(
         "backend %s ready; auth %s, max queue %d, max body %d bytes, max batch %d, "
-        "batch window %g ms",
+        "batch window %g ms, max connections %s",
         args.backend,
         "on" if config.api_key else "off",
         config.max_queue,
         config.max_body_bytes,
         config.max_batch_size,
         config.batch_window_ms,
+        config.max_connections,
     )
+    implementations = uvicorn_implementations()
+    if implementations["http"] == "httptools":
+        implementations["http"] = guarded_protocol(
+            app.state.connection_guard, config.retry_after_s
+        )
+    else:
+        startup_log.warning(
+            "httptools is not installed: no connection cap, and no header or body deadline "
+            "(pip install httptools)"
+        )
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -396,8 +518,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             log_level=args.log_level,
             access_log=args.access_log,
             timeout_graceful_shutdown=args.graceful_timeout,
+            timeout_keep_alive=config.idle_timeout_s,
             server_header=False,
-            **uvicorn_implementations(),
+            **implementations,
         )
     )
     server_logging.install()  # after uvicorn.Config, which configures its loggers

@@ -1,7 +1,7 @@
 """The policy server's HTTP application: its configuration, routes and /infer's steps.
 
-/infer reads its body itself (admitted before it is read by middleware.py, bounded
-while it streams by http_body.py), decodes it with request_decoding.py and answers
+/infer reads its body itself (buffered whole with a deadline by http_protocol.py, then
+admitted by middleware.py, bounded by http_body.py), decodes it with request_decoding.py and answers
 errors as errors.py writes them. The OpenAPI document is generated from the
 contract's models.
 """
@@ -36,6 +36,14 @@ from manipulation_policy.core.policy_types import Observation
 from manipulation_policy.server.answer import BackendAnswerError, checked_response
 from manipulation_policy.server.auth import OPEN_PATHS, BearerAuthMiddleware
 from manipulation_policy.server.batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH_SIZE
+from manipulation_policy.server.connection_guard import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_BODY_READERS,
+    ConnectionGuard,
+    ConnectionLimits,
+)
 from manipulation_policy.server.errors import (
     CLIENT_CLOSED_REQUEST,
     ApiError,
@@ -53,11 +61,17 @@ from manipulation_policy.server.inference_worker import (
 )
 from manipulation_policy.server.log_limits import printable
 from manipulation_policy.server.metrics import EXPOSITION_CONTENT_TYPE, ServerMetrics
-from manipulation_policy.server.middleware import AdmissionMiddleware, RequestMetricsMiddleware
+from manipulation_policy.server.middleware import (
+    AdmissionMiddleware,
+    RefusalPacer,
+    RequestMetricsMiddleware,
+    refuses_at_once,
+)
 from manipulation_policy.server.reports import gpu_memory_report, runtime_report
 from manipulation_policy.server.request_decoding import (
     decode_infer_body,
     decode_inline,
+    is_large_body,
     observation_of,
     parse_infer_body,
     parse_inline,
@@ -85,6 +99,24 @@ class ServerConfig:
     # collected for at most this long while other admitted requests are on their way.
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS
+    # Connections (connection_guard.py; enforced by http_protocol.py under uvicorn).
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    body_min_rate: float = 0.0
+    max_body_readers: int = DEFAULT_MAX_BODY_READERS
+    max_connections: Optional[int] = None
+
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(
+            idle_timeout_s=self.idle_timeout_s,
+            header_timeout_s=self.header_timeout_s,
+            body_timeout_s=self.body_timeout_s,
+            body_min_rate=self.body_min_rate,
+            max_buffered_body_bytes=self.max_body_bytes,
+            max_body_readers=self.max_body_readers,
+            max_connections=self.max_connections,
+        )
 
     def __post_init__(self) -> None:
         for name in (
@@ -105,6 +137,7 @@ class ServerConfig:
                 f"batch_window_ms must be in [0, {MAX_BATCH_WINDOW_MS:g}], "
                 f"got {self.batch_window_ms}"
             )
+        self.connection_limits()  # raises ValueError naming the limit at fault
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -122,14 +155,20 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     400: _error("The body is not valid JSON (NaN/Infinity included); names the field."),
     401: _error("Missing or wrong bearer token (only when an API key is set)."),
+    408: _error(
+        "The headers or the body did not arrive within the server's deadline "
+        "(--header-timeout, --body-timeout, --body-min-rate); the connection is closed."
+    ),
     413: _error("The body exceeds the server's size limit."),
     415: _error("Content-Type is not JSON."),
+    431: _error("The request line and headers exceed 64 KiB; the connection is closed."),
     422: _error("A field has the wrong type or value, or the image is unusable."),
     500: _error("The backend failed or its answer broke the contract (not the client's fault)."),
     503: {
         **_error(
-            "Too many requests waiting for the model, or a prediction is stuck past its "
-            "deadline; retry after Retry-After s."
+            "Too many requests waiting for the model, too many bodies arriving at once "
+            "(too_many_bodies), or a prediction is stuck past its deadline; retry after "
+            "Retry-After s."
         ),
         "headers": {"Retry-After": {"schema": {"type": "integer"}}},
     },
@@ -169,6 +208,7 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
     app.state.worker = server.worker
     app.state.metrics = server.metrics
     app.state.config = server.config
+    app.state.connection_guard = server.connection_guard
     _add_routes(app, server)
     install_error_handlers(app, server.metrics)
     _add_middleware(app, server)
@@ -186,24 +226,37 @@ class PolicyService:
         self.decode_pool = ThreadPoolExecutor(
             config.decode_threads, thread_name_prefix="policy-decode"
         )
+        # Large bodies one at a time on their own thread: their JSON parse holds the GIL
+        # for ~15 ms (7 MiB), two at once would stall the event loop twice as long, and
+        # a robot's small body does not wait behind them.
+        self.large_decode_pool = ThreadPoolExecutor(1, thread_name_prefix="policy-decode-large")
         self.loop_type: Optional[type] = None  # the event loop serving the app, for /info
+        self.connection_guard = ConnectionGuard(config.connection_limits())
         description = backend_description(backend)
         worker = self.worker
+        guard = self.connection_guard
         self.metrics = ServerMetrics(
             queue_depth=lambda: worker.queue_depth,
             inference_busy=lambda: worker.busy,
+            open_connections=lambda: guard.open_connections,
+            bodies_reading=lambda: guard.body_readers,
             info_labels={
                 "version": __version__,
                 "backend": str(description.get("backend", getattr(backend, "name", "unknown"))),
                 "model": str(description.get("model", "")),
             },
         )
+        guard.on_close_reason = self.metrics.count_connection_closed
+        self.pacer = RefusalPacer()
+        pacer = self.pacer
+        guard.refuses_at_once = lambda scope: refuses_at_once(scope, worker, pacer)
         if worker.batcher is not None:
             worker.batcher.on_batch = lambda size, _s: self.metrics.batch_size.observe(size)
 
     def close(self) -> None:
         self.worker.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.large_decode_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- routes ---------------------------------------------------------------------
 
@@ -216,7 +269,7 @@ class PolicyService:
     async def post_infer(self, request: Request) -> Response:
         """One observation in, one policy answer (an action chunk) out (run alone, or
         batched with others)."""
-        # Admitted already (AdmissionMiddleware), before the body was read.
+        # Admitted already (AdmissionMiddleware), with the body in (http_protocol.py).
         check_json_content_type(request.headers.get("content-type"))
         raw = await read_body(request, self.config.max_body_bytes)
         parsed, observation = await self.decode(raw)
@@ -267,6 +320,7 @@ class PolicyService:
                     "max_image_pixels": config.max_image_pixels,
                     "inference_timeout_s": config.inference_timeout_s,
                 },
+                "connections": self.connection_guard.report(),
                 "health_problem": worker.health_problem(),
                 "auth_required": config.api_key is not None,
                 "runtime": runtime_report(self.loop_type),
@@ -283,7 +337,8 @@ class PolicyService:
         limit = self.config.max_image_pixels
         loop = asyncio.get_running_loop()
         if not parse_inline(len(raw), self.worker.queue_depth):
-            decoded = await loop.run_in_executor(self.decode_pool, decode_infer_body, raw, limit)
+            pool = self.large_decode_pool if is_large_body(len(raw)) else self.decode_pool
+            decoded = await loop.run_in_executor(pool, decode_infer_body, raw, limit)
         else:
             request = parse_infer_body(raw)
             if decode_inline(request):
@@ -409,7 +464,10 @@ def _add_routes(app: FastAPI, server: PolicyService) -> None:
 def _add_middleware(app: FastAPI, server: PolicyService) -> None:
     """Outermost last: metrics see every answer, auth comes before admission."""
     app.add_middleware(
-        AdmissionMiddleware, worker=server.worker, refuse=server.refuse_admission
+        AdmissionMiddleware,
+        worker=server.worker,
+        refuse=server.refuse_admission,
+        pacer=server.pacer,
     )
     if server.config.api_key is not None:
         app.add_middleware(

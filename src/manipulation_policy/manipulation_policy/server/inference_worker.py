@@ -182,17 +182,25 @@ class InferenceWorker:
             f"{self.deadline_s:g} s deadline; /infer answers 503 until the backend returns"
         )
 
-    def try_admit(self) -> None:
-        """Take a place for one request, or raise BackendStuckError / QueueFullError."""
+    def refusal(self) -> Optional[Exception]:
+        """Why ``try_admit`` would refuse a request now (BackendStuckError or
+        QueueFullError), or None; takes no place."""
         # The prediction (or batch) running + max_queue waiting behind it. Only touched
         # on the event loop: no lock needed.
         problem = self.health_problem()
         if problem is not None:
-            raise BackendStuckError(problem)
+            return BackendStuckError(problem)
         if self._admitted >= self.max_queue + max(self.in_prediction, 1):
-            raise QueueFullError(
+            return QueueFullError(
                 f"{self._admitted} requests already admitted (queue limit {self.max_queue})"
             )
+        return None
+
+    def try_admit(self) -> None:
+        """Take a place for one request, or raise BackendStuckError / QueueFullError."""
+        refusal = self.refusal()
+        if refusal is not None:
+            raise refusal
         self._admitted += 1
 
     def release(self) -> None:

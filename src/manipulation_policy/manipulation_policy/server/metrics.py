@@ -43,6 +43,15 @@ LATENCY_BUCKETS = (
     10.0,
 )
 
+# Closings that answer the request with an error: the kind of that error.
+CONNECTION_ERROR_KINDS = {
+    "header_timeout": "header_timeout",
+    "body_timeout": "body_timeout",
+    "body_too_slow": "body_too_slow",
+    "body_readers_full": "too_many_bodies",
+    "headers_too_large": "headers_too_large",
+}
+
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 HTTP_METHODS = frozenset(
@@ -67,6 +76,8 @@ class ServerMetrics:
         self,
         queue_depth: Callable[[], float] = lambda: 0,
         inference_busy: Callable[[], float] = lambda: 0,
+        open_connections: Callable[[], float] = lambda: 0,
+        bodies_reading: Callable[[], float] = lambda: 0,
         info_labels: Optional[dict[str, str]] = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -126,12 +137,32 @@ class ServerMetrics:
                 inference_busy,
             ),
             (
+                "policy_server_open_connections",
+                "HTTP connections open (capped below the open-file limit).",
+                open_connections,
+            ),
+            (
+                "policy_server_bodies_reading",
+                "Request bodies still arriving, each holding a reader place.",
+                bodies_reading,
+            ),
+            (
                 "policy_server_uptime_seconds",
                 "Seconds since the server started.",
                 self.uptime_seconds,
             ),
         ):
             Gauge(name, documentation, registry=registry).set_function(read)
+        self.connections_closed = Counter(
+            "policy_server_connections_closed_total",
+            "Connections the server closed or refused itself, by reason (idle_timeout, "
+            "header_timeout, body_timeout, body_too_slow, body_readers_full, headers_too_large, "
+            "evicted, "
+            "over_limit).",
+            ("reason",),
+            registry=registry,
+        )
+        self._closed_by_reason: dict[str, Counter] = {}
         if info_labels:
             info = Gauge(
                 "policy_server_info",
@@ -154,6 +185,15 @@ class ServerMetrics:
 
     def count_error(self, kind: str) -> None:
         self.errors.labels(kind).inc()
+
+    def count_connection_closed(self, reason: str) -> None:
+        # Counted once per connection in a flood of them: the labelled child is kept.
+        child = self._closed_by_reason.get(reason)
+        if child is None:
+            child = self._closed_by_reason[reason] = self.connections_closed.labels(reason)
+        child.inc()
+        if reason in CONNECTION_ERROR_KINDS:
+            self.count_error(CONNECTION_ERROR_KINDS[reason])
 
     def errors_by_kind(self) -> dict[str, int]:
         return {key[0]: int(value) for key, value in sorted(counter_values(self.errors).items())}

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from manipulation_policy.server.auth import OPEN_PATHS
+from manipulation_policy.server.connection_guard import BODY_UNREAD
 from manipulation_policy.server.http_body import drain_before_close
 from manipulation_policy.server.inference_worker import (
     BackendStuckError,
@@ -88,9 +89,24 @@ class RefusalPacer:
             self._last_refused.popitem(last=False)
 
 
+def is_infer(scope) -> bool:
+    return scope["type"] == "http" and scope["path"] == "/infer" and scope["method"] == "POST"
+
+
+def refuses_at_once(scope, worker: InferenceWorker, pacer: RefusalPacer) -> bool:
+    """Whether a request with these headers would be refused now, without the pacer's
+    wait: /infer while the queue is full or the backend stuck."""
+    if not is_infer(scope) or worker.refusal() is None:
+        return False
+    client = tuple(scope["client"]) if scope.get("client") else None
+    return pacer.delay_for(client) == 0
+
+
 class AdmissionMiddleware:
-    """Admits POST /infer before its body is read: when the queue is full or the backend
-    is stuck, the 503 costs the server no body parsing, decoding or buffering."""
+    """Admits POST /infer once its body is in (http_protocol.py buffers it first), and
+    before it is parsed: when the queue is full or the backend is stuck, the 503 costs
+    the server no parsing or decoding. A request handed over with its body unread
+    (``refuses_at_once`` said it would be refused) is never admitted."""
 
     def __init__(
         self,
@@ -104,7 +120,9 @@ class AdmissionMiddleware:
         self._refuse = refuse  # (exception) -> an ASGI app that sends the 503
         self._pacer = pacer or RefusalPacer()
 
-    def _admit(self) -> Optional[Exception]:
+    def _admit(self, scope) -> Optional[Exception]:
+        if scope.get(BODY_UNREAD):
+            return self._worker.refusal() or QueueFullError("no place was free at its headers")
         try:
             self._worker.try_admit()
         except (QueueFullError, BackendStuckError) as exc:
@@ -112,16 +130,16 @@ class AdmissionMiddleware:
         return None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/infer" or scope["method"] != "POST":
+        if not is_infer(scope):
             await self.app(scope, receive, send)
             return
-        refusal = self._admit()
+        refusal = self._admit(scope)
         if refusal is not None:
             client = tuple(scope["client"]) if scope.get("client") else None
             delay = self._pacer.delay_for(client)
             if delay > 0:
                 await asyncio.sleep(delay)
-                refusal = self._admit()
+                refusal = self._admit(scope)
             if refusal is not None:
                 self._pacer.refused(client)
                 await drain_before_close(scope, receive)

@@ -34,6 +34,8 @@ logger = logging.getLogger("manipulation_policy.policy_server")
 # image decoded there too when declared no larger than this (a 640x480 JPEG: ~3 ms).
 INLINE_PARSE_MAX_BYTES = 128 * 1024
 INLINE_DECODE_MAX_PIXELS = 640 * 480
+# Bodies past this are decoded one at a time on a thread of their own (app.py).
+LARGE_BODY_BYTES = 1024 * 1024
 
 
 def decode_infer_body(raw: bytes, max_image_pixels: int) -> tuple[InferRequest, Observation]:
@@ -119,3 +121,7 @@ def decode_inline(request: InferRequest) -> bool:
     if request.image_width is None or request.image_height is None:
         return False
     return request.image_width * request.image_height <= INLINE_DECODE_MAX_PIXELS
+
+
+def is_large_body(body_bytes: int) -> bool:
+    return body_bytes > LARGE_BODY_BYTES
