@@ -23,7 +23,6 @@ from manipulation_policy.robot.safety_stops import (
     EstopGate,
     InputWatchdog,
     SafetyStops,
-    StopChange,
 )
 
 # As a latched topic: a late subscriber gets the last stop published before it started.
@@ -64,7 +63,7 @@ class NodeSafety:
                 f"EMERGENCY STOP engaged on {self._estop_topic}: only holds are published and "
                 "no inference starts until an explicit false"
             )
-            self._stop_now(change)
+            self._stop_now()
         else:
             self.get_logger().warning(
                 f"emergency stop released on {self._estop_topic}"
@@ -79,16 +78,17 @@ class NodeSafety:
             return
         if problem is not None:
             self.get_logger().warning(f"input watchdog: {problem}; holding until inputs return")
-            self._stop_now(change)
+            self._stop_now()
         else:
             self.get_logger().info("input watchdog: camera and joint states are fresh again")
 
-    def _stop_now(self, change: StopChange) -> None:
+    def _stop_now(self) -> None:
         """A stop began: drop the planned steps and publish one hold (when active)."""
         self._executor.clear()
         self._guard.reset()
-        self._count("stop_holds")
-        self._publish_hold_now()
+        if self._publishing:
+            self._count("stop_holds")
+            self._publish_hold_now()
 
     def _publish_hold_now(self) -> bool:
         """A hold stamped now, outside any plan."""
