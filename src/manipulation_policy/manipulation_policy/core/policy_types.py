@@ -17,6 +17,7 @@ import functools
 import math
 import typing
 from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
 from typing import Any, Optional, TypeVar, Union
 
 import numpy as np
@@ -119,6 +120,14 @@ class Observation:
     """What a policy sees at one instant.
 
     image: HxWx3 uint8 RGB array, or None when no camera frame is available.
+    images: the named cameras of a several-camera policy (name -> HxWx3 uint8 RGB),
+    one set of frames taken together; empty for a one-camera robot, whose frame is
+    ``image``.
+    state: the robot's state vector in the layout the robot is configured with
+    (joint positions in a configured order, then the end-effector pose where
+    configured), for a policy that reads one; None when the robot sends none.
+    robot_id: who sends the observation (the remote node's name), for a policy that
+    keeps a history per robot; empty when not said.
     eef_pose: current end-effector pose in reference_frame, when known; lets a
     delta-predicting model answer with an absolute target.
     action_overrides: the client's per-request scaling/clipping, if any.
@@ -138,6 +147,26 @@ class Observation:
     action_overrides: Optional[ActionOverrides] = None
     pending_actions: tuple[PolicyAction, ...] = ()
     pending_delay_sec: Optional[float] = None
+    images: Mapping[str, np.ndarray] = field(default_factory=dict)
+    state: Optional[tuple[float, ...]] = None
+    robot_id: str = ""
+
+
+@dataclass(frozen=True)
+class PolicyInputs:
+    """What a policy reads and answers, as its checkpoint declares it; the robot's
+    configuration is checked against it before anything is sent.
+
+    image_names: the named cameras it needs (``Observation.images``); empty for a
+    policy that reads the one ``image`` or none.
+    state_length: the length of the state vector it needs; None when it reads none.
+    action_length: the length of its raw action vector, before the action layout
+    turns it into a PolicyAction; None for a model that answers PolicyActions itself.
+    """
+
+    image_names: tuple[str, ...] = ()
+    state_length: Optional[int] = None
+    action_length: Optional[int] = None
 
 
 class EefTargetMode(str, enum.Enum):
@@ -156,6 +185,12 @@ class PolicyAction:
     gripper_command: Optional[float] = None  # 0.0 closed .. 1.0 open (upstream's, OpenVLA's)
     base_velocity_hint: Optional[Twist] = None
     confidence: float = 0.0
+    # Absolute joint position targets (rad, or m for prismatic joints): what a policy
+    # trained on joint positions (most LeRobot ones) answers. Never deltas.
+    joint_positions: Optional[tuple[float, ...]] = None
+    # The joints joint_positions and joint_deltas name, in their order (each then has
+    # this length); None: the observation's joint_states order (upstream's meaning).
+    joint_names: Optional[tuple[str, ...]] = None
 
     @classmethod
     def hold(cls, reference_frame: str = DEFAULT_REFERENCE_FRAME) -> PolicyAction:
@@ -167,6 +202,7 @@ class PolicyAction:
         return (
             self.eef_target is None
             and self.joint_deltas is None
+            and self.joint_positions is None
             and self.gripper_command is None
             and self.base_velocity_hint is None
             and self.confidence == 0.0
