@@ -16,8 +16,8 @@ import enum
 import functools
 import math
 import typing
-from dataclasses import dataclass, field, fields
 from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional, TypeVar, Union
 
 import numpy as np
