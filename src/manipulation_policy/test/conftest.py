@@ -16,7 +16,25 @@ TEST_DIR = Path(__file__).resolve().parent
 if str(TEST_DIR) not in sys.path:
     sys.path.insert(0, str(TEST_DIR))
 
+import lerobot_checkpoints  # noqa: E402
 import tiny_openvla  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def act_checkpoint(tmp_path_factory) -> Path:
+    """A small ACT checkpoint saved as a training run saves it (lerobot_checkpoints);
+    skips in the main lane, fails in the lerobot lane, without lerobot."""
+    lerobot_checkpoints.require_lerobot()
+    return lerobot_checkpoints.build_act(tmp_path_factory.mktemp("act") / "pretrained_model")
+
+
+@pytest.fixture(scope="session")
+def diffusion_checkpoint(tmp_path_factory) -> Path:
+    """A small Diffusion checkpoint of a real-robot run (no fps of its own)."""
+    lerobot_checkpoints.require_lerobot()
+    return lerobot_checkpoints.build_diffusion(
+        tmp_path_factory.mktemp("diffusion") / "pretrained_model"
+    )
 
 
 @pytest.fixture(scope="session")

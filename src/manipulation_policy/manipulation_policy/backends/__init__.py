@@ -122,6 +122,7 @@ def batch_predictor(backend: PolicyBackend) -> Optional[Callable[[Sequence[Obser
 BACKEND_MODULES = {
     "stub": "stub:StubBackend",
     "openvla": "openvla:OpenVLABackend",
+    "lerobot": "lerobot:LeRobotBackend",
 }
 
 
@@ -129,6 +130,14 @@ BACKEND_MODULES = {
 # OPTIONS, for a backend module that imports torch & co.
 OPTION_MODULES = {
     "openvla": "openvla_options",
+    "lerobot": "lerobot_options",
+}
+
+
+# backend name -> the repository's requirements file that installs it, where it is not
+# requirements.txt (LeRobot needs a transformers line OpenVLA's remote code refuses).
+REQUIREMENTS_FILES = {
+    "lerobot": "requirements-lerobot.txt",
 }
 
 
@@ -224,9 +233,10 @@ def _backend_module(name: str, module_name: str) -> Any:
     except ModuleNotFoundError as exc:
         if (exc.name or "").startswith(__name__.split(".")[0]):
             raise  # a module of this package is missing: a bug, not an install problem
+        requirements = REQUIREMENTS_FILES.get(name, "requirements.txt")
         raise BackendStartupError(
             f"the {name} backend needs the Python package {exc.name!r}, which is not "
-            "installed; on a GPU host: pip install -r requirements.txt"
+            f"installed; on a GPU host: pip install -r {requirements}"
         ) from None
     return module
 

@@ -54,6 +54,11 @@ from packaging.version import Version
 from PIL import Image
 
 from manipulation_policy.backends import openvla_batching, openvla_options
+from manipulation_policy.backends.torch_device import (  # noqa: F401 (the tests read them here)
+    DTYPE_NAMES,
+    resolve_device,
+    resolve_dtype,
+)
 from manipulation_policy.core.errors import BackendStartupError, InputError
 from manipulation_policy.core.options import is_unset, resolve
 from manipulation_policy.core.policy_types import Observation, PolicyAction
@@ -67,16 +72,6 @@ VISION2SEQ_AUTO_CLASS_NAMES = ("AutoModelForVision2Seq", "AutoModelForImageTextT
 # The vocabularies are openvla_options'; "none" and "auto" are resolved below.
 QUANTIZATION_CHOICES = tuple(q for q in openvla_options.QUANTIZATIONS if q != "none")
 ATTN_IMPLEMENTATIONS = tuple(a for a in openvla_options.ATTN_IMPLEMENTATIONS if a != "auto")
-DTYPE_NAMES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
 DATASET_STATISTICS_FILE = "dataset_statistics.json"
 FIXED_TRANSFORMERS = "4.40.1"
 FIXED_STACK_PIP = "pip install transformers==4.40.1 tokenizers==0.19.1 timm==0.9.10"
@@ -126,38 +121,6 @@ def alias_auto_map(auto_map: Optional[dict], auto_class_name: str) -> dict:
                 auto_map[auto_class_name] = auto_map[alias]
                 break
     return auto_map
-
-
-def resolve_device(requested: Any, cuda_available: bool) -> str:
-    name = "auto" if _unset(requested) else str(requested).strip().lower()
-    if name == "auto":
-        return "cuda" if cuda_available else "cpu"
-    if name == "cpu":
-        return name
-    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
-        if not cuda_available:
-            raise BackendStartupError(
-                f"device {requested!r} asked for, but CUDA is not available on this machine "
-                "(use device 'auto' or 'cpu')"
-            )
-        return name
-    raise BackendStartupError(
-        f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {requested!r}"
-    )
-
-
-def resolve_dtype(requested: Any, device: str, bf16_supported: bool) -> torch.dtype:
-    """auto: bf16 where the GPU supports it, fp16 on other GPUs, fp32 on CPU."""
-    name = "auto" if _unset(requested) else str(requested).strip().lower()
-    if name == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if bf16_supported else torch.float16
-        return torch.float32
-    if name not in DTYPE_NAMES:
-        raise BackendStartupError(
-            f"dtype must be 'auto' or one of {', '.join(DTYPE_NAMES)}, got {requested!r}"
-        )
-    return DTYPE_NAMES[name]
 
 
 def resolve_quantization(

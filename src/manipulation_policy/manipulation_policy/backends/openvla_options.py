@@ -17,6 +17,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from manipulation_policy.backends.model_options import (
+    DEVICE,
+    DTYPE,
+    DTYPES,  # noqa: F401 (openvla.py and the tests read it here)
+    MAX_MODEL_NAME_CHARS,
+    MODEL,
+)
 from manipulation_policy.core.contract import MAX_REQUEST_SCALE
 from manipulation_policy.core.options import (
     Bounds,
@@ -24,7 +31,6 @@ from manipulation_policy.core.options import (
     Option,
     bounds,
     choice,
-    device_name,
     scale,
     switch,
     text_up_to,
@@ -32,26 +38,19 @@ from manipulation_policy.core.options import (
 from manipulation_policy.core.upstream_compat import GRIPPER_CONVENTIONS, ActionConversionOptions
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
-DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "half", "float")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
-MAX_MODEL_NAME_CHARS = 1024
 MAX_STEP_CAP = 1000.0  # m or rad; larger is no cap at all, say 0 instead
 # A step cap: 0 is "no cap".
 step_cap = NumberRange(0.0, MAX_STEP_CAP)
 
 OPTIONS: tuple[Option, ...] = (
-    Option("model", str, "openvla/openvla-7b",
-           "Hugging Face model id or local checkpoint directory.",
-           text_up_to(MAX_MODEL_NAME_CHARS), env=("OPENVLA_MODEL", "OPENVLA_MODEL_ID"),
-           launch_argument=True),
+    MODEL,
     Option("unnorm_key", str, "",
            "Dataset statistics used to un-normalize actions, e.g. bridge_orig "
            "(empty: the model's only key).",
            text_up_to(256), env=("OPENVLA_UNNORM_KEY",), unset_ok=True, launch_argument=True),
-    Option("device", str, "auto", "Torch device: auto, cpu, cuda or cuda:N.",
-           device_name, env=("OPENVLA_DEVICE",), launch_argument=True),
-    Option("dtype", str, "auto", "Model weights dtype: " + ", ".join(DTYPES) + ".",
-           choice(DTYPES), env=("OPENVLA_DTYPE",), launch_argument=True),
+    DEVICE,
+    DTYPE,
     Option("quantization", str, "none",
            "Weight quantization: none, 8bit or 4bit (bitsandbytes, CUDA only).",
            choice(QUANTIZATIONS), env=("OPENVLA_QUANTIZATION",), unset_ok=True,
