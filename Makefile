@@ -8,7 +8,8 @@ STAMP := $(VENV)/.bootstrapped
 # DDS stays on this machine: no discovery traffic on external interfaces.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 
-.PHONY: all venv build test lint demo bench clean ros2cli floor-venv test-floor
+.PHONY: all venv build test lint demo bench clean ros2cli floor-venv test-floor lerobot-venv \
+	test-lerobot
 
 all: build
 
@@ -50,9 +51,10 @@ OPENVLA_REMOTE_TESTS := src/manipulation_policy/test/test_openvla_remote_code.py
 	src/manipulation_policy/test/test_gpu_check_openvla.py
 .PHONY: test-openvla
 
-test: build lint ros2cli floor-venv
+test: build lint ros2cli floor-venv lerobot-venv
 	$(OPENVLA_HF_ENV) $(RUN) python -m pytest
 	$(MAKE) --no-print-directory test-floor
+	$(MAKE) --no-print-directory test-lerobot
 
 test-openvla: build
 	$(OPENVLA_HF_ENV) $(RUN) python -m pytest $(OPENVLA_REMOTE_TESTS)
@@ -70,6 +72,24 @@ floor-venv: $(FLOOR_STAMP)
 
 test-floor: $(FLOOR_STAMP)
 	PYTHONPATH=$(CURDIR)/.ci $(FLOOR_VENV)/bin/python -m pytest -p floor_lane
+
+# The LeRobot lane: LeRobot 0.4.4 in its own venv layered on the main one (torch,
+# rclpy ... reused from it; .ci/bootstrap_lerobot_venv.sh), running only the LeRobot
+# tests. LEROBOT_REQUIRED makes a missing lerobot fail them there; the main lane,
+# which has no lerobot, skips them.
+LEROBOT_VENV := .venv-lerobot
+LEROBOT_STAMP := $(LEROBOT_VENV)/.bootstrapped
+LEROBOT_TESTS := src/manipulation_policy/test/test_lerobot_backend.py \
+	src/manipulation_policy/test/test_lerobot_server.py
+
+$(LEROBOT_STAMP): $(STAMP) .ci/bootstrap_lerobot_venv.sh .ci/requirements-lerobot.txt
+	bash .ci/bootstrap_lerobot_venv.sh $(LEROBOT_VENV)
+	touch $@
+
+lerobot-venv: $(LEROBOT_STAMP)
+
+test-lerobot: build $(LEROBOT_STAMP)
+	LEROBOT_REQUIRED=1 ROS_ENV_VENV=$(LEROBOT_VENV) $(RUN) python -m pytest $(LEROBOT_TESTS)
 
 demo: build
 	ROS_DOMAIN_ID=$${ROS_DOMAIN_ID:-42} $(RUN) python -m manipulation_bringup.demo

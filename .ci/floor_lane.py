@@ -5,7 +5,8 @@ The lane runs the whole suite under the robot's Python and library floor
 module or a test that stops on importing ROS 2 (rclpy, message packages,
 launch), the GPU stack (torch, transformers) or the replay's libraries (rosbags,
 matplotlib: the replay runs on a GPU host or a workstation, never on the robot) is
-reported as skipped with that module's name: it runs in the main lane. Any other error, an import
+reported as skipped with that module's name: it runs in the main lane (LeRobot's
+tests: in the lerobot lane). Any other error, an import
 error of a library the floor does have included, fails as usual.
 
 Only this lane loads the plugin, so the main lane never skips a test for a
@@ -35,6 +36,7 @@ GPU_MODULES = frozenset(
      "peft", "timm", "bitsandbytes"}
 )
 REPLAY_MODULES = frozenset({"rosbags", "matplotlib"})
+LEROBOT_MODULES = frozenset({"lerobot"})
 
 
 def main_lane_reason(error: BaseException | None) -> str | None:
@@ -46,6 +48,8 @@ def main_lane_reason(error: BaseException | None) -> str | None:
         return f"needs ROS 2 ({top}): runs in the main lane"
     if top in GPU_MODULES:
         return f"needs the GPU stack ({top}): runs in the main lane"
+    if top in LEROBOT_MODULES:
+        return f"needs LeRobot ({top}): runs in the lerobot lane: make test-lerobot"
     if top in REPLAY_MODULES:
         return f"needs the replay's libraries ({top}): runs in the main lane"
     return None

@@ -77,6 +77,10 @@ LOCAL_DEFAULTS = {
     "gripper_bounds": "0.0,1.0",
     "max_position_step": 0.0,
     "max_rotation_step": 0.0,
+    "action_layout": "",
+    "gripper_closed": 0.0,
+    "gripper_open": 1.0,
+    "fps": 0.0,
 }
 REMOTE_DEFAULTS = {
     "remote_url": "http://localhost:5000",

@@ -1,5 +1,6 @@
 """Each backend option is declared once, by its backend (OpenVLA's:
-manipulation_policy.backends.openvla_options), and every exposure is derived from that
+manipulation_policy.backends.openvla_options, LeRobot's: lerobot_options, both
+sharing model_options' model, device and dtype), and every exposure is derived from that
 declaration: the policy server's flag and OPENVLA_* variables, the policy node's
 parameter (its descriptor's range), the launch argument, the params-file check and the
 backend's argument. These tests prove each derivation reads the declaration: same
@@ -16,8 +17,12 @@ import yaml
 
 from manipulation_bringup import launch_logic
 from manipulation_policy import policy_server
-from manipulation_policy.backends import openvla_options, registered_options
-from manipulation_policy.backends.openvla_options import OPTIONS, OPTIONS_BY_NAME
+from manipulation_policy.backends import (
+    lerobot_options,
+    model_options,
+    openvla_options,
+    registered_options,
+)
 from manipulation_policy.core import api_key, contract, options
 from manipulation_policy.core.options import Bounds, Option
 from manipulation_policy.robot.node_parameters import (
@@ -28,6 +33,9 @@ from manipulation_policy.robot.node_parameters import (
 )
 from manipulation_policy.server import auth as server_auth
 
+# Every registered backend's options, each once (the node's and the server's set).
+OPTIONS = registered_options()
+OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "config" / "policy_params.yaml"
 NODE_SPECS = specs_by_name(POLICY_NODE_PARAMETERS)
 LAUNCH_ARGUMENTS = {argument.name: argument for argument in launch_logic.LAUNCH_ARGUMENTS}
@@ -51,6 +59,10 @@ GOOD = {
     "position_bounds": ("-0.1, 0.1", (-0.1, 0.1)),
     "rotation_bounds": ("-0.35,0.35", (-0.35, 0.35)),
     "gripper_bounds": ("-0.5,0.9", (-0.5, 0.9)),
+    "action_layout": ("joint_position:a, gripper", "joint_position:a, gripper"),
+    "gripper_closed": ("100", 100.0),
+    "gripper_open": ("-2.5", -2.5),
+    "fps": ("30", 30.0),
 }
 # name -> texts every form refuses.
 BAD = {
@@ -70,13 +82,22 @@ BAD = {
     "position_bounds": ["1,-1", "0,nan", "1", "a,b", "-1,0,1"],
     "rotation_bounds": ["-inf,1", "3,2"],
     "gripper_bounds": ["0;1", "1,0"],
+    "action_layout": ["wheel:left", "gripper,gripper", "joint_position:a,joint_delta:b"],
+    "gripper_closed": ["nan", "open", "1e7"],
+    "gripper_open": ["-inf", ""],
+    "fps": ["-1", "1001", "nan"],
 }
 
 
 def test_the_tables_cover_every_option():
     assert set(GOOD) == set(BAD) == set(OPTIONS_BY_NAME)
-    # The stub declares none: the registered options are OpenVLA's.
-    assert registered_options() == OPTIONS
+    # The stub declares none: the registered options are OpenVLA's, then LeRobot's own
+    # (model, device and dtype are the same objects in both).
+    shared = (model_options.MODEL, model_options.DEVICE, model_options.DTYPE)
+    lerobot_own = tuple(o for o in lerobot_options.OPTIONS if o not in shared)
+    assert registered_options() == openvla_options.OPTIONS + lerobot_own
+    for option in shared:
+        assert option in openvla_options.OPTIONS and option in lerobot_options.OPTIONS
 
 
 def _parameter_form(option, text):
@@ -91,8 +112,17 @@ def _parameter_form(option, text):
     return text
 
 
-def _server_parse(argv):
-    return policy_server.build_parser().parse_args(["--backend", "openvla", *argv])
+# LeRobot's own options are its backend's: the server reads their variables, and the
+# node hands them over, when that backend is chosen.
+LEROBOT_ONLY = {o.name for o in lerobot_options.OPTIONS} - {o.name for o in openvla_options.OPTIONS}
+
+
+def _backend(name: str) -> str:
+    return "lerobot" if name in LEROBOT_ONLY else "openvla"
+
+
+def _server_parse(argv, backend="openvla"):
+    return policy_server.build_parser().parse_args(["--backend", backend, *argv])
 
 
 # ------------------------------------------------------------------ defaults
@@ -109,11 +139,12 @@ def test_one_default_everywhere(option):
         assert isinstance(option.check, options.NumberRange)
         assert spec.number_range is option.check
     # The server passes on only what was set; the backend's default is the definition's.
-    args = _server_parse([])
+    args = _server_parse([], _backend(option.name))
     assert getattr(args, option.name, None) is None
     assert policy_server.backend_arguments(args, {}) == {}
     assert options.resolve(OPTIONS, {})[option.name] == option.resolve(option.default)
     node_defaults = {n: s.default for n, s in NODE_SPECS.items()}
+    node_defaults["backend"] = _backend(option.name)
     assert parameter_backend_arguments(node_defaults)[option.name] == (
         option.resolve(option.default))
     actions = policy_server.build_parser()._actions
@@ -142,7 +173,7 @@ def test_launch_arguments_are_the_declared_options_with_their_help():
 
 def test_the_backend_declares_the_options_the_registry_lists():
     openvla = pytest.importorskip("manipulation_policy.backends.openvla")
-    assert openvla.OpenVLABackend.OPTIONS is OPTIONS
+    assert openvla.OpenVLABackend.OPTIONS is openvla_options.OPTIONS
     # Its resolution tables speak the same vocabulary.
     assert set(openvla.DTYPE_NAMES) | {"auto"} == set(openvla_options.DTYPES)
     assert set(openvla.QUANTIZATION_CHOICES) | {"none"} == set(openvla_options.QUANTIZATIONS)
@@ -157,16 +188,18 @@ def test_the_backend_declares_the_options_the_registry_lists():
 def test_a_good_value_means_the_same_everywhere(option):
     text, typed = GOOD[option.name]
     # Server flag.
-    assert policy_server.backend_arguments(_server_parse([option.flag, text]), {}) == {
+    backend = _backend(option.name)
+    assert policy_server.backend_arguments(_server_parse([option.flag, text], backend), {}) == {
         option.name: typed}
     # Each environment variable, upstream's names included.
     for env_name in option.env:
-        args = _server_parse([])
+        args = _server_parse([], _backend(option.name))
         assert policy_server.backend_arguments(args, {env_name: text}) == {option.name: typed}
     # Node parameter, then what the node hands the backend.
     value = _parameter_form(option, text)
     assert NODE_SPECS[option.name].problem(value) is None
     defaults = {n: s.default for n, s in NODE_SPECS.items()}
+    defaults["backend"] = _backend(option.name)
     assert parameter_backend_arguments({**defaults, option.name: value})[option.name] == typed
     # Launch argument.
     if option.launch_argument:
@@ -189,7 +222,7 @@ def test_a_bad_value_is_refused_everywhere_in_the_same_words(option, text, capsy
     assert reason is not None
     # Server flag: the real argparse parser, one line naming the flag, before any loading.
     with pytest.raises(SystemExit) as exited:
-        _server_parse([option.flag, text])
+        _server_parse([option.flag, text], _backend(option.name))
     assert exited.value.code == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert option.flag in line and line.startswith("policy_server: error: argument")
@@ -197,7 +230,8 @@ def test_a_bad_value_is_refused_everywhere_in_the_same_words(option, text, capsy
     if text.strip():
         for env_name in option.env:
             with pytest.raises(policy_server.StartupError, match=env_name):
-                policy_server.backend_arguments(_server_parse([]), {env_name: text})
+                policy_server.backend_arguments(
+                    _server_parse([], _backend(option.name)), {env_name: text})
     # Node parameter (`ros2 param set` and the params file).
     value = _parameter_form(option, text)
     refused = NODE_SPECS[option.name].problem(value)
@@ -240,12 +274,15 @@ def test_unset_is_one_rule():
     assert options.is_unset(None) and not options.is_unset("nonex")
     unset_ok = {o.name for o in OPTIONS if o.unset_ok}
     assert unset_ok == {"unnorm_key", "lora_adapter", "quantization",
-                        "max_position_step", "max_rotation_step"}
+                        "max_position_step", "max_rotation_step", "action_layout", "fps"}
     for name in unset_ok:
         option = OPTIONS_BY_NAME[name]
         assert option.parse("none") is None and option.parse("") is None
-        assert policy_server.backend_arguments(_server_parse([option.flag, "None"]), {}) == {}
-        assert policy_server.backend_arguments(_server_parse([]), {option.env[0]: "none"}) == {}
+        backend = _backend(name)
+        assert policy_server.backend_arguments(
+            _server_parse([option.flag, "None"], backend), {}) == {}
+        assert policy_server.backend_arguments(
+            _server_parse([], backend), {option.env[0]: "none"}) == {}
 
 
 def test_zero_step_cap_is_no_cap_and_zero_scale_is_refused():
