@@ -60,7 +60,8 @@ def ignored_by(dockerignore: Path, path: str) -> bool:
 
 
 def test_there_are_a_robot_and_a_server_dockerfile():
-    assert {path.name for path in DOCKERFILES} == {"robot.Dockerfile", "server.Dockerfile"}
+    assert {path.name for path in DOCKERFILES} == {
+        "robot.Dockerfile", "server.Dockerfile", "lerobot-server.Dockerfile"}
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
@@ -114,6 +115,23 @@ def test_server_image_serves_the_policy_with_a_health_check():
     assert cmd[:3] == ["python3", "-m", "manipulation_policy.policy_server"]
     server_args = _server_args(cmd[3:])
     assert (server_args.host, server_args.port) == ("0.0.0.0", 5000)
+
+
+def test_lerobot_server_image_serves_with_its_own_requirements():
+    steps = instructions(DOCKER / "lerobot-server.Dockerfile")
+    assert steps[0][0] == "FROM" and steps[0][1].startswith("pytorch/pytorch:2.7.1-cuda")
+    by_keyword = dict(steps)
+    assert "pip install -r requirements-lerobot.txt" in [arg for kw, arg in steps if kw == "RUN"]
+    assert by_keyword["EXPOSE"] == "5000"
+    cmd = json.loads(by_keyword["CMD"])
+    assert (_server_args(cmd[3:]).host, _server_args(cmd[3:]).port) == ("0.0.0.0", 5000)
+    pins = dict(
+        line.split("==") for line in (REPO / "requirements-lerobot.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    # The base image's torch, and the transformers line OpenVLA's file cannot have.
+    assert pins["torch"] == "2.7.1" and pins["lerobot"] == "0.4.4"
+    assert pins["transformers"].startswith("4.57")
 
 
 def _server_args(argv):

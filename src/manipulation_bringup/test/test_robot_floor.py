@@ -45,8 +45,10 @@ FIRST_PARTY = {"manipulation_policy", "manipulation_bringup", "manipulation_msgs
 # Modules that need ROS 2 (rclpy, messages) or the GPU stack (torch) to import.
 NEEDS_ROS_OR_GPU = {
     "manipulation_bringup.demo",
+    "manipulation_policy.backends.lerobot",
     "manipulation_policy.backends.openvla",
     "manipulation_policy.backends.openvla_batching",
+    "manipulation_policy.backends.torch_device",
     "manipulation_policy.nodes.guard_diagnostics",
     "manipulation_policy.nodes.node_execution",
     "manipulation_policy.nodes.node_inputs",
@@ -70,6 +72,9 @@ NEEDS_REPLAY_LIBRARIES = {
     "manipulation_policy.replay.runs",
 }
 REPLAY_TOPS = {"rosbags", "matplotlib"}
+# The LeRobot backend: LeRobot is in the lerobot lane's venv only (make test-lerobot).
+NEEDS_LEROBOT = {"manipulation_policy.backends.lerobot"}
+LEROBOT_TOPS = {"lerobot"}
 
 
 def python_files(*roots: Path) -> list[Path]:
@@ -264,7 +269,8 @@ def test_only_the_listed_modules_need_ros_or_the_gpu_stack():
             importlib.import_module(name)
         except ModuleNotFoundError as error:
             top = (error.name or "").split(".")[0]
-            if not (top in ROS_OR_GPU_TOPS | REPLAY_TOPS or top.endswith("_msgs")):
+            if not (top in ROS_OR_GPU_TOPS | REPLAY_TOPS | LEROBOT_TOPS
+                    or top.endswith("_msgs")):
                 raise
             needing.add(name)
     expected = set()
@@ -272,6 +278,8 @@ def test_only_the_listed_modules_need_ros_or_the_gpu_stack():
         expected |= NEEDS_ROS_OR_GPU
     if importlib.util.find_spec("rosbags") is None:
         expected |= NEEDS_REPLAY_LIBRARIES
+    if importlib.util.find_spec("lerobot") is None:
+        expected |= NEEDS_LEROBOT
     assert needing == expected
 
 
