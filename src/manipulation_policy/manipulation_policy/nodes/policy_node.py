@@ -37,6 +37,13 @@ class PolicyNode(PolicyNodeBase):
             self.get_logger().info(f"loading backend {values['backend']!r}")
             backend = create_backend(values["backend"], **parameter_backend_arguments(values))
         self.backend = backend
+        inputs = getattr(backend, "inputs", None)
+        try:
+            self.check_policy_inputs(inputs() if callable(inputs) else None)
+        except Exception:
+            if self._given_backend is None:
+                self.close_action_source()  # no model stays loaded for a refused configure
+            raise
         self.get_logger().info(f"backend ready: {backend.describe()}")
         return predictor(backend)
 
