@@ -6,7 +6,8 @@ server's PYTHONPATH). It declares what it reads (``inputs()``: cameras ``wrist``
 ``front``, a state of 3 values), refuses an observation that does not fit, and answers
 with what it received, so an output proves which frame reached which name and in
 which order the state came: ``joint_deltas`` = the mean red value (0..255) of each
-camera in the declared order, then the state as received.
+camera in the declared order, then the state as received, then the length of
+``robot_id`` (who sent it: the remote node names itself).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class CamerasAndStateBackend:
         reds = tuple(float(images[name][..., 0].mean()) for name in IMAGE_NAMES)
         return PolicyAction(
             reference_frame=observation.reference_frame,
-            joint_deltas=reds + tuple(observation.state or ()),
+            joint_deltas=reds + tuple(observation.state or ()) + (len(observation.robot_id),),
             confidence=1.0,
         )
 

@@ -12,9 +12,12 @@ with one line.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from camera_test_backends import CamerasAndStateBackend
+from diagnostic_msgs.msg import DiagnosticArray
 from node_harness import (
     JOINT_NAMES,
     JOINT_POSITIONS,
@@ -84,6 +87,26 @@ class Cameras:
         }
 
 
+class ExecutorDiagnostics:
+    """The node's ``action executor`` status on /diagnostics, newest last."""
+
+    def __init__(self, rig: Rig) -> None:
+        self._lock = threading.Lock()
+        self.values: list[dict] = []
+        self._prefix = f"{rig.namespace}/"
+        rig.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_message, 50)
+
+    def _on_message(self, msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if status.name.startswith(self._prefix) and status.name.endswith(": action executor"):
+                with self._lock:
+                    self.values.append({kv.key: kv.value for kv in status.values})
+
+    def newest(self) -> dict:
+        with self._lock:
+            return self.values[-1] if self.values else {}
+
+
 @pytest.fixture
 def rig():
     with Rig() as rig:
@@ -117,13 +140,15 @@ def test_two_cameras_and_the_state_reach_the_policy_by_name_and_in_order(rig):
     deltas = list(outputs[-1].joint_deltas)
     assert deltas[0] == pytest.approx(200.0, abs=0.01)
     assert deltas[1] == pytest.approx(40.0, abs=2.0)
-    assert deltas[2:] == pytest.approx(list(EXPECTED_STATE))
+    assert deltas[2:5] == pytest.approx(list(EXPECTED_STATE))
+    assert deltas[5] == len(node.get_fully_qualified_name())
 
 
 def test_a_missing_or_stale_camera_or_joint_sends_nothing_until_the_set_is_whole(rig):
     backend = CamerasAndStateBackend()
     cameras = Cameras(rig)
     cameras.front_on = False
+    diagnostics = ExecutorDiagnostics(rig)
     node = start_node(rig, backend, **cameras.parameters(camera_sync_tolerance_sec=0.05))
     rig.stream_joint_states()
     rig.stream(20.0, cameras.publish)
@@ -137,6 +162,8 @@ def test_a_missing_or_stale_camera_or_joint_sends_nothing_until_the_set_is_whole
     assert node.inputs_problem == (
         "camera front: newest frame is 0.300 s before wrist's (camera_sync_tolerance_sec=0.05)"
     )
+    assert wait_until(lambda: diagnostics.newest().get("inputs_problem", "").startswith(
+        "camera front: newest frame is 0.300 s before wrist's"))
     seen = node.counters["incomplete_inputs"]
     assert wait_until(lambda: node.counters["incomplete_inputs"] >= seen + 5)
     assert backend.received() == [] and rig.outputs() == []
@@ -146,6 +173,8 @@ def test_a_missing_or_stale_camera_or_joint_sends_nothing_until_the_set_is_whole
     outputs = rig.wait_for_outputs(2)
     assert len(outputs) >= 2
     assert set(backend.received()[-1].images) == {"wrist", "front"}
+    assert node.inputs_problem is None
+    assert wait_until(lambda: diagnostics.newest().get("inputs_problem") == "")
 
 
 def test_a_joint_of_the_state_missing_from_the_joint_states_sends_nothing(rig):

@@ -176,6 +176,7 @@ class NodeExecution:
         if problem is not None:
             self._inputs_incomplete(problem)
             return  # the frame stays the candidate: a later frame may complete the set
+        self.inputs_problem = None
         observation = observation_without_image(
             selection.joint_state, decision.eef_pose, values,
             state=state.values, robot_id=self.get_fully_qualified_name(),
