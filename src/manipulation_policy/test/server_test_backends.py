@@ -47,6 +47,12 @@ BAD_ANSWERS = {
     "gripper-7": (PolicyAction(gripper_command=7.0), "gripper_command"),
     "frame-surrogate": (PolicyAction(reference_frame="\ud800"), "reference_frame"),
     "not-an-action": ({"confidence": 1.0}, "body"),
+    "positions-str": (PolicyAction(joint_positions="abc"), "joint_positions"),
+    "positions-nan": (PolicyAction(joint_positions=(0.0, math.nan)), "joint_positions[1]"),
+    "names-int": (PolicyAction(joint_positions=(0.0,), joint_names=(3,)), "joint_names[0]"),
+    "names-mismatch": (PolicyAction(joint_positions=(0.0,), joint_names=("a", "b")), "body"),
+    "names-surrogate": (PolicyAction(joint_positions=(0.0,), joint_names=("\udc00",)),
+                        "joint_names"),
 }
 
 
