@@ -9,7 +9,8 @@ response contract, see BAD_ANSWERS), ``raise huge`` (a 2 MB exception message),
 ``raise base`` (a BaseException that is not an Exception).
 
 ChunkedBackend answers action chunks (see its docstring); FixedDeltaBackend a
-fixed delta whatever it sees.
+fixed delta whatever it sees; CamerasBackend declares the cameras and state it reads
+and echoes what it got.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from manipulation_policy.core.policy_types import (
     EefTargetMode,
     Observation,
     PolicyAction,
+    PolicyInputs,
     Pose,
     Twist,
     Vector3,
 )
+from manipulation_policy.core.policy_inputs import named_images
 from manipulation_policy.core.pose_math import quaternion_from_rpy
 from manipulation_policy.server.process import ServerProcess
 
@@ -83,6 +86,45 @@ class ScriptedBackend(StubBackend):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "model": "scripted-test-model", "device": "cpu"}
+
+
+class CamerasBackend(StubBackend):
+    """A two-camera policy with a state of 3 (``INPUTS``) that echoes what it got: its
+    answer's joint_positions are the state, then each camera's mean pixel value, then
+    0.0 for the robot id; joint_names say which (``state[i]``, ``<camera>:<W>x<H>`` in
+    the policy's camera order, ``robot_id=<id>``)."""
+
+    name = "cameras"
+    INPUTS = PolicyInputs(("wrist", "front"), state_length=3, action_length=5)
+
+    def inputs(self) -> PolicyInputs:
+        return self.INPUTS
+
+    def predict(self, observation: Observation) -> PolicyAction:
+        images = named_images(self.INPUTS, observation)
+        state = tuple(observation.state or ())
+        names = [f"state[{index}]" for index in range(len(state))]
+        names += [f"{name}:{rgb.shape[1]}x{rgb.shape[0]}" for name, rgb in images.items()]
+        names.append(f"robot_id={observation.robot_id}")
+        values = state + tuple(float(rgb.mean()) for rgb in images.values()) + (0.0,)
+        return PolicyAction(
+            reference_frame=observation.reference_frame,
+            joint_positions=values,
+            joint_names=tuple(names),
+            confidence=1.0,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "model": "cameras-test-model", "device": "cpu"}
+
+
+class BadInputsBackend(StubBackend):
+    """Declares its inputs as something that is not a PolicyInputs."""
+
+    name = "bad-inputs"
+
+    def inputs(self) -> Any:
+        return {"image_names": ["wrist"]}
 
 
 class UnloadableBackend:
