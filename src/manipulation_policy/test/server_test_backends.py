@@ -25,6 +25,7 @@ from typing import Any
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.core.errors import InputError
+from manipulation_policy.core.policy_inputs import named_images
 from manipulation_policy.core.policy_types import (
     MAX_CHUNK_LENGTH,
     ActionChunk,
@@ -36,7 +37,6 @@ from manipulation_policy.core.policy_types import (
     Twist,
     Vector3,
 )
-from manipulation_policy.core.policy_inputs import named_images
 from manipulation_policy.core.pose_math import quaternion_from_rpy
 from manipulation_policy.server.process import ServerProcess
 
