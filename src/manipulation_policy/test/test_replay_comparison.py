@@ -52,7 +52,8 @@ def test_absolute_joint_targets_are_compared_too():
     base = [Step(1, 0, targets((0.5, 1.0))), Step(2, 0, targets((0.5, 1.0))),
             Step(3, 0, targets((0.5, 1.0))), Step(4, 0, targets((0.5, 1.0)))]
     cand = [Step(1, 0, targets((0.5, 1.003))), Step(2, 0, targets((0.5, 1.2))),
-            Step(3, 0, targets((0.5, 1.0), ("b", "a"))), Step(4, 0, PolicyAction(joint_names=("a", "b")))]
+            Step(3, 0, targets((0.5, 1.0), ("b", "a"))),
+            Step(4, 0, PolicyAction(joint_names=("a", "b")))]
     diffs = compare_steps(base, cand, Tolerances())
     assert [d.within for d in diffs] == [True, False, False, False]
     assert math.isclose(diffs[0].joint, 0.003) and math.isclose(diffs[1].joint, 0.2)
