@@ -38,9 +38,14 @@ class CamerasAndStateBackend:
             self.observations.append(observation)
         images = named_images(self.inputs(), observation)
         reds = tuple(float(images[name][..., 0].mean()) for name in IMAGE_NAMES)
+        state = tuple(observation.state or ())
+        values = reds + state + (len(observation.robot_id),)
         return PolicyAction(
             reference_frame=observation.reference_frame,
-            joint_deltas=reds + tuple(observation.state or ()) + (len(observation.robot_id),),
+            joint_deltas=values,
+            # Named, so they need not be one per joint the robot sent.
+            joint_names=tuple(f"red_{name}" for name in IMAGE_NAMES)
+            + tuple(f"state_{i}" for i in range(len(state))) + ("robot_id_length",),
             confidence=1.0,
         )
 

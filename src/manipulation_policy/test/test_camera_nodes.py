@@ -1,10 +1,11 @@
 """Several named cameras and the robot's state vector through the nodes, over real DDS.
 
 Two cameras of different colours, one raw (``wrist``) and one JPEG-compressed
-(``front``), and joint states; the in-process node runs ``CamerasAndStateBackend``,
-which declares that it reads cameras wrist and front and a state of 3 values and
-answers with what it received (each camera's mean red value, then the state), so an
-output proves which frame reached which name and the state's order. A set with a
+(``front``), and joint states. The in-process node runs ``CamerasAndStateBackend``, the
+remote node talks to the project's policy server serving it. It declares that it reads
+cameras wrist and front and a state of 3 values and answers with what it received
+(each camera's mean red value, the state, the length of robot_id), so an output proves
+which frame reached which name, the state's order and who sent it. A set with a
 camera missing or off by more than camera_sync_tolerance_sec, or a state that cannot
 be made, sends nothing; a configuration that does not fit the policy fails configure
 with one line.
@@ -13,6 +14,7 @@ with one line.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,9 +30,12 @@ from rclpy.exceptions import ParameterException
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
+from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.core.imaging import decode_image_bytes, encode_jpeg
 from manipulation_policy.nodes import ros_conversion
 from manipulation_policy.nodes.policy_node import PolicyNode
+from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
+from manipulation_policy.server.process import ServerProcess
 
 
 def solid(red: int, green: int, blue: int) -> np.ndarray:
@@ -113,11 +118,27 @@ def rig():
         yield rig
 
 
+@pytest.fixture(scope="module")
+def camera_server():
+    """The project's policy server serving CamerasAndStateBackend."""
+    with ServerProcess(
+        "--backend", "camera_test_backends:CamerasAndStateBackend", "--no-access-log",
+        env={API_KEY_ENV: ""}, extra_pythonpath=[str(Path(__file__).resolve().parent)],
+    ) as server:  # fmt: skip
+        yield server
+
+
 def start_node(rig: Rig, backend, **parameters) -> PolicyNode:
     # The backend answers with red values up to 255 as joint deltas: no cap on them.
     values = {"backend": "stub", "inference_rate": 20.0, "max_joint_delta": 1000.0,
               **parameters}  # fmt: skip
     return rig.add(PolicyNode(backend=backend, **rig.node_kwargs(**values)))
+
+
+def start_remote_node(rig: Rig, url: str, **parameters) -> RemotePolicyNode:
+    values = {"remote_url": url, "inference_rate": 20.0, "max_joint_delta": 1000.0,
+              "remote_fallback_on_failure": False, **parameters}  # fmt: skip
+    return rig.add(RemotePolicyNode(**rig.node_kwargs(**values)))
 
 
 def test_two_cameras_and_the_state_reach_the_policy_by_name_and_in_order(rig):
@@ -139,6 +160,23 @@ def test_two_cameras_and_the_state_reach_the_policy_by_name_and_in_order(rig):
     # What the policy answered from them went out as the node's command.
     deltas = list(outputs[-1].joint_deltas)
     assert deltas[0] == pytest.approx(200.0, abs=0.01)
+    assert deltas[1] == pytest.approx(40.0, abs=2.0)
+    assert deltas[2:5] == pytest.approx(list(EXPECTED_STATE))
+    assert deltas[5] == len(node.get_fully_qualified_name())
+
+
+def test_the_remote_node_sends_both_cameras_the_state_and_its_name(rig, camera_server):
+    cameras = Cameras(rig)
+    node = start_remote_node(rig, camera_server.base_url, **cameras.parameters())
+    assert node.lifecycle_state == "active", node.configure_problem
+    rig.stream_joint_states()
+    rig.stream(20.0, cameras.publish)
+    outputs = rig.wait_for_outputs(3)
+    assert len(outputs) >= 3
+    # Answered by the server's backend from the decoded request: each camera resized
+    # to 224x224 and JPEG-encoded (a solid colour survives within a unit or two).
+    deltas = list(outputs[-1].joint_deltas)
+    assert deltas[0] == pytest.approx(200.0, abs=2.0)
     assert deltas[1] == pytest.approx(40.0, abs=2.0)
     assert deltas[2:5] == pytest.approx(list(EXPECTED_STATE))
     assert deltas[5] == len(node.get_fully_qualified_name())
@@ -209,11 +247,16 @@ def test_a_joint_of_the_state_missing_from_the_joint_states_sends_nothing(rig):
          "cameras front, wrist, the robot sends none (camera_names)"),
     ],
 )  # fmt: skip
+@pytest.mark.parametrize("remote", [False, True], ids=["in_process", "remote"])
 def test_a_configuration_the_policy_cannot_read_fails_configure_in_one_line(
-    rig, parameters, reason
+    rig, request, remote, parameters, reason
 ):
     cameras = Cameras(rig)
-    node = start_node(rig, CamerasAndStateBackend(), **cameras.parameters(**parameters))
+    if remote:  # the server's /info says what its backend reads
+        url = request.getfixturevalue("camera_server").base_url
+        node = start_remote_node(rig, url, **cameras.parameters(**parameters))
+    else:
+        node = start_node(rig, CamerasAndStateBackend(), **cameras.parameters(**parameters))
     assert node.lifecycle_state == "unconfigured"
     assert node.configure_problem == reason
 

@@ -20,19 +20,20 @@ laid out (``state_joints``, then the end-effector pose with ``state_eef_pose``).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Optional, TypeVar
 
+# The wire's bounds on named cameras and the state: a robot configured past them could
+# never be answered.
+from manipulation_policy.core.contract import (
+    CAMERA_NAME_PATTERN,
+    MAX_CAMERAS,
+    MAX_STATE_LENGTH,
+)
 from manipulation_policy.core.policy_inputs import inputs_problem
 from manipulation_policy.core.policy_types import JointStateData, PolicyInputs, Pose
 
-# The wire's bounds on named cameras (core/contract): a robot configured past them
-# could never be answered.
-CAMERA_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-MAX_CAMERAS = 8
-MAX_STATE_LENGTH = 256
 EEF_POSE_VALUES = 7  # x, y, z, qx, qy, qz, qw
 COMPRESSED_SUFFIX = "/compressed"
 
@@ -74,7 +75,7 @@ def camera_name_problem(names: Sequence[str]) -> Optional[str]:
     if len(names) > MAX_CAMERAS:
         return f"must hold at most {MAX_CAMERAS} names, got {len(names)}"
     for index, name in enumerate(names):
-        if not CAMERA_NAME_PATTERN.match(name):
+        if not CAMERA_NAME_PATTERN.fullmatch(name):
             return (f"[{index}] {name!r} is not a camera name (letters, digits, _ . -, "
                     "at most 64, not starting with . or -)")
     if len(set(names)) != len(names):
