@@ -198,3 +198,14 @@ def test_no_usable_pose_sends_nothing_when_the_state_ends_with_it():
     assert result.values is None and "no usable end-effector pose" in result.problem
     bad = Pose(Vector3(math.inf, 0.0, 0.0))
     assert "not finite" in state_vector(StateLayout((), True), JOINTS, bad).problem
+
+
+def test_the_replay_refuses_a_several_camera_or_state_configuration():
+    from manipulation_policy.replay.errors import ReplayInputError
+    from manipulation_policy.replay.node_settings import node_values
+
+    assert node_values("remote_policy_node")["camera_topics"] == ()
+    for overrides in ({"camera_topics": ["/a"], "camera_names": ["a"]},
+                      {"state_joints": ["elbow"]}, {"state_eef_pose": True}):
+        with pytest.raises(ReplayInputError, match="are not replayed yet"):
+            node_values("remote_policy_node", overrides=overrides)
