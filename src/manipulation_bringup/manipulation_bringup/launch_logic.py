@@ -20,6 +20,7 @@ from typing import Any, Union
 import yaml
 
 from manipulation_policy.backends import is_plugin, options_with
+from manipulation_policy.robot.camera_inputs import camera_parameters_problem
 from manipulation_policy.robot.node_parameters import (
     COMMON_PARAMETERS,
     GUARD_PARAMETER_NAMES,
@@ -492,6 +493,19 @@ def _check_guard_limits(
     raise ParamsFileError(params_file, problem)
 
 
+def _check_cameras(
+    specs: Mapping[str, ParameterSpec],
+    file_parameters: Mapping[str, Any],
+    params_file: Union[str, Path],
+) -> None:
+    """camera_topics and camera_names (params-file matters) must agree, as the node
+    will check at start."""
+    values = {name: spec.default for name, spec in specs.items()}
+    problem = camera_parameters_problem({**values, **file_parameters})
+    if problem is not None:
+        raise ParamsFileError(params_file, problem)
+
+
 def plan_policy_node(
     arguments: Mapping[str, str],
     default_params_file: Union[str, Path, None] = None,
@@ -547,6 +561,7 @@ def plan_policy_node(
         else:
             ignored.append(name)
     _check_guard_limits(node_specs[node], from_file.parameters, overrides, given, params_file)
+    _check_cameras(node_specs[node], from_file.parameters, params_file)
     return PolicyNodePlan(
         package=POLICY_PACKAGE,
         executable=node,

@@ -24,6 +24,9 @@ LAUNCH_FILE = PACKAGE_DIR / "launch" / "core_launch.py"
 SHARED_DEFAULTS = {
     "camera_topic": "/camera/color/image_raw",
     "image_transport": "raw",
+    # Several cameras and the state (their arrays are empty by default: not in the file).
+    "camera_sync_tolerance_sec": 0.05,
+    "state_eef_pose": False,
     "joint_states_topic": "/joint_states",
     "instruction_topic": "/manipulation/instruction",
     "eef_pose_topic": "/manipulation/eef_pose",
@@ -639,3 +642,27 @@ def test_guard_limits_in_a_params_file_must_agree(tmp_path):
         "    joint_max_deltas: [0.1]\n"
     ))
     assert plan(params_file=str(path)).parameters["joint_max_deltas"] == (0.1,)
+
+
+def test_cameras_and_state_in_a_params_file_are_checked_alone_and_together(tmp_path):
+    section = "/**/remote_policy_node:\n  ros__parameters:\n"
+    path = write_params(tmp_path, section + (
+        "    camera_topics: [/wrist/image_raw, /front/image_raw/compressed]\n"
+        "    camera_names: [wrist]\n"
+    ))
+    with pytest.raises(ParamsFileError, match="camera_names must name each of camera_topics"):
+        plan(params_file=str(path), use_remote_policy="true")
+    path = write_params(tmp_path, section + (
+        "    camera_topics: [/wrist/image_raw]\n    camera_names: [wrist cam]\n"
+    ))
+    with pytest.raises(ParamsFileError, match="'wrist cam' is not a camera name"):
+        plan(params_file=str(path), use_remote_policy="true")
+    path = write_params(tmp_path, section + (
+        "    camera_topics: [/wrist/image_raw, /front/image_raw/compressed]\n"
+        "    camera_names: [wrist, front]\n    state_joints: [shoulder, elbow]\n"
+        "    state_eef_pose: true\n"
+    ))
+    parameters = plan(params_file=str(path), use_remote_policy="true").parameters
+    assert parameters["camera_names"] == ("wrist", "front")
+    assert parameters["state_joints"] == ("shoulder", "elbow")
+    assert parameters["state_eef_pose"] is True

@@ -39,6 +39,7 @@ from typing import Any, Optional
 
 from manipulation_policy.backends import (
     UnknownBackendError,
+    backend_inputs,
     create_backend,
     declared_options,
     options_with,
@@ -387,7 +388,9 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
 
 def load_backend(name: str, options: dict[str, Any]):
     try:
-        return create_backend(name, **options)
+        backend = create_backend(name, **options)
+        backend_inputs(backend)  # a declaration the server cannot read fails here, not later
+        return backend
     except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear line
         lines = str(exc).strip().splitlines()
         reason = lines[0] if lines else type(exc).__name__

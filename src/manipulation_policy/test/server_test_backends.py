@@ -9,7 +9,8 @@ response contract, see BAD_ANSWERS), ``raise huge`` (a 2 MB exception message),
 ``raise base`` (a BaseException that is not an Exception).
 
 ChunkedBackend answers action chunks (see its docstring); FixedDeltaBackend a
-fixed delta whatever it sees.
+fixed delta whatever it sees; CamerasBackend declares the cameras and state it reads
+and echoes what it got.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from typing import Any
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.core.errors import InputError
+from manipulation_policy.core.policy_inputs import named_images
 from manipulation_policy.core.policy_types import (
     MAX_CHUNK_LENGTH,
     ActionChunk,
     EefTargetMode,
     Observation,
     PolicyAction,
+    PolicyInputs,
     Pose,
     Twist,
     Vector3,
@@ -47,6 +50,12 @@ BAD_ANSWERS = {
     "gripper-7": (PolicyAction(gripper_command=7.0), "gripper_command"),
     "frame-surrogate": (PolicyAction(reference_frame="\ud800"), "reference_frame"),
     "not-an-action": ({"confidence": 1.0}, "body"),
+    "positions-str": (PolicyAction(joint_positions="abc"), "joint_positions"),
+    "positions-nan": (PolicyAction(joint_positions=(0.0, math.nan)), "joint_positions[1]"),
+    "names-int": (PolicyAction(joint_positions=(0.0,), joint_names=(3,)), "joint_names[0]"),
+    "names-mismatch": (PolicyAction(joint_positions=(0.0,), joint_names=("a", "b")), "body"),
+    "names-surrogate": (PolicyAction(joint_positions=(0.0,), joint_names=("\udc00",)),
+                        "joint_names"),
 }
 
 
@@ -77,6 +86,45 @@ class ScriptedBackend(StubBackend):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "model": "scripted-test-model", "device": "cpu"}
+
+
+class CamerasBackend(StubBackend):
+    """A two-camera policy with a state of 3 (``INPUTS``) that echoes what it got: its
+    answer's joint_positions are the state, then each camera's mean pixel value, then
+    0.0 for the robot id; joint_names say which (``state[i]``, ``<camera>:<W>x<H>`` in
+    the policy's camera order, ``robot_id=<id>``)."""
+
+    name = "cameras"
+    INPUTS = PolicyInputs(("wrist", "front"), state_length=3, action_length=5)
+
+    def inputs(self) -> PolicyInputs:
+        return self.INPUTS
+
+    def predict(self, observation: Observation) -> PolicyAction:
+        images = named_images(self.INPUTS, observation)
+        state = tuple(observation.state or ())
+        names = [f"state[{index}]" for index in range(len(state))]
+        names += [f"{name}:{rgb.shape[1]}x{rgb.shape[0]}" for name, rgb in images.items()]
+        names.append(f"robot_id={observation.robot_id}")
+        values = state + tuple(float(rgb.mean()) for rgb in images.values()) + (0.0,)
+        return PolicyAction(
+            reference_frame=observation.reference_frame,
+            joint_positions=values,
+            joint_names=tuple(names),
+            confidence=1.0,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "model": "cameras-test-model", "device": "cpu"}
+
+
+class BadInputsBackend(StubBackend):
+    """Declares its inputs as something that is not a PolicyInputs."""
+
+    name = "bad-inputs"
+
+    def inputs(self) -> Any:
+        return {"image_names": ["wrist"]}
 
 
 class UnloadableBackend:

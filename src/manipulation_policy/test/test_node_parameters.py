@@ -36,6 +36,13 @@ def test_the_shared_names_and_defaults():
     assert {"remote_url", "remote_timeout_sec", "remote_retry_attempts",
             "remote_fallback_on_failure", "inference_rate", "instruction"} <= live
     assert not {"camera_topic", "image_transport", "backend", "model"} & live
+    # A subscription or the state's layout (checked against the policy at configure)
+    # changes only with a restart; the pairing tolerance is a live setting.
+    assert not {"camera_topics", "camera_names", "state_joints", "state_eef_pose"} & live
+    assert "camera_sync_tolerance_sec" in live
+    assert (defaults["camera_topics"], defaults["camera_names"], defaults["state_joints"],
+            defaults["state_eef_pose"], defaults["camera_sync_tolerance_sec"]) == (
+        (), (), (), False, 0.05)
 
 
 @pytest.mark.parametrize(
@@ -58,6 +65,18 @@ def test_the_shared_names_and_defaults():
         ("instruction", "", "empty"),
         ("instruction", "x" * 1025, "at most 1024"),
         ("camera_topic", "/camera image", "topic name"),
+        ("camera_topics", ["/a", "/a"], "must not name a topic twice"),
+        ("camera_topics", ["/a", "/b c"], "[1] must be a non-empty topic name"),
+        ("camera_topics", [f"/c{i}" for i in range(9)], "at most 8 topics"),
+        ("camera_topics", "/a", "expected a list of str"),
+        ("camera_names", ["wrist", "wrist"], "must not name a camera twice"),
+        ("camera_names", ["front", "top view"], "[1] 'top view' is not a camera name"),
+        ("camera_names", [f"c{i}" for i in range(9)], "at most 8 names"),
+        ("camera_sync_tolerance_sec", -0.01, "0"),
+        ("camera_sync_tolerance_sec", float("nan"), "finite"),
+        ("state_joints", ["elbow", "elbow"], "must not name a joint twice"),
+        ("state_joints", ["elbow", ""], "empty name"),
+        ("state_eef_pose", "true", "expected bool"),
         ("jpeg_quality", 101, "between 1 and 100"),
         ("image_width", 0, "between 1"),
         ("backend", "tensorflow", "module.path:ClassName"),

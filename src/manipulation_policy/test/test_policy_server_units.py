@@ -184,6 +184,23 @@ def test_only_small_lone_bodies_and_small_declared_images_are_decoded_on_the_loo
     assert not decode_inline(InferRequest(image="x", image_width=4096, image_height=4096))
 
 
+def test_several_cameras_are_decoded_on_the_loop_only_when_small_together():
+    from manipulation_policy.core.contract import InferRequest, NamedImageModel
+    from manipulation_policy.server.request_decoding import decode_inline
+
+    def cam(width=None, height=None):
+        return NamedImageModel(image="x", image_width=width, image_height=height)
+
+    assert decode_inline(InferRequest(images={}))
+    assert decode_inline(InferRequest(images={"a": cam(320, 240), "b": cam(320, 240)}))
+    assert not decode_inline(InferRequest(images={"a": cam(320, 240), "b": cam()}))
+    # Each camera alone is small, together they are not.
+    assert not decode_inline(InferRequest(images={"a": cam(640, 480), "b": cam(64, 48)}))
+    assert not decode_inline(
+        InferRequest(image="x", image_width=640, image_height=480, images={"a": cam(8, 8)})
+    )
+
+
 def test_a_request_whose_client_left_is_skipped():
     calls = []
     worker = InferenceWorker(lambda observation: calls.append(1) or PolicyAction(), max_queue=1)

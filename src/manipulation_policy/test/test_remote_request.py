@@ -78,3 +78,20 @@ def test_a_640x480_frame_gets_a_real_action_from_a_real_server():
     )
     assert not result.action.is_hold and result.action.eef_target is not None
     assert result.action.eef_target == expected.eef_target
+
+
+def test_each_named_camera_is_sized_and_sent_with_the_state_and_the_robot_id():
+    sent = Observation(
+        images={"wrist": camera_frame(640, 480), "front": camera_frame(64, 48)},
+        state=(0.25, -1.5, 3.0),
+        robot_id="/robot1/remote_policy_node",
+    )
+    body = remote_request_body(sent, WIDTH, HEIGHT, jpeg_quality=90)
+    assert set(body["images"]) == {"wrist", "front"}
+    for camera in body["images"].values():
+        image = decode_base64_image(camera["image"], camera["image_encoding"])
+        assert image.shape == (HEIGHT, WIDTH, 3)
+        assert (camera["image_width"], camera["image_height"]) == (WIDTH, HEIGHT)
+    assert body["state"] == [0.25, -1.5, 3.0]
+    assert body["robot_id"] == "/robot1/remote_policy_node"
+    assert body.get("image") in (None, "")  # no unnamed camera

@@ -45,6 +45,22 @@ def test_a_hold_against_a_command_is_never_within():
     assert not diff.within and "only one has an eef target" in diff.note
 
 
+def test_absolute_joint_targets_are_compared_too():
+    def targets(positions, names=("a", "b")) -> PolicyAction:
+        return PolicyAction(joint_positions=positions, joint_names=names, confidence=0.5)
+
+    base = [Step(1, 0, targets((0.5, 1.0))), Step(2, 0, targets((0.5, 1.0))),
+            Step(3, 0, targets((0.5, 1.0))), Step(4, 0, targets((0.5, 1.0)))]
+    cand = [Step(1, 0, targets((0.5, 1.003))), Step(2, 0, targets((0.5, 1.2))),
+            Step(3, 0, targets((0.5, 1.0), ("b", "a"))),
+            Step(4, 0, PolicyAction(joint_names=("a", "b")))]
+    diffs = compare_steps(base, cand, Tolerances())
+    assert [d.within for d in diffs] == [True, False, False, False]
+    assert math.isclose(diffs[0].joint, 0.003) and math.isclose(diffs[1].joint, 0.2)
+    assert "joint names differ" in diffs[2].note
+    assert "only one has joint positions" in diffs[3].note
+
+
 def test_the_verdict_counts_holds_failures_and_latency():
     base = Run("recorded", [Step(1, 0, action()), Step(2, 0, PolicyAction.hold())],
                [5.0, 7.0])

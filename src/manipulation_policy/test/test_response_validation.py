@@ -77,6 +77,14 @@ def test_the_robots_frame_is_kept_when_the_server_names_none():
         ({"reference_frame": ""}, "reference_frame"),
         ({"reference_frame": 7}, "reference_frame"),
         ({"request_id": 12}, "request_id"),
+        ({"has_joint_positions": True, "joint_positions": [0.1, 0.2]}, "joint_positions"),
+        ({"has_joint_positions": True, "joint_positions": [0.1] * 4}, "joint_positions"),
+        ({"has_joint_positions": True, "joint_positions": [0.1, None, 0.2]},
+         "joint_positions[1]"),
+        ({"has_joint_positions": True, "joint_positions": [0.1, 0.2], "joint_names": ["a"]},
+         "joint_positions"),
+        ({"joint_names": ["a", "b"]}, "joint_deltas"),  # good_answer has 3 deltas
+        ({"joint_names": ["a", "a", "b"]}, "joint_names"),
     ],
 )
 def test_values_outside_the_contracts_meaning_are_refused(overrides, field):
@@ -97,6 +105,26 @@ def test_values_outside_the_contracts_meaning_are_refused(overrides, field):
 def test_a_part_its_flag_announces_must_be_there(flag, path):
     error = refusal(without(good_answer(3), *path))
     assert error.field == ".".join(path) and f"{flag} is true" in error.message
+
+
+def test_announced_joint_positions_must_be_there():
+    error = refusal({"has_joint_positions": True})
+    assert error.field == "joint_positions" and "has_joint_positions is true" in error.message
+
+
+def test_named_joint_targets_may_name_fewer_joints_than_were_sent():
+    answer = good_answer(3, has_joint_deltas=True, joint_deltas=[0.01],
+                         has_joint_positions=True, joint_positions=[0.5],
+                         joint_names=["elbow"])
+    action = validate_answer(answer, EXPECT)
+    assert action.joint_positions == (0.5,) and action.joint_deltas == (0.01,)
+    assert action.joint_names == ("elbow",)
+
+
+def test_unnamed_joint_positions_are_one_per_joint_sent():
+    answer = good_answer(3, has_joint_positions=True, joint_positions=[0.1, 0.2, 0.3])
+    action = validate_answer(answer, EXPECT)
+    assert action.joint_positions == (0.1, 0.2, 0.3) and action.joint_names is None
 
 
 def test_a_base_hint_its_flag_announces_must_be_there():

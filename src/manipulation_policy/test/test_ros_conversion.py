@@ -166,6 +166,21 @@ def test_action_to_policy_output_carries_stamp_frame_and_every_field():
     assert policy_output_to_action(msg) == FULL_ACTION
 
 
+def test_absolute_joint_targets_and_their_names_travel_in_the_message():
+    action = PolicyAction(joint_positions=(0.5, -1.25), joint_deltas=(0.01, 0.02),
+                          joint_names=("shoulder", "elbow"), gripper_command=1.0)
+    msg = action_to_policy_output(action, STAMP)
+    assert msg.has_joint_positions and list(msg.joint_positions) == [0.5, -1.25]
+    assert list(msg.joint_names) == ["shoulder", "elbow"]
+    assert msg.has_joint_deltas and list(msg.joint_deltas) == [0.01, 0.02]
+    assert policy_output_to_action(msg) == action
+    unnamed = action_to_policy_output(PolicyAction(joint_positions=(0.3,)), STAMP)
+    assert unnamed.has_joint_positions and list(unnamed.joint_names) == []
+    assert policy_output_to_action(unnamed).joint_names is None
+    plain = action_to_policy_output(FULL_ACTION, STAMP)
+    assert not plain.has_joint_positions and list(plain.joint_positions) == []
+
+
 def test_delta_mode_constant():
     msg = action_to_policy_output(PolicyAction(eef_target=Pose()), STAMP)
     assert msg.eef_target_mode == PolicyOutput.EEF_TARGET_DELTA
@@ -174,7 +189,7 @@ def test_delta_mode_constant():
 def test_hold_publishes_nothing_to_move():
     msg = action_to_policy_output(PolicyAction.hold("odom"), STAMP)
     assert not (msg.has_eef_target or msg.has_joint_deltas or msg.gripper_active
-                or msg.has_base_hint)
+                or msg.has_base_hint or msg.has_joint_positions)
     assert msg.confidence == 0.0 and msg.header.frame_id == "odom"
     assert policy_output_to_action(msg).is_hold
 

@@ -43,6 +43,26 @@ def test_a_camera_is_watched_once_its_first_frame_came():
     assert watchdog.problem(1.0) == "no camera frame for 1.10 s (input_timeout_sec=1)"
 
 
+def test_each_of_several_cameras_is_watched_and_a_stopped_one_is_named():
+    clock = Clock()
+    watchdog = InputWatchdog(clock)
+    watchdog.watch_cameras(("wrist", "front"))
+    watchdog.arm()
+    watchdog.camera_frame_received("wrist")
+    watchdog.camera_frame_received("front")
+    watchdog.camera_frame_received()  # the unnamed camera is not one of them: ignored
+    clock.advance(0.6)
+    watchdog.camera_frame_received("wrist")  # the front camera stops
+    clock.advance(0.5)
+    assert watchdog.problem(1.0) == (
+        "no camera frame from front for 1.10 s (input_timeout_sec=1)"
+    )
+    watchdog.camera_frame_received("front")
+    assert watchdog.problem(1.0) is None
+    clock.advance(1.2)
+    assert watchdog.problem(1.0).startswith("no camera frame from wrist for 1.70 s")
+
+
 def test_a_frame_before_activation_does_not_count_against_it():
     clock = Clock()
     watchdog = InputWatchdog(clock)

@@ -10,8 +10,14 @@ import pytest
 from hostile_servers import RawPolicyServer, send_json
 from remote_harness import ScriptedPolicyServer
 
+from manipulation_policy.core.policy_types import PolicyInputs
 from manipulation_policy.robot.remote_client import RemoteSettings
-from manipulation_policy.robot.server_check import ServerCheckFailed, check_server
+from manipulation_policy.robot.server_check import (
+    ServerCheckFailed,
+    ServerInfo,
+    check_server,
+    check_server_info,
+)
 from manipulation_policy.server.process import ServerProcess, free_port
 
 KEY = "k3y-for-the-check-0123456789abcdef"
@@ -95,3 +101,32 @@ def test_a_server_text_with_control_characters_is_printable_in_the_reason():
         with pytest.raises(ServerCheckFailed) as err:
             check_server(settings(server.url))
     assert str(err.value).isprintable()
+
+
+def info_server(info: dict) -> RawPolicyServer:
+    def answer(request, sock):
+        if request.path == "/info":
+            send_json(sock, info)
+        else:
+            send_json(sock, {"status": "ok"})
+
+    return RawPolicyServer(answer, answer_checks=False)
+
+
+def test_what_info_says_the_policy_reads_is_handed_back():
+    inputs = {"image_names": ["wrist", "front"], "state_length": 6, "action_length": 7}
+    with info_server({"backend": "lerobot", "inputs": inputs}) as server:
+        info = check_server_info(settings(server.url))
+    assert info == ServerInfo("lerobot", PolicyInputs(("wrist", "front"), 6, 7))
+    with info_server({"backend": "stub"}) as server:  # an /info without inputs
+        assert check_server_info(settings(server.url)) == ServerInfo("stub")
+    with ScriptedPolicyServer() as server:  # no /info at all
+        assert check_server_info(settings(server.url)) == ServerInfo("no /info")
+
+
+def test_unreadable_inputs_are_said_not_trusted():
+    with info_server({"backend": "odd", "inputs": {"image_names": "wrist"}}) as server:
+        info = check_server_info(settings(server.url))
+    assert info.inputs is None
+    assert info.inputs_unreadable == "inputs.image_names must be a list of text"
+    assert info.served == "odd"

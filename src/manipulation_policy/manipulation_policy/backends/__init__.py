@@ -41,6 +41,7 @@ from manipulation_policy.core.policy_types import (
     EefTargetMode,
     Observation,
     PolicyAction,
+    PolicyInputs,
     Pose,
     as_chunk,
 )
@@ -55,6 +56,20 @@ class PolicyBackend(Protocol):
     def predict(self, observation: Observation) -> PolicyAnswer: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+def backend_inputs(backend: Any) -> Optional[PolicyInputs]:
+    """What ``backend`` declares it reads (its optional ``inputs()``), or None when it
+    declares nothing; BackendStartupError when the declaration is unusable."""
+    declare = getattr(backend, "inputs", None)
+    if not callable(declare):
+        return None
+    inputs = declare()
+    if not isinstance(inputs, PolicyInputs):
+        raise BackendStartupError(
+            f"inputs() returned {type(inputs).__name__}, not a PolicyInputs"
+        )
+    return inputs
 
 
 def with_current_pose(answer: Any, observation: Observation) -> Any:

@@ -2,7 +2,8 @@
 
 Request and response field names, types and defaults are those of the
 original remote-server guide; the optional extensions (instruction, eef_pose,
-request_id, pending_actions, pending_delay_sec; eef_target_mode, request_id,
+request_id, pending_actions, pending_delay_sec, images, state, robot_id;
+eef_target_mode, has_joint_positions, joint_positions, joint_names, request_id,
 inference_time_ms, actions, action_period_sec) are never required. Unknown
 request fields are ignored. Every request the upstream MobileManipulationCore
 client sends is understood: ``task``/``task_text`` as
@@ -23,9 +24,18 @@ ones) is a chunk of one.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Optional, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from manipulation_policy.core.errors import InputError
 from manipulation_policy.core.imaging import (
@@ -78,6 +88,13 @@ ActionPeriod = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0.0,
                                       le=MAX_ACTION_PERIOD_SEC)]
 PendingDelay = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0,
                                       le=MAX_PENDING_DELAY_SEC)]
+# Several cameras (request ``images``): at most this many, each named like a policy's
+# image feature (``wrist`` for ``observation.images.wrist``).
+MAX_CAMERAS = 8
+CAMERA_NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+MAX_STATE_LENGTH = 256
+MAX_ROBOT_ID_CHARS = 128
+ImageSide = Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGE_SIDE)]
 
 
 class _WireModel(BaseModel):
@@ -117,13 +134,13 @@ class JointStatesModel(_WireModel):
 
     @model_validator(mode="after")
     def _lengths_agree(self) -> JointStatesModel:
-        # A short-circuit ValueError here becomes a 422 naming joint_states.<field>.
+        # Named relative to this object: first_input_error prefixes joint_states.
         count = len(self.name)
         for field_name in ("position", "velocity", "effort"):
             values = getattr(self, field_name)
             if values and len(values) != count:
                 raise InputError(
-                    f"joint_states.{field_name}",
+                    field_name,
                     f"has {_count(len(values), 'value')} for {_count(count, 'joint name')}",
                 )
         return self
@@ -131,6 +148,23 @@ class JointStatesModel(_WireModel):
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+class NamedImageModel(_WireModel):
+    """One camera of ``images``: the top-level image's fields, the same bounds."""
+
+    image: Text = Field(description="base64-encoded JPEG (or PNG)")
+    image_encoding: Optional[Text] = Field(
+        default=None, description="jpeg or png; when absent, detected from the image bytes"
+    )
+    image_width: Optional[ImageSide] = None
+    image_height: Optional[ImageSide] = None
+
+
+def _shown_name(name: str) -> str:
+    """A client's key as it appears in an error's field path (bounded, printable)."""
+    shown = name if name.isprintable() and name else repr(name)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 class InferRequest(_WireModel):
@@ -141,9 +175,28 @@ class InferRequest(_WireModel):
     image_encoding: Optional[Text] = Field(
         default=None, description="jpeg or png; when absent, detected from the image bytes"
     )
-    image_width: Optional[Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGE_SIDE)]] = None
-    image_height: Optional[Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGE_SIDE)]] = None
+    image_width: Optional[ImageSide] = None
+    image_height: Optional[ImageSide] = None
     # Optional extensions.
+    images: Optional[dict[str, NamedImageModel]] = Field(
+        default=None,
+        description=(
+            f"several cameras, one set taken together: camera name (the policy's image "
+            f"feature name, e.g. wrist for observation.images.wrist; "
+            f"{CAMERA_NAME_PATTERN.pattern}) -> the image, with the same fields and "
+            f"bounds as the top-level one; at most {MAX_CAMERAS}. image keeps its meaning"
+        ),
+    )
+    state: Optional[Annotated[list[Number], Field(max_length=MAX_STATE_LENGTH)]] = Field(
+        default=None,
+        description=(
+            "the robot's state vector (joint positions in a configured order, then the "
+            "end-effector pose where configured), for a policy that reads one"
+        ),
+    )
+    robot_id: Optional[Annotated[Text, Field(max_length=MAX_ROBOT_ID_CHARS)]] = Field(
+        default=None, description="who sends the request (the remote node's name)"
+    )
     instruction: Optional[InstructionText] = None
     eef_pose: Optional[PoseModel] = None
     request_id: Optional[Annotated[str, Field(strict=True, max_length=MAX_REQUEST_ID_CHARS)]] = (
@@ -173,6 +226,23 @@ class InferRequest(_WireModel):
     openvla_position_bounds: Optional[BoundsPair] = None
     openvla_rotation_bounds: Optional[BoundsPair] = None
     openvla_gripper_bounds: Optional[BoundsPair] = None
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _camera_names_are_names(cls, images: Any) -> Any:
+        # Named relative to ``images``: first_input_error prefixes it.
+        if isinstance(images, Mapping):
+            if len(images) > MAX_CAMERAS:
+                raise InputError(
+                    "", f"has {len(images)} cameras; at most {MAX_CAMERAS} are accepted"
+                )
+            for name in images:
+                if not isinstance(name, str) or not CAMERA_NAME_PATTERN.fullmatch(name):
+                    raise InputError(
+                        _shown_name(str(name)),
+                        f"is not a camera name; a name matches {CAMERA_NAME_PATTERN.pattern}",
+                    )
+        return images
 
     @model_validator(mode="after")
     def _bounds_are_ordered(self) -> InferRequest:
@@ -217,7 +287,11 @@ class InferRequest(_WireModel):
                         f"{path}.eef_target_pose.orientation",
                         f"quaternion ({q.x}, {q.y}, {q.z}, {q.w}) is not a rotation",
                     )
-            if action.has_joint_deltas and len(action.joint_deltas) != joint_count:
+            if (
+                action.has_joint_deltas
+                and not action.joint_names
+                and len(action.joint_deltas) != joint_count
+            ):
                 raise InputError(
                     f"{path}.joint_deltas",
                     f"has {_count(len(action.joint_deltas), 'value')} for "
@@ -249,8 +323,53 @@ class ActionModel(_WireModel):
     base_velocity_hint: TwistModel = Field(default_factory=TwistModel)
     reference_frame: Annotated[Text, Field(max_length=MAX_FRAME_LENGTH)] = DEFAULT_REFERENCE_FRAME
     confidence: Annotated[Number, Field(ge=0.0, le=1.0)] = 0.0
-    # Optional extension.
+    # Optional extensions.
     eef_target_mode: Literal["absolute", "delta"] = "delta"
+    has_joint_positions: Flag = False
+    joint_positions: list[Number] = Field(
+        default_factory=list,
+        max_length=MAX_JOINTS,
+        description="absolute joint position targets (rad, or m for prismatic joints), "
+        "never deltas; read when has_joint_positions",
+    )
+    joint_names: list[Text] = Field(
+        default_factory=list,
+        max_length=MAX_JOINTS,
+        description="the joints joint_positions and joint_deltas name, in their order "
+        "(each then has this length); empty: the request's joint_states order",
+    )
+
+    @model_validator(mode="after")
+    def _joint_names_fit(self) -> ActionModel:
+        # Named relative to this object: first_input_error prefixes e.g. actions[2].
+        if not self.joint_names:
+            return self
+        problem = joint_names_problem(self.joint_names)
+        if problem is not None:
+            raise InputError("joint_names", problem)
+        count = len(self.joint_names)
+        for flag, name in (("has_joint_positions", "joint_positions"),
+                           ("has_joint_deltas", "joint_deltas")):
+            values = getattr(self, name)
+            if getattr(self, flag) and len(values) != count:
+                raise InputError(
+                    name,
+                    f"has {_count(len(values), 'value')} for {_count(count, 'joint name')} "
+                    "in joint_names",
+                )
+        return self
+
+
+def joint_names_problem(names: Any) -> Optional[str]:
+    """Why a non-empty joint_names list cannot name joints (an empty or repeated name)."""
+    seen = set()
+    for index, name in enumerate(names):
+        if not name:
+            return f"name [{index}] is empty"
+        if name in seen:
+            return f"names joint {_shown_name(name)!r} twice"
+        seen.add(name)
+    return None
 
 
 class InferResponse(ActionModel):
@@ -315,10 +434,17 @@ def field_path(location: tuple) -> str:
 def first_input_error(exc: ValidationError) -> InputError:
     """The first problem of a pydantic error, as an InputError naming its field."""
     error = exc.errors()[0]
+    location = tuple(error["loc"])
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, InputError):
-        return cause
-    return InputError(field_path(tuple(error["loc"])), error["msg"])
+        # A validator names its field relative to the object it validates.
+        if not location:
+            return cause
+        where = field_path(location)
+        if not cause.field:
+            return InputError(where, cause.message)
+        return InputError(f"{where}.{cause.field}", cause.message)
+    return InputError(field_path(location), error["msg"])
 
 
 def _validated(model: type[ModelT], payload: Any, what: str) -> ModelT:
@@ -356,6 +482,8 @@ def check_announced_parts(action: ActionModel, path: str = "") -> None:
         _require_complete(action.eef_target_pose, f"{prefix}eef_target_pose", because)
     if action.has_joint_deltas:
         _require(action, path, ["joint_deltas"], "has_joint_deltas is true")
+    if action.has_joint_positions:
+        _require(action, path, ["joint_positions"], "has_joint_positions is true")
     if action.gripper_active:
         _require(action, path, ["gripper_command"], "gripper_active is true")
     if action.has_base_hint:
@@ -398,7 +526,8 @@ def twist_to_wire(twist: Twist) -> dict:
 def request_to_observation(
     request: InferRequest, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 ) -> Observation:
-    """Decode a validated request into an Observation (decodes the image)."""
+    """Decode a validated request into an Observation (decodes every image, each within
+    ``max_image_pixels``)."""
     image = None
     if request.image is not None:
         image = decode_base64_image(
@@ -408,6 +537,10 @@ def request_to_observation(
             request.image_height,
             max_image_pixels,
         )
+    images = {
+        name: _decode_named_image(name, camera, max_image_pixels)
+        for name, camera in (request.images or {}).items()
+    }
     joints = request.joint_states
     return Observation(
         joint_state=JointStateData(
@@ -426,7 +559,24 @@ def request_to_observation(
             for action in request.pending_actions or ()
         ),
         pending_delay_sec=request.pending_delay_sec,
+        images=images,
+        state=None if request.state is None else tuple(request.state),
+        robot_id=request.robot_id or "",
     )
+
+
+def _decode_named_image(name: str, camera: NamedImageModel, max_pixels: int):
+    try:
+        return decode_base64_image(
+            camera.image,
+            camera.image_encoding,
+            camera.image_width,
+            camera.image_height,
+            max_pixels,
+        )
+    except InputError as exc:
+        # imaging names the top-level fields (image, image_width, ...).
+        raise InputError(f"images.{name}.{exc.field}", exc.message) from None
 
 
 def request_instruction(request: InferRequest) -> str:
@@ -472,11 +622,15 @@ def observation_to_request(
         },
     }
     if observation.image is not None:
-        height, width = observation.image.shape[:2]
-        body["image"] = encode_base64_jpeg(observation.image, jpeg_quality)
-        body["image_encoding"] = "jpeg"
-        body["image_width"] = int(width)
-        body["image_height"] = int(height)
+        body.update(_image_to_wire(observation.image, jpeg_quality))
+    if observation.images:
+        body["images"] = {
+            name: _image_to_wire(rgb, jpeg_quality) for name, rgb in observation.images.items()
+        }
+    if observation.state is not None:
+        body["state"] = [float(value) for value in observation.state]
+    if observation.robot_id:
+        body["robot_id"] = observation.robot_id
     if observation.instruction:
         body["instruction"] = observation.instruction
     if observation.eef_pose is not None:
@@ -490,8 +644,20 @@ def observation_to_request(
     return body
 
 
+def _image_to_wire(rgb: Any, jpeg_quality: int) -> dict:
+    height, width = rgb.shape[:2]
+    return {
+        "image": encode_base64_jpeg(rgb, jpeg_quality),
+        "image_encoding": "jpeg",
+        "image_width": int(width),
+        "image_height": int(height),
+    }
+
+
 def action_to_wire(action: PolicyAction) -> dict:
-    """The PolicyOutput-shaped JSON object of one action (every field present)."""
+    """The PolicyOutput-shaped JSON object of one action (every field present).
+    ValueError when its joint_names do not fit its joint values (a backend's bug)."""
+    _check_joint_names(action)
     return {
         "has_eef_target": action.eef_target is not None,
         "eef_target_pose": pose_to_wire(action.eef_target or Pose()),
@@ -504,7 +670,26 @@ def action_to_wire(action: PolicyAction) -> dict:
         "reference_frame": action.reference_frame,
         "confidence": action.confidence,
         "eef_target_mode": EefTargetMode(action.eef_target_mode).value,
+        "has_joint_positions": action.joint_positions is not None,
+        "joint_positions": list(action.joint_positions or ()),
+        "joint_names": list(action.joint_names or ()),
     }
+
+
+def _check_joint_names(action: PolicyAction) -> None:
+    names = action.joint_names
+    if not names:
+        return
+    problem = joint_names_problem(names)
+    if problem is not None:
+        raise ValueError(f"joint_names {problem}")
+    for label, values in (("joint_positions", action.joint_positions),
+                          ("joint_deltas", action.joint_deltas)):
+        if values is not None and len(values) != len(names):
+            raise ValueError(
+                f"{label} has {_count(len(values), 'value')} for "
+                f"{_count(len(names), 'joint name')} in joint_names"
+            )
 
 
 def chunk_to_response(
@@ -547,6 +732,8 @@ def action_from_wire(model: ActionModel, reference_frame: Optional[str] = None) 
             twist_from_wire(model.base_velocity_hint) if model.has_base_hint else None
         ),
         confidence=model.confidence,
+        joint_positions=tuple(model.joint_positions) if model.has_joint_positions else None,
+        joint_names=tuple(model.joint_names) if model.joint_names else None,
     )
 
 

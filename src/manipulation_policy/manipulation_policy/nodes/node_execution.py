@@ -23,6 +23,7 @@ from sensor_msgs.msg import CompressedImage
 
 from manipulation_policy.core.policy_types import ActionChunk, Observation, PolicyAction
 from manipulation_policy.nodes import ros_conversion
+from manipulation_policy.robot.camera_inputs import StateLayout, state_vector
 from manipulation_policy.robot.executor import ChunkExecutor
 from manipulation_policy.robot.node_parameters import EXECUTOR_PARAMETERS, executor_settings
 from manipulation_policy.robot.node_shared import LOG_THROTTLE_SEC, Job
@@ -167,11 +168,34 @@ class NodeExecution:
                 f"{values['reference_frame']!r}; ignored",
                 throttle_duration_sec=LOG_THROTTLE_SEC,
             )
-        observation = observation_without_image(selection.joint_state, decision.eef_pose, values)
-        accepted = self._worker.try_submit(Job(frame, observation, decision.task_generation))
+        cameras = self._camera_set(frame, values)
+        state = state_vector(
+            StateLayout.from_values(values), selection.joint_state, decision.eef_pose
+        )
+        problem = cameras.problem or state.problem
+        if problem is not None:
+            self._inputs_incomplete(problem)
+            return  # the frame stays the candidate: a later frame may complete the set
+        self.inputs_problem = None
+        observation = observation_without_image(
+            selection.joint_state, decision.eef_pose, values,
+            state=state.values, robot_id=self.get_fully_qualified_name(),
+        )
+        accepted = self._worker.try_submit(
+            Job(frame, observation, decision.task_generation, cameras.frames or {})
+        )
         self._scheduler.handed_over(frame.info, accepted)
         if accepted and selection.source is Source.AGGREGATED:
             self._count("from_observation")
+
+    def _inputs_incomplete(self, problem: str) -> None:
+        """A camera of the set is missing or off, or the state cannot be made: nothing
+        is sent (said every LOG_THROTTLE_SEC; the last reason is ``inputs_problem``)."""
+        self._count("incomplete_inputs")
+        self.inputs_problem = problem
+        self.get_logger().warning(
+            f"nothing sent: {problem}", throttle_duration_sec=LOG_THROTTLE_SEC
+        )
 
     def _log_held_back(self, decision, values: dict[str, Any]) -> None:
         if decision.verdict is Verdict.NO_TASK:
@@ -202,17 +226,22 @@ class NodeExecution:
     def _run_job(self, job: Job) -> None:
         if self.hold_reason() is not None:
             return  # a stop began after this frame was handed over
+        image, images = None, {}
         try:
-            if isinstance(job.frame.msg, CompressedImage):
-                image = ros_conversion.compressed_image_to_rgb(job.frame.msg)
+            if job.camera_frames:
+                for name, frame in job.camera_frames.items():
+                    camera = name
+                    images[name] = _decoded(frame.msg)
             else:
-                image = ros_conversion.image_to_rgb(job.frame.msg)
+                camera = ""
+                image = _decoded(job.frame.msg)
         except Exception as exc:  # noqa: BLE001 - a bad frame ends this cycle, not the worker
             self.get_logger().error(
-                f"camera frame not usable: {exc}", throttle_duration_sec=LOG_THROTTLE_SEC
+                f"camera frame not usable{f' ({camera})' if camera else ''}: {exc}",
+                throttle_duration_sec=LOG_THROTTLE_SEC,
             )
             return
-        observation = observation_to_send(job.observation, image, self._executor)
+        observation = observation_to_send(job.observation, image, self._executor, images)
         self._count("inferences")
         request_id = self.new_request_id()
         self._executor.request_sent(request_id)
@@ -308,3 +337,9 @@ class NodeExecution:
     def chunk_executor(self) -> ChunkExecutor:
         return self._executor
 
+
+def _decoded(msg: Any) -> Any:
+    """An RGB array of a received Image or CompressedImage."""
+    if isinstance(msg, CompressedImage):
+        return ros_conversion.compressed_image_to_rgb(msg)
+    return ros_conversion.image_to_rgb(msg)

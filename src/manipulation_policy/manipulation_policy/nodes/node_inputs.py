@@ -1,4 +1,5 @@
-"""The policy node's inputs: the camera (raw or compressed), joint states, the
+"""The policy node's inputs: the camera (raw or compressed), or several named cameras
+(``camera_topics``, paired into sets by ``robot/camera_inputs``), joint states, the
 end-effector pose, the aggregated ``manipulation_msgs/Observation`` (with
 ``use_observation``) and the task topic; and the choice, each time a frame may go,
 between the aggregated observation and the raw topics
@@ -11,6 +12,8 @@ new frame asks the node to dispatch (``_dispatch_newest``). This mixin of
 
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import partial
 from typing import Any, Optional
 
 from geometry_msgs.msg import PoseStamped
@@ -22,6 +25,13 @@ from std_msgs.msg import String
 from manipulation_msgs.msg import Observation as ObservationMsg
 from manipulation_policy.core.policy_types import JointStateData
 from manipulation_policy.nodes import ros_conversion
+from manipulation_policy.robot.camera_inputs import (
+    CameraSet,
+    CameraSpec,
+    camera_parameters_problem,
+    camera_specs,
+    pair_cameras,
+)
 from manipulation_policy.robot.node_shared import LOG_THROTTLE_SEC, Frame
 from manipulation_policy.robot.observation_inputs import (
     AggregatedObservation,
@@ -38,7 +48,9 @@ class NodeInputs:
     """Subscriptions and input selection of ``PolicyNodeBase`` (a mixin)."""
 
     def _init_inputs(self) -> None:
-        self._latest_frame: Optional[Frame] = None
+        self._latest_frame: Optional[Frame] = None  # the (first) camera's
+        self._cameras: tuple[CameraSpec, ...] = ()  # camera_topics; empty: camera_topic
+        self._latest_camera_frames: dict[str, Frame] = {}
         self._latest_joint_state = JointStateData()
         self._latest_eef_pose: Optional[StampedPose] = None
         self._latest_aggregate: Optional[AggregatedObservation[Frame]] = None
@@ -48,15 +60,27 @@ class NodeInputs:
         self._reported_encodings: set[str] = set()
 
     def _subscribe_to_inputs(self, values: dict[str, Any]) -> None:
-        camera_topic = values["camera_topic"]
-        if values["image_transport"].strip().lower() == "compressed":
-            camera_topic = camera_topic.rstrip("/") + "/compressed"
-            self.create_subscription(
-                CompressedImage, camera_topic, self._on_compressed_image, qos_profile_sensor_data
-            )
+        problem = camera_parameters_problem(values)
+        if problem is not None:
+            raise ValueError(problem)
+        self._cameras = camera_specs(
+            values["camera_topics"], values["camera_names"], values["image_transport"]
+        )
+        if self._cameras:
+            self._subscribe_to_cameras()
         else:
-            self.create_subscription(Image, camera_topic, self._on_image, qos_profile_sensor_data)
-        self._camera_topic = camera_topic
+            camera_topic = values["camera_topic"]
+            if values["image_transport"].strip().lower() == "compressed":
+                camera_topic = camera_topic.rstrip("/") + "/compressed"
+                self.create_subscription(
+                    CompressedImage, camera_topic, self._on_compressed_image,
+                    qos_profile_sensor_data,
+                )
+            else:
+                self.create_subscription(
+                    Image, camera_topic, self._on_image, qos_profile_sensor_data
+                )
+            self._camera_topic = camera_topic
         # Sensor-data QoS (best effort) matches reliable and best-effort publishers alike.
         self.create_subscription(
             JointState, values["joint_states_topic"], self._on_joint_state, qos_profile_sensor_data
@@ -115,6 +139,51 @@ class NodeInputs:
     def _on_compressed_image(self, msg: CompressedImage) -> None:
         self._store_frame(msg)
 
+    def _subscribe_to_cameras(self) -> None:
+        for camera in self._cameras:
+            if camera.compressed:
+                callback = partial(self._on_named_compressed_image, camera)
+                kind = CompressedImage
+            else:
+                callback = partial(self._on_named_image, camera)
+                kind = Image
+            self.create_subscription(kind, camera.topic, callback, qos_profile_sensor_data)
+        self._camera_topic = ", ".join(f"{c.topic} ({c.name})" for c in self._cameras)
+        self._watchdog.watch_cameras(tuple(c.name for c in self._cameras))
+
+    def _on_named_image(self, camera: CameraSpec, msg: Image) -> None:
+        if self._usable_image(msg, camera.topic):
+            self._store_named_frame(camera, msg)
+
+    def _on_named_compressed_image(self, camera: CameraSpec, msg: CompressedImage) -> None:
+        self._store_named_frame(camera, msg)
+
+    def _store_named_frame(self, camera: CameraSpec, msg) -> None:
+        """A frame of one of several cameras; the first camera's is the scheduler's frame
+        (a new set), another's may complete a set waiting for it."""
+        self._watchdog.camera_frame_received(camera.name)
+        with self._state_lock:
+            self._counters["images"] += 1
+            frame = self._new_frame(msg, msg.header.stamp)
+            self._latest_camera_frames[camera.name] = frame
+            if camera is self._cameras[0]:
+                self._latest_frame = frame
+        if self._publishing:
+            self._dispatch_newest()
+
+    def _camera_set(self, first: Frame, values: dict[str, Any]) -> CameraSet[Frame]:
+        """The frames of each camera to go with ``first`` (the first camera's), or why
+        there is no set now; an empty set for a one-camera node."""
+        if not self._cameras:
+            return CameraSet({})
+        with self._state_lock:
+            newest = dict(self._latest_camera_frames)
+        newest[self._cameras[0].name] = first
+        return pair_cameras(
+            [c.name for c in self._cameras], newest, lambda frame: frame.info.stamp_ns,
+            float(values["camera_sync_tolerance_sec"]),
+        )
+
     def _on_joint_state(self, msg: JointState) -> None:
         state = ros_conversion.joint_state_to_data(msg)
         self._watchdog.joint_state_received()
@@ -142,7 +211,7 @@ class NodeInputs:
             eef=ros_conversion.observation_eef_pose(msg),
         )
         stamp_ns = ros_conversion.stamp_to_nanoseconds(msg.header.stamp)
-        if image_usable:
+        if image_usable and not self._cameras:  # several cameras: theirs are watched
             self._watchdog.camera_frame_received()
         if parts_without_frame.joint_state.name:
             self._watchdog.joint_state_received()
@@ -181,6 +250,9 @@ class NodeInputs:
         with self._state_lock:
             raw = Inputs(self._latest_frame, self._latest_joint_state, self._latest_eef_pose)
             aggregate = self._latest_aggregate
+        if self._cameras and aggregate is not None:
+            # Its one unnamed image is no camera of a set: the named topics' frames go.
+            aggregate = replace(aggregate, inputs=replace(aggregate.inputs, frame=None))
         selection = select_inputs(
             aggregate, raw, self.get_clock().now().nanoseconds,
             ObservationSettings.from_values(values),

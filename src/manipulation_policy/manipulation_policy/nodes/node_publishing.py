@@ -245,6 +245,9 @@ class NodePublishing:
             KeyValue(key="chunk_merge", value=settings.chunk_merge.value),
             KeyValue(key="refill_horizon_sec", value=f"{self._executor.refill_horizon_sec():.3f}"),
             KeyValue(key="remaining_sec", value=f"{self._executor.remaining_sec():.3f}"),
+            # Sets not sent for a missing or off camera, or a state that cannot be made.
+            KeyValue(key="incomplete_inputs", value=str(self.counters["incomplete_inputs"])),
+            KeyValue(key="inputs_problem", value=self.inputs_problem or ""),
         ]
         msg = DiagnosticArray()
         msg.header.stamp = self.get_clock().now().to_msg()

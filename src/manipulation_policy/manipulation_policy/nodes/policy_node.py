@@ -12,7 +12,13 @@ from __future__ import annotations
 import sys
 from typing import Any, Optional
 
-from manipulation_policy.backends import PolicyBackend, create_backend, is_plugin, predictor
+from manipulation_policy.backends import (
+    PolicyBackend,
+    backend_inputs,
+    create_backend,
+    is_plugin,
+    predictor,
+)
 from manipulation_policy.nodes.policy_node_base import ActionSource, PolicyNodeBase, run_node
 from manipulation_policy.robot.node_parameters import (
     POLICY_NODE_PARAMETERS,
@@ -37,6 +43,12 @@ class PolicyNode(PolicyNodeBase):
             self.get_logger().info(f"loading backend {values['backend']!r}")
             backend = create_backend(values["backend"], **parameter_backend_arguments(values))
         self.backend = backend
+        try:
+            self.check_policy_inputs(backend_inputs(backend))
+        except Exception:
+            if self._given_backend is None:
+                self.close_action_source()  # no model stays loaded for a refused configure
+            raise
         self.get_logger().info(f"backend ready: {backend.describe()}")
         return predictor(backend)
 

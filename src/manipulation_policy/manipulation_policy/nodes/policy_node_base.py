@@ -59,11 +59,13 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
 
+from manipulation_policy.core.policy_types import PolicyInputs
 from manipulation_policy.nodes.node_execution import ActionSource, NodeExecution
 from manipulation_policy.nodes.node_inputs import NodeInputs
 from manipulation_policy.nodes.node_publishing import NodePublishing
 from manipulation_policy.nodes.node_safety import NodeSafety
 from manipulation_policy.nodes.parameter_handling import NodeParameters
+from manipulation_policy.robot.camera_inputs import StateLayout, configuration_problem
 from manipulation_policy.robot.node_parameters import ParameterSpec
 from manipulation_policy.robot.scheduling import task_active_at_start
 
@@ -99,10 +101,13 @@ class PolicyNodeBase(
         self._worker = None
         self._autostart_timer = None
         self.configure_problem: Optional[str] = None
+        # Why the newest inputs could not go (a camera of the set, the state), if so.
+        self.inputs_problem: Optional[str] = None
         # Guards the inputs' latest messages and the counters.
         self._state_lock = threading.Lock()
         self._counters = {
             "images": 0,
+            "incomplete_inputs": 0,
             "joint_states": 0,
             "observations": 0,
             "from_observation": 0,
@@ -175,7 +180,8 @@ class PolicyNodeBase(
         self.lifecycle_state = "inactive"
         values = self.parameter_values()
         self.get_logger().info(
-            f"configured: listening to {self._camera_topic} ({values['image_transport']})"
+            f"configured: listening to {self._camera_topic}"
+            + ("" if self._cameras else f" ({values['image_transport']})")
             + (f" and {self._observation_topic} (aggregated observation)"
                if values["use_observation"] else "")
             + f"; tasks on {self._task_topic}; e-stop on {self._estop_topic}"
@@ -253,6 +259,19 @@ class PolicyNodeBase(
 
     def create_action_source(self) -> ActionSource:
         raise NotImplementedError
+
+    def check_policy_inputs(self, required: Optional[PolicyInputs]) -> None:
+        """ConfigureFailed, one line naming the camera or the state length, when what the
+        policy reads (None: it does not say) does not fit camera_names and the state
+        layout (state_joints, state_eef_pose)."""
+        if required is None:
+            return
+        values = self.parameter_values()
+        problem = configuration_problem(
+            required, values["camera_names"], StateLayout.from_values(values)
+        )
+        if problem is not None:
+            raise ConfigureFailed(problem)
 
     def parameters_changed(self, changed: dict[str, Any]) -> None:
         """Live parameters in ``changed`` were just accepted (values already current)."""

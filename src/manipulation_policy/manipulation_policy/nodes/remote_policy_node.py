@@ -47,7 +47,7 @@ from manipulation_policy.robot.remote_action_source import (
     remote_settings,
 )
 from manipulation_policy.robot.remote_client import BreakerState, RemoteClient
-from manipulation_policy.robot.server_check import ServerCheckFailed, check_server
+from manipulation_policy.robot.server_check import ServerCheckFailed, check_server_info
 
 DIAGNOSTICS_PERIOD_SEC = 1.0
 # Under autostart, a server that is not there yet is asked again this often.
@@ -99,10 +99,16 @@ class RemotePolicyNode(PolicyNodeBase):
             remote_settings(self.parameter_values()), raw_action_options=raw_options
         )
         try:
-            served = check_server(settings)
+            info = check_server_info(settings)
         except ServerCheckFailed as exc:
             raise ConfigureFailed(str(exc)) from None
-        self.get_logger().info(f"policy server {settings.url} is up: {served}")
+        self.get_logger().info(f"policy server {settings.url} is up: {info.served}")
+        if info.inputs_unreadable is not None:
+            self.get_logger().warning(
+                f"policy server {settings.url}: /info's inputs unreadable "
+                f"({info.inputs_unreadable}); the cameras and state are not checked now"
+            )
+        self.check_policy_inputs(info.inputs)
         self.get_logger().info(
             f"policy server {settings.url} (deadline {settings.timeout_sec:g} s per attempt, "
             f"{settings.retry_attempts} retries: an answer comes within "
@@ -144,6 +150,7 @@ class RemotePolicyNode(PolicyNodeBase):
         return self.action_source.client.new_request_id()
 
     def call_action_source(self, observation: Observation, request_id: str) -> Any:
+        # robot_id (this node's fully qualified name) is on the observation already.
         return self.action_source(observation, request_id=request_id)
 
     def action_on_failure(self, observation: Observation) -> Optional[PolicyAction]:

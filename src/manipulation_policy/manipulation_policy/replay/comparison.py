@@ -6,10 +6,12 @@ between runs and are not used. A step only one run published (the other skipped 
 frame, or its plan ended earlier) is unpaired and counts as outside the tolerances.
 
 For each pair: the distance between the end-effector target positions (m), the angle
-between their orientations (rad), the largest joint-delta difference and the gripper
-difference. A pair is within tolerance when every difference is within its tolerance
-and both agree on what is commanded at all (a target, joint deltas, a gripper command,
-the target's mode); one side's hold against the other's command is a difference too.
+between their orientations (rad), the largest joint difference (joint deltas and
+absolute joint position targets alike) and the gripper difference. A pair is within
+tolerance when every difference is within its tolerance and both agree on what is
+commanded at all (a target, joint deltas, joint positions, the joints they name, a
+gripper command, the target's mode); one side's hold against the other's command is a
+difference too.
 """
 
 from __future__ import annotations
@@ -99,22 +101,35 @@ def differences(a: PolicyAction, b: PolicyAction) -> tuple[float, float, float, 
             pa, pb = a.eef_target.position, b.eef_target.position
             position = math.dist((pa.x, pa.y, pa.z), (pb.x, pb.y, pb.z))
             rotation = _quaternion_angle(a.eef_target.orientation, b.eef_target.orientation)
-    if (a.joint_deltas is None) != (b.joint_deltas is None):
+    if a.joint_names != b.joint_names:
         joint = INF
-        notes.append("only one has joint deltas")
-    elif a.joint_deltas is not None and b.joint_deltas is not None:
-        if len(a.joint_deltas) != len(b.joint_deltas):
-            joint = INF
-            notes.append("joint counts differ")
-        else:
-            joint = max((abs(x - y) for x, y in zip(a.joint_deltas, b.joint_deltas, strict=True)),
-                        default=0.0)
+        notes.append("joint names differ")
+    else:
+        joint = max(
+            _joint_difference(a.joint_deltas, b.joint_deltas, "joint deltas", notes),
+            _joint_difference(a.joint_positions, b.joint_positions, "joint positions", notes),
+        )
     if (a.gripper_command is None) != (b.gripper_command is None):
         gripper = INF
         notes.append("only one commands the gripper")
     elif a.gripper_command is not None and b.gripper_command is not None:
         gripper = abs(a.gripper_command - b.gripper_command)
     return position, rotation, joint, gripper, "; ".join(notes)
+
+
+def _joint_difference(
+    a: Optional[Sequence[float]], b: Optional[Sequence[float]], what: str, notes: list
+) -> float:
+    """The largest difference between two commands' joint values of one kind."""
+    if (a is None) != (b is None):
+        notes.append(f"only one has {what}")
+        return INF
+    if a is None or b is None:
+        return 0.0
+    if len(a) != len(b):
+        notes.append(f"{what}: joint counts differ")
+        return INF
+    return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
 
 
 def compare_steps(

@@ -45,6 +45,9 @@ def action_fields(action: PolicyAction, stamp_ns: int) -> dict[str, Any]:
         "gripper_command": float(action.gripper_command or 0.0),
         "has_base_hint": action.base_velocity_hint is not None,
         "confidence": float(action.confidence),
+        "has_joint_positions": action.joint_positions is not None,
+        "joint_positions": [float(v) for v in action.joint_positions or ()],
+        "joint_names": [str(name) for name in action.joint_names or ()],
     }
     if action.eef_target is not None:
         fields["eef_target_pose"] = geometry_to_dict(action.eef_target)

@@ -163,4 +163,11 @@ def policy_output_to_action(msg: Any) -> PolicyAction:
         gripper_command=float(msg.gripper_command) if msg.gripper_active else None,
         base_velocity_hint=twist_from_msg(msg.base_velocity_hint) if msg.has_base_hint else None,
         confidence=float(msg.confidence),
+        # Absent from messages recorded before these fields existed.
+        joint_positions=(
+            tuple(float(v) for v in msg.joint_positions)
+            if getattr(msg, "has_joint_positions", False)
+            else None
+        ),
+        joint_names=tuple(str(n) for n in getattr(msg, "joint_names", ())) or None,
     )

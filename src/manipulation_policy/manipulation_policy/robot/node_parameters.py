@@ -25,6 +25,12 @@ from manipulation_policy.core.api_key import API_KEY_ENV, ApiKeyUnusable, read_a
 from manipulation_policy.core.contract import MAX_IMAGE_SIDE, MAX_INSTRUCTION_CHARS
 from manipulation_policy.core.options import NumberRange, Option, scale, text_up_to
 from manipulation_policy.core.policy_types import MAX_CHUNK_LENGTH
+from manipulation_policy.robot.camera_inputs import (
+    MAX_CAMERAS,
+    camera_name_problem,
+    camera_topics_problem,
+    state_joints_problem,
+)
 from manipulation_policy.robot.executor_settings import (
     DEFAULT_CROSSFADE_STEPS,
     DEFAULT_ENSEMBLE_WEIGHT,
@@ -368,6 +374,31 @@ COMMON_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("image_transport", "raw",
                   "How the camera is received: raw or compressed.",
                   one_of(IMAGE_TRANSPORTS), live=False),
+    ParameterSpec("camera_topics", (),
+                  f"Several cameras (at most {MAX_CAMERAS}), first camera first: their "
+                  "topics, each named by camera_names; empty: the one camera_topic. A topic "
+                  "ending in /compressed is a sensor_msgs/CompressedImage topic; the others "
+                  "follow image_transport. A set of frames goes to the policy when every "
+                  "camera has one within camera_sync_tolerance_sec of the first camera's.",
+                  camera_topics_problem, live=False, item_type=str),
+    ParameterSpec("camera_names", (),
+                  "The policy's image feature name of each of camera_topics, same order "
+                  "(wrist for observation.images.wrist): letters, digits, _ . -.",
+                  camera_name_problem, live=False, item_type=str),
+    ParameterSpec("camera_sync_tolerance_sec", 0.05,
+                  "With camera_topics: the newest frames of the cameras form a set only "
+                  "when each is stamped within this of the first camera's frame; else "
+                  "nothing is sent until they are.",
+                  NumberRange(0.0, 60.0)),
+    ParameterSpec("state_joints", (),
+                  "The robot's state vector for a policy that reads one: the positions of "
+                  "these joints (joint_states names) in this order; empty: no state (unless "
+                  "state_eef_pose). A joint missing or unknown (NaN): nothing is sent.",
+                  state_joints_problem, live=False, item_type=str),
+    ParameterSpec("state_eef_pose", False,
+                  "true: the state vector ends with the end-effector pose x, y, z, qx, qy, "
+                  "qz, qw (eef_pose_topic or the aggregated observation's base_to_ee); "
+                  "without a usable pose nothing is sent.", live=False),
     ParameterSpec("joint_states_topic", "/joint_states", "sensor_msgs/JointState topic.",
                   topic_name, live=False),
     ParameterSpec("instruction_topic", "/manipulation/instruction",

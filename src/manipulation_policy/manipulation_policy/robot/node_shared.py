@@ -3,7 +3,8 @@ for the worker; and how often a repeated log line may show."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from manipulation_policy.core.policy_types import Observation
@@ -24,3 +25,7 @@ class Job:
     frame: Frame
     observation: Observation  # image still None: decoded on the worker
     task_generation: int = 0
+    # Several cameras: the set's frame of each by name (``frame`` is the first camera's,
+    # the set's stamp); decoded on the worker into ``Observation.images``. Empty: one
+    # camera, ``frame``, decoded into ``Observation.image``.
+    camera_frames: Mapping[str, Frame] = field(default_factory=dict)

@@ -39,8 +39,8 @@ def remote_request_body(
     jpeg_quality: int,
     extra_fields: Optional[Mapping[str, Any]] = None,
 ) -> dict:
-    """The JSON body for ``observation``: its image resized to ``image_width`` x
-    ``image_height`` and JPEG-encoded, non-finite joint extras dropped, then
+    """The JSON body for ``observation``: its image (and each named camera's) resized to
+    ``image_width`` x ``image_height`` and JPEG-encoded, non-finite joint extras dropped, then
     ``extra_fields`` (upstream's per-request action settings) added."""
     observation = replace(
         observation, joint_state=without_non_finite_extras(observation.joint_state)
@@ -49,6 +49,11 @@ def remote_request_body(
         observation = replace(
             observation, image=resize_rgb(observation.image, image_width, image_height)
         )
+    if observation.images:
+        observation = replace(observation, images={
+            name: resize_rgb(image, image_width, image_height)
+            for name, image in observation.images.items()
+        })
     body = observation_to_request(observation, jpeg_quality=jpeg_quality)
     body.update(extra_fields or {})
     return body

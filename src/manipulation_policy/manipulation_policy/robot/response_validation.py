@@ -10,7 +10,10 @@ action and for every action of ``actions`` alike:
 - a part announced by its flag is really there (``has_eef_target: true``
   with no ``eef_target_pose`` is refused, not read as the origin);
 - confidence and gripper_command are within [0, 1];
-- one joint delta per joint sent;
+- one joint delta and one joint position target per joint sent, unless the
+  action's joint_names says which joints they are (then, as the contract
+  checks, one per name, no name empty or twice; the safety guard matches them
+  to the robot's joints by name);
 - an end-effector target's orientation is a unit quaternion;
 - the answer's reference_frame, when given, is the frame the robot asked in.
   The published frame is always the robot's own: a server cannot move a
@@ -158,11 +161,15 @@ def _within_unit_interval(field: str, value: float) -> None:
 def _check_form(action: ActionModel, prefix: str, expect: Expectation) -> None:
     _within_unit_interval(f"{prefix}confidence", action.confidence)
     _within_unit_interval(f"{prefix}gripper_command", action.gripper_command)
-    if action.has_joint_deltas and len(action.joint_deltas) != expect.joint_count:
-        raise InputError(
-            f"{prefix}joint_deltas",
-            f"has {len(action.joint_deltas)} values for the {expect.joint_count} joints sent",
-        )
+    if not action.joint_names:
+        for flag, name in (("has_joint_deltas", "joint_deltas"),
+                           ("has_joint_positions", "joint_positions")):
+            values = getattr(action, name)
+            if getattr(action, flag) and len(values) != expect.joint_count:
+                raise InputError(
+                    f"{prefix}{name}",
+                    f"has {len(values)} values for the {expect.joint_count} joints sent",
+                )
     if action.has_eef_target:
         q = action.eef_target_pose.orientation
         norm = vector_length((q.x, q.y, q.z, q.w))

@@ -4,8 +4,9 @@ Two causes, either one enough:
 
 - the emergency stop (``/manipulation/estop``, std_msgs/Bool): engaged by a true,
   released only by an explicit false;
-- the input watchdog: no camera frame, or no joint state, received within
-  ``input_timeout_sec`` (from activation, or from the last one, whichever is later).
+- the input watchdog: no camera frame (from any one of several cameras), or no joint
+  state, received within ``input_timeout_sec`` (from activation, or from the last one,
+  whichever is later).
   Each input is watched once its first message arrived: before that the node has
   nothing to act on and commands nothing (it logs that it waits for images), and a
   robot that publishes no joint states is not held forever. Receipt time counts,
@@ -35,7 +36,8 @@ ESTOP_SETTLE_SEC = 0.5
 
 
 class InputWatchdog:
-    """Receipt times of the camera and the joint states against a timeout.
+    """Receipt times of the camera (or of each of several named cameras) and the joint
+    states against a timeout.
 
     ``clock_ns`` is monotonic. Disarmed (not active), it finds nothing wrong."""
 
@@ -43,7 +45,8 @@ class InputWatchdog:
         self._clock_ns = clock_ns
         self._lock = threading.Lock()
         self._armed_ns: Optional[int] = None
-        self._camera_ns: Optional[int] = None
+        # Camera name -> receipt time of its newest frame; "" is the one unnamed camera.
+        self._camera_ns: dict[str, Optional[int]] = {"": None}
         self._joint_state_ns: Optional[int] = None
 
     def arm(self) -> None:
@@ -55,22 +58,33 @@ class InputWatchdog:
         with self._lock:
             self._armed_ns = None
 
-    def camera_frame_received(self) -> None:
+    def watch_cameras(self, names: tuple[str, ...]) -> None:
+        """Watch each of these named cameras instead of the one unnamed camera."""
         with self._lock:
-            self._camera_ns = self._clock_ns()
+            self._camera_ns = {name: None for name in names} if names else {"": None}
+
+    def camera_frame_received(self, name: str = "") -> None:
+        with self._lock:
+            if name in self._camera_ns:
+                self._camera_ns[name] = self._clock_ns()
 
     def joint_state_received(self) -> None:
         with self._lock:
             self._joint_state_ns = self._clock_ns()
 
     def problem(self, timeout_sec: float) -> Optional[str]:
-        """What is stale ("no camera frame for 1.20 s (input_timeout_sec=1)"), or None."""
+        """What is stale ("no camera frame for 1.20 s (input_timeout_sec=1)", "no camera
+        frame from wrist for ..."), or None."""
         with self._lock:
-            armed, camera, joints = self._armed_ns, self._camera_ns, self._joint_state_ns
+            armed, cameras, joints = self._armed_ns, dict(self._camera_ns), self._joint_state_ns
         if armed is None:
             return None
         now = self._clock_ns()
-        for what, last in (("camera frame", camera), ("joint state", joints)):
+        watched = [
+            ("camera frame" + (f" from {name}" if name else ""), last)
+            for name, last in cameras.items()
+        ]
+        for what, last in (*watched, ("joint state", joints)):
             if last is not None and now - max(last, armed) > timeout_sec * 1e9:
                 return (f"no {what} for {(now - max(last, armed)) / 1e9:.2f} s "
                         f"(input_timeout_sec={timeout_sec:g})")

@@ -14,15 +14,20 @@ raises ServerCheckFailed with one line saying why the node cannot be configured:
 
 A server without /info (upstream's, an older one: 404, 405, 501) is taken: /health and
 /infer are the contract. What /info says is read for the log and never trusted
-further.
+further, but for its ``inputs`` (what the policy reads: cameras, state length), which
+``check_server_info`` hands back so the node can refuse a configuration that could
+never be answered (the server would refuse each request with a 422 anyway).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from manipulation_policy.core.errors import InputError
 from manipulation_policy.core.json_body import parse_json_body
+from manipulation_policy.core.policy_inputs import inputs_from_wire
+from manipulation_policy.core.policy_types import PolicyInputs
 from manipulation_policy.robot.http_exchange import (
     DeadlineExceeded,
     ExchangeError,
@@ -40,9 +45,23 @@ class ServerCheckFailed(Exception):
     """The server cannot be used now; the message is the reason, in one line."""
 
 
+@dataclass(frozen=True)
+class ServerInfo:
+    served: str  # for the log: "stub (model stub, device cpu)", "no /info"
+    inputs: Optional[PolicyInputs] = None  # /info's inputs; None: it says none
+    inputs_unreadable: Optional[str] = None  # /info's inputs were there but malformed
+
+
 def check_server(settings: RemoteSettings, poster: Optional[HttpPoster] = None) -> str:
     """What the server at ``settings.url`` serves, for the log ("stub (model stub, device
     cpu)", "no /info"); ServerCheckFailed says why it cannot be used."""
+    return check_server_info(settings, poster).served
+
+
+def check_server_info(
+    settings: RemoteSettings, poster: Optional[HttpPoster] = None
+) -> ServerInfo:
+    """``check_server``'s answer with what /info says the policy reads."""
     own_poster = poster is None
     poster = poster or HttpPoster()
     try:
@@ -62,8 +81,8 @@ def check_server(settings: RemoteSettings, poster: Optional[HttpPoster] = None) 
         if info.status in (401, 403):
             raise ServerCheckFailed(_key_refused(settings, info))
         if info.status != 200:
-            return "no /info"
-        return _served(info)
+            return ServerInfo("no /info")
+        return _info(info)
     finally:
         if own_poster:
             poster.close()
@@ -111,10 +130,20 @@ def _reason(answer: HttpAnswer) -> str:
     return printable(answer.body.decode("utf-8", "replace")) or answer.reason
 
 
-def _served(info: HttpAnswer) -> str:
+def _info(info: HttpAnswer) -> ServerInfo:
     payload = _payload(info)
     if not isinstance(payload, dict):
-        return "/info is not JSON"
+        return ServerInfo("/info is not JSON")
+    inputs, unreadable = None, None
+    if payload.get("inputs") is not None:
+        try:
+            inputs = inputs_from_wire(payload["inputs"])
+        except ValueError as exc:
+            unreadable = printable(exc)
+    return ServerInfo(_served(payload), inputs, unreadable)
+
+
+def _served(payload: dict) -> str:
     backend = payload.get("backend")
     name = backend.get("backend") if isinstance(backend, dict) else backend
     parts = [

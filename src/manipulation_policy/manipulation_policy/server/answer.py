@@ -20,7 +20,11 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from manipulation_policy.core.contract import InferResponse, chunk_to_response, field_path
+from manipulation_policy.core.contract import (
+    InferResponse,
+    chunk_to_response,
+    first_input_error,
+)
 from manipulation_policy.core.policy_types import (
     MAX_CHUNK_LENGTH,
     ActionChunk,
@@ -93,14 +97,27 @@ def check_action_types(action: Any, path: str = "") -> None:
         _check_fields(action.eef_target, Pose, f"{prefix}eef_target_pose")
     if action.base_velocity_hint is not None:
         _check_fields(action.base_velocity_hint, Twist, f"{prefix}base_velocity_hint")
-    if action.joint_deltas is not None:
-        if not isinstance(action.joint_deltas, (tuple, list)):
+    for name in ("joint_deltas", "joint_positions"):
+        values = getattr(action, name)
+        if values is None:
+            continue
+        if not isinstance(values, (tuple, list)):
             raise BackendAnswerError(
-                f"{prefix}joint_deltas",
-                f"expected a sequence of numbers, got {_type_name(action.joint_deltas)}",
+                f"{prefix}{name}", f"expected a sequence of numbers, got {_type_name(values)}"
             )
-        for index, delta in enumerate(action.joint_deltas):
-            _check_number(delta, f"{prefix}joint_deltas[{index}]")
+        for index, value in enumerate(values):
+            _check_number(value, f"{prefix}{name}[{index}]")
+    if action.joint_names is not None:
+        names = action.joint_names
+        if not isinstance(names, (tuple, list)):
+            raise BackendAnswerError(
+                f"{prefix}joint_names", f"expected a sequence of text, got {_type_name(names)}"
+            )
+        for index, name in enumerate(names):
+            if not isinstance(name, str):
+                raise BackendAnswerError(
+                    f"{prefix}joint_names[{index}]", f"expected text, got {_type_name(name)}"
+                )
     if action.gripper_command is not None:
         _check_number(action.gripper_command, f"{prefix}gripper_command")
     _check_number(action.confidence, f"{prefix}confidence")
@@ -147,16 +164,28 @@ def checked_chunk(answer: Any) -> ActionChunk:
 def _unencodable_text_field(body: dict) -> Optional[str]:
     """The field whose text holds a lone surrogate (which UTF-8 cannot carry), if any.
 
-    Text is only at the top level and in each action's frame, which is the first
-    action's (``checked_chunk``), so the top level's own text fields cover it: the
-    strict InferResponse check before this has made every other part a number."""
+    Text is at the top level, in each action's frame, which is the first action's
+    (``checked_chunk``), and in each action's joint_names: the strict InferResponse
+    check before this has made every other part a number."""
     for name, value in body.items():
-        if isinstance(value, str) and not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return name
+        if not _encodable(value):
+            return name
+    for index, action in enumerate(body.get("actions") or ()):
+        for position, joint in enumerate(action.get("joint_names") or ()):
+            if not _encodable(joint):
+                return f"actions[{index}].joint_names[{position}]"
     return None
+
+
+def _encodable(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_encodable(item) for item in value)
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    return True
 
 
 def checked_response(
@@ -176,8 +205,8 @@ def checked_response(
     try:
         InferResponse.model_validate(body, strict=True)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        raise BackendAnswerError(field_path(tuple(error["loc"])), error["msg"]) from None
+        problem = first_input_error(exc)
+        raise BackendAnswerError(problem.field, problem.message) from None
     bad_text = _unencodable_text_field(body)
     if bad_text is not None:
         raise BackendAnswerError(bad_text, "text is not valid Unicode (lone surrogate)")

@@ -23,7 +23,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic.json_schema import models_json_schema
 
 from manipulation_policy import __version__
-from manipulation_policy.backends import PolicyBackend, batch_predictor, predictor
+from manipulation_policy.backends import (
+    PolicyBackend,
+    backend_inputs,
+    batch_predictor,
+    predictor,
+)
 from manipulation_policy.core.contract import (
     ErrorResponse,
     HealthResponse,
@@ -32,6 +37,7 @@ from manipulation_policy.core.contract import (
 )
 from manipulation_policy.core.errors import InputError
 from manipulation_policy.core.imaging import DEFAULT_MAX_IMAGE_PIXELS
+from manipulation_policy.core.policy_inputs import check_observation, inputs_to_wire
 from manipulation_policy.core.policy_types import Observation
 from manipulation_policy.server.answer import BackendAnswerError, checked_response
 from manipulation_policy.server.auth import OPEN_PATHS, BearerAuthMiddleware
@@ -222,6 +228,9 @@ class PolicyService:
     def __init__(self, backend: PolicyBackend, config: ServerConfig):
         self.backend = backend
         self.config = config
+        # What the backend reads (None: it declares nothing); each request is checked
+        # against it before it is queued.
+        self.inputs = backend_inputs(backend)
         self.worker = _make_worker(backend, config)
         self.decode_pool = ThreadPoolExecutor(
             config.decode_threads, thread_name_prefix="policy-decode"
@@ -273,6 +282,7 @@ class PolicyService:
         check_json_content_type(request.headers.get("content-type"))
         raw = await read_body(request, self.config.max_body_bytes)
         parsed, observation = await self.decode(raw)
+        self.check_inputs(observation)
         try:
             answer, seconds = await self.predict(observation, request)
         except ClientGoneError:
@@ -295,13 +305,25 @@ class PolicyService:
             ) from None
         return json_answer(body)
 
+    def check_inputs(self, observation: Observation) -> None:
+        """422 naming ``images.<name>`` or ``state`` when the observation lacks what the
+        backend reads (a request that cannot be answered never waits in the queue)."""
+        if self.inputs is None:
+            return
+        try:
+            check_observation(self.inputs, observation)
+        except InputError as exc:
+            raise ApiError.from_input_error(422, "invalid_request", exc) from None
+
     def info(self) -> JSONResponse:
         described = backend_description(self.backend)
         metrics, worker, config = self.metrics, self.worker, self.config
+        inputs = {} if self.inputs is None else {"inputs": inputs_to_wire(self.inputs)}
         return JSONResponse(
             {
                 "version": __version__,
                 "backend": described,
+                **inputs,
                 "model": described.get("model"),
                 "device": described.get("device"),
                 "gpu_memory": gpu_memory_report(),

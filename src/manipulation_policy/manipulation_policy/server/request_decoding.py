@@ -55,7 +55,7 @@ def parse_infer_body(raw: bytes) -> InferRequest:
 
 
 def observation_of(request: InferRequest, max_image_pixels: int) -> Observation:
-    """The request's Observation, its image decoded (422 invalid_image when unusable)."""
+    """The request's Observation, its images decoded (422 invalid_image when unusable)."""
     try:
         return request_to_observation(request, max_image_pixels)
     except InputError as exc:
@@ -64,7 +64,8 @@ def observation_of(request: InferRequest, max_image_pixels: int) -> Observation:
         # A decoder error that imaging.py does not translate is still the image's fault.
         logger.warning("image decoder raised %s: %s", type(exc).__name__, exc)
         raise ApiError(
-            422, "invalid_image", f"image could not be decoded ({type(exc).__name__})", "image"
+            422, "invalid_image", f"an image could not be decoded ({type(exc).__name__})",
+            "image" if not request.images else "images",
         ) from None
 
 
@@ -111,16 +112,20 @@ def parse_inline(body_bytes: int, queue_depth: int) -> bool:
 
 
 def decode_inline(request: InferRequest) -> bool:
-    """Whether a parsed request's image is decoded on the event loop too: no image, or
-    one whose declared size (checked against the image's header before any pixel is
-    decoded) is small, so that /health and /metrics wait a millisecond or two at most.
-    An image of undeclared size goes to the pool: a small body can hold a JPEG of
-    millions of pixels of one colour (~50 ms to decode)."""
-    if request.image is None:
-        return True
-    if request.image_width is None or request.image_height is None:
-        return False
-    return request.image_width * request.image_height <= INLINE_DECODE_MAX_PIXELS
+    """Whether a parsed request's images are decoded on the event loop too: none, or
+    ones whose declared sizes (checked against each image's header before any pixel is
+    decoded) are small together, so that /health and /metrics wait a millisecond or two
+    at most. An image of undeclared size sends them all to the pool: a small body can
+    hold a JPEG of millions of pixels of one colour (~50 ms to decode)."""
+    cameras = [request, *(request.images or {}).values()]
+    pixels = 0
+    for camera in cameras:
+        if camera.image is None:
+            continue
+        if camera.image_width is None or camera.image_height is None:
+            return False
+        pixels += camera.image_width * camera.image_height
+    return pixels <= INLINE_DECODE_MAX_PIXELS
 
 
 def is_large_body(body_bytes: int) -> bool:
