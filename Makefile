@@ -75,12 +75,11 @@ test-floor: $(FLOOR_STAMP)
 
 # The LeRobot lane: LeRobot 0.4.4 in its own venv layered on the main one (torch,
 # rclpy ... reused from it; .ci/bootstrap_lerobot_venv.sh), running only the LeRobot
-# tests. LEROBOT_REQUIRED makes a missing lerobot fail them there; the main lane,
-# which has no lerobot, skips them.
+# tests (test_lerobot_*.py). LEROBOT_REQUIRED makes a missing lerobot fail them there;
+# the main lane, which has no lerobot, skips them.
 LEROBOT_VENV := .venv-lerobot
 LEROBOT_STAMP := $(LEROBOT_VENV)/.bootstrapped
-LEROBOT_TESTS := src/manipulation_policy/test/test_lerobot_backend.py \
-	src/manipulation_policy/test/test_lerobot_server.py
+LEROBOT_TESTS := $(wildcard src/*/test/test_lerobot_*.py)
 
 $(LEROBOT_STAMP): $(STAMP) .ci/bootstrap_lerobot_venv.sh .ci/requirements-lerobot.txt
 	bash .ci/bootstrap_lerobot_venv.sh $(LEROBOT_VENV)

@@ -257,7 +257,7 @@ class LeRobotBackend:
                 f"{expected[2]}x{expected[1]} (width x height): send the camera at the "
                 "resolution the policy was trained on",
             )
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / 255.0
+        return torch.tensor(array).permute(2, 0, 1).float() / 255.0
 
     def _frame(self, observation: Observation) -> dict[str, Any]:
         """One observation as LeRobot's batch of one (before the preprocessor)."""
