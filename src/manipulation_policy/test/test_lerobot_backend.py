@@ -202,3 +202,17 @@ def test_a_folder_that_is_no_checkpoint_and_the_openvla_default_are_refused(tmp_
 
 def test_a_simulation_runs_fps_is_read_from_train_config(act_checkpoint):
     assert json.loads((act_checkpoint / "train_config.json").read_text())["env"]["fps"] == 50
+
+
+def test_a_reduced_dtype_runs_under_autocast_close_to_float32(act, act_checkpoint):
+    assert act.describe()["dtype"] == "float32" and not act.describe()["autocast"]
+    bf16 = LeRobotBackend(model=str(act_checkpoint), action_layout=lc.ARM_LAYOUT,
+                          gripper_closed=0.0, gripper_open=0.6, dtype="bf16", device="cpu")
+    try:
+        assert (bf16.describe()["dtype"], bf16.describe()["autocast"]) == ("bfloat16", True)
+        reduced = joint_matrix(bf16.predict(observation()))
+    finally:
+        bf16.close()
+    full = joint_matrix(act.predict(observation()))
+    assert not np.array_equal(reduced, full)  # it did run in bfloat16
+    np.testing.assert_allclose(reduced, full, atol=0.05)

@@ -29,6 +29,12 @@ when HISTORY_GAP_SEC passed since its last observation. ``predict_batch`` stacks
 observations into one forward pass for policies without a history (ACT); the others
 are predicted one after the other.
 
+``device`` resolves as for OpenVLA; ``dtype`` "auto" is float32 (LeRobot's own
+precision: its policies make float32 tensors of their own), bfloat16 / float16 run
+``predict_action_chunk`` under ``torch.autocast`` with the weights in float32, as
+LeRobot's ``use_amp`` does. Diffusion samples its noise from torch's global generator:
+two calls on one observation give two (equally valid) chunks.
+
 This module imports torch and lerobot; the registry imports it only when the
 "lerobot" backend is chosen.
 """
@@ -121,9 +127,13 @@ class LeRobotBackend:
             )
         self.model_id = model
         self.device = resolve_device(chosen["device"], torch.cuda.is_available())
-        self.dtype = resolve_dtype(
-            chosen["dtype"], self.device,
-            self.device.startswith("cuda") and torch.cuda.is_bf16_supported(),
+        # LeRobot runs its policies in float32 (their code makes float32 tensors of its
+        # own) and reduced precision under autocast (its use_amp): "auto" is float32,
+        # bfloat16 / float16 run the policy under torch.autocast, weights in float32.
+        requested = chosen["dtype"]
+        self.dtype = (
+            torch.float32 if str(requested).strip().lower() == "auto"
+            else resolve_dtype(requested, self.device, False)
         )
         self.config = self._load_config(model)
         self._image_keys = tuple(self.config.image_features)
@@ -219,10 +229,9 @@ class LeRobotBackend:
         try:
             policy_class = get_policy_class(self.config.type)
             policy = policy_class.from_pretrained(model, config=self.config)
-            policy.to(device=self.device, dtype=self.dtype)
+            policy.to(self.device)
             policy.eval()
-            dtype_name = str(self.dtype).replace("torch.", "")
-            overrides = {"device_processor": {"device": self.device, "float_dtype": dtype_name}}
+            overrides = {"device_processor": {"device": self.device}}
             pre, post = make_pre_post_processors(
                 self.config, pretrained_path=model, preprocessor_overrides=overrides
             )
@@ -285,8 +294,10 @@ class LeRobotBackend:
 
     def _raw_actions(self, batch: dict[str, Any]) -> np.ndarray:
         """The (B, T, D) actions of a preprocessed batch, on the CPU as float64."""
-        actions = self._policy.predict_action_chunk(batch)[:, : self.n_action_steps]
-        actions = self._postprocessor(actions)
+        with torch.autocast(torch.device(self.device).type, dtype=self.dtype,
+                            enabled=self.dtype != torch.float32):
+            actions = self._policy.predict_action_chunk(batch)[:, : self.n_action_steps]
+        actions = self._postprocessor(actions.float())
         return actions.to(torch.float64).cpu().numpy()
 
     def _history_for(self, observation: Observation) -> dict:
@@ -365,6 +376,7 @@ class LeRobotBackend:
             "policy_type": self.config.type,
             "device": self.device,
             "dtype": str(self.dtype).replace("torch.", ""),
+            "autocast": self.dtype != torch.float32,
             "action_layout": str(self.layout),
             "gripper_closed": self.gripper_closed,
             "gripper_open": self.gripper_open,
