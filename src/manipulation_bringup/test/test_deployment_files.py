@@ -17,6 +17,7 @@ import yaml
 from dockerfiles import DOCKER, DOCKERFILES, REPO, instructions
 
 from manipulation_bringup.launch_logic import REMOTE_NODE, plan_policy_node
+from manipulation_policy.backends import lerobot_options
 
 COMPOSE_FILE = DOCKER / "docker-compose.yml"
 PARAMS_FILE = REPO / "src" / "manipulation_bringup" / "config" / "policy_params.yaml"
@@ -150,7 +151,7 @@ def compose():
 
 def test_compose_builds_from_existing_dockerfiles(compose):
     services = compose["services"]
-    assert set(services) == {"policy_server", "robot"}
+    assert set(services) == {"policy_server", "robot", "lerobot_server"}
     for name, service in services.items():
         context = (COMPOSE_FILE.parent / service["build"]["context"]).resolve()
         assert context == REPO, name
@@ -166,6 +167,19 @@ def test_compose_server_has_a_gpu_and_a_valid_command(compose):
     args = _server_args(command[3:])
     assert (args.host, args.port, args.backend) == ("0.0.0.0", 5000, "openvla")
     assert any(port.endswith(f":{args.port}") for port in server["ports"])
+
+
+def test_compose_lerobot_server_is_its_own_image_behind_a_profile(compose):
+    server = compose["services"]["lerobot_server"]
+    assert server["build"]["dockerfile"] == "docker/lerobot-server.Dockerfile"
+    assert server["profiles"] == ["lerobot"]  # `up` alone starts the OpenVLA server only
+    args = _server_args(server["command"][3:])
+    assert (args.host, args.port, args.backend, args.model) == (
+        "0.0.0.0", 5000, "lerobot", "/models/policy")
+    declared = {name for option in lerobot_options.OPTIONS for name in option.env}
+    passed = {entry for entry in server["environment"] if entry.startswith("LEROBOT_")}
+    assert passed and passed <= declared
+    assert server["ports"] == ["127.0.0.1:5001:5000"]
 
 
 def test_compose_robot_starts_the_remote_node_against_the_server(compose):
