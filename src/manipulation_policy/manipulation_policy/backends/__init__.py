@@ -229,7 +229,7 @@ def _unknown_backend(name: str) -> str:
 def create_backend(name: str, **options: Any) -> PolicyBackend:
     """Build the backend called ``name``; options go to its constructor.
 
-    ``name`` is a registered name (``stub``, ``openvla``) or a plugin spec
+    ``name`` is a registered name (``stub``, ``openvla``, ``lerobot``) or a plugin spec
     ``module.path:ClassName`` naming any importable class with the backend
     interface, e.g. a model kept outside this package, or a test double.
     """
