@@ -23,6 +23,7 @@ FIELDS = [
     "step_index",
     "chunk_length",
     "request_id",
+    "has_joint_positions",
 ]
 
 
@@ -55,6 +56,9 @@ def make_full_output() -> PolicyOutput:
     msg.step_index = 3
     msg.chunk_length = 8
     msg.request_id = "c89d3af380c84d4d-42"
+    msg.has_joint_positions = True
+    msg.joint_positions = [0.5, -1.25, 2.0]
+    msg.joint_names = ["shoulder", "elbow", "wrist"]
     return msg
 
 
@@ -100,6 +104,9 @@ def test_upstream_fields_come_first_in_upstream_order_and_types():
         ("step_index", "uint16"),
         ("chunk_length", "uint16"),
         ("request_id", "string"),
+        ("joint_positions", "sequence<double>"),
+        ("has_joint_positions", "boolean"),
+        ("joint_names", "sequence<string>"),
     ]
 
 
@@ -123,6 +130,8 @@ def test_full_policy_output_round_trips_over_dds(node):
     assert got.header.stamp.sec == sent.header.stamp.sec
     assert got.header.stamp.nanosec == sent.header.stamp.nanosec
     assert list(got.joint_deltas) == list(sent.joint_deltas)
+    assert list(got.joint_positions) == list(sent.joint_positions)
+    assert list(got.joint_names) == list(sent.joint_names)
     for part in ("x", "y", "z"):
         assert getattr(got.eef_target_pose.position, part) == getattr(
             sent.eef_target_pose.position, part

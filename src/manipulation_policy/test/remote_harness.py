@@ -58,6 +58,8 @@ def assert_actions_close(got: PolicyAction, want: PolicyAction, tol: float = 0.0
     assert got.eef_target_mode == want.eef_target_mode
     assert (got.eef_target is None) == (want.eef_target is None)
     assert (got.joint_deltas is None) == (want.joint_deltas is None)
+    assert (got.joint_positions is None) == (want.joint_positions is None)
+    assert got.joint_names == want.joint_names
     assert (got.gripper_command is None) == (want.gripper_command is None)
     assert (got.base_velocity_hint is None) == (want.base_velocity_hint is None)
     got_numbers, want_numbers = _numbers(got), _numbers(want)
@@ -72,6 +74,7 @@ def _numbers(action: PolicyAction) -> list[float]:
         p, q = action.eef_target.position, action.eef_target.orientation
         values += [p.x, p.y, p.z, q.x, q.y, q.z, q.w]
     values += list(action.joint_deltas or ())
+    values += list(action.joint_positions or ())
     if action.gripper_command is not None:
         values.append(action.gripper_command)
     return values

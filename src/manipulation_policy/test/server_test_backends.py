@@ -270,6 +270,21 @@ def reckless_chunk(frame: str = "base_link", joint_count: int = 3) -> ActionChun
     ), RECKLESS_PERIOD_SEC)
 
 
+def joint_leap_chunk(frame: str = "base_link") -> ActionChunk:
+    """Absolute joint targets leaping 0.5 rad a step, for the wrist and the elbow named in
+    that order (not the joint states' order): what JOINT_LEAP_LIMITS make of it depends
+    on matching them by name and stepping from the previous target."""
+    return ActionChunk(tuple(
+        PolicyAction(reference_frame=frame, joint_positions=(0.9 + 0.5 * k, -0.2 - 0.5 * k),
+                     joint_names=("wrist", "elbow"), confidence=0.5)
+        for k in range(1, 5)
+    ), RECKLESS_PERIOD_SEC)
+
+
+# The node parameters joint_leap_chunk breaks.
+JOINT_LEAP_LIMITS = {"max_joint_delta": 0.1, "joint_limit_names": ["elbow"],
+                     "joint_position_min": [-0.35], "joint_position_max": [1.0]}
+
 # Long enough that the first step is not late yet when a loaded machine answers.
 RECKLESS_PERIOD_SEC = 0.3
 # The node parameters reckless_chunk breaks (the others at their defaults).
@@ -284,6 +299,7 @@ class ChunkedBackend(ScriptedBackend):
     - ``echo pending``: the request's pending actions as the chunk, its period the
       request's pending_delay_sec (what the backend was given, sent back);
     - ``reckless``: ``reckless_chunk``, well formed but over the robot's limits;
+    - ``leap``: ``joint_leap_chunk``, absolute joint targets over JOINT_LEAP_LIMITS;
     - anything else: as ScriptedBackend (``sleep``, ``raise`` ..., else the stub's one
       action), so a single-step answer comes from the same server.
     """
@@ -302,6 +318,8 @@ class ChunkedBackend(ScriptedBackend):
             return ActionChunk(observation.pending_actions, observation.pending_delay_sec)
         if command == "reckless":
             return reckless_chunk(frame, joints)
+        if command == "leap":
+            return joint_leap_chunk(frame)
         return super().predict(observation)
 
     def describe(self) -> dict[str, Any]:

@@ -64,6 +64,33 @@ def test_a_part_not_every_action_has_is_the_newest_s():
     assert mixed.joint_deltas == (1.0, 2.0)  # another joint count
 
 
+def test_absolute_joint_targets_naming_the_same_joints_are_averaged():
+    names = ("shoulder", "elbow")
+    old = PolicyAction(joint_positions=(0.0, 1.0), joint_deltas=(0.2, 0.0), joint_names=names)
+    new = PolicyAction(joint_positions=(1.0, 1.0), joint_deltas=(0.0, 0.4), joint_names=names)
+    mixed = blend([old, new], [0.75, 0.25])
+    assert mixed.joint_positions == pytest.approx((0.25, 1.0))
+    assert mixed.joint_deltas == pytest.approx((0.15, 0.1))
+    assert mixed.joint_names == names
+    unnamed = blend([PolicyAction(joint_positions=(0.0,)), PolicyAction(joint_positions=(2.0,))],
+                    [0.5, 0.5])
+    assert unnamed.joint_positions == pytest.approx((1.0,))
+
+
+@pytest.mark.parametrize(
+    "old_names",
+    [("elbow", "shoulder"), None, ("shoulder", "wrist")],
+    ids=["another-order", "unnamed", "another-joint"],
+)
+def test_joint_values_naming_other_joints_are_the_newest_s(old_names):
+    old = PolicyAction(joint_positions=(0.0, 1.0), joint_deltas=(0.2, 0.2), joint_names=old_names)
+    new = PolicyAction(joint_positions=(1.0, 2.0), joint_deltas=(0.0, 0.4),
+                       joint_names=("shoulder", "elbow"))
+    mixed = blend([old, new], [0.5, 0.5])
+    assert mixed.joint_positions == (1.0, 2.0) and mixed.joint_deltas == (0.0, 0.4)
+    assert mixed.joint_names == ("shoulder", "elbow")
+
+
 def test_targets_of_another_mode_are_not_averaged():
     absolute = action(1.0, eef_target_mode=EefTargetMode.ABSOLUTE)
     new = action(0.2)

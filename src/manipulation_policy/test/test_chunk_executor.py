@@ -514,3 +514,13 @@ def test_pending_is_empty_when_the_plan_does_not_fit_the_request():
     assert len(s.executor.pending("base_link", 2)[0]) == 3
     assert s.executor.pending("base_link", 3)[0] == ()  # a joint was added since
     assert s.executor.pending("odom", 2)[0] == ()  # another frame
+
+
+def test_pending_named_joint_values_fit_any_joint_count_unnamed_ones_must_match():
+    s = Setup()
+    s.answer(chunk_of(0, 1, 2, joint_positions=(0.1,), joint_names=("elbow",)), stamp=0.0)
+    assert len(s.executor.pending("base_link", 3)[0]) == 3  # named: which joint is said
+    s = Setup()
+    s.answer(chunk_of(0, 1, 2, joint_positions=(0.1, 0.2)), stamp=0.0)
+    assert len(s.executor.pending("base_link", 2)[0]) == 3
+    assert s.executor.pending("base_link", 3)[0] == ()  # one per joint, and a joint was added

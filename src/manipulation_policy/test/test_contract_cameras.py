@@ -299,6 +299,10 @@ def test_named_pending_deltas_need_not_match_the_request_joint_count():
     assert field_of({"joint_states": joints, "pending_actions": [unnamed]}) == (
         "pending_actions[0].joint_deltas"
     )
+    unnamed_targets = {"has_joint_positions": True, "joint_positions": [0.1, 0.2]}
+    assert field_of({"joint_states": joints, "pending_actions": [unnamed_targets]}) == (
+        "pending_actions[0].joint_positions"
+    )
 
 
 def test_joint_names_that_do_not_fit_never_reach_the_wire():

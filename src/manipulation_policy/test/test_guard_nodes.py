@@ -16,16 +16,26 @@ from dataclasses import replace
 
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from node_harness import JOINT_NAMES, Rig, assert_actions_close, sample_image, wait_until
+from node_harness import (
+    JOINT_NAMES,
+    JOINT_POSITIONS,
+    Rig,
+    assert_actions_close,
+    sample_image,
+    wait_until,
+)
 from server_test_backends import (
+    JOINT_LEAP_LIMITS,
     RECKLESS_LIMITS,
     RECKLESS_PERIOD_SEC,
     ChunkedBackend,
     chunked_server,
+    joint_leap_chunk,
     reckless_chunk,
 )
 
 from manipulation_msgs.msg import PolicyActionChunk
+from manipulation_policy.core.policy_types import JointStateData
 from manipulation_policy.nodes.guard_diagnostics import guard_status
 from manipulation_policy.nodes.policy_node import PolicyNode
 from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode
@@ -174,6 +184,47 @@ def test_the_same_reckless_model_gives_the_same_commands_and_holds_through_both_
     assert [p[:2] for p in local] == [p[:2] for p in remote]
     for (_, _, a), (_, _, b) in zip(local, remote, strict=True):
         assert_actions_close(a, b, FLOAT32_TOL)
+
+
+def test_absolute_joint_targets_are_guarded_by_name_the_same_through_both_nodes(chunk_server):
+    # What the guard alone makes of the chunk, from the joint states the rig streams:
+    # the wrist steps 0.1 from 0.9 each step, the elbow 0.1 from -0.2 down to its minimum.
+    guard = SafetyGuard(replace(GuardLimits(), **{
+        key: tuple(value) for key, value in JOINT_LEAP_LIMITS.items()
+        if key != "max_joint_delta"}, max_joint_delta=0.1))
+    joints = JointStateData(JOINT_NAMES, JOINT_POSITIONS)
+    chunk = joint_leap_chunk()
+    expected = [guard.check(action, GuardContext(i * RECKLESS_PERIOD_SEC, joints, None, 0.0))
+                .action for i, action in enumerate(chunk.actions)]
+    assert [v for a in expected for v in a.joint_positions] == pytest.approx(
+        [1.0, -0.3, 1.1, -0.35, 1.2, -0.35, 1.3, -0.35])
+    last_step = len(chunk) - 1
+    plans = []
+    for start in (
+        lambda rig, recorder: in_process_node(rig, recorder, instruction="leap",
+                                              **JOINT_LEAP_LIMITS),
+        lambda rig, recorder: remote_node(rig, recorder, chunk_server, instruction="leap",
+                                          **JOINT_LEAP_LIMITS),
+    ):
+        with Rig() as rig:
+            recorder = Recorder(rig)
+            start(rig, recorder)
+            rig.stream_joint_states()
+            rig.stream_camera(sample_image(), rate_hz=20.0)
+            assert wait_until(lambda recorder=recorder: recorder.chunk_messages(), WAIT_SEC)
+            first = recorder.chunk_messages()[0].actions[0].request_id
+            assert wait_until(lambda rig=rig, first=first: any(
+                m.request_id == first and m.step_index == last_step for m in rig.outputs()),
+                WAIT_SEC)
+            plan = {m.step_index: policy_output_to_action(m)
+                    for m in rig.outputs() if m.request_id == first}
+            assert sorted(plan) == list(range(len(chunk)))
+            for step, want in enumerate(expected):
+                assert_actions_close(plan[step], want, FLOAT32_TOL)
+            plans.append(plan)
+    local, remote = plans
+    for step in range(len(chunk)):
+        assert_actions_close(local[step], remote[step], FLOAT32_TOL)
 
 
 def test_guard_limits_are_live():

@@ -141,6 +141,29 @@ def test_damaged_images_are_refused_naming_an_image_field(server, session):
     assert_healthy(server)
 
 
+def test_damaged_cameras_are_refused_naming_that_camera(server, session):
+    good, _ = SAMPLE_IMAGES["jpeg"]
+
+    @FUZZ
+    @given(image=damaged_images(), declare_size=st.booleans(),
+           name=st.sampled_from(["wrist", "front.left", "cam_0"]))
+    def run(image, declare_size, name):
+        data, encoding = image
+        camera = {"image": base64.b64encode(data).decode(), "image_encoding": encoding}
+        if declare_size:
+            camera.update(image_width=32, image_height=24)
+        body = {"images": {"other": {"image": base64.b64encode(good).decode()}, name: camera}}
+        answer = session.post(f"{server.base_url}/infer", json=body, timeout=10)
+        assert answer.status_code in (200, 422), answer.text
+        if answer.status_code == 422:
+            field = answer.json()["field"]
+            assert field.startswith(f"images.{name}."), answer.text
+            assert field.removeprefix(f"images.{name}.") in IMAGE_FIELDS, answer.text
+
+    run()
+    assert_healthy(server)
+
+
 FINITE = st.floats(allow_nan=False, allow_infinity=False)
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | FINITE | st.text(max_size=20),
@@ -150,18 +173,27 @@ JSON_VALUES = st.recursive(
 )
 REQUEST_FIELDS = [
     "reference_frame", "joint_states", "image", "image_encoding", "image_width",
-    "image_height", "instruction", "eef_pose", "request_id",
+    "image_height", "instruction", "eef_pose", "request_id", "images", "state", "robot_id",
+    "pending_actions",
 ]  # fmt: skip
 
 
 @st.composite
 def hostile_bodies(draw) -> tuple[str, bytes]:
-    kind = draw(st.sampled_from(["bytes", "fields", "non-finite", "unknown-joint"]))
+    kind = draw(st.sampled_from(["bytes", "fields", "non-finite", "unknown-joint", "cameras"]))
     if kind == "bytes":
         return kind, draw(st.binary(max_size=300))
     body = draw(st.dictionaries(st.sampled_from(REQUEST_FIELDS), JSON_VALUES, max_size=5))
     if kind == "fields":
         return kind, json.dumps(body).encode()
+    if kind == "cameras":
+        cameras = draw(st.dictionaries(
+            st.text(max_size=12) | st.sampled_from(["wrist", "front"]),
+            JSON_VALUES | st.fixed_dictionaries({"image": st.text(max_size=40)},
+                                                optional={"image_width": JSON_VALUES}),
+            max_size=10,
+        ))  # fmt: skip
+        return kind, json.dumps({"images": cameras}).encode()
     # A body plus one NaN/Infinity (no JSON encoder writes these; Python's parser reads them):
     # refused outside joint arrays, "unknown" inside them.
     literal = draw(st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400"]))
@@ -194,6 +226,8 @@ def test_arbitrary_bodies_get_4xx_naming_a_field_or_200(server, session):
             assert answer.json()["field"] == "eef_pose.position.x"
         if kind == "unknown-joint" and answer.status_code != 200:
             assert not answer.json()["field"].startswith("joint_states"), answer.text
+        if kind == "cameras" and answer.status_code != 200:
+            assert answer.json()["field"].startswith("images"), answer.text
 
     run()
     assert_healthy(server)

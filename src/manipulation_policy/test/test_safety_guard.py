@@ -85,6 +85,13 @@ pose = st.builds(Pose, vector, quaternion)
 unit_interval_ish = st.one_of(st.floats(0.0, 1.0), wild)
 
 
+# None: the joint state's order; the same joints in another order; one the robot has not;
+# one named twice; too few names for three values.
+JOINT_NAMINGS = [None, ("wrist", "shoulder", "elbow"), ("elbow", "gripper", "shoulder"),
+                 ("elbow", "elbow", "wrist"), ("wrist", "elbow")]
+joint_targets = st.one_of(st.floats(-3.0, 3.0), wild)
+
+
 @st.composite
 def actions(draw, joint_count: int = 3) -> PolicyAction:
     return PolicyAction(
@@ -94,6 +101,8 @@ def actions(draw, joint_count: int = 3) -> PolicyAction:
         gripper_command=draw(st.none() | unit_interval_ish),
         base_velocity_hint=draw(st.none() | st.builds(Twist, vector, vector)),
         confidence=draw(unit_interval_ish),
+        joint_positions=draw(st.none() | st.tuples(*[joint_targets] * joint_count)),
+        joint_names=draw(st.sampled_from(JOINT_NAMINGS)),
     )
 
 
@@ -144,9 +153,40 @@ class Published:
     def __init__(self) -> None:
         self.target = None  # (pose, due time)
         self.gripper = None  # (command, due time)
+        self.joints = {}  # joint name -> (absolute target, due time)
 
     def reset(self) -> None:
         self.target = self.gripper = None
+        self.joints = {}
+
+
+def joint_of(action: PolicyAction, state: JointStateData, index: int) -> tuple[str, float]:
+    """(the joint a joint value is for, its position in the joint state or NaN)."""
+    if action.joint_names:
+        name = action.joint_names[index]
+    else:
+        name = state.name[index] if index < len(state.name) else f"#{index}"
+    if name not in state.name:
+        return name, math.nan
+    return name, state.position[state.name.index(name)]
+
+
+def assert_joint_step_within(limits: GuardLimits, name: str, start: float, step: float) -> None:
+    """A step of joint ``name`` from ``start`` within its cap and its position range."""
+    assert math.isfinite(step)
+    k = limits.joint_limit_names.index(name) if name in limits.joint_limit_names else None
+    cap = limits.joint_max_deltas[k] if k is not None and limits.joint_max_deltas \
+        else limits.max_joint_delta
+    assert abs(step) <= cap + EPS
+    if k is not None and limits.joint_position_min:
+        low, high = limits.joint_position_min[k], limits.joint_position_max[k]
+        if not math.isfinite(start):
+            assert step == 0.0
+        elif low <= start <= high:
+            assert low - EPS <= start + step <= high + EPS
+        else:  # outside: only back towards the range
+            gap = max(low - start, start - high)
+            assert max(low - start - step, start + step - high) <= gap + EPS
 
 
 def finite(*values: float) -> bool:
@@ -165,24 +205,28 @@ def assert_within_limits(limits: GuardLimits, action: PolicyAction, context: Gua
             allowed = limits.max_gripper_rate * max(0.0, context.now_sec - at)
             assert abs(g - last) <= allowed + EPS
         published.gripper = (g, context.now_sec)
-    if action.joint_deltas is not None:
-        index = {n: i for i, n in enumerate(limits.joint_limit_names)}
-        for name, position, delta in zip(context.joint_state.name, context.joint_state.position,
-                                         action.joint_deltas, strict=True):
-            assert math.isfinite(delta)
-            k = index.get(name)
-            cap = limits.joint_max_deltas[k] if k is not None and limits.joint_max_deltas \
-                else limits.max_joint_delta
-            assert abs(delta) <= cap + EPS
-            if k is not None and limits.joint_position_min:
-                low, high = limits.joint_position_min[k], limits.joint_position_max[k]
-                if not math.isfinite(position):
-                    assert delta == 0.0
-                elif low <= position <= high:
-                    assert low - EPS <= position + delta <= high + EPS
-                else:  # outside: only back towards the range
-                    gap = max(low - position, position - high)
-                    assert max(low - position - delta, position + delta - high) <= gap + EPS
+    state = context.joint_state
+    if action.joint_names:
+        assert len(set(action.joint_names)) == len(action.joint_names)
+    for kind in (action.joint_deltas, action.joint_positions):
+        if kind is not None and action.joint_names:
+            assert len(kind) == len(action.joint_names)
+    for index, delta in enumerate(action.joint_deltas or ()):
+        name, position = joint_of(action, state, index)
+        assert_joint_step_within(limits, name, position, delta)
+    for index, target in enumerate(action.joint_positions or ()):
+        name, position = joint_of(action, state, index)
+        last = published.joints.get(name)
+        if last is None or (math.isfinite(position) and context.observation_sec is not None
+                            and context.observation_sec > last[1]):
+            start = position
+        else:
+            start = last[0]
+        assert math.isfinite(start)  # else refused: no step could be limited
+        assert math.isfinite(target)
+        assert_joint_step_within(limits, name, start, target - start)
+    for index, target in enumerate(action.joint_positions or ()):
+        published.joints[joint_of(action, state, index)[0]] = (target, context.now_sec)
     if action.base_velocity_hint is not None:
         hint = action.base_velocity_hint
         for part, cap in (("linear", limits.max_base_linear_speed),
@@ -424,6 +468,67 @@ def test_a_limited_joint_at_an_unknown_position_does_not_move():
     assert result.action.joint_deltas == (0.01, 0.0, 0.01)
 
 
+def test_named_joint_deltas_get_the_limits_of_the_joint_they_name():
+    # The state is (shoulder 0.3, elbow -0.2, wrist 0.9); the action names wrist first.
+    limits = GuardLimits(max_joint_delta=0.5, joint_limit_names=("wrist", "shoulder"),
+                         joint_max_deltas=(0.05, 0.5), joint_position_min=(-1.0, -1.0),
+                         joint_position_max=(1.0, 0.35))
+    result = SafetyGuard(limits).check(
+        PolicyAction(joint_deltas=(0.3, 0.3), joint_names=("wrist", "shoulder"),
+                     confidence=0.5), ctx()
+    )
+    # wrist: its own cap 0.05; shoulder (at 0.3): up to its maximum 0.35.
+    assert result.action.joint_deltas == pytest.approx((0.05, 0.05))
+    assert result.action.joint_names == ("wrist", "shoulder")
+    assert set(result.clamped) == {"joint_delta", "joint_position"}
+
+
+def test_absolute_joint_targets_are_clamped_into_their_joints_range():
+    limits = GuardLimits(max_joint_delta=10.0, joint_limit_names=("elbow", "wrist"),
+                         joint_position_min=(-0.5, 0.0), joint_position_max=(0.5, 1.0))
+    action = PolicyAction(joint_positions=(2.0, -3.0, 0.4),
+                          joint_names=("wrist", "elbow", "shoulder"), confidence=0.5)
+    result = SafetyGuard(limits).check(action, ctx())
+    assert result.action.joint_positions == pytest.approx((1.0, -0.5, 0.4))
+    assert result.clamped == ("joint_position",)
+    unnamed = SafetyGuard(limits).check(
+        PolicyAction(joint_positions=(0.4, -3.0, 2.0), confidence=0.5), ctx())
+    assert unnamed.action.joint_positions == pytest.approx((0.4, -0.5, 1.0))
+
+
+def test_an_absolute_joint_target_steps_at_most_the_cap_from_where_the_joint_is():
+    # shoulder at 0.3, elbow at -0.2: capped at 0.1 (elbow: its own 0.05), direction kept.
+    limits = GuardLimits(max_joint_delta=0.1, joint_limit_names=("elbow",),
+                         joint_max_deltas=(0.05,))
+    action = PolicyAction(joint_positions=(1.3, -1.2, 0.95), confidence=0.5)
+    result = SafetyGuard(limits).check(action, ctx())
+    assert result.action.joint_positions == pytest.approx((0.4, -0.25, 0.95))
+    assert result.clamped == ("joint_delta",)
+
+
+def test_a_chunks_joint_targets_step_from_the_previous_target_until_a_newer_observation():
+    guard = SafetyGuard(GuardLimits(max_joint_delta=0.1))
+    seen = GuardContext(0.0, JOINTS, observation_sec=0.0)
+    # A chunk moving the elbow (at -0.2) by 0.08 per step: each step within the cap of the
+    # one before, though the fifth is 0.4 from where the elbow was seen.
+    for step in range(1, 6):
+        target = -0.2 + 0.08 * step
+        result = guard.check(
+            PolicyAction(joint_positions=(target,), joint_names=("elbow",), confidence=0.5),
+            replace(seen, now_sec=0.1 * step),
+        )
+        assert result.action.joint_positions == (target,) and not result.clamped
+    # A jump is cut from the last target let out (0.2) ...
+    jump = PolicyAction(joint_positions=(1.0,), joint_names=("elbow",), confidence=0.5)
+    assert guard.check(jump, replace(seen, now_sec=0.6)).action.joint_positions == \
+        pytest.approx((0.3,))
+    # ... and from the observation once one was taken after that target was due.
+    newer = GuardContext(0.8, JointStateData(("elbow",), (0.0,)), observation_sec=0.75)
+    assert guard.check(jump, newer).action.joint_positions == pytest.approx((0.1,))
+    guard.reset()
+    assert guard.check(jump, seen).action.joint_positions == pytest.approx((-0.1,))
+
+
 def test_the_gripper_is_rate_limited_between_due_times():
     guard = SafetyGuard(GuardLimits(max_gripper_rate=2.0))
     first = guard.check(PolicyAction(gripper_command=1.0, confidence=0.5), ctx(now=10.0))
@@ -463,6 +568,16 @@ def test_base_hints_are_scaled_down_keeping_their_direction():
         (PolicyAction(eef_target=Pose(orientation=Quaternion(0, 0, 0, 2)), confidence=0.5),
          "non_unit_quaternion", "length 2"),
         (PolicyAction(gripper_command=-0.5, confidence=0.5), "gripper_range", "-0.5"),
+        (PolicyAction(joint_positions=(0.0, math.nan, 0.0), confidence=0.5), "non_finite",
+         "joint_positions[1] is nan"),
+        (PolicyAction(joint_positions=(0.1,), joint_names=("gripper_finger",), confidence=0.5),
+         "unknown_joint_position", "joint 'gripper_finger'"),
+        (PolicyAction(joint_positions=(0.1, 0.2), joint_names=("elbow",), confidence=0.5),
+         "joint_names", "joint_positions has 2 values for 1 joint_names"),
+        (PolicyAction(joint_deltas=(0.1, 0.2), joint_names=("elbow", "wrist", "shoulder"),
+                      confidence=0.5), "joint_names", "joint_deltas has 2 values"),
+        (PolicyAction(joint_positions=(0.1, 0.2), joint_names=("elbow", "elbow"),
+                      confidence=0.5), "joint_names", "twice"),
     ],
 )
 def test_what_cannot_be_clamped_is_refused_with_a_reason(action, code, says):

@@ -457,6 +457,9 @@ def test_unusable_vectors_never_become_motion(answer):
 def test_a_named_target_wins_over_a_vector():
     answer = {**UPSTREAM_EXAMPLE_ANSWER, "action": VECTOR}
     assert canonical_answer(answer) is answer
+    # Absolute joint targets are a named target too: never overridden by a vector.
+    joints = {"has_joint_positions": True, "joint_positions": [0.1, 0.2], "action": VECTOR}
+    assert canonical_answer(joints) is joints
 
 
 def test_remote_node_publishes_upstream_vector_with_upstreams_gripper_meaning(upstream_server):

@@ -287,16 +287,17 @@ class InferRequest(_WireModel):
                         f"{path}.eef_target_pose.orientation",
                         f"quaternion ({q.x}, {q.y}, {q.z}, {q.w}) is not a rotation",
                     )
-            if (
-                action.has_joint_deltas
-                and not action.joint_names
-                and len(action.joint_deltas) != joint_count
-            ):
-                raise InputError(
-                    f"{path}.joint_deltas",
-                    f"has {_count(len(action.joint_deltas), 'value')} for "
-                    f"{_count(joint_count, 'joint name')}",
-                )
+            if action.joint_names:
+                continue  # its values are one per joint_names entry (ActionModel checks)
+            for flag, name in (("has_joint_deltas", "joint_deltas"),
+                               ("has_joint_positions", "joint_positions")):
+                values = getattr(action, name)
+                if getattr(action, flag) and len(values) != joint_count:
+                    raise InputError(
+                        f"{path}.{name}",
+                        f"has {_count(len(values), 'value')} for "
+                        f"{_count(joint_count, 'joint name')}",
+                    )
         return self
 
 

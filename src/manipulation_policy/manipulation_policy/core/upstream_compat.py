@@ -41,7 +41,8 @@ PolicyOutput-shaped answer, the raw vector under
 level or inside ``result``; the vector may be nested one level (``[[...]]``)
 or be an object holding it under ``action``, ``actions``, ``action_values``,
 ``values`` or ``data``. It uses the vector only when the answer names no
-target (``has_eef_target`` and ``has_joint_deltas`` both false or absent).
+target (``has_eef_target`` and ``has_joint_deltas``, and this contract's
+``has_joint_positions``, all false or absent).
 
 An answer carrying this contract's action chunk (``actions`` holding action
 objects, ``action_period_sec``) is not one of these shapes: the robot's client
@@ -294,7 +295,8 @@ def canonical_answer(
     payload (canonical, or not an object) is returned unchanged for validation."""
     if not isinstance(payload, dict):
         return payload
-    if payload.get("has_eef_target") is True or payload.get("has_joint_deltas") is True:
+    if any(payload.get(flag) is True
+           for flag in ("has_eef_target", "has_joint_deltas", "has_joint_positions")):
         return payload
     vector = raw_action_vector(payload)
     if vector is None:

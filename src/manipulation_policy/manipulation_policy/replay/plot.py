@@ -13,6 +13,7 @@ QUANTITIES = (
     ("target z (m)", lambda a: a.eef_target.position.z if a.eef_target else None),
     ("gripper", lambda a: a.gripper_command),
     ("joint delta 0", lambda a: a.joint_deltas[0] if a.joint_deltas else None),
+    ("joint target 0", lambda a: a.joint_positions[0] if a.joint_positions else None),
 )
 
 

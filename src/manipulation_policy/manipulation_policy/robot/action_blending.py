@@ -10,7 +10,10 @@ which is what ACT runs with (m = 0.01). Crossfade: linear from old to new.
 The mean: ``blend`` keeps the newest action's gripper, confidence, target mode,
 and which parts are present (its has_* flags); a part is averaged only where
 every action has it in the same shape (same target mode, same joint count),
-otherwise the newest's value stands. Poses: pose_math.weighted_mean_pose.
+otherwise the newest's value stands. Joint values (deltas, absolute position
+targets) are averaged only where every action names the same joints (the same
+``joint_names``, or none at all, with the same count). Poses:
+pose_math.weighted_mean_pose.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def blend(actions: Sequence[PolicyAction], weights: Sequence[float]) -> PolicyAc
     # The heaviest orientation anchors the hemisphere: it can never weigh 0.
     reference = max(range(len(weights)), key=weights.__getitem__)
     targets = [a.eef_target for a in actions]
-    joints = [a.joint_deltas for a in actions]
+    same_joints = all(a.joint_names == newest.joint_names for a in actions)
     twists = [a.base_velocity_hint for a in actions]
     return replace(
         newest,
@@ -55,10 +58,9 @@ def blend(actions: Sequence[PolicyAction], weights: Sequence[float]) -> PolicyAc
             and all(a.eef_target_mode == newest.eef_target_mode for a in actions)
             else newest.eef_target
         ),
-        joint_deltas=(
-            _mean_tuple(joints, weights)
-            if _all_present(joints) and len({len(j) for j in joints}) == 1
-            else newest.joint_deltas
+        joint_deltas=_mean_joints([a.joint_deltas for a in actions], weights, same_joints),
+        joint_positions=_mean_joints(
+            [a.joint_positions for a in actions], weights, same_joints
         ),
         base_velocity_hint=(
             Twist(
@@ -69,6 +71,16 @@ def blend(actions: Sequence[PolicyAction], weights: Sequence[float]) -> PolicyAc
             else newest.base_velocity_hint
         ),
     )
+
+
+def _mean_joints(
+    values: Sequence[Optional[tuple[float, ...]]], weights: Sequence[float], same_joints: bool
+) -> Optional[tuple[float, ...]]:
+    """The weighted mean of one kind of joint values, or the newest's where they differ
+    in which joints they name."""
+    if same_joints and _all_present(values) and len({len(v) for v in values}) == 1:
+        return _mean_tuple(values, weights)
+    return values[-1]
 
 
 def _all_present(parts: Sequence[Optional[object]]) -> bool:

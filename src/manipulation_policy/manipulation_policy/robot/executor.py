@@ -409,7 +409,11 @@ class ChunkExecutor:
             actions = newest.chunk.actions[newest.next_step:]
         fits = all(
             a.reference_frame == reference_frame
-            and (a.joint_deltas is None or len(a.joint_deltas) == joint_count)
+            and (
+                bool(a.joint_names)  # named joint values need not be one per joint
+                or all(v is None or len(v) == joint_count
+                       for v in (a.joint_deltas, a.joint_positions))
+            )
             for a in actions
         )
         return (actions if fits else ()), delay

@@ -10,10 +10,15 @@ instead, the plan is dropped, the reason counted, logged and reported on
 Refused (nothing sensible can be made of it):
 
 - any non-finite number (NaN, inf) anywhere in the action;
+- ``joint_names`` that name a joint twice or do not hold one name per joint
+  value (which joint a value is for would be a guess);
 - an end-effector orientation that is not a unit quaternion (off by more than
   QUATERNION_NORM_TOLERANCE): no rotation can be trusted from it;
 - a confidence outside [0, 1], or below ``min_confidence``;
 - a gripper command outside [0, 1];
+- an absolute joint target (``joint_positions``) for a joint whose position is
+  unknown (not in the observation's joint states, or NaN there) and that has
+  no earlier target to step from: its step cannot be limited;
 - an absolute end-effector target when the step reference (below) lies outside
   the workspace box: no target is both inside the box and within
   ``max_eef_step_m`` of it, so neither limit could be kept by clamping.
@@ -38,6 +43,10 @@ Clamped (the direction the policy chose is kept, the size is cut):
   a plan still running, the reference is the previous step's target. A pose
   with a non-finite position is no reference; one whose orientation is not a
   unit quaternion caps no rotation.
+- Which joint a joint value is for: the action's ``joint_names`` entry of the
+  same index where it has them, else the observation's joint state name at
+  that index (upstream's meaning). Its current position is the joint state's
+  position of that name.
 - ``max_joint_delta`` (every joint), or the joint's own ``joint_max_deltas``
   entry where ``joint_limit_names`` names it: each joint delta is clamped to
   [-cap, cap].
@@ -45,8 +54,13 @@ Clamped (the direction the policy chose is kept, the size is cut):
   is clamped so that current position + delta stays within them (a joint
   already outside may only move back towards them). Where the current position
   is unknown (NaN or absent) the delta of a limited joint is clamped to 0.
-  PolicyAction carries no absolute joint targets, so these limits apply to
-  position + delta.
+- Absolute joint targets (``joint_positions``) are held to the same limits as
+  the step they ask for: target - reference, clamped as a delta is (position
+  limits, then the cap; the direction kept), reference + that step is the
+  target let out. The reference is the joint's last target the guard let out,
+  unless the observation was taken after it was due (then the observation's
+  position of the joint), as for end-effector targets: within a chunk each step
+  is limited from the step before, not from where the arm was when it was seen.
 - ``max_gripper_rate`` (full range per second; 0: no limit): the gripper
   command moves at most rate x dt from the last one let out, dt being the time
   between their due times (0 or less: no change). The first command after a
@@ -179,7 +193,7 @@ class GuardResult:
 
 
 REFUSAL_CODES = ("non_finite", "non_unit_quaternion", "confidence", "gripper_range",
-                 "reference_outside_workspace")
+                 "reference_outside_workspace", "unknown_joint_position", "joint_names")
 CLAMP_NAMES = ("workspace", "eef_step_m", "eef_step_rad", "joint_delta", "joint_position",
                "gripper_rate", "base_linear_speed", "base_angular_speed")
 
@@ -201,6 +215,8 @@ class SafetyGuard:
         # The last absolute EEF target let out, and its due time.
         self._last_target: Optional[tuple[Pose, float]] = None
         self._last_gripper: Optional[tuple[float, float]] = None  # (command, due time)
+        # The last absolute target of each joint let out: name -> (target, due time).
+        self._last_joints: dict[str, tuple[float, float]] = {}
         self._counts = {**{f"refused_{c}": 0 for c in REFUSAL_CODES},
                         **{f"clamped_{c}": 0 for c in CLAMP_NAMES}}
         self._newest_refusal: Optional[str] = None
@@ -215,10 +231,12 @@ class SafetyGuard:
             self._limits = limits
 
     def reset(self) -> None:
-        """Forget the step references (last target, last gripper command)."""
+        """Forget the step references (last target, last gripper command, last joint
+        targets)."""
         with self._lock:
             self._last_target = None
             self._last_gripper = None
+            self._last_joints = {}
 
     def copy(self) -> SafetyGuard:
         """A guard with these limits and references and no counts: to preview what a
@@ -226,6 +244,7 @@ class SafetyGuard:
         with self._lock:
             twin = SafetyGuard(self._limits)
             twin._last_target, twin._last_gripper = self._last_target, self._last_gripper
+            twin._last_joints = dict(self._last_joints)
         return twin
 
     def counts(self) -> dict[str, int]:
@@ -247,7 +266,7 @@ class SafetyGuard:
             try:
                 _refuse_malformed(action, limits)
                 checked = _Clamping(limits, context, clamped, self._last_target,
-                                    self._last_gripper).apply(action)
+                                    self._last_gripper, self._last_joints).apply(action)
             except _Refused as refused:
                 self._counts[f"refused_{refused.code}"] += 1
                 self._newest_refusal = refused.reason
@@ -259,6 +278,10 @@ class SafetyGuard:
                 self._last_target = (checked.eef_target, context.now_sec)
             if checked.gripper_command is not None:
                 self._last_gripper = (checked.gripper_command, context.now_sec)
+            if checked.joint_positions is not None:
+                for index, target in enumerate(checked.joint_positions):
+                    name = _joint_name(checked, context.joint_state, index)
+                    self._last_joints[name] = (target, context.now_sec)
             return GuardResult(checked, clamped=tuple(clamped))
 
 
@@ -271,6 +294,8 @@ def _numbers(action: PolicyAction) -> list[tuple[str, float]]:
         found.append(("gripper_command", action.gripper_command))
     for index, value in enumerate(action.joint_deltas or ()):
         found.append((f"joint_deltas[{index}]", value))
+    for index, value in enumerate(action.joint_positions or ()):
+        found.append((f"joint_positions[{index}]", value))
     if action.eef_target is not None:
         p, q = action.eef_target.position, action.eef_target.orientation
         found += [(f"eef_target.position.{a}", getattr(p, a)) for a in "xyz"]
@@ -301,6 +326,15 @@ def _refuse_malformed(action: PolicyAction, limits: GuardLimits) -> None:
     gripper = action.gripper_command
     if gripper is not None and not 0.0 <= gripper <= 1.0:
         raise _Refused("gripper_range", f"gripper_command {gripper:.6g} outside [0, 1]")
+    names = action.joint_names
+    if names:
+        if len(set(names)) != len(names):
+            raise _Refused("joint_names", f"joint_names {list(names)!r:.200} name a joint twice")
+        for label in ("joint_positions", "joint_deltas"):
+            values = getattr(action, label)
+            if values is not None and len(values) != len(names):
+                raise _Refused("joint_names", f"{label} has {len(values)} values for "
+                                              f"{len(names)} joint_names")
 
 
 # ---------------------------------------------------------------- clamps
@@ -313,6 +347,7 @@ class _Clamping:
     clamped: list[str]
     last_target: Optional[tuple[Pose, float]]
     last_gripper: Optional[tuple[float, float]]
+    last_joints: Mapping[str, tuple[float, float]]
 
     def apply(self, action: PolicyAction) -> PolicyAction:
         changes: dict[str, Any] = {}
@@ -322,7 +357,9 @@ class _Clamping:
             else:
                 changes["eef_target"] = self._delta_target(action.eef_target)
         if action.joint_deltas is not None:
-            changes["joint_deltas"] = self._joint_deltas(action.joint_deltas)
+            changes["joint_deltas"] = self._joint_deltas(action)
+        if action.joint_positions is not None:
+            changes["joint_positions"] = self._joint_positions(action)
         if action.gripper_command is not None:
             changes["gripper_command"] = self._gripper(float(action.gripper_command))
         if action.base_velocity_hint is not None:
@@ -387,33 +424,65 @@ class _Clamping:
             return pose
         return target
 
-    def _joint_deltas(self, deltas: Sequence[float]) -> tuple[float, ...]:
-        limits, state = self.limits, self.context.joint_state
-        index_of = {name: i for i, name in enumerate(limits.joint_limit_names)}
+    def _joint_deltas(self, action: PolicyAction) -> tuple[float, ...]:
+        state = self.context.joint_state
         result = []
-        for i, delta in enumerate(deltas):
-            delta = float(delta)
-            name = state.name[i] if i < len(state.name) else None
-            k = index_of.get(name) if name is not None else None
-            cap = limits.joint_max_deltas[k] if k is not None and limits.joint_max_deltas \
-                else limits.max_joint_delta
-            if k is not None and limits.joint_position_min:
-                position = float(state.position[i]) if i < len(state.position) else math.nan
-                low, high = limits.joint_position_min[k], limits.joint_position_max[k]
-                if not math.isfinite(position):
-                    allowed = 0.0
-                else:
-                    # Towards the range from outside it, within it inside.
-                    allowed = min(max(position + delta, min(low, position)),
-                                  max(high, position)) - position
-                if allowed != delta:
-                    self._note("joint_position")
-                    delta = allowed
-            if abs(delta) > cap:
-                self._note("joint_delta")
-                delta = math.copysign(cap, delta)
-            result.append(delta)
+        for i, delta in enumerate(action.joint_deltas):
+            name = _joint_name(action, state, i)
+            result.append(self._joint_step(name, _joint_position(state, name), float(delta)))
         return tuple(result)
+
+    def _joint_positions(self, action: PolicyAction) -> tuple[float, ...]:
+        state = self.context.joint_state
+        result = []
+        for i, target in enumerate(action.joint_positions):
+            target = float(target)
+            name = _joint_name(action, state, i)
+            reference = self._joint_reference(name, _joint_position(state, name))
+            if not math.isfinite(reference):
+                raise _Refused(
+                    "unknown_joint_position",
+                    f"joint_positions[{i}] targets joint {name!r}, whose current position "
+                    "is unknown (not in the joint states, or NaN): its step cannot be limited",
+                )
+            step = target - reference
+            allowed = self._joint_step(name, reference, step)
+            result.append(target if allowed == step else reference + allowed)
+        return tuple(result)
+
+    def _joint_reference(self, name: str, position: float) -> float:
+        """Where an absolute target of ``name`` steps from: its last target let out,
+        unless the observation (its ``position``) is newer."""
+        last = self.last_joints.get(name)
+        if last is None:
+            return position
+        target, due = last
+        taken = self.context.observation_sec
+        if math.isfinite(position) and taken is not None and taken > due:
+            return position
+        return target
+
+    def _joint_step(self, name: str, position: float, delta: float) -> float:
+        """``delta`` from ``position`` for joint ``name``, within its limits."""
+        limits = self.limits
+        k = _limit_index(limits, name)
+        cap = limits.joint_max_deltas[k] if k is not None and limits.joint_max_deltas \
+            else limits.max_joint_delta
+        if k is not None and limits.joint_position_min:
+            low, high = limits.joint_position_min[k], limits.joint_position_max[k]
+            if not math.isfinite(position):
+                allowed = 0.0
+            else:
+                # Towards the range from outside it, within it inside.
+                allowed = min(max(position + delta, min(low, position)),
+                              max(high, position)) - position
+            if allowed != delta:
+                self._note("joint_position")
+                delta = allowed
+        if abs(delta) > cap:
+            self._note("joint_delta")
+            delta = math.copysign(cap, delta)
+        return delta
 
     def _gripper(self, command: float) -> float:
         rate = self.limits.max_gripper_rate
@@ -434,6 +503,33 @@ class _Clamping:
         if angular != _vec(hint.angular):
             self._note("base_angular_speed")
         return Twist(Vector3(*linear), Vector3(*angular))
+
+
+# ---------------------------------------------------------------- joint helpers
+
+
+def _joint_name(action: PolicyAction, state: JointStateData, index: int) -> str:
+    """The joint an action's ``index``-th joint value is for: its joint_names entry, else
+    the joint state's name at that index (``#<index>`` when the state names none)."""
+    if action.joint_names:
+        return action.joint_names[index]
+    return state.name[index] if index < len(state.name) else f"#{index}"
+
+
+def _joint_position(state: JointStateData, name: str) -> float:
+    """The joint state's position of ``name``; NaN when unknown."""
+    try:
+        index = state.name.index(name)
+    except ValueError:
+        return math.nan
+    return float(state.position[index]) if index < len(state.position) else math.nan
+
+
+def _limit_index(limits: GuardLimits, name: str) -> Optional[int]:
+    try:
+        return limits.joint_limit_names.index(name)
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------- vector helpers
