@@ -59,7 +59,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -333,21 +333,22 @@ class LeRobotBackend:
             self.action_period_sec,
         )
 
-    def _seeded(self) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def _seeded(self) -> Iterator[None]:
         """torch's global generators (CPU and this CUDA device) seeded for one call and
         restored after; nothing without a seed."""
         if self.seed is None:
-            return contextlib.nullcontext()
+            yield
+            return
         device = torch.device(self.device)
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else []
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.random.fork_rng(devices=cuda))
-        torch.random.default_generator.manual_seed(self.seed)
-        if cuda:
-            with torch.cuda.device(cuda[0]):
-                torch.cuda.manual_seed(self.seed)
-        return stack
+        with torch.random.fork_rng(devices=cuda):
+            torch.random.default_generator.manual_seed(self.seed)
+            if cuda:
+                with torch.cuda.device(cuda[0]):
+                    torch.cuda.manual_seed(self.seed)
+            yield
 
     def _noise(self, batch_size: int) -> dict[str, torch.Tensor]:
         """``noise=`` for a seeded policy that takes it: each row drawn as if alone."""
