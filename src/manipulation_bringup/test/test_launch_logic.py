@@ -84,6 +84,7 @@ LOCAL_DEFAULTS = {
     "gripper_closed": 0.0,
     "gripper_open": 1.0,
     "fps": 0.0,
+    "seed": "",
 }
 REMOTE_DEFAULTS = {
     "remote_url": "http://localhost:5000",

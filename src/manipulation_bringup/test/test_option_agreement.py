@@ -63,6 +63,7 @@ GOOD = {
     "gripper_closed": ("100", 100.0),
     "gripper_open": ("-2.5", -2.5),
     "fps": ("30", 30.0),
+    "seed": ("42", "42"),
 }
 # name -> texts every form refuses.
 BAD = {
@@ -86,6 +87,7 @@ BAD = {
     "gripper_closed": ["nan", "open", "1e7"],
     "gripper_open": ["-inf", ""],
     "fps": ["-1", "1001", "nan"],
+    "seed": ["-1", "4294967296", "1.5", "seven"],
 }
 
 
@@ -274,7 +276,8 @@ def test_unset_is_one_rule():
     assert options.is_unset(None) and not options.is_unset("nonex")
     unset_ok = {o.name for o in OPTIONS if o.unset_ok}
     assert unset_ok == {"unnorm_key", "lora_adapter", "quantization",
-                        "max_position_step", "max_rotation_step", "action_layout", "fps"}
+                        "max_position_step", "max_rotation_step", "action_layout", "fps",
+                        "seed"}
     for name in unset_ok:
         option = OPTIONS_BY_NAME[name]
         assert option.parse("none") is None and option.parse("") is None

@@ -6,12 +6,16 @@ test-lerobot); the main lane skips it."""
 from __future__ import annotations
 
 import json
+import logging
 
 import lerobot_checkpoints as lc
 import numpy as np
 import pytest
 
 lc.require_lerobot()
+
+import torch  # noqa: E402
+from lerobot.async_inference.helpers import resize_robot_observation_image  # noqa: E402
 
 from manipulation_policy.backends import create_backend, declared_options  # noqa: E402
 from manipulation_policy.backends.lerobot import LeRobotBackend  # noqa: E402
@@ -118,12 +122,52 @@ def test_a_bad_observation_in_a_batch_is_its_own_answer(act):
     ({"state": None}, "state"),
     ({"state": (0.0,) * 7}, "state"),
     ({"images": {"wrist": np.zeros((96, 96, 3), np.uint8),
-                 "front": np.zeros((480, 640, 3), np.uint8)}}, "images.front"),
+                 "front": np.zeros((96, 96, 3), np.float32)}}, "images.front"),
+    ({"images": {"wrist": np.zeros((96, 96, 4), np.uint8),
+                 "front": np.zeros((96, 96, 3), np.uint8)}}, "images.wrist"),
+    ({"images": {"wrist": np.zeros((96, 96, 3), np.uint8),
+                 "front": np.zeros((96, 96), np.uint8)}}, "images.front"),
 ])
 def test_an_observation_that_does_not_fit_names_the_field(act, changes, field):
     with pytest.raises(InputError) as raised:
         act.predict(observation(**changes))
     assert raised.value.field == field
+
+
+def lerobot_resized(rgb: np.ndarray) -> np.ndarray:
+    """The frame resized to the checkpoint's size by LeRobot's own async-inference
+    helper, back as HxWx3 uint8."""
+    shape = (3, lc.IMAGE_SIZE, lc.IMAGE_SIZE)
+    return resize_robot_observation_image(torch.tensor(rgb), shape).permute(1, 2, 0).numpy()
+
+
+def test_a_frame_of_another_size_is_resized_as_lerobots_async_inference_does(act, caplog):
+    rng = np.random.default_rng(11)
+    big = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    small = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    images = {"wrist": big, "front": small}
+    with caplog.at_level(logging.INFO, logger="manipulation_policy.backends.lerobot"):
+        answered = joint_matrix(act.predict(observation(images=images)))
+        act.predict(observation(images=images))
+    resized = {name: lerobot_resized(rgb) for name, rgb in images.items()}
+    assert resized["wrist"].shape == (lc.IMAGE_SIZE, lc.IMAGE_SIZE, 3)
+    np.testing.assert_allclose(answered, joint_matrix(act.predict(observation(images=resized))),
+                               atol=1e-6)
+    # Another resize (Pillow's antialiased bilinear, as the remote node's) answers
+    # differently: the comparison above sees the interpolation.
+    from PIL import Image
+    pillow = {name: np.asarray(Image.fromarray(rgb).resize((lc.IMAGE_SIZE,) * 2,
+                                                          Image.BILINEAR))
+              for name, rgb in images.items()}
+    assert not np.allclose(answered, joint_matrix(act.predict(observation(images=pillow))),
+                           atol=1e-6)
+    lines = [r.getMessage() for r in caplog.records if "resized" in r.getMessage()]
+    assert sorted(lines) == sorted([
+        "camera wrist: frames of 160x120 are resized to the checkpoint's 96x96 "
+        "(send that size to avoid a second, lossy resize)",
+        "camera front: frames of 64x48 are resized to the checkpoint's 96x96 "
+        "(send that size to avoid a second, lossy resize)",
+    ])
 
 
 def test_diffusion_answers_n_action_steps_at_the_fps_option(diffusion):
@@ -161,6 +205,44 @@ def test_diffusion_batch_answers_each_robot_from_its_own_history(diffusion):
     answers = diffusion.predict_batch([observation(1, "r1"), observation(2, "r2")])
     assert [len(a.actions) for a in answers] == [lc.DIFFUSION_ACTIONS] * 2
     assert set(diffusion._histories) >= {"r1", "r2"}
+
+
+@pytest.fixture(scope="module")
+def seeded(diffusion_checkpoint):
+    backend = create_backend("lerobot", model=str(diffusion_checkpoint),
+                             action_layout=lc.ARM_LAYOUT, fps="30", seed="7")
+    yield backend
+    backend.close()
+
+
+def test_seeded_diffusion_gives_one_chunk_per_observation_whatever_others_ask(seeded):
+    assert seeded.describe()["seed"] == 7 and not seeded.batches_observations
+    global_state = torch.get_rng_state()
+    first = joint_matrix(seeded.predict(observation(1, "s1")))
+    seeded.predict(observation(2, "s2"))  # another robot asks in between
+    again = joint_matrix(seeded.predict(observation(1, "s3")))  # a fresh history, as s1's
+    np.testing.assert_array_equal(first, again)
+    # The same robot, the same frame again: its history holds that frame twice, as the
+    # first call's padding did, so the same chunk.
+    np.testing.assert_array_equal(joint_matrix(seeded.predict(observation(1, "s1"))), first)
+    assert not np.allclose(joint_matrix(seeded.predict(observation(4, "s4"))), first)
+    # Torch's global generator is left as it was: the seed perturbs nobody else.
+    assert torch.equal(torch.get_rng_state(), global_state)
+    [batched] = seeded.predict_batch([observation(1, "s5")])
+    np.testing.assert_array_equal(joint_matrix(batched), first)
+
+
+def test_unseeded_diffusion_samples_anew_each_call(diffusion):
+    assert diffusion.describe()["seed"] is None
+    one = joint_matrix(diffusion.predict(observation(1, "u1")))
+    two = joint_matrix(diffusion.predict(observation(1, "u2")))
+    assert one.shape == two.shape and not np.allclose(one, two)
+
+
+@pytest.mark.parametrize("seed", ["-1", "1.5", "x", str(2**32), True])
+def test_a_bad_seed_is_refused_at_start(diffusion_checkpoint, seed):
+    message = start(diffusion_checkpoint, action_layout=lc.ARM_LAYOUT, fps="30", seed=seed)
+    assert message.startswith("seed must be a whole number from 0 to 4294967295")
 
 
 def start(checkpoint, **options) -> str:

@@ -3,7 +3,9 @@ driving both nodes over real DDS: the in-process policy_node runs the lerobot ba
 the remote node talks to the real policy server serving the same checkpoint. Two
 camera topics and the arm's joint_states in; the chunk each node accepts (the chunk
 topic) is the checkpoint's, absolute joint targets named by the action layout, and
-the same inputs give the same chunk both ways (up to the wire's JPEG)."""
+the same inputs give the same chunk both ways (up to the wire's JPEG), whatever size
+the robot's cameras or the remote node's image_width x image_height: the backend resizes
+a frame to the checkpoint's size as LeRobot's async inference does."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import pytest
 
 lc.require_lerobot()
 
+import torch  # noqa: E402
+from lerobot.async_inference.helpers import resize_robot_observation_image  # noqa: E402
 from node_harness import Rig, wait_until  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
@@ -22,6 +26,7 @@ from sensor_msgs.msg import Image  # noqa: E402
 from manipulation_msgs.msg import PolicyActionChunk  # noqa: E402
 from manipulation_policy.backends.lerobot import LeRobotBackend  # noqa: E402
 from manipulation_policy.core.api_key import API_KEY_ENV  # noqa: E402
+from manipulation_policy.core.policy_types import Observation  # noqa: E402
 from manipulation_policy.nodes import ros_conversion  # noqa: E402
 from manipulation_policy.nodes.policy_node import PolicyNode  # noqa: E402
 from manipulation_policy.nodes.remote_policy_node import RemotePolicyNode  # noqa: E402
@@ -43,8 +48,9 @@ def solid(color) -> np.ndarray:
 class ArmInputs:
     """The arm's two cameras (sensor_msgs/Image) and its joint_states, streamed."""
 
-    def __init__(self, rig: Rig) -> None:
+    def __init__(self, rig: Rig, frames: dict[str, np.ndarray] | None = None) -> None:
         self.rig = rig
+        self.frames = frames or {name: solid(color) for name, color in FRAMES.items()}
         self.topics = {name: f"{rig.namespace}/{name}/image_raw" for name in FRAMES}
         self.publishers = {
             name: rig.node.create_publisher(Image, topic, qos_profile_sensor_data)
@@ -67,7 +73,7 @@ class ArmInputs:
     def publish_frames(self) -> None:
         stamp = self.rig.now()
         for name, publisher in self.publishers.items():
-            publisher.publish(ros_conversion.rgb_to_image(solid(FRAMES[name]), stamp))
+            publisher.publish(ros_conversion.rgb_to_image(self.frames[name], stamp))
 
     def start(self) -> None:
         self.rig.stream(50.0, lambda: self.rig.publish_joint_state(ARM_JOINTS, ARM_POSITIONS))
@@ -106,9 +112,10 @@ def act_server(act_checkpoint):
     assert "Traceback" not in server.log()
 
 
-def in_process_chunk(rig: Rig, checkpoint) -> PolicyActionChunk:
-    inputs = ArmInputs(rig)
-    backend = LeRobotBackend(model=str(checkpoint), action_layout=lc.ARM_LAYOUT, device="cpu")
+def in_process_chunk(rig: Rig, checkpoint, frames=None, backend=None) -> PolicyActionChunk:
+    inputs = ArmInputs(rig, frames)
+    backend = backend or LeRobotBackend(model=str(checkpoint), action_layout=lc.ARM_LAYOUT,
+                                        device="cpu")
     node = rig.add(PolicyNode(backend=backend, **rig.node_kwargs(
         backend="lerobot", **inputs.parameters())))
     assert node.lifecycle_state == "active", node.configure_problem
@@ -126,20 +133,42 @@ def test_the_in_process_node_publishes_the_checkpoints_chunk(rig, act_checkpoint
     assert 0.0 <= first.gripper_command <= 1.0 and first.confidence == 1.0
 
 
-def test_the_same_inputs_give_the_same_chunk_both_ways(act_checkpoint, act_server):
+def test_a_camera_of_another_size_is_resized_as_lerobots_async_inference_does(
+        rig, act_checkpoint):
+    rng = np.random.default_rng(3)
+    frames = {"wrist": rng.integers(0, 256, (120, 160, 3), np.uint8),
+              "front": rng.integers(0, 256, (72, 128, 3), np.uint8)}
+    backend = LeRobotBackend(model=str(act_checkpoint), action_layout=lc.ARM_LAYOUT,
+                             device="cpu")
+    published = as_matrix(in_process_chunk(rig, act_checkpoint, frames, backend))
+    # The same frames resized beforehand by LeRobot's own helper, to the same backend.
+    shape = (3, lc.IMAGE_SIZE, lc.IMAGE_SIZE)
+    resized = {name: resize_robot_observation_image(torch.tensor(rgb), shape)
+               .permute(1, 2, 0).numpy() for name, rgb in frames.items()}
+    chunk = backend.predict(Observation(images=resized, state=tuple(ARM_POSITIONS),
+                                        instruction="pick up the object"))
+    expected = np.array([a.joint_positions + (a.gripper_command,) for a in chunk.actions])
+    np.testing.assert_allclose(published, expected, atol=1e-6)
+
+
+# None: the remote node's default image_width x image_height (224x224), which the
+# server resizes back to the checkpoint's 96x96.
+@pytest.mark.parametrize("sent_size", [lc.IMAGE_SIZE, None])
+def test_the_same_inputs_give_the_same_chunk_both_ways(act_checkpoint, act_server, sent_size):
     with Rig() as rig:
         local = as_matrix(in_process_chunk(rig, act_checkpoint))
+    size = {} if sent_size is None else {"image_width": sent_size, "image_height": sent_size}
     with Rig() as rig:
         inputs = ArmInputs(rig)
         node = rig.add(RemotePolicyNode(**rig.node_kwargs(**inputs.parameters(
             remote_url=act_server.base_url, remote_timeout_sec=30.0,
-            remote_fallback_on_failure=False, image_width=lc.IMAGE_SIZE,
-            image_height=lc.IMAGE_SIZE))))
+            remote_fallback_on_failure=False, **size))))
         assert node.lifecycle_state == "active", node.configure_problem
         inputs.start()
         remote = as_matrix(inputs.first_chunk())
-    # The remote node sends each frame as JPEG: a solid colour comes through it whole
-    # here (measured: equal); the bound leaves room for another libjpeg's rounding.
+    # The remote node sends each frame as JPEG: a solid colour comes through it (and
+    # through both resizes) whole here (measured: equal); the bound leaves room for
+    # another libjpeg's rounding.
     np.testing.assert_allclose(remote, local, atol=1e-4)
 
 

@@ -2,8 +2,10 @@
 6) served by the REAL policy server process, ``python -m manipulation_policy.policy_server
 --backend lerobot --model DIR --action-layout ...``, in the lerobot lane's venv: /info
 shows the checkpoint's inputs, a request with ``images`` and ``state`` gets the chunk
-the backend gives the same observation in this process, a request that does not fit
-is a 422 naming the field, and a bad configuration stops the server with one line."""
+the backend gives the same observation in this process (a camera of another size
+resized as LeRobot's async inference does; a seeded Diffusion's chunk too), a request
+that does not fit is a 422 naming the field, and a bad configuration stops the server
+with one line."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import pytest
 lc.require_lerobot()
 
 import requests  # noqa: E402
+import torch  # noqa: E402
+from lerobot.async_inference.helpers import resize_robot_observation_image  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from manipulation_policy import policy_server  # noqa: E402
@@ -32,6 +36,7 @@ JSON = {"Content-Type": "application/json"}
 JOINTS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll"]
 # Loading torch and lerobot in a fresh process takes a while on a loaded 2-core machine.
 STARTUP_SEC = 180.0
+SEED = 7
 
 
 def serve(checkpoint: Path, *options: str) -> ServerProcess:
@@ -51,7 +56,7 @@ def act_server(act_checkpoint):
 
 @pytest.fixture(scope="module")
 def diffusion_server(diffusion_checkpoint):
-    with serve(diffusion_checkpoint, "--fps", "30") as process:
+    with serve(diffusion_checkpoint, "--fps", "30", "--seed", str(SEED)) as process:
         yield process
     assert "Traceback" not in process.log()
 
@@ -93,6 +98,23 @@ def test_info_shows_the_checkpoints_inputs_and_the_backend(act_server):
     assert backend["action_layout"] == lc.ARM_LAYOUT
 
 
+def served_matrix(body: dict) -> np.ndarray:
+    return np.array([a["joint_positions"] + [a["gripper_command"]] for a in body["actions"]])
+
+
+def chunk_matrix(chunk) -> np.ndarray:
+    return np.array([a.joint_positions + (a.gripper_command,) for a in chunk.actions])
+
+
+def in_process(checkpoint: Path, obs: Observation, **options) -> np.ndarray:
+    local = create_backend("lerobot", model=str(checkpoint), action_layout=lc.ARM_LAYOUT,
+                           device="cpu", **options)
+    try:
+        return chunk_matrix(local.predict(obs))
+    finally:
+        local.close()
+
+
 def test_a_request_with_images_and_state_gets_the_backends_chunk(act_server, act_checkpoint):
     sent = observation(seed=3)
     answer = post(act_server, observation_to_request(sent))
@@ -104,15 +126,27 @@ def test_a_request_with_images_and_state_gets_the_backends_chunk(act_server, act
     assert first["has_joint_positions"] is True and first["joint_names"] == JOINTS
     assert body["joint_positions"] == first["joint_positions"]  # upstream's top level
     # The same observation, as the server decoded it, in this process: the same chunk.
-    local = create_backend("lerobot", model=str(act_checkpoint), action_layout=lc.ARM_LAYOUT,
-                           gripper_closed=0.1, gripper_open=0.5, device="cpu")
-    try:
-        chunk = local.predict(as_the_server_sees_it(sent))
-    finally:
-        local.close()
-    served = np.array([a["joint_positions"] + [a["gripper_command"]] for a in body["actions"]])
-    here = np.array([a.joint_positions + (a.gripper_command,) for a in chunk.actions])
-    np.testing.assert_allclose(served, here, atol=1e-5)
+    here = in_process(act_checkpoint, as_the_server_sees_it(sent), gripper_closed=0.1,
+                      gripper_open=0.5)
+    np.testing.assert_allclose(served_matrix(body), here, atol=1e-5)
+
+
+def test_a_camera_of_another_size_is_resized_to_the_checkpoints(act_server, act_checkpoint):
+    rng = np.random.default_rng(8)
+    sent = observation(seed=4, images={"wrist": rng.integers(0, 256, (120, 160, 3), np.uint8),
+                                       "front": rng.integers(0, 256, (48, 64, 3), np.uint8)})
+    answer = post(act_server, observation_to_request(sent))
+    assert answer.status_code == 200, answer.text
+    # What the server decoded, resized beforehand by LeRobot's own helper.
+    decoded = as_the_server_sees_it(sent)
+    shape = (3, lc.IMAGE_SIZE, lc.IMAGE_SIZE)
+    resized = {name: resize_robot_observation_image(torch.tensor(rgb), shape)
+               .permute(1, 2, 0).numpy() for name, rgb in decoded.images.items()}
+    here = in_process(act_checkpoint, Observation(
+        images=resized, state=sent.state, instruction=sent.instruction),
+        gripper_closed=0.1, gripper_open=0.5)
+    np.testing.assert_allclose(served_matrix(answer.json()), here, atol=1e-5)
+    assert "frames of 160x120 are resized to the checkpoint's 96x96" in act_server.log()
 
 
 @pytest.mark.parametrize("changes, field, words", [
@@ -120,8 +154,6 @@ def test_a_request_with_images_and_state_gets_the_backends_chunk(act_server, act
                  "top": np.zeros((96, 96, 3), np.uint8)}}, "images.front", "top, wrist"),
     ({"state": (0.0,) * 5}, "state", "has 5 values, but the policy reads 6"),
     ({"state": None}, "state", "is missing"),
-    ({"images": {"wrist": np.zeros((96, 96, 3), np.uint8),
-                 "front": np.zeros((48, 64, 3), np.uint8)}}, "images.front", "64x48"),
 ])
 def test_a_request_that_does_not_fit_is_422_naming_the_field(act_server, changes, field, words):
     answer = post(act_server, observation_to_request(observation(**changes)))
@@ -141,6 +173,20 @@ def test_diffusion_serves_two_robots_each_with_its_history(diffusion_server):
         assert body["action_period_sec"] == pytest.approx(1 / 30)
     info = requests.get(f"{diffusion_server.base_url}/info", timeout=10).json()["backend"]
     assert info["history_per_robot"] is True and info["fps_source"] == "option"
+    assert info["seed"] == SEED
+
+
+def test_a_seeded_diffusion_serves_the_chunk_it_gives_in_process(diffusion_server,
+                                                                 diffusion_checkpoint):
+    sent = observation(seed=5, robot_id="/seeded/remote_policy_node")
+    answers = []
+    for _ in range(2):  # the same frame again: that robot's history holds it twice
+        answer = post(diffusion_server, observation_to_request(sent))
+        assert answer.status_code == 200, answer.text
+        answers.append(served_matrix(answer.json()))
+    np.testing.assert_array_equal(answers[0], answers[1])
+    here = in_process(diffusion_checkpoint, as_the_server_sees_it(sent), fps=30, seed=SEED)
+    np.testing.assert_allclose(answers[0], here, atol=1e-5)
 
 
 def exit_code(argv: list[str]) -> int:

@@ -20,6 +20,9 @@ Each observation becomes LeRobot's batch: ``observation.images.<name>`` (float C
 and ``task`` (the instruction), then preprocessor -> ``predict_action_chunk`` ->
 postprocessor -> the first ``n_action_steps`` actions (what LeRobot's own
 ``select_action`` executes of a chunk) -> ``core.action_layout`` -> ActionChunk.
+A frame of another size than the checkpoint's is resized to it as LeRobot's async
+inference does (``resize_robot_observation_image``: the uint8 CHW tensor, bilinear,
+align_corners=False, before the conversion to float), logged once per camera and size.
 
 Policies with an observation history (Diffusion: ``n_obs_steps`` frames in its
 ``_queues``, filled by LeRobot's ``populate_queues``) keep one history per
@@ -33,7 +36,15 @@ are predicted one after the other.
 precision: its policies make float32 tensors of their own), bfloat16 / float16 run
 ``predict_action_chunk`` under ``torch.autocast`` with the weights in float32, as
 LeRobot's ``use_amp`` does. Diffusion samples its noise from torch's global generator:
-two calls on one observation give two (equally valid) chunks.
+two calls on one observation give two (equally valid) chunks, unless ``seed`` is set.
+With a seed every prediction starts from generators seeded with it: the initial noise
+goes in through LeRobot's ``predict_action_chunk(batch, noise=...)`` where the policy
+takes one, and the noise its scheduler draws at each denoising step (DDPM; LeRobot
+passes no generator there) comes from torch's global generator, forked and seeded for
+the call (``torch.random.fork_rng``) and restored after, so a chunk depends on the
+observation (and that robot's history) only, and no robot's request shifts another's.
+Seeded sampling policies predict one observation at a time (a batch would draw
+another noise than each alone).
 
 This module imports torch and lerobot; the registry imports it only when the
 "lerobot" backend is chosen.
@@ -42,11 +53,13 @@ This module imports torch and lerobot; the registry imports it only when the
 from __future__ import annotations
 
 import collections
+import contextlib
+import inspect
 import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -80,6 +93,15 @@ HISTORY_GAP_SEC = 5.0
 # At most this many robots' histories are kept; the least recently seen goes first.
 MAX_HISTORIES = 64
 OPENVLA_DEFAULT_MODEL = lerobot_options.OPTIONS_BY_NAME["model"].default
+
+
+def resize_like_lerobot(chw: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A uint8 3xHxW frame resized to height x width as LeRobot's async inference
+    (``helpers.resize_robot_observation_image``) resizes a robot's camera to the
+    policy's image feature: bilinear, align_corners=False, on the uint8 tensor."""
+    return torch.nn.functional.interpolate(
+        chw[None], size=(height, width), mode="bilinear", align_corners=False
+    )[0]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -151,12 +173,23 @@ class LeRobotBackend:
         self.n_action_steps = min(
             int(getattr(self.config, "n_action_steps", 1) or 1), MAX_CHUNK_LENGTH
         )
+        self.seed = None if chosen["seed"] is None else int(chosen["seed"])
         self._lock = threading.Lock()
+        self._resizes_logged: set[tuple[str, int, int]] = set()
         self._histories: collections.OrderedDict[str, _History] = collections.OrderedDict()
         self._load_policy(model)
         self.has_history = getattr(self.config, "n_obs_steps", 1) > 1 and isinstance(
             getattr(self._policy, "_queues", None), dict
         )
+        self._takes_noise = "noise" in inspect.signature(
+            self._policy.predict_action_chunk).parameters
+        # Diffusion's initial noise is (batch, horizon, action length).
+        self._noise_shape = (
+            (int(self.config.horizon), self.inputs_required.action_length)
+            if self._takes_noise and isinstance(getattr(self.config, "horizon", None), int)
+            else None
+        )
+        self._one_at_a_time = self.has_history or (self.seed is not None and self._takes_noise)
 
     # ------------------------------------------------------------------ start-up
 
@@ -251,22 +284,30 @@ class LeRobotBackend:
 
     @property
     def batches_observations(self) -> bool:
-        return not self.has_history
+        return not self._one_at_a_time
 
     def _image_tensor(self, name: str, image: Any) -> torch.Tensor:
         key = IMAGE_PREFIX + name
         array = np.asarray(image)
         if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
             raise InputError(f"images.{name}", "must be an HxWx3 uint8 RGB image")
-        expected = tuple(self.config.image_features[key].shape)
-        if (3, array.shape[0], array.shape[1]) != expected:
-            raise InputError(
-                f"images.{name}",
-                f"is {array.shape[1]}x{array.shape[0]}, but the policy reads "
-                f"{expected[2]}x{expected[1]} (width x height): send the camera at the "
-                "resolution the policy was trained on",
+        _, height, width = tuple(self.config.image_features[key].shape)
+        chw = torch.tensor(array).permute(2, 0, 1)
+        if chw.shape[1:] != (height, width):
+            self._log_resize(name, array.shape[1], array.shape[0], width, height)
+            chw = resize_like_lerobot(chw, height, width)
+        return chw.float() / 255.0
+
+    def _log_resize(self, name: str, width: int, height: int, to_width: int,
+                    to_height: int) -> None:
+        seen = (name, width, height)
+        if seen not in self._resizes_logged:
+            self._resizes_logged.add(seen)
+            logger.info(
+                "camera %s: frames of %dx%d are resized to the checkpoint's %dx%d "
+                "(send that size to avoid a second, lossy resize)",
+                name, width, height, to_width, to_height,
             )
-        return torch.tensor(array).permute(2, 0, 1).float() / 255.0
 
     def _frame(self, observation: Observation) -> dict[str, Any]:
         """One observation as LeRobot's batch of one (before the preprocessor)."""
@@ -292,11 +333,42 @@ class LeRobotBackend:
             self.action_period_sec,
         )
 
+    @contextlib.contextmanager
+    def _seeded(self) -> Iterator[None]:
+        """torch's global generators (CPU and this CUDA device) seeded for one call and
+        restored after; nothing without a seed."""
+        if self.seed is None:
+            yield
+            return
+        device = torch.device(self.device)
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.random.default_generator.manual_seed(self.seed)
+            if cuda:
+                with torch.cuda.device(cuda[0]):
+                    torch.cuda.manual_seed(self.seed)
+            yield
+
+    def _noise(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """``noise=`` for a seeded policy that takes it: each row drawn as if alone."""
+        if self.seed is None or self._noise_shape is None:
+            return {}
+        generator = torch.Generator(self.device)
+        rows = []
+        for _ in range(batch_size):
+            generator.manual_seed(self.seed)
+            rows.append(torch.randn((1, *self._noise_shape), generator=generator,
+                                    device=self.device, dtype=torch.float32))
+        return {"noise": torch.cat(rows)}
+
     def _raw_actions(self, batch: dict[str, Any]) -> np.ndarray:
         """The (B, T, D) actions of a preprocessed batch, on the CPU as float64."""
-        with torch.autocast(torch.device(self.device).type, dtype=self.dtype,
-                            enabled=self.dtype != torch.float32):
-            actions = self._policy.predict_action_chunk(batch)[:, : self.n_action_steps]
+        batch_size = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+        with self._seeded(), torch.autocast(torch.device(self.device).type, dtype=self.dtype,
+                                            enabled=self.dtype != torch.float32):
+            actions = self._policy.predict_action_chunk(batch, **self._noise(batch_size))
+            actions = actions[:, : self.n_action_steps]
         actions = self._postprocessor(actions.float())
         return actions.to(torch.float64).cpu().numpy()
 
@@ -342,7 +414,7 @@ class LeRobotBackend:
     def predict_batch(self, observations: Sequence[Observation]) -> list[Any]:
         """One answer per observation, each what ``predict`` answers it alone; an
         observation that cannot be predicted has its InputError as its answer."""
-        if self.has_history:
+        if self._one_at_a_time:
             return [self._answer_or_error(o) for o in observations]
         answers: list[Any] = [None] * len(observations)
         frames: list[tuple[int, dict[str, Any]]] = []
@@ -386,6 +458,7 @@ class LeRobotBackend:
             "n_obs_steps": int(getattr(self.config, "n_obs_steps", 1)),
             "history_per_robot": self.has_history,
             "history_gap_sec": HISTORY_GAP_SEC if self.has_history else None,
+            "seed": self.seed,
             "image_names": list(self.inputs_required.image_names),
             "state_length": self.inputs_required.state_length,
             "action_length": self.inputs_required.action_length,

@@ -12,9 +12,17 @@ objects OpenVLA declares (``model_options``).
 - ``fps`` of 0 (or unset) means "the checkpoint's": its training run's environment
   fps (train_config.json). A checkpoint trained on a real robot's dataset says
   none; then fps is required (the period of the chunk's actions is 1 / fps).
+- ``seed`` (unset by default: torch's global generator, as LeRobot) makes a sampling
+  policy (Diffusion) repeatable: each prediction draws its noise from a generator
+  seeded with it, so one observation (and history) gives one chunk, in-process or
+  served, whatever other robots ask. Text, a whole number: a ROS double or a float
+  flag would round seeds above 2**53.
 """
 
 from __future__ import annotations
+
+import re
+from typing import Any, Optional
 
 from manipulation_policy.backends.model_options import DEVICE, DTYPE, MODEL
 from manipulation_policy.core.action_layout import layout_problem
@@ -23,6 +31,21 @@ from manipulation_policy.core.options import NumberRange, Option
 MAX_FPS = 1000.0
 MAX_GRIPPER_VALUE = 1e6
 gripper_value = NumberRange(-MAX_GRIPPER_VALUE, MAX_GRIPPER_VALUE)
+MAX_SEED = 2**32 - 1
+_DIGITS = re.compile(r"^\d+$")
+
+
+def seed_problem(value: Any) -> Optional[str]:
+    """A whole number 0..MAX_SEED, as an int or its decimal text."""
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and _DIGITS.match(value.strip()):
+        number = int(value.strip())
+    if number is None or not 0 <= number <= MAX_SEED:
+        return f"must be a whole number from 0 to {MAX_SEED}, got {value!r}"
+    return None
+
 
 OPTIONS: tuple[Option, ...] = (
     MODEL,
@@ -44,5 +67,9 @@ OPTIONS: tuple[Option, ...] = (
            "Actions per second of the policy's chunk (0: the checkpoint's own) (LeRobot).",
            NumberRange(0.0, MAX_FPS), env=("LEROBOT_FPS",), unset_ok=True,
            launch_argument=True),
+    Option("seed", str, "",
+           "Seed of each prediction's noise: the same observation gives the same chunk "
+           "(Diffusion); unset: torch's global generator (LeRobot).",
+           seed_problem, env=("LEROBOT_SEED",), unset_ok=True, launch_argument=True),
 )
 OPTIONS_BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
