@@ -200,12 +200,16 @@ def test_no_usable_pose_sends_nothing_when_the_state_ends_with_it():
     assert "not finite" in state_vector(StateLayout((), True), JOINTS, bad).problem
 
 
-def test_the_replay_refuses_a_several_camera_or_state_configuration():
+def test_the_replay_takes_several_cameras_and_a_state_but_not_unnamed_cameras():
     from manipulation_policy.replay.errors import ReplayInputError
     from manipulation_policy.replay.node_settings import node_values
 
     assert node_values("remote_policy_node")["camera_topics"] == ()
     for overrides in ({"camera_topics": ["/a"], "camera_names": ["a"]},
                       {"state_joints": ["elbow"]}, {"state_eef_pose": True}):
-        with pytest.raises(ReplayInputError, match="are not replayed yet"):
-            node_values("remote_policy_node", overrides=overrides)
+        values = node_values("remote_policy_node", overrides=overrides)
+        assert all(values[name] == tuple(value) if isinstance(value, list) else value
+                   for name, value in overrides.items())
+    with pytest.raises(ReplayInputError, match="camera_names must name each of camera_topics"):
+        node_values("remote_policy_node",
+                    overrides={"camera_topics": ["/a", "/b"], "camera_names": ["a"]})

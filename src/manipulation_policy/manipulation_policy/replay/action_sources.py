@@ -13,17 +13,23 @@ Each counts what failed, so the replay reports failed steps and goes on.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Optional
 
-from manipulation_policy.backends import PolicyBackend, predictor
+from manipulation_policy.backends import (
+    BackendStartupError,
+    PolicyBackend,
+    backend_inputs,
+    predictor,
+)
 from manipulation_policy.core.api_key import ApiKeyUnusable
-from manipulation_policy.core.policy_types import Observation, PolicyAction
+from manipulation_policy.core.policy_types import Observation, PolicyAction, PolicyInputs
 from manipulation_policy.replay.errors import ReplayInputError
 from manipulation_policy.robot.remote_action_source import RemoteActionSource, remote_settings
 from manipulation_policy.robot.remote_client import RemoteClient
-from manipulation_policy.robot.server_check import ServerCheckFailed, check_server
+from manipulation_policy.robot.server_check import ServerCheckFailed, check_server_info
 
 
 class LocalSource:
@@ -35,6 +41,13 @@ class LocalSource:
         self._numbers = itertools.count(1)
         self._node_name = node_name
         self._failure = ""
+
+    def inputs(self) -> Optional[PolicyInputs]:
+        """What the backend declares it reads (None: it does not say)."""
+        try:
+            return backend_inputs(self.backend)
+        except BackendStartupError as exc:
+            raise ReplayInputError(str(exc)) from None
 
     def describe(self) -> str:
         described = self.backend.describe()
@@ -69,15 +82,25 @@ class ServerSource:
         except ApiKeyUnusable as exc:
             raise ReplayInputError(str(exc)) from None
         try:
-            self.served = check_server(self._settings)
+            info = check_server_info(self._settings)
         except ServerCheckFailed as exc:
             raise ReplayInputError(str(exc)) from None
+        self.served = info.served
+        self._inputs = info.inputs
+        if info.inputs_unreadable is not None:
+            print(f"replay: policy server {self._settings.url}: /info's inputs unreadable "
+                  f"({info.inputs_unreadable}); the cameras and state are not checked",
+                  file=sys.stderr)
         self._failure = ""
         self.client = RemoteClient(replace(self._settings))
         self._source = RemoteActionSource(self.client, lambda: self._values, self._failed)
 
     def _failed(self, message: str) -> None:
         self._failure = message
+
+    def inputs(self) -> Optional[PolicyInputs]:
+        """What /info says the policy reads (None: it does not say)."""
+        return self._inputs
 
     def describe(self) -> str:
         return f"policy server {self._settings.url} ({self.served})"

@@ -24,8 +24,10 @@ from manipulation_policy.replay.simulated_node import (
     EEF_POSE,
     INSTRUCTION,
     JOINT_STATES,
+    camera_kind,
 )
 from manipulation_policy.replay.simulated_node import OBSERVATION as OBSERVATION_KIND
+from manipulation_policy.robot.camera_inputs import CameraSpec, camera_specs
 
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
@@ -44,6 +46,7 @@ class InputTopics:
     instruction: str
     observation: Optional[str]  # None without use_observation
     output: str
+    cameras: tuple[CameraSpec, ...] = ()  # camera_topics; empty: the one ``camera``
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> InputTopics:
@@ -57,17 +60,24 @@ class InputTopics:
             instruction=values["instruction_topic"],
             observation=values["observation_topic"] if values["use_observation"] else None,
             output=values["output_topic"],
+            cameras=camera_specs(
+                values["camera_topics"], values["camera_names"], values["image_transport"]
+            ),
         )
 
     def expected(self) -> dict[str, tuple[str, str]]:
         """topic -> (kind, message type)."""
-        topics = {
-            self.camera: (CAMERA, self.camera_type),
+        if self.cameras:
+            topics = {c.topic: (camera_kind(c.name), COMPRESSED_IMAGE if c.compressed else IMAGE)
+                      for c in self.cameras}
+        else:
+            topics = {self.camera: (CAMERA, self.camera_type)}
+        topics.update({
             self.joint_states: (JOINT_STATES, "sensor_msgs/msg/JointState"),
             self.eef_pose: (EEF_POSE, "geometry_msgs/msg/PoseStamped"),
             self.instruction: (INSTRUCTION, "std_msgs/msg/String"),
             self.output: (RECORDED_OUTPUT, POLICY_OUTPUT),
-        }
+        })
         if self.observation is not None:
             topics[self.observation] = (OBSERVATION_KIND, OBSERVATION)
         return topics
@@ -136,7 +146,14 @@ class RecordedBag:
         has_observation = topics.observation is not None and topics.observation in present
         if not images and not has_observation:
             raise ReplayInputError(f"{self.path}: the bag holds no image topic")
-        if topics.camera not in present and not has_observation:
+        for camera in topics.cameras:
+            # The aggregated observation's one image is no camera of a set (as in the node).
+            if camera.topic not in present:
+                raise ReplayInputError(
+                    f"{self.path}: no topic {camera.topic} of camera {camera.name} in the bag "
+                    f"(its image topics: {', '.join(images)}); check camera_topics"
+                )
+        if not topics.cameras and topics.camera not in present and not has_observation:
             raise ReplayInputError(
                 f"{self.path}: no camera topic {topics.camera} in the bag (its image "
                 f"topics: {', '.join(images)}); give --camera-topic or the params file"

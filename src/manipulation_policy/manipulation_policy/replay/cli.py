@@ -160,12 +160,18 @@ def replay(args: argparse.Namespace) -> int:
         kinds = bag.check_inputs(topics)
         recorded = RunRecorder(f"recorded {Path(args.bag).name}", with_requests=False)
         source = _source(args, values)
+        try:
+            _check_policy_inputs(source, values)
+        except BaseException:
+            source.close()
+            raise
         name = f"replay {args.server or args.backend}"
         print(f"{PROG}: {Path(args.bag).name} through {source.describe()}", file=sys.stderr)
         try:
             with OutputBag(args.output, store, values["output_topic"],
                            values["chunk_topic"]) as output:
-                node = SimulatedNode(values, source, output.write)
+                node = SimulatedNode(values, source, output.write,
+                                     _robot_id(args, REMOTE_NODE if args.server else LOCAL_NODE))
                 enabled = sys.stderr.isatty() if args.progress is None else args.progress
                 progress = Progress(bag.message_count(kinds), enabled)
                 for kind, time_ns, msg in bag.messages(kinds):
@@ -182,6 +188,9 @@ def replay(args: argparse.Namespace) -> int:
     print(f"{PROG}: {len(node.outputs.commands)} commands, {len(node.outputs.chunks)} "
           f"chunks, {node.counts.requests} requests ({node.counts.failed} failed) -> "
           f"{args.output}", file=sys.stderr)
+    skipped = node.skipped_reasons()
+    for reason, count in skipped.items():
+        print(f"{PROG}: {count} camera set(s) not sent: {reason}", file=sys.stderr)
     candidate = run_from_outputs(name, node.outputs)
     if args.compare_with:
         baseline = run_from_bag(args.compare_with, store, values["output_topic"],
@@ -191,11 +200,40 @@ def replay(args: argparse.Namespace) -> int:
         if not baseline.steps:
             print(f"{PROG}: no outputs recorded on {topics.output} in the bag: nothing to "
                   "compare (give --compare-with)", file=sys.stderr)
+            if args.report_json:  # what the replay did, without a comparison
+                from manipulation_policy.replay.report import report_json, write_whole
+
+                text = report_json(None, [], node.count_summary(), skipped)
+                write_whole(args.report_json, lambda path: path.write_text(text + "\n"))
             return EXIT_PASSED
-    return _compare(args, baseline, candidate, node.count_summary())
+    return _compare(args, baseline, candidate, node.count_summary(), skipped)
 
 
-def _compare(args: argparse.Namespace, baseline, candidate, counts: dict[str, int]) -> int:
+def _robot_id(args: argparse.Namespace, node: str) -> str:
+    """The node's fully qualified name, which it sends as ``robot_id``."""
+    namespace = args.namespace.strip("/")
+    return f"/{namespace}/{node}" if namespace else f"/{node}"
+
+
+def _check_policy_inputs(source, values: dict[str, Any]) -> None:
+    """Refuse, in one line as the node's configure does, cameras and a state that do
+    not fit what the policy declares it reads."""
+    from manipulation_policy.robot.camera_inputs import StateLayout, configuration_problem
+
+    required = source.inputs()
+    if required is None:
+        return
+    problem = configuration_problem(
+        required, values["camera_names"], StateLayout.from_values(values)
+    )
+    if problem is not None:
+        raise ReplayInputError(problem)
+
+
+def _compare(
+    args: argparse.Namespace, baseline, candidate, counts: dict[str, int],
+    skipped: dict[str, int],
+) -> int:
     from manipulation_policy.replay.comparison import Tolerances, compare_steps, summarize
     from manipulation_policy.replay.report import report_json, table, write_whole
 
@@ -205,7 +243,7 @@ def _compare(args: argparse.Namespace, baseline, candidate, counts: dict[str, in
     summary = summarize(baseline, candidate, diffs, tolerances)
     print(table(summary, counts))
     if args.report_json:
-        text = report_json(summary, diffs, counts)
+        text = report_json(summary, diffs, counts, skipped)
         write_whole(args.report_json, lambda path: path.write_text(text + "\n"))
     if args.plot:
         from manipulation_policy.replay.plot import draw

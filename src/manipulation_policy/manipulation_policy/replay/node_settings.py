@@ -10,6 +10,7 @@ from typing import Any, Optional
 import yaml
 
 from manipulation_policy.replay.errors import ReplayInputError
+from manipulation_policy.robot.camera_inputs import camera_parameters_problem
 from manipulation_policy.robot.node_parameters import (
     COMMON_PARAMETERS,
     REMOTE_NODE_PARAMETERS,
@@ -77,13 +78,9 @@ def node_values(
     problem = guard_values_problem(values)
     if problem is not None:
         raise ReplayInputError(f"safety guard parameters: {problem}")
-    if values.get("camera_topics") or values.get("state_joints") or values.get("state_eef_pose"):
-        # The replay reads one camera topic and sends no state: replaying such a robot's
-        # bag as if it had one camera would compare something else than the node did.
-        raise ReplayInputError(
-            "camera_topics, state_joints and state_eef_pose (several cameras, a state "
-            "vector) are not replayed yet; replay a one-camera configuration"
-        )
+    problem = camera_parameters_problem(values)
+    if problem is not None:
+        raise ReplayInputError(problem)
     return values
 
 

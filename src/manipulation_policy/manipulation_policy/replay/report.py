@@ -67,11 +67,15 @@ def _finite(value: Any) -> Any:
 
 
 def report_json(
-    summary: Summary, diffs: Sequence[StepDifference], counts: dict[str, int]
+    summary: Optional[Summary], diffs: Sequence[StepDifference], counts: dict[str, int],
+    skipped: Optional[dict[str, int]] = None,
 ) -> str:
+    """``summary`` None: nothing was compared. ``skipped``: why camera sets were not
+    sent (a camera missing or off, the state), how often."""
     document = {
-        "summary": summary.as_dict(),
+        "summary": None if summary is None else summary.as_dict(),
         "replay_counts": counts,
+        "skipped_sets": dict(skipped or {}),
         "steps": [asdict(d) for d in diffs],
     }
     return json.dumps(_finite(document), indent=2, allow_nan=False)

@@ -23,13 +23,19 @@ What differs from a live node, by design:
   are not replayed (the outputs go to the output and chunk topics);
 - an instruction message sets the task as the node does on ``instruction_topic``
   (an empty one clears it), without the parameter service round trip.
+
+Several cameras (``camera_topics``) and the state (``state_joints``,
+``state_eef_pose``) go as in the node: sets paired and the state built by
+``robot/camera_inputs``; a first-camera frame whose set cannot be made (a camera
+missing or off, the state unbuildable) is not sent, and is counted once, with its
+reason, in ``skipped_sets`` (a frame later completed by a late camera is sent).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
@@ -41,6 +47,13 @@ from manipulation_policy.core.policy_types import (
     PolicyAction,
 )
 from manipulation_policy.robot import message_reading as read
+from manipulation_policy.robot.camera_inputs import (
+    CameraSet,
+    StateLayout,
+    camera_specs,
+    pair_cameras,
+    state_vector,
+)
 from manipulation_policy.robot.executor import ChunkExecutor, DueCommand
 from manipulation_policy.robot.guarded_commands import ChunkOrigin, guard_preview
 from manipulation_policy.robot.message_fields import (
@@ -81,6 +94,12 @@ MAX_FINISH_ROUNDS = 1000
 # Inputs a replay takes, by kind (see bag_input).
 CAMERA, JOINT_STATES, EEF_POSE, OBSERVATION, INSTRUCTION = (
     "camera", "joint_states", "eef_pose", "observation", "instruction")
+NAMED_CAMERA_PREFIX = CAMERA + ":"
+
+
+def camera_kind(name: str) -> str:
+    """The kind of the frames of the named camera ``name`` (``camera_topics``)."""
+    return NAMED_CAMERA_PREFIX + name
 
 
 class ActionSourceLike(Protocol):
@@ -151,9 +170,19 @@ class SimulatedNode:
         values: Mapping[str, Any],
         source: ActionSourceLike,
         on_output: Callable[[Any], None] = lambda item: None,
+        robot_id: str = "",
     ):
-        """``on_output`` gets each Command, ChunkMessage and Request as it is made."""
+        """``on_output`` gets each Command, ChunkMessage and Request as it is made;
+        ``robot_id`` goes with each observation (the node's fully qualified name)."""
         self._values = dict(values)
+        self._robot_id = robot_id
+        self._camera_names = tuple(c.name for c in camera_specs(
+            self._values["camera_topics"], self._values["camera_names"],
+            self._values["image_transport"]))
+        self._camera_frames: dict[str, Frame] = {}
+        self._state_layout = StateLayout.from_values(self._values)
+        # Frames not sent because their set was incomplete: sequence -> the last reason.
+        self._skipped: dict[int, str] = {}
         self._source = source
         self._on_output = on_output
         self.outputs = Outputs()
@@ -183,7 +212,13 @@ class SimulatedNode:
         """The replay's counters and the scheduler's (frames handed over, stale ones)."""
         counts = self.counts.as_dict()
         counts.update(self._scheduler.counts())
+        # First-camera frames never sent: their set or the state was incomplete.
+        counts["skipped_sets"] = len(self._skipped)
         return counts
+
+    def skipped_reasons(self) -> dict[str, int]:
+        """Why frames were not sent (a camera missing or off, the state), how often."""
+        return dict(Counter(self._skipped.values()))
 
     # ------------------------------------------------------------ time
 
@@ -234,6 +269,8 @@ class SimulatedNode:
         self.advance_to(time_ns)
         if kind == CAMERA:
             self._on_camera(msg)
+        elif kind.startswith(NAMED_CAMERA_PREFIX):
+            self._on_named_camera(kind[len(NAMED_CAMERA_PREFIX):], msg)
         elif kind == JOINT_STATES:
             self._joint_state = read.joint_state_to_data(msg)
         elif kind == EEF_POSE:
@@ -259,12 +296,32 @@ class SimulatedNode:
             self._frame = self._new_frame(msg, msg.header.stamp)
             self._dispatch_newest()
 
+    def _on_named_camera(self, name: str, msg: Any) -> None:
+        """A frame of one of several cameras; the first camera's is the scheduler's frame
+        (a new set), another's may complete a set waiting for it (as in the node)."""
+        if self._usable(msg):
+            frame = self._new_frame(msg, msg.header.stamp)
+            self._camera_frames[name] = frame
+            if name == self._camera_names[0]:
+                self._frame = frame
+            self._dispatch_newest()
+
+    def _camera_set(self, first: Frame) -> CameraSet[Frame]:
+        if not self._camera_names:
+            return CameraSet({})
+        newest: dict[str, Optional[Frame]] = dict(self._camera_frames)
+        newest[self._camera_names[0]] = first
+        return pair_cameras(
+            self._camera_names, newest, lambda frame: frame.info.stamp_ns,
+            float(self._values["camera_sync_tolerance_sec"]),
+        )
+
     def _on_observation(self, msg: Any) -> None:
         if not self._values["use_observation"]:
             return
         usable = msg.has_rgb_image and self._usable(msg.rgb_image)
         frame = (self._new_frame(msg.rgb_image, read.observation_image_stamp(msg))
-                 if usable else None)
+                 if usable and not self._camera_names else None)
         self._aggregate = AggregatedObservation(
             read.stamp_to_nanoseconds(msg.header.stamp),
             Inputs(frame, read.observation_joint_state(msg), read.observation_eef_pose(msg)),
@@ -306,20 +363,33 @@ class SimulatedNode:
         if decision.verdict is not Verdict.HAND_OVER:
             return
         assert frame is not None
+        cameras = self._camera_set(frame)
+        state = state_vector(self._state_layout, selection.joint_state, decision.eef_pose)
+        problem = cameras.problem or state.problem
+        if problem is not None:
+            self._skipped[frame.info.sequence] = problem
+            return  # the frame stays the candidate: a later frame may complete the set
+        self._skipped.pop(frame.info.sequence, None)
         observation = observation_without_image(
-            selection.joint_state, decision.eef_pose, self._values
+            selection.joint_state, decision.eef_pose, self._values,
+            state=state.values, robot_id=self._robot_id,
         )
         self._scheduler.handed_over(frame.info, True)
         self._last_hand_over_ns = self._now_ns
-        self._run_job(Job(frame, observation, decision.task_generation))
+        self._run_job(Job(frame, observation, decision.task_generation, cameras.frames or {}))
 
     def _run_job(self, job: Job) -> None:
+        image, images = None, {}
         try:
-            image = read.frame_to_rgb(job.frame.msg)
+            if job.camera_frames:
+                images = {name: read.frame_to_rgb(frame.msg)
+                          for name, frame in job.camera_frames.items()}
+            else:
+                image = read.frame_to_rgb(job.frame.msg)
         except Exception:  # noqa: BLE001 - a bad frame ends this cycle, as in the node
             self.counts.unusable_frames += 1
             return
-        observation = observation_to_send(job.observation, image, self._executor)
+        observation = observation_to_send(job.observation, image, self._executor, images)
         request_id = self._source.new_request_id()
         self._executor.request_sent(request_id)
         self.counts.requests += 1
