@@ -151,6 +151,7 @@ def test_a_joint_missing_from_the_joint_states_skips_every_set(tmp_path):
      "the policy does not fit this robot: images.front is missing: the policy reads "
      "cameras front, wrist, the robot sends top, wrist (camera_names)"),
     (["-p", "state_joints=[wrist, elbow]"], "(state_joints has 2)"),
+    (["-p", "state_eef_pose=true"], "(state_joints has 3 + 7 with state_eef_pose)"),
 ])
 def test_a_configuration_the_policy_cannot_read_is_refused_at_start(
     tmp_path, capsys, flags, message
