@@ -402,6 +402,106 @@ def test_a_request_id_is_used_once():
         s.executor.request_sent("a")
 
 
+# ------------------------------------------------------------ several requests in flight
+
+
+def sent_at(s: Setup, stamp: float) -> str:
+    """A request for the observation stamped ``stamp`` (seconds after T0), sent now."""
+    request_id = f"p{stamp:g}"
+    s.executor.request_sent(request_id, T0 + stamp)
+    return request_id
+
+
+def test_two_outstanding_requests_are_both_accepted_in_stamp_order():
+    s = Setup(refill_horizon_sec=0.0)
+    first, second = sent_at(s, 0.0), sent_at(s, 0.2)
+    assert s.executor.in_flight() == 2
+    s.clock.at(0.3)
+    assert s.executor.accept(chunk_of(*range(8)), T0, first).accepted
+    assert s.executor.in_flight() == 1
+    s.clock.at(0.5)
+    assert s.executor.accept(chunk_of(*range(10, 18)), T0 + 0.2, second).accepted
+    assert s.executor.in_flight() == 0
+    assert s.xs_at(0.5) == [13]  # the newer chunk owns the timeline: its step at 0.5
+    assert s.executor.counts()["accepted"] == 2
+
+
+def test_an_older_request_s_answer_after_a_newer_one_s_was_accepted_is_stale():
+    s = Setup(refill_horizon_sec=0.0)
+    older, newer = sent_at(s, 0.0), sent_at(s, 0.2)
+    s.clock.at(0.3)
+    assert s.executor.accept(chunk_of(*range(10, 18)), T0 + 0.2, newer).accepted
+    late = s.executor.accept(chunk_of(*range(8)), T0, older)
+    assert late.verdict is ChunkVerdict.STALE and "older than the timeline" in late.detail
+    assert s.executor.in_flight() == 0  # answered, if unusable
+    assert s.xs_at(0.3) == [11]
+    assert s.executor.counts()["refused_stale"] == 1
+
+
+def test_a_failed_request_frees_its_place_and_only_its_own():
+    s = Setup(refill_horizon_sec=0.0)
+    first, second = sent_at(s, 0.0), sent_at(s, 0.1)
+    assert not s.executor.needs_refill(max_in_flight=2)
+    s.executor.request_failed(first)
+    assert s.executor.in_flight() == 1
+    assert s.executor.needs_refill(max_in_flight=2)
+    assert s.executor.accept(chunk_of(1), T0, first).verdict is ChunkVerdict.STALE
+    assert "not the one awaited ('p0.1')" in s.executor.accept(chunk_of(1), T0, first).detail
+    assert s.executor.accept(chunk_of(1, 2), T0 + 0.1, second).accepted
+
+
+def test_clear_drops_every_outstanding_request():
+    s = Setup()
+    first, second = sent_at(s, 0.0), sent_at(s, 0.1)
+    s.executor.clear()
+    assert s.executor.in_flight() == 0
+    for request_id, stamp in ((first, 0.0), (second, 0.1)):
+        verdict = s.executor.accept(chunk_of(1, 2), T0 + stamp, request_id)
+        assert verdict.verdict is ChunkVerdict.STALE
+
+
+def test_the_projected_timeline_counts_what_the_requests_in_flight_will_cover():
+    s = Setup(refill_horizon_sec=0.25)
+    first = sent_at(s, 0.0)
+    s.clock.at(0.2)
+    s.executor.accept(chunk_of(*range(8)), T0, first)  # 8 x 0.1: dry at 0.8
+    s.clock.at(0.55)
+    assert s.executor.projected_remaining_sec() == pytest.approx(0.25)
+    assert s.executor.needs_refill(max_in_flight=2)
+    sent_at(s, 0.55)  # expected to cover up to 0.55 + 0.8
+    assert s.executor.remaining_sec() == pytest.approx(0.25)
+    assert s.executor.projected_remaining_sec() == pytest.approx(0.8)
+    assert not s.executor.needs_refill(max_in_flight=2)
+    s.clock.at(1.1)  # the accepted timeline ran dry; the one in flight is late
+    assert s.executor.projected_remaining_sec() == pytest.approx(0.25)
+    assert s.executor.needs_refill(max_in_flight=2)
+    sent_at(s, 1.1)
+    assert not s.executor.needs_refill(max_in_flight=2)
+    assert not s.executor.needs_refill(max_in_flight=3)  # 1.1 + 0.8 - 1.1 > 0.25
+
+
+def test_a_request_without_a_stamp_or_before_a_multi_step_chunk_covers_nothing():
+    s = Setup(refill_horizon_sec=0.0)
+    sent_at(s, 0.0)
+    assert s.executor.projected_remaining_sec() == 0.0  # no chunk's span known yet
+    assert s.executor.needs_refill(max_in_flight=2)
+    s.send()  # no stamp
+    s.answer(chunk_of(*range(4)), stamp=0.0, request_id="p0")
+    assert s.executor.in_flight() == 1
+    assert s.executor.projected_remaining_sec() == pytest.approx(0.4)
+
+
+def test_with_one_in_flight_the_rule_is_the_old_one():
+    s = Setup(refill_horizon_sec=0.25)
+    first = sent_at(s, 0.0)
+    assert not s.executor.needs_refill()  # the default: one in flight
+    s.executor.accept(chunk_of(*range(10)), T0, first)
+    sent_at(s, 0.5)
+    s.clock.at(0.9)  # the timeline has 0.1 left: still no send while one is outstanding
+    assert not s.executor.needs_refill(max_in_flight=1)
+    assert s.executor.needs_refill(max_in_flight=3) is False  # projected: 0.5 + 1.0 - 0.9
+
+
 # ------------------------------------------------------------ settings
 
 
@@ -462,19 +562,27 @@ def test_every_step_is_published_at_most_once_never_early_and_newer_never_before
     s = Setup(chunk_merge=merge, crossfade_steps=3)
     sent: list[tuple[str, float]] = []  # request id, observation stamp (its send time)
     published: list[tuple[DueCommand, float]] = []
+    outstanding: set[str] = set()  # several may be in flight (pipelining)
     for op, arg in ops:
         if op == "advance":
             s.clock.at(s.clock.offset + arg)
         elif op == "send":
-            sent.append((s.send(), s.clock.offset))
+            request_id = f"r{len(sent)}"
+            s.executor.request_sent(request_id, T0 + s.clock.offset)
+            sent.append((request_id, s.clock.offset))
+            outstanding.add(request_id)
         elif op == "fail" and sent:
             s.executor.request_failed(sent[-1][0])
+            outstanding.discard(sent[-1][0])
         elif op == "answer" and sent:
             back, length, period = arg
             request_id, stamp = sent[max(0, len(sent) - 1 - back)]
             chunk = ActionChunk(tuple(step(i) for i in range(length)), period)
             s.executor.accept(chunk, T0 + stamp, request_id)
+            outstanding.discard(request_id)
         published += [(c, s.clock()) for c in s.executor.due()]
+        assert s.executor.in_flight() == len(outstanding)
+        assert s.executor.projected_remaining_sec() >= s.executor.remaining_sec()
     steps = [(c, now) for c, now in published if not c.is_underrun_hold]
     keys = [(c.request_id, c.step_index) for c, _ in steps]
     assert len(keys) == len(set(keys))

@@ -18,9 +18,16 @@ to send the next observation.
   underrun follows it and a refill is always in order once it is out.
 - Underrun: when every step of a chunk is out and its last one has had its period
   with no newer chunk, one hold is published and counted.
-- Requests: an answer is taken only for the outstanding request (the one sent
-  last, not yet answered or failed) and only if its observation is no older than
-  the newest accepted one's; a late answer to an earlier request never counts.
+- Requests: an answer is taken only for an outstanding request (sent, not yet
+  answered, failed or cleared) and only if its observation is no older than the
+  newest accepted one's; a late answer to a request no longer awaited never counts.
+  Several requests may be outstanding (pipelining: ``remote_max_in_flight``); once a
+  newer observation's chunk was accepted, an older one's answer is stale.
+- Refill: the next observation is due when the *projected* timeline, the accepted
+  one extended by what the outstanding requests are expected to cover (each one's
+  observation stamp + the span of the newest multi-step chunk), has no more than
+  the refill horizon left, and fewer requests than allowed are outstanding. With
+  one allowed, that is: none outstanding and the timeline itself near its end.
 
 The clock is the node clock that observation stamps are on, in seconds.
 Thread-safe: the answer arrives on the worker, ``due`` runs on the timer.
@@ -140,7 +147,9 @@ class ChunkExecutor:
         self._settings = settings or ExecutorSettings()
         self._lock = threading.Lock()
         self._sent: OrderedDict[str, float] = OrderedDict()  # request id -> sent at
-        self._outstanding: Optional[str] = None
+        # Request id -> its observation's stamp (None: not given), in the order sent.
+        self._outstanding: OrderedDict[str, Optional[float]] = OrderedDict()
+        self._span_sec = 0.0  # the newest accepted multi-step chunk's len x period
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._timeline: list[_Scheduled] = []  # oldest first; the last one is the newest
         self._hold_published = False
@@ -167,21 +176,30 @@ class ChunkExecutor:
 
     # ------------------------------------------------------------ requests
 
-    def request_sent(self, request_id: str) -> None:
-        """An observation went to the policy: its answer is the one awaited now."""
+    def request_sent(
+        self, request_id: str, observation_stamp_sec: Optional[float] = None
+    ) -> None:
+        """An observation (stamped ``observation_stamp_sec``, node clock) went to the
+        policy: its answer is awaited, as are those of the others outstanding."""
         with self._lock:
             if request_id in self._sent:
                 raise ValueError(f"request id {request_id!r} was used already")
             self._sent[request_id] = self._clock()
             while len(self._sent) > REMEMBERED_REQUESTS:
-                self._sent.popitem(last=False)
-            self._outstanding = request_id
+                forgotten, _ = self._sent.popitem(last=False)
+                self._outstanding.pop(forgotten, None)
+            self._outstanding[request_id] = observation_stamp_sec
 
     def request_failed(self, request_id: str) -> None:
-        """The request timed out or failed: no answer is awaited (a late one is stale)."""
+        """The request timed out or failed: its answer is no longer awaited (a late one is
+        stale)."""
         with self._lock:
-            if self._outstanding == request_id:
-                self._outstanding = None
+            self._outstanding.pop(request_id, None)
+
+    def in_flight(self) -> int:
+        """How many requests are outstanding."""
+        with self._lock:
+            return len(self._outstanding)
 
     def accept(
         self, chunk: ActionChunk, observation_stamp_sec: float, request_id: str
@@ -189,22 +207,23 @@ class ChunkExecutor:
         """Put an answer on the timeline, or say why not. Call ``due`` right after."""
         with self._lock:
             refusal = self._refusal(observation_stamp_sec, request_id)
-            if request_id == self._outstanding:
-                self._outstanding = None  # answered, usable or not
+            self._outstanding.pop(request_id, None)  # answered, usable or not
             if refusal is not None:
                 self._counts[f"refused_{refusal.verdict.name.lower()}"] += 1
                 return refusal
             now = self._clock()
             self._latencies.append(now - self._sent[request_id])
             self._schedule(_Scheduled(chunk, observation_stamp_sec, request_id))
+            if len(chunk) > 1:
+                self._span_sec = len(chunk) * chunk.action_period_sec
             self._counts["accepted"] += 1
             return Acceptance(ChunkVerdict.ACCEPTED, request_id)
 
     def _refusal(self, stamp_sec: float, request_id: str) -> Optional[Acceptance]:
         if request_id not in self._sent:
             return Acceptance(ChunkVerdict.FOREIGN, request_id, f"no request {request_id!r} sent")
-        if request_id != self._outstanding:
-            awaited = repr(self._outstanding) if self._outstanding else "none"
+        if request_id not in self._outstanding:
+            awaited = ", ".join(map(repr, self._outstanding)) or "none"
             return Acceptance(
                 ChunkVerdict.STALE,
                 request_id,
@@ -381,13 +400,31 @@ class ChunkExecutor:
             return 0.0
         return max(0.0, newest.dry_at_sec() - now)
 
-    def needs_refill(self) -> bool:
-        """Whether to send the next observation now: no answer is awaited and the
-        timeline has no more than the refill horizon left."""
+    def projected_remaining_sec(self) -> float:
+        """How long until the timeline runs dry once the outstanding requests' chunks
+        are on it: each is expected to cover its observation's stamp + the newest
+        multi-step chunk's span (nothing without a stamp, or before such a chunk).
+        Without outstanding requests, ``remaining_sec``."""
         with self._lock:
-            if self._outstanding is not None:
+            return self._projected_remaining(self._clock())
+
+    def _projected_remaining(self, now: float) -> float:
+        remaining = self._remaining(now)
+        if self._span_sec <= 0.0:
+            return remaining
+        covered = [stamp + self._span_sec for stamp in self._outstanding.values()
+                   if stamp is not None]
+        return max([remaining, *(end - now for end in covered)])
+
+    def needs_refill(self, max_in_flight: int = 1) -> bool:
+        """Whether to send the next observation now: fewer than ``max_in_flight`` answers
+        are awaited and the projected timeline has no more than the refill horizon left
+        (with one allowed: no answer awaited, the timeline near its end)."""
+        with self._lock:
+            if len(self._outstanding) >= max_in_flight:
                 return False
-            return self._remaining(self._clock()) <= self._refill_horizon() + DUE_TOLERANCE_SEC
+            return (self._projected_remaining(self._clock())
+                    <= self._refill_horizon() + DUE_TOLERANCE_SEC)
 
     # ------------------------------------------------------------ real-time chunking
 
@@ -421,11 +458,11 @@ class ChunkExecutor:
     # ------------------------------------------------------------ the rest
 
     def clear(self) -> None:
-        """Drop the timeline and the awaited answer (a new task, an e-stop): nothing
+        """Drop the timeline and the awaited answers (a new task, an e-stop): nothing
         planned before is published, and no underrun is counted for it."""
         with self._lock:
             self._timeline = []
-            self._outstanding = None
+            self._outstanding.clear()
             self._hold_published = False
 
     def counts(self) -> dict[str, int]:
