@@ -90,7 +90,10 @@ class ScriptedPolicyServer:
 
     ``delay_sec`` delays every answer; ``fail_status`` answers that status
     instead; ``raw_answer`` (status, body bytes) answers exactly that. Every
-    request's headers, client port and decoded observation are recorded.
+    request's headers, client port, request id and decoded observation are recorded.
+    ``barrier`` (a threading.Barrier) is waited on by every request before it is
+    answered: that many requests must be in the server at once. ``echo_request_id``
+    names the request's id in its answer, as the policy server does.
     """
 
     def __init__(self) -> None:
@@ -98,6 +101,8 @@ class ScriptedPolicyServer:
         self.fail_status: Optional[int] = None
         self.raw_answer: Optional[tuple[int, bytes]] = None
         self.requests: list[dict[str, Any]] = []
+        self.barrier: Optional[threading.Barrier] = None
+        self.echo_request_id = False
         self._lock = threading.Lock()
         backend = StubBackend()
         outer = self
@@ -122,10 +127,21 @@ class ScriptedPolicyServer:
                     "headers": dict(self.headers),
                     "client_port": self.client_address[1],
                 }
+                try:
+                    record["request_id"] = json.loads(body).get("request_id")
+                except (ValueError, AttributeError):
+                    record["request_id"] = None
                 with outer._lock:
                     outer.requests.append(record)
                     delay, fail_status = outer.delay_sec, outer.fail_status
-                    raw_answer = outer.raw_answer
+                    raw_answer, barrier = outer.raw_answer, outer.barrier
+                    echo = outer.echo_request_id
+                if barrier is not None:
+                    try:
+                        barrier.wait()
+                    except threading.BrokenBarrierError:
+                        self._answer(503, {"error": "scripted", "detail": "barrier broken"})
+                        return
                 if delay:
                     time.sleep(delay)
                 if raw_answer is not None:
@@ -141,7 +157,8 @@ class ScriptedPolicyServer:
                     self._answer(422, {"error": "invalid_request", "detail": str(exc)})
                     return
                 record["observation"] = observation
-                self._answer(200, action_to_response(backend.predict(observation)))
+                answer_id = record["request_id"] if echo else None
+                self._answer(200, action_to_response(backend.predict(observation), answer_id))
 
             def _answer(self, status: int, payload: dict) -> None:
                 self._send(status, json.dumps(payload).encode())

@@ -64,6 +64,88 @@ def test_the_session_is_kept_alive(server):
     client.close()
 
 
+def _concurrently(*calls):
+    """Run each call on its own thread at once; their results, in order."""
+    results = [None] * len(calls)
+
+    def run(index, call):
+        results[index] = call()
+
+    threads = [threading.Thread(target=run, args=item) for item in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15.0)
+    assert not any(thread.is_alive() for thread in threads)
+    return results
+
+
+def _body(position: float, request_id: str) -> dict:
+    observation = Observation(
+        joint_state=JointStateData(name=("a", "b"), position=(position, -position)),
+        image=sample_image(32, 24),
+    )
+    return {**observation_to_request(observation), "request_id": request_id}
+
+
+def test_concurrent_calls_go_out_on_their_own_connections_and_get_their_own_answers(server):
+    # Each request waits in the server until the other has come: both are out at once.
+    server.barrier = threading.Barrier(2, timeout=10.0)
+    server.echo_request_id = True
+    client = client_for(server.url, max_in_flight=2, retry_attempts=0, timeout_sec=15.0)
+    try:
+        results = _concurrently(lambda: client.infer(_body(0.2, "call-a")),
+                                lambda: client.infer(_body(0.4, "call-b")))
+        assert [r.failure for r in results] == [None, None]
+        assert [r.request_id for r in results] == ["call-a", "call-b"]
+        # Each answer is its own observation's (the stub's joint deltas: -10 %).
+        assert results[0].action.joint_deltas == pytest.approx((-0.02, 0.02))
+        assert results[1].action.joint_deltas == pytest.approx((-0.04, 0.04))
+        by_id = {r["request_id"]: r["client_port"] for r in server.requests}
+        assert set(by_id) == {"call-a", "call-b"} and len(set(by_id.values())) == 2
+        assert client.posters.size() == 2  # both kept alive for the next calls
+        server.barrier = None
+        results = _concurrently(lambda: client.infer(_body(0.2, "call-c")),
+                                lambda: client.infer(_body(0.4, "call-d")))
+        assert all(r.ok for r in results)
+        ports = {r["client_port"] for r in server.requests}
+        assert ports == set(by_id.values())  # idle connections were used again
+    finally:
+        client.close()
+
+
+def test_a_call_beyond_the_in_flight_limit_gets_a_connection_not_kept(server):
+    server.barrier = threading.Barrier(2, timeout=10.0)
+    server.echo_request_id = True
+    client = client_for(server.url, retry_attempts=0, timeout_sec=15.0)  # max_in_flight 1
+    try:
+        results = _concurrently(lambda: client.infer(_body(0.2, "call-a")),
+                                lambda: client.infer(_body(0.4, "call-b")))
+        assert [r.request_id for r in results if r.ok] == ["call-a", "call-b"]
+        assert client.posters.size() == 1
+        client.update(max_in_flight=3)
+        client.update(max_in_flight=1)
+        assert client.posters.size() == 1
+    finally:
+        client.close()
+
+
+def test_close_ends_every_call_in_progress(server):
+    server.delay_sec = 10.0
+    client = client_for(server.url, max_in_flight=2, retry_attempts=0, timeout_sec=15.0)
+    results: list = []
+    threads = [threading.Thread(target=lambda i=i: results.append(client.infer(_body(0.1, i))))
+               for i in ("call-a", "call-b")]
+    for thread in threads:
+        thread.start()
+    assert wait_until(lambda: server.request_count() == 2, timeout=10.0)
+    client.close()
+    for thread in threads:
+        thread.join(5.0)  # far less than the server's 10 s delay
+    assert not any(thread.is_alive() for thread in threads)
+    assert len(results) == 2 and not any(r.ok for r in results)
+
+
 def test_server_errors_are_retried_a_bounded_number_of_times(server):
     server.fail_status = 503
     result = client_for(server.url, retry_attempts=2).infer(BODY)

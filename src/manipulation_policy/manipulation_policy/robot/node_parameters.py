@@ -47,6 +47,7 @@ Check = Callable[[Any], Optional[str]]
 MAX_INFERENCE_RATE_HZ = 1000.0
 MAX_TIMEOUT_SEC = 300.0
 MAX_RETRY_ATTEMPTS = 20
+MAX_IN_FLIGHT = 4  # remote_max_in_flight: observations awaiting an answer at once
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_RETRY_AFTER_SEC = 3600.0
 MAX_BOUND = 1000.0  # upper end of the answer bounds: they must stay finite numbers
@@ -490,6 +491,12 @@ REMOTE_NODE_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("remote_retry_attempts", 3,
                   "Extra attempts after a failed one (0: try once).",
                   integer_in(0, MAX_RETRY_ATTEMPTS)),
+    ParameterSpec("remote_max_in_flight", 1,
+                  "Observations awaiting an answer at once (1: the next is sent after the "
+                  "answer; more: sent while the timeline projected with the requests in "
+                  "flight has no more than the refill horizon left; a server with as many "
+                  "model instances answers them at once).",
+                  integer_in(1, MAX_IN_FLIGHT)),
     ParameterSpec("remote_fallback_on_failure", True,
                   "After the retries fail: true publishes a safe hold (nothing to move, "
                   "confidence 0), false publishes nothing."),

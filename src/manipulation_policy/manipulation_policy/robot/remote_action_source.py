@@ -33,6 +33,7 @@ def remote_settings(values: dict[str, Any]) -> RemoteSettings:
         api_key=read_api_key(values["remote_api_key_file"]),
         max_response_bytes=int(values["remote_max_response_bytes"]),
         retry_after_max_sec=float(values["remote_retry_after_max_sec"]),
+        max_in_flight=int(values["remote_max_in_flight"]),
     )
 
 
@@ -41,6 +42,8 @@ class RemoteActionSource:
 
     Never raises: whatever goes wrong in a cycle (building the request, the
     exchange, the answer) is a failed cycle, reported, and the next frame comes.
+    Safe to call from several threads at once (``remote_max_in_flight``): the
+    recovery from failing is reported once, by the call that ended it.
     """
 
     def __init__(
@@ -60,14 +63,16 @@ class RemoteActionSource:
         self._report_failure = report_failure
         self._report_recovery = report_recovery
         self._report_breaker = report_breaker
-        self._failing = False  # only the worker thread reads and writes it
+        self._failing = False
+        self._failing_lock = threading.Lock()
         self._transitions: list[tuple[BreakerState, BreakerState]] = []
         self._transitions_lock = threading.Lock()
         client.breaker.on_change = self._on_breaker_change
 
     @property
     def failing(self) -> bool:
-        return self._failing
+        with self._failing_lock:
+            return self._failing
 
     def _on_breaker_change(self, old: BreakerState, new: BreakerState) -> None:
         # Called inside infer() (or on a URL change): reported once the call's outcome is known.
@@ -90,11 +95,13 @@ class RemoteActionSource:
             failure, action = f"{type(exc).__name__}: {printable(exc)}", None
         self._drain_transitions(failure)
         if action is not None:
-            if self._failing:
-                self._failing = False
+            with self._failing_lock:
+                recovered, self._failing = self._failing, False
+            if recovered:
                 self._report_recovery("policy server answers again")
             return action
-        self._failing = True
+        with self._failing_lock:
+            self._failing = True
         fallback = values["remote_fallback_on_failure"]
         self._report_failure(
             f"policy server failed: {failure}; "

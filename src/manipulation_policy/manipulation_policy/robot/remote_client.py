@@ -28,6 +28,13 @@ every exchange that did not end with a whole answer read (a timeout above
 all), so a late answer can only reach a closed socket, and it reuses a
 connection only when it is idle with nothing to read.
 
+Concurrency: ``infer`` may be called from several threads at once (the remote
+node's ``remote_max_in_flight``). Each call takes its own connection from a small
+pool (``HttpPoster``s, one caller each): idle ones are reused, at most
+``max_in_flight`` are kept, and one more caller than that gets a fresh connection
+closed after its call. So every guarantee above holds per connection: no answer
+read on one connection can belong to a call made on another.
+
 The circuit breaker stops hammering a server that fails: after
 ``failure_threshold`` consecutive failed calls it opens, and calls fail at
 once without touching the network. After a cooldown one call goes through
@@ -85,6 +92,8 @@ class RemoteSettings:
     backoff_max_sec: float = 0.5
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     retry_after_max_sec: float = 30.0
+    # Calls made at once (remote_max_in_flight): connections kept alive for them.
+    max_in_flight: int = 1
     # How a raw OpenVLA action vector in an upstream-shaped answer is converted.
     raw_action_options: Optional[ActionConversionOptions] = None
 
@@ -238,6 +247,59 @@ class _Attempt:
     retry_after_sec: Optional[float] = None  # what the server asked for (capped)
 
 
+class PosterPool:
+    """``HttpPoster``s for calls made at once, one caller each: an idle one is reused, at
+    most ``limit`` are kept (a caller beyond that gets one closed after its call, so no
+    caller ever waits for another's connection). Thread-safe; ``close`` closes all,
+    in use or not (their exchanges end at once)."""
+
+    def __init__(self, limit: int = 1, first: Optional[HttpPoster] = None):
+        self._lock = threading.Lock()
+        self._limit = max(1, limit)
+        self._idle: list[HttpPoster] = [first] if first is not None else []
+        self._in_use: list[HttpPoster] = []
+        self._closed = False
+
+    def set_limit(self, limit: int) -> None:
+        with self._lock:
+            self._limit = max(1, limit)
+            extra = self._idle[max(0, self._limit - len(self._in_use)):]
+            del self._idle[len(self._idle) - len(extra):]
+        for poster in extra:
+            poster.close()
+
+    def acquire(self) -> HttpPoster:
+        with self._lock:
+            poster = self._idle.pop() if self._idle else HttpPoster()
+            self._in_use.append(poster)
+            closed = self._closed
+        if closed:
+            poster.close()  # its exchange fails at once: "client closed"
+        return poster
+
+    def release(self, poster: HttpPoster) -> None:
+        with self._lock:
+            self._in_use.remove(poster)
+            keep = not self._closed and len(self._idle) + len(self._in_use) < self._limit
+            if keep:
+                self._idle.append(poster)
+        if not keep:
+            poster.close()
+
+    def size(self) -> int:
+        """Connections' posters kept or in use."""
+        with self._lock:
+            return len(self._idle) + len(self._in_use)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            posters = self._idle + self._in_use
+            self._idle = []
+        for poster in posters:
+            poster.close()
+
+
 class RemoteClient:
     def __init__(
         self,
@@ -248,10 +310,12 @@ class RemoteClient:
         self._settings = settings
         self._settings_lock = threading.Lock()
         self.breaker = breaker or CircuitBreaker()
-        self._poster = poster or HttpPoster()
+        # ``poster``: the first connection's (tests); more are made for concurrent calls.
+        self.posters = PosterPool(settings.max_in_flight, poster)
         self._closed = threading.Event()
         self._id_prefix = uuid.uuid4().hex[:16]
         self._id_counter = itertools.count(1)
+        self._id_lock = threading.Lock()
 
     @property
     def settings(self) -> RemoteSettings:
@@ -264,26 +328,37 @@ class RemoteClient:
             old = self._settings
             self._settings = replace(old, **changes)
             url_changed = self._settings.url != old.url
+            limit = self._settings.max_in_flight
+        self.posters.set_limit(limit)
         if url_changed:
             self.breaker.reset()
 
     def new_request_id(self) -> str:
         """An id no other call of this client (nor, but by a 2**-64 chance, of another
         client) has sent: for a caller that needs it before the call."""
-        return f"{self._id_prefix}-{next(self._id_counter)}"
+        with self._id_lock:
+            number = next(self._id_counter)
+        return f"{self._id_prefix}-{number}"
 
     def close(self) -> None:
         """Stop: pending backoffs and exchanges end at once, later calls fail."""
         self._closed.set()
-        self._poster.close()
+        self.posters.close()
 
     def infer(self, body: dict) -> RemoteResult:
+        """Safe to call from several threads at once: each call has its own connection."""
         try:
-            return self._infer(body)
+            poster = self.posters.acquire()
         except Exception as exc:  # noqa: BLE001 - the promise: infer never raises
             return RemoteResult(failure=f"client error: {printable(error_text(exc))}")
+        try:
+            return self._infer(body, poster)
+        except Exception as exc:  # noqa: BLE001 - the promise: infer never raises
+            return RemoteResult(failure=f"client error: {printable(error_text(exc))}")
+        finally:
+            self.posters.release(poster)
 
-    def _infer(self, body: dict) -> RemoteResult:
+    def _infer(self, body: dict, poster: HttpPoster) -> RemoteResult:
         settings = self.settings
         if self._closed.is_set():
             return RemoteResult(failure="client closed")
@@ -306,7 +381,7 @@ class RemoteClient:
                 self.breaker.record_failure()
                 return RemoteResult(failure="client closed", attempts=attempt,
                                     request_id=request_id)
-            outcome = self._attempt(settings, payload, expect)
+            outcome = self._attempt(poster, settings, payload, expect)
             if outcome.chunk is not None:
                 self.breaker.record_success()
                 return RemoteResult(chunk=outcome.chunk, attempts=attempt + 1,
@@ -332,7 +407,9 @@ class RemoteClient:
         return RemoteResult(failure=f"{failure} (after {attempts} attempts)",
                             attempts=attempts, request_id=request_id)
 
-    def _attempt(self, settings: RemoteSettings, payload: bytes, expect: Expectation) -> _Attempt:
+    def _attempt(
+        self, poster: HttpPoster, settings: RemoteSettings, payload: bytes, expect: Expectation
+    ) -> _Attempt:
         started = time.monotonic()
         headers = {
             "Content-Type": "application/json",
@@ -342,7 +419,7 @@ class RemoteClient:
         if settings.api_key:
             headers["Authorization"] = f"Bearer {settings.api_key}"
         try:
-            answer = self._poster.post(
+            answer = poster.post(
                 settings.infer_url, payload, headers, settings.timeout_sec,
                 settings.max_response_bytes,
             )
@@ -361,7 +438,7 @@ class RemoteClient:
             except ForeignAnswer as exc:
                 # This connection carried another request's answer: its stream may hold
                 # more of them, so it is not used again. Another attempt goes out fresh.
-                self._poster.drop_connection()
+                poster.drop_connection()
                 return _Attempt(failure=f"invalid response from server: {printable(exc)}",
                                 retryable=True)
             except InputError as exc:
