@@ -172,6 +172,10 @@ _FIXED_ARGUMENTS = (
     LaunchArgument("remote_timeout_sec", "HTTP timeout per attempt, seconds > 0 (remote mode)"),
     LaunchArgument("remote_retry_attempts", "retries after a failed request, >= 0 (remote mode)"),
     LaunchArgument(
+        "remote_max_in_flight",
+        "observations awaiting an answer at once, 1-4 (remote mode; 1: one at a time)",
+    ),
+    LaunchArgument(
         "remote_fallback_on_failure",
         "true: publish a safe hold output when the server fails (remote mode)",
     ),

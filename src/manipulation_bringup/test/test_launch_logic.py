@@ -90,6 +90,7 @@ REMOTE_DEFAULTS = {
     "remote_url": "http://localhost:5000",
     "remote_timeout_sec": 1.0,
     "remote_retry_attempts": 3,
+    "remote_max_in_flight": 1,
     "remote_fallback_on_failure": True,
     "remote_api_key": "",
     "remote_api_key_file": "",
@@ -156,6 +157,7 @@ def test_remote_overrides_are_typed_and_win_over_the_yaml():
         remote_url="https://gpu-host.example:8443/v1",
         remote_timeout_sec="2.5",
         remote_retry_attempts="0",
+        remote_max_in_flight="2",
         remote_fallback_on_failure="no",
         camera_topic="/head_camera/image_raw",
         joint_states_topic="arm/joint_states",
@@ -171,6 +173,7 @@ def test_remote_overrides_are_typed_and_win_over_the_yaml():
     assert params["remote_timeout_sec"] == 2.5
     assert params["remote_retry_attempts"] == 0
     assert type(params["remote_retry_attempts"]) is int
+    assert params["remote_max_in_flight"] == 2 and type(params["remote_max_in_flight"]) is int
     assert params["remote_fallback_on_failure"] is False
     assert params["camera_topic"] == "/head_camera/image_raw"
     assert params["joint_states_topic"] == "arm/joint_states"
@@ -404,6 +407,8 @@ def test_bad_namespaces_are_refused(text):
         ("remote_retry_attempts", "-1", "between 0 and"),
         ("remote_retry_attempts", "1.5", "whole number"),
         ("remote_retry_attempts", "three", "whole number"),
+        ("remote_max_in_flight", "0", "between 1 and 4"),
+        ("remote_max_in_flight", "5", "between 1 and 4"),
         ("remote_fallback_on_failure", "sometimes", "true/false"),
         ("camera_topic", "camera image", "topic name"),
         ("joint_states_topic", "joint states", "topic name"),

@@ -180,6 +180,8 @@ def test_param_set_changes_the_remote_timeout_and_retries_live(launched_stack):
         assert ros2_param("set", name, value) == "Set parameter successful"
     assert ros2_param("get", "remote_timeout_sec") == "Double value is: 2.0"
     assert ros2_param("get", "remote_retry_attempts") == "Integer value is: 5"
+    assert ros2_param("set", "remote_max_in_flight", "2") == "Set parameter successful"
+    assert ros2_param("get", "remote_max_in_flight") == "Integer value is: 2"
 
 
 def test_param_set_refuses_a_bad_value_with_its_reason(launched_stack):
@@ -189,12 +191,18 @@ def test_param_set_refuses_a_bad_value_with_its_reason(launched_stack):
         "Setting parameter failed: remote_timeout_sec must be a finite number > 0, got -1.0"
     )
     assert ros2_param("get", "remote_timeout_sec") == before
+    assert ros2_param("set", "remote_max_in_flight", "5") == (
+        "Setting parameter failed: remote_max_in_flight must be between 1 and 4, got 5"
+    )
 
 
 def test_param_describe_shows_the_range(launched_stack):
     described = ros2_param("describe", "remote_retry_attempts")
     assert "Type: integer" in described
     assert "Min value: 0" in described
+    described = ros2_param("describe", "remote_max_in_flight")
+    assert "Type: integer" in described
+    assert "Min value: 1" in described and "Max value: 4" in described
 
 
 def test_lifecycle_get_shows_the_autostarted_node_active(launched_stack):

@@ -16,11 +16,14 @@ and echoes what it got.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.core.api_key import API_KEY_ENV
@@ -332,3 +335,39 @@ def chunked_server(*flags: str) -> ServerProcess:
         "--backend", "server_test_backends:ChunkedBackend", "--no-access-log", *flags,
         env={API_KEY_ENV: ""}, extra_pythonpath=[str(Path(__file__).resolve().parent)],
     )  # fmt: skip
+
+
+# ------------------------------------------------------------ pipelining
+
+PIPELINE_RECORD_ENV = "PIPELINE_RECORD_FILE"
+FRAME_INDEX_COUNT = 400
+
+
+def indexed_frame(index: int, width: int = 64, height: int = 48):
+    """A plain frame whose colour names ``index`` (mod FRAME_INDEX_COUNT) through JPEG."""
+    index %= FRAME_INDEX_COUNT
+    colour = (20 + 10 * (index % 20), 20 + 10 * (index // 20), 128)
+    return np.full((height, width, 3), colour, dtype=np.uint8)
+
+
+def frame_index(image) -> int:
+    """The index ``indexed_frame`` painted into ``image`` (as decoded by the server)."""
+    red, green = (float(image[..., c].mean()) for c in (0, 1))
+    return round((red - 20) / 10) + 20 * round((green - 20) / 10)
+
+
+class StampRecordingBackend(ChunkedBackend):
+    """ChunkedBackend that takes PREDICT_SEC per prediction and appends, per prediction,
+    the frame index of its image (``indexed_frame``) and the wall-clock time the
+    prediction ended to the file named by PIPELINE_RECORD_ENV."""
+
+    name = "stamp-recording"
+    PREDICT_SEC = 0.5
+
+    def predict(self, observation: Observation) -> Any:
+        time.sleep(self.PREDICT_SEC)
+        answer = super().predict(observation)
+        ended = time.time()
+        with open(os.environ[PIPELINE_RECORD_ENV], "a", encoding="utf-8") as record:
+            record.write(f"{frame_index(observation.image)} {ended!r}\n")
+        return answer

@@ -4,17 +4,24 @@ the action timeline), the worker thread that runs the action source
 (``robot/skipping_worker.SkippingWorker``), and the action timeline
 (``robot/executor.ChunkExecutor`` on the node clock) an answered chunk goes onto.
 
-Threading: the newest fresh frame goes to one worker thread that runs the action
-source and publishes; while the worker is busy, frames are skipped (never
-queued). ``_dispatch_newest`` runs in the subscription callbacks and the timers,
-never concurrently with itself: all of the node's callbacks share its default,
-mutually exclusive callback group. This mixin of ``PolicyNodeBase`` owns
+Threading: the newest fresh frame goes to a worker thread that runs the action
+source and publishes; while every worker thread is busy, frames are skipped
+(never queued). The in-process node has one worker thread; the remote node has
+``remote_max_in_flight`` (``max_in_flight``), so that many observations may await
+their answers at once: the next goes out when a thread is free and the timeline,
+projected with what the requests in flight are expected to cover, has no more
+than the refill horizon left. ``_run_job`` may so run on several threads at once:
+request ids, counters, the chunk registry, the executor and publishing are
+thread-safe. ``_dispatch_newest`` runs in the subscription callbacks and the
+timers, never concurrently with itself: all of the node's callbacks share its
+default, mutually exclusive callback group. This mixin of ``PolicyNodeBase`` owns
 ``_scheduler``, ``_executor``, ``_worker`` and the rate ``_timer``.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Optional, Union
@@ -60,13 +67,41 @@ class NodeExecution:
             lambda: self.get_clock().now().nanoseconds / 1e9, executor_settings(values)
         )
         self._request_numbers = itertools.count(1)
+        self._request_numbers_lock = threading.Lock()
+        # Jobs handed to the worker whose request is not yet known to the executor (it
+        # is sent once the frame is decoded): their coverage is not projected yet.
+        self._jobs_before_send = 0
+        self._jobs_before_send_lock = threading.Lock()
         self._held_by_estop_gate = False  # a frame waits for the e-stop's state (activation)
 
     def _start_worker(self) -> None:
-        """The worker thread (configure)."""
+        """The worker thread(s) (configure)."""
         self._worker: SkippingWorker[Job] = SkippingWorker(
-            self._run_job, f"{self.get_name()}_worker"
+            self._run_job, f"{self.get_name()}_worker", capacity=self.max_in_flight()
         )
+
+    def max_in_flight(self) -> int:
+        """How many observations may await their answers at once (the remote node's
+        ``remote_max_in_flight``; the in-process node answers one at a time)."""
+        return 1
+
+    def _max_in_flight_changed(self) -> None:
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.set_capacity(self.max_in_flight())
+
+    def _refill_due(self) -> bool:
+        """Whether the action timeline wants the next observation: its remaining time
+        (with several in flight: projected with what they are expected to cover) is no
+        more than the refill horizon."""
+        if self.max_in_flight() == 1:
+            remaining = self._executor.remaining_sec()
+        else:
+            with self._jobs_before_send_lock:
+                if self._jobs_before_send:
+                    return False  # a job's coverage is not known yet: it comes first
+            remaining = self._executor.projected_remaining_sec()
+        return remaining <= self._executor.refill_horizon_sec() + 1e-6
 
     def _start_timers(self, values: dict[str, Any]) -> None:
         """The executor's tick and the rate timer (activate)."""
@@ -148,7 +183,7 @@ class NodeExecution:
         if not self.estop_state_known():
             self._held_by_estop_gate = True  # the executor tick dispatches once it opens
             return  # a stop latched before activation may still be on its way
-        if self._executor.remaining_sec() > self._executor.refill_horizon_sec() + 1e-6:
+        if not self._refill_due():
             return  # the action timeline has enough left: the next observation waits
         values = self.parameter_values()
         selection = self._select_inputs(values)
@@ -181,9 +216,12 @@ class NodeExecution:
             selection.joint_state, decision.eef_pose, values,
             state=state.values, robot_id=self.get_fully_qualified_name(),
         )
-        accepted = self._worker.try_submit(
-            Job(frame, observation, decision.task_generation, cameras.frames or {})
-        )
+        with self._jobs_before_send_lock:
+            accepted = self._worker.try_submit(
+                Job(frame, observation, decision.task_generation, cameras.frames or {})
+            )
+            if accepted:
+                self._jobs_before_send += 1
         self._scheduler.handed_over(frame.info, accepted)
         if accepted and selection.source is Source.AGGREGATED:
             self._count("from_observation")
@@ -224,8 +262,24 @@ class NodeExecution:
         return None
 
     def _run_job(self, job: Job) -> None:
+        try:
+            sent = self._send_job(job)
+        finally:
+            with self._jobs_before_send_lock:
+                self._jobs_before_send -= 1
+        if sent is None:
+            return
+        observation, request_id = sent
+        try:
+            self._run_cycle(job, observation, request_id)
+        finally:
+            self._executor.request_failed(request_id)  # a no-op once answered
+
+    def _send_job(self, job: Job) -> Optional[tuple[Observation, str]]:
+        """Decode ``job``'s frame(s) into the observation to send and tell the executor
+        it is sent: (observation, request id), or None when nothing is to be sent."""
         if self.hold_reason() is not None:
-            return  # a stop began after this frame was handed over
+            return None  # a stop began after this frame was handed over
         image, images = None, {}
         try:
             if job.camera_frames:
@@ -240,11 +294,16 @@ class NodeExecution:
                 f"camera frame not usable{f' ({camera})' if camera else ''}: {exc}",
                 throttle_duration_sec=LOG_THROTTLE_SEC,
             )
-            return
+            return None
         observation = observation_to_send(job.observation, image, self._executor, images)
         self._count("inferences")
         request_id = self.new_request_id()
-        self._executor.request_sent(request_id)
+        stamp_ns = ros_conversion.stamp_to_nanoseconds(job.frame.stamp)
+        self._executor.request_sent(request_id, stamp_ns / 1e9)
+        return observation, request_id
+
+    def _run_cycle(self, job: Job, observation: Observation, request_id: str) -> None:
+        """Send ``observation`` as ``request_id`` and take its answer."""
         try:
             answer = self.call_action_source(observation, request_id)
         except Exception as exc:  # a policy failure must not end the worker thread
@@ -291,7 +350,9 @@ class NodeExecution:
 
     def new_request_id(self) -> str:
         """A fresh id for the next observation sent to the policy."""
-        return f"{self.get_name()}-{next(self._request_numbers)}"
+        with self._request_numbers_lock:
+            number = next(self._request_numbers)
+        return f"{self.get_name()}-{number}"
 
     def call_action_source(self, observation: Observation, request_id: str) -> Any:
         """Run the action source on ``observation`` (sent as ``request_id``)."""
@@ -328,9 +389,8 @@ class NodeExecution:
             self._dispatch_newest()
         self._publish_due()
         if self._worker is None or self._worker.busy:
-            return
-        remaining = self._executor.remaining_sec()
-        if 0.0 < remaining <= self._executor.refill_horizon_sec() + 1e-6:
+            return  # no free slot
+        if self._executor.remaining_sec() > 0.0 and self._refill_due():
             self._dispatch_newest()
 
     @property

@@ -55,6 +55,8 @@ class NodePublishing:
     def _init_publishing(self) -> None:
         self._chunks_lock = threading.Lock()
         self._chunks: dict[str, ChunkOrigin] = {}  # request id -> its accepted chunk
+        # The timer and the worker threads publish due steps: one at a time, in order.
+        self._due_lock = threading.Lock()
         self._reported_underruns = 0
         # Commands go out only while active (lifecycle); the lock orders the last command
         # before deactivation's hold, and nothing after it.
@@ -189,16 +191,17 @@ class NodePublishing:
     def _publish_due(self) -> Optional[bool]:
         """Publish the commands due now: None when none was, else whether all went out.
         After a refused one (a hold went out, the plan was dropped) none follows."""
-        commands = self._executor.due()
-        if not commands:
-            return None
-        sent_all = True
-        for command in commands:
-            sent, refused = self._publish_command(command)
-            sent_all = sent_all and sent
-            if refused:
-                break
-        return sent_all
+        with self._due_lock:
+            commands = self._executor.due()
+            if not commands:
+                return None
+            sent_all = True
+            for command in commands:
+                sent, refused = self._publish_command(command)
+                sent_all = sent_all and sent
+                if refused:
+                    break
+            return sent_all
 
     def _publish_command(self, command: DueCommand) -> tuple[bool, bool]:
         """Publish a due command, guarded: (whether it went out, whether it was refused)."""
@@ -245,6 +248,11 @@ class NodePublishing:
             KeyValue(key="chunk_merge", value=settings.chunk_merge.value),
             KeyValue(key="refill_horizon_sec", value=f"{self._executor.refill_horizon_sec():.3f}"),
             KeyValue(key="remaining_sec", value=f"{self._executor.remaining_sec():.3f}"),
+            # Requests awaiting an answer, of at most max_in_flight (remote_max_in_flight).
+            KeyValue(key="in_flight", value=str(self._executor.in_flight())),
+            KeyValue(key="max_in_flight", value=str(self.max_in_flight())),
+            KeyValue(key="projected_remaining_sec",
+                     value=f"{self._executor.projected_remaining_sec():.3f}"),
             # Sets not sent for a missing or off camera, or a state that cannot be made.
             KeyValue(key="incomplete_inputs", value=str(self.counters["incomplete_inputs"])),
             KeyValue(key="inputs_problem", value=self.inputs_problem or ""),

@@ -3,7 +3,9 @@
 Each observation is resized to image_width x image_height, JPEG-encoded
 into a contract request and posted by ``RemoteClient`` (a deadline per
 attempt, bounded retries, circuit breaker, every answer's form validated)
-from the base class's worker thread, never from the executor thread. When the
+from the base class's worker thread, never from the executor thread. Up to
+``remote_max_in_flight`` observations are out at once, each on its own worker
+thread and connection. When the
 server cannot answer, or answers something that is not a valid action, the
 node publishes a safe hold (``remote_fallback_on_failure``) or nothing. What
 a valid answer may make the robot do is the safety guard's to say, as in the
@@ -56,7 +58,7 @@ AUTOSTART_RETRY_SEC = 2.0
 # Parameters that make up RemoteSettings: a change to any of them updates the client.
 SETTINGS_PARAMETERS = frozenset({
     "remote_url", "remote_timeout_sec", "remote_retry_attempts", "remote_api_key_file",
-    "remote_max_response_bytes", "remote_retry_after_max_sec",
+    "remote_max_response_bytes", "remote_retry_after_max_sec", "remote_max_in_flight",
 })
 
 
@@ -126,7 +128,12 @@ class RemotePolicyNode(PolicyNodeBase):
         self._publish_status(source, "")
         return source
 
+    def max_in_flight(self) -> int:
+        return self.parameter_values()["remote_max_in_flight"]
+
     def parameters_changed(self, changed: dict[str, Any]) -> None:
+        if "remote_max_in_flight" in changed:
+            self._max_in_flight_changed()  # running requests go on; fewer start after
         if not SETTINGS_PARAMETERS.intersection(changed) or self.action_source is None:
             return  # not configured: configure reads the values then in effect
         try:
@@ -143,6 +150,7 @@ class RemotePolicyNode(PolicyNodeBase):
             api_key=settings.api_key,
             max_response_bytes=settings.max_response_bytes,
             retry_after_max_sec=settings.retry_after_max_sec,
+            max_in_flight=settings.max_in_flight,
         )
         self._publish_status(self.action_source, "")
 
