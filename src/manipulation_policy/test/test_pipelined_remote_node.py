@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from diagnostic_msgs.msg import DiagnosticArray
 from node_harness import Rig, wait_until
 from server_test_backends import (
     CHUNK_PERIOD_SEC,
@@ -49,17 +50,33 @@ def recording_server(record_file) -> ServerProcess:
 
 
 class ChunkTopic:
-    """The accepted chunks, as the chunk topic shows them."""
+    """The accepted chunks, as the chunk topic shows them, and the executor's figures on
+    /diagnostics."""
 
     def __init__(self, rig: Rig):
         self._lock = threading.Lock()
         self._chunks: list[PolicyActionChunk] = []
+        self.executor_statuses: list[dict[str, str]] = []
         self.topic = f"{rig.namespace}/policy_chunk"
+        self._status_prefix = f"{rig.namespace}/"
         rig.node.create_subscription(PolicyActionChunk, self.topic, self._on_chunk, 50)
+        rig.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 50)
 
     def _on_chunk(self, msg: PolicyActionChunk) -> None:
         with self._lock:
             self._chunks.append(msg)
+
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if status.name.startswith(self._status_prefix) and status.name.endswith(
+                ": action executor"
+            ):
+                with self._lock:
+                    self.executor_statuses.append({kv.key: kv.value for kv in status.values})
+
+    def statuses(self) -> list[dict[str, str]]:
+        with self._lock:
+            return list(self.executor_statuses)
 
     def chunk_messages(self) -> list[PolicyActionChunk]:
         with self._lock:
@@ -122,6 +139,11 @@ def run_pipeline(tmp_path, max_in_flight: int):
             most_in_flight = max(most_in_flight, node.chunk_executor.in_flight())
             time.sleep(0.005)
         assert wait_until(lambda: len(recorder.chunk_messages()) >= PREDICTIONS - 1, WAIT_SEC)
+        assert wait_until(lambda: recorder.statuses(), WAIT_SEC)
+        status = recorder.statuses()[-1]
+        assert status["max_in_flight"] == str(max_in_flight)
+        assert 0 <= int(status["in_flight"]) <= max_in_flight
+        assert float(status["projected_remaining_sec"]) >= float(status["remaining_sec"])
         time.sleep(0.2)
         outputs, chunks = rig.outputs(), recorder.chunk_messages()
         counts = node.chunk_executor.counts()
