@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -339,6 +340,33 @@ def test_failures_then_recovery_are_each_reported(scripted_server):
     assert isinstance(source(observation), ActionChunk)
     assert isinstance(source(observation), ActionChunk)
     assert recoveries == ["policy server answers again"]
+    source.close()
+
+
+def test_a_recovery_is_reported_once_when_calls_in_flight_end_together(scripted_server):
+    """Two calls at once (remote_max_in_flight 2) after a failure: both succeed, and the
+    recovery is reported by one of them only."""
+    failures, recoveries = [], []
+    values = {"remote_fallback_on_failure": False, "image_width": 32, "image_height": 24,
+              "jpeg_quality": 90}
+    client = RemoteClient(RemoteSettings(scripted_server.url, timeout_sec=10.0,
+                                         retry_attempts=0, max_in_flight=2))
+    source = RemoteActionSource(client, lambda: values, failures.append, recoveries.append)
+    observation = Observation(image=sample_image())
+    scripted_server.fail_status = 500
+    assert source(observation) is None and source.failing
+    scripted_server.fail_status = None
+    client.breaker.reset()
+    scripted_server.barrier = threading.Barrier(2, timeout=10.0)  # both in the server at once
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(source(observation)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20.0)
+    assert len(answers) == 2 and all(isinstance(a, ActionChunk) for a in answers)
+    assert recoveries == ["policy server answers again"] and not source.failing
     source.close()
 
 
