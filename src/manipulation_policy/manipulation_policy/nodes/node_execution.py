@@ -1,6 +1,6 @@
 """The policy node's execution: when a frame goes to the worker (the rate, the task,
 staleness, the EEF pose: ``robot/scheduling.FrameScheduler``; the refill horizon of
-the action timeline), the worker thread that runs the action source
+the action timeline), the worker thread(s) that run the action source
 (``robot/skipping_worker.SkippingWorker``), and the action timeline
 (``robot/executor.ChunkExecutor`` on the node clock) an answered chunk goes onto.
 

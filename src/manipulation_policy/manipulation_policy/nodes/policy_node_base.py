@@ -12,9 +12,10 @@ once and ends the plan; None publishes nothing. The next frame goes to the
 worker only when the timeline has no more than ``refill_horizon_sec`` left.
 
 Threading: subscriptions only store the newest message. The newest fresh frame
-goes to one worker thread that runs the action source and publishes; while the
-worker is busy, frames are skipped (never queued), so the executor thread that
-receives images and joint states never waits for inference.
+goes to a worker thread that runs the action source and publishes (one thread;
+the remote node's ``remote_max_in_flight`` threads); while every one is busy,
+frames are skipped (never queued), so the executor thread that receives images
+and joint states never waits for inference.
 
 Rate: a frame is handed over as soon as it arrives, unless the previous one
 was handed over less than one period (1 / ``inference_rate``) ago; a timer at

@@ -1,6 +1,6 @@
 """The remote node's action source, no ROS: observation -> request -> policy server -> chunk.
 
-``RemoteActionSource`` is what ``remote_policy_node`` calls on its worker thread, and
+``RemoteActionSource`` is what ``remote_policy_node`` calls on its worker thread(s), and
 what ``manipulation_policy.replay --server`` calls on each recorded observation, so
 both send the same request (``remote_request_body``) through the same ``RemoteClient``
 and take a failure the same way (a hold with ``remote_fallback_on_failure``, else
