@@ -116,7 +116,7 @@ def predictions(record_file) -> list[tuple[int, int]]:
     return rows
 
 
-def run_pipeline(tmp_path, max_in_flight: int):
+def run_pipeline(tmp_path, max_in_flight: int, then_lowered: bool = False):
     record_file = tmp_path / "predictions.txt"
     with recording_server(record_file) as server, Rig() as rig:
         recorder = ChunkTopic(rig)
@@ -145,11 +145,29 @@ def run_pipeline(tmp_path, max_in_flight: int):
         assert 0 <= int(status["in_flight"]) <= max_in_flight
         assert float(status["projected_remaining_sec"]) >= float(status["remaining_sec"])
         time.sleep(0.2)
+        if then_lowered:
+            lower_live(rig, node)
         outputs, chunks = rig.outputs(), recorder.chunk_messages()
         counts = node.chunk_executor.counts()
         rows = [(camera.stamp_ns(index), ended) for index, ended in predictions(record_file)]
     assert "Traceback" not in server.log()
     return rows, outputs, chunks, counts, most_in_flight
+
+
+def lower_live(rig: Rig, node: RemotePolicyNode) -> None:
+    """remote_max_in_flight 2 -> 1 while running: the requests in flight end as usual,
+    and from then on one at a time; answers keep coming."""
+    [result] = rig.set_parameters(node.get_name(), remote_max_in_flight=1)
+    assert result.successful
+    assert node.action_source.client.settings.max_in_flight == 1
+    assert wait_until(lambda: node.chunk_executor.in_flight() <= 1, WAIT_SEC)
+    accepted = node.chunk_executor.counts()["accepted"]
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        assert node.chunk_executor.in_flight() <= 1
+        time.sleep(0.005)
+    assert wait_until(lambda: node.chunk_executor.counts()["accepted"] > accepted + 1, WAIT_SEC)
+    assert node.action_source.client.posters.size() <= 1
 
 
 def overlaps(rows) -> list[tuple[int, int]]:
@@ -183,7 +201,7 @@ def check_published(outputs, chunks):
 
 
 def test_two_in_flight_hands_the_next_frame_over_before_the_answer_arrives(tmp_path):
-    rows, outputs, chunks, counts, most_in_flight = run_pipeline(tmp_path, 2)
+    rows, outputs, chunks, counts, most_in_flight = run_pipeline(tmp_path, 2, then_lowered=True)
     assert overlaps(rows), rows
     assert most_in_flight == 2
     check_published(outputs, chunks)
