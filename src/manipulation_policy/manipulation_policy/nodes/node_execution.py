@@ -68,14 +68,16 @@ class NodeExecution:
         )
         self._request_numbers = itertools.count(1)
         self._request_numbers_lock = threading.Lock()
-        # Jobs handed to the worker whose request is not yet known to the executor (it
-        # is sent once the frame is decoded): their coverage is not projected yet.
-        self._jobs_before_send = 0
+        # Jobs (by id) handed to the worker whose request is not yet known to the executor
+        # (it is sent once the frame is decoded): their coverage is not projected yet.
+        self._jobs_before_send: set[int] = set()
         self._jobs_before_send_lock = threading.Lock()
         self._held_by_estop_gate = False  # a frame waits for the e-stop's state (activation)
 
     def _start_worker(self) -> None:
         """The worker thread(s) (configure)."""
+        with self._jobs_before_send_lock:
+            self._jobs_before_send.clear()  # a stopped worker's jobs not taken never run
         self._worker: SkippingWorker[Job] = SkippingWorker(
             self._run_job, f"{self.get_name()}_worker", capacity=self.max_in_flight()
         )
@@ -217,11 +219,10 @@ class NodeExecution:
             state=state.values, robot_id=self.get_fully_qualified_name(),
         )
         with self._jobs_before_send_lock:
-            accepted = self._worker.try_submit(
-                Job(frame, observation, decision.task_generation, cameras.frames or {})
-            )
+            job = Job(frame, observation, decision.task_generation, cameras.frames or {})
+            accepted = self._worker.try_submit(job)
             if accepted:
-                self._jobs_before_send += 1
+                self._jobs_before_send.add(id(job))
         self._scheduler.handed_over(frame.info, accepted)
         if accepted and selection.source is Source.AGGREGATED:
             self._count("from_observation")
@@ -266,7 +267,7 @@ class NodeExecution:
             sent = self._send_job(job)
         finally:
             with self._jobs_before_send_lock:
-                self._jobs_before_send -= 1
+                self._jobs_before_send.discard(id(job))
         if sent is None:
             return
         observation, request_id = sent
