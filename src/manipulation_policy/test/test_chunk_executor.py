@@ -178,6 +178,37 @@ def test_a_new_chunk_takes_over_from_its_first_step_not_yet_due_while_a_command_
     assert s.executor.counts()["published"] == 4  # one per period: 0.0, 0.1, 0.2, 0.32
 
 
+@pytest.mark.parametrize("merge", list(ChunkMerge))
+def test_a_step_that_falls_due_after_the_chunk_arrived_is_published_when_due(merge):
+    s = Setup(chunk_merge=merge, crossfade_steps=1)
+    s.answer(chunk_of(*[0.0] * 10), stamp=0.0)
+    assert [s.xs_at(t) for t in (0.0, 0.1, 0.2)] == [[0], [0], [0]]
+    # Stamped 0.08, it comes at 0.25: its step due 0.18 is late and skipped (the old
+    # step published at 0.2 serves until 0.3), but its step due 0.28 was not due yet
+    # on arrival: it goes at 0.28, not a period later.
+    s.clock.at(0.25)
+    s.answer(chunk_of(10, 11, 12, 13), stamp=0.08)
+    assert s.due_at(0.25) == []
+    (command,) = s.due_at(0.28)
+    assert command.step_index == 2 and command.due_sec == pytest.approx(T0 + 0.28)
+    assert s.due_at(0.37) == []
+    assert [c.step_index for c in s.due_at(0.38)] == [3]
+
+
+def test_a_chunk_replaced_before_it_published_passes_on_the_command_that_serves():
+    s = Setup()
+    s.answer(chunk_of(*[0.0] * 10), stamp=0.0)
+    assert [s.xs_at(t) for t in (0.0, 0.1, 0.2)] == [[0], [0], [0]]  # serves until 0.3
+    s.clock.at(0.24)
+    s.answer(chunk_of(10, 11, 12, 13), stamp=0.03)
+    s.clock.at(0.25)
+    # Replaced before any due(): its successor's late step (due 0.24) must wait too.
+    s.answer(chunk_of(20, 21, 22, 23), stamp=0.04)
+    assert s.due_at(0.25) == []
+    assert s.xs_at(0.34) == [23]
+    assert s.executor.counts()["published"] == 4  # one per period: 0.0, 0.1, 0.2, 0.34
+
+
 def test_temporal_ensemble_weighs_every_covering_chunk_as_act_does():
     m = 0.5
     s = Setup(chunk_merge="temporal_ensemble", ensemble_weight=m)

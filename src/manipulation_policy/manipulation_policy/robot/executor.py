@@ -103,6 +103,7 @@ class _Scheduled:
     previous: Optional[_Scheduled] = None  # crossfade: the timeline it fades from
     # Until when a command of the timeline this chunk replaced serves the robot.
     served_until_sec: float = -math.inf
+    accepted_sec: float = -math.inf  # when the chunk arrived
 
     @property
     def period(self) -> float:
@@ -213,7 +214,9 @@ class ChunkExecutor:
                 return refusal
             now = self._clock()
             self._latencies.append(now - self._sent[request_id])
-            self._schedule(_Scheduled(chunk, observation_stamp_sec, request_id))
+            self._schedule(
+                _Scheduled(chunk, observation_stamp_sec, request_id, accepted_sec=now)
+            )
             if len(chunk) > 1:
                 self._span_sec = len(chunk) * chunk.action_period_sec
             self._counts["accepted"] += 1
@@ -251,7 +254,8 @@ class ChunkExecutor:
         old = self._newest
         if old is not None:
             self._counts["superseded"] += len(old.chunk) - old.next_step
-            new.served_until_sec = old.served_until()
+            # A chunk replaced before it published anything passes on what it inherited.
+            new.served_until_sec = max(old.served_until(), old.served_until_sec)
         merge = self._settings.chunk_merge
         frame = new.chunk.reference_frame
         blends = new.multi_step and merge is not ChunkMerge.REPLACE
@@ -304,13 +308,16 @@ class ChunkExecutor:
 
     @staticmethod
     def _served_by_previous(scheduled: _Scheduled, step: int, now: float) -> bool:
-        """A new chunk's due steps are late, but the command the previous timeline last
-        published still serves ``now``: the new chunk starts at its next step (if it
-        has one; else its last step is better than nothing new)."""
+        """A new chunk's step was already due when the chunk arrived (late), but the
+        command the previous timeline last published still serves ``now``: the new
+        chunk starts at its next step (if it has one; else its last step is better than
+        nothing new). A step that fell due after the chunk arrived is not late: it is
+        published when due."""
         return (
             scheduled.first_published is None
             and scheduled.multi_step
             and step + 1 < len(scheduled.chunk)
+            and scheduled.due_sec(step) <= scheduled.accepted_sec + DUE_TOLERANCE_SEC
             and now + DUE_TOLERANCE_SEC < scheduled.served_until_sec
         )
 
