@@ -262,7 +262,8 @@ def build_parser(backend: str = "") -> argparse.ArgumentParser:
         "--max-queue",
         type=_count(0, "a request count"),
         default=DEFAULT_MAX_QUEUE,
-        help="requests that may wait behind the running prediction before 503",
+        help="requests that may wait behind the running predictions (one per model "
+        "instance) before 503",
     )
     serving.add_argument(
         "--model-instances",

@@ -242,9 +242,10 @@ def test_two_instances_run_two_batches_at_once():
         def predict_batch(xs):
             batches.append((name, list(xs)))
             barrier.wait()  # both batches inside predict_batch at once
-            return [(name, x) for x in xs]
+            return [(name, x, "batch") for x in xs]
 
-        return ModelInstance(lambda x: (name, x), predict_batch)
+        # Alone: what the batcher falls back to when predict_batch fails (a broken barrier).
+        return ModelInstance(lambda x: (name, x, "alone"), predict_batch)
 
     worker = InferenceWorker([instance("a"), instance("b")], max_queue=8,
                              max_batch_size=2, batch_window_s=30.0)  # fmt: skip
@@ -260,7 +261,9 @@ def test_two_instances_run_two_batches_at_once():
         results = run(main())
     finally:
         worker.close()
-    assert [result for result, _ in results] == [("a", 0), ("a", 1), ("b", 2), ("b", 3)]
+    assert [result for result, _ in results] == [
+        ("a", 0, "batch"), ("a", 1, "batch"), ("b", 2, "batch"), ("b", 3, "batch")
+    ]
     assert sorted(len(xs) for _, xs in batches) == [2, 2]
     assert worker.queue_depth == 0 and worker.busy == 0
 
@@ -278,8 +281,10 @@ def test_while_every_instance_runs_a_batch_new_requests_form_the_next_one():
 
         return ModelInstance(lambda x: x + 100, predict_batch)
 
+    # No window: the three waiting form one batch because all three wait when an
+    # instance frees, not because the batcher waits for them.
     worker = InferenceWorker([instance("a"), instance("b")], max_queue=8,
-                             max_batch_size=4, batch_window_s=30.0)  # fmt: skip
+                             max_batch_size=4, batch_window_s=0.0)  # fmt: skip
 
     async def one(x):
         with worker.admission():

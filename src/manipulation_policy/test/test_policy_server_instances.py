@@ -186,12 +186,17 @@ def test_admission_is_n_running_plus_max_queue_waiting(tmp_path):
 
 def test_two_instances_run_two_batches_at_once_each_request_its_own_answer(tmp_path):
     first_gate, second_gate = tmp_path / "first", tmp_path / "second"
-    with instance_server("--model-instances", "2", "--max-batch-size", "2") as server:
+    # A long window: a request still being decoded when an instance frees joins its batch.
+    with instance_server(
+        "--model-instances", "2", "--max-batch-size", "2", "--batch-window-ms", "1000"
+    ) as server:
         url = server.base_url
         assert info(url)["batching"]["enabled"] is True
         with ThreadPoolExecutor(6) as pool:
-            holding = [pool.submit(post, url, f"hold {first_gate}", 90.0 + i) for i in range(2)]
-            wait_for(lambda: info(url)["instances"]["busy"] == 2, "both instances held")
+            holding = []
+            for busy in (1, 2):  # one after the other: each alone, on its own instance
+                holding.append(pool.submit(post, url, f"hold {first_gate}", 89.0 + busy))
+                wait_for(lambda n=busy: info(url)["instances"]["busy"] == n, "an instance held")
             # Both instances busy: these four wait, then form the next two batches.
             bodies = [pool.submit(post, url, f"hold {second_gate}", float(i)) for i in range(4)]
             wait_for(lambda: info(url)["queue"]["depth"] == 4, "four waiting")
