@@ -1,6 +1,6 @@
 """--model-instances through a real policy server process on loopback.
 
-InstanceBackend (server_test_backends) says in each answer which instance
+InstanceBackend (instance_test_backends) says in each answer which instance
 predicted it and when its call started and ended; its ``hold <file>`` instruction
 keeps a model call running until the test creates that file, so "running at
 once" is a state seen on /info before the release, never a timing guess.
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from server_test_backends import SPAN_NAMES
+from instance_test_backends import SPAN_NAMES
 
 from manipulation_policy.core.api_key import API_KEY_ENV
 from manipulation_policy.policy_server import MODEL_INSTANCES_ENV
 from manipulation_policy.server.process import ServerProcess
 
 TEST_DIR = str(Path(__file__).resolve().parent)
-INSTANCES = "server_test_backends:InstanceBackend"
+INSTANCES = "instance_test_backends:InstanceBackend"
 BOUND_S = 30.0
 
 
@@ -262,12 +262,12 @@ def test_the_flag_wins_over_the_variable_and_the_variable_over_the_default():
 
 def test_an_instance_that_fails_to_load_is_one_clear_line():
     result = run_server(
-        ["--backend", "server_test_backends:SecondInstanceFailsBackend", "--model-instances", "2"]
+        ["--backend", "instance_test_backends:SecondInstanceFailsBackend", "--model-instances", "2"]
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "policy_server: error: cannot load backend "
-        "'server_test_backends:SecondInstanceFailsBackend' (instance 2 of 2): "
+        "'instance_test_backends:SecondInstanceFailsBackend' (instance 2 of 2): "
         "OSError: CUDA out of memory"
     )
     assert "Traceback" not in result.stderr
