@@ -13,8 +13,12 @@ every path but /health, /docs and /openapi.json needs ``Authorization: Bearer <k
 predicted together, up to --max-batch-size per model call, collected for at most
 --batch-window-ms (only while other requests are on their way; 1 turns batching
 off); past --max-queue waiting requests the server answers 503 with Retry-After.
+With --model-instances N (or MANIPULATION_POLICY_MODEL_INSTANCES) the backend is
+loaded N times, each instance on its own model thread: up to N predictions (or N
+batches) run at once.
 A model call (one prediction or one batch) past --inference-timeout is answered
-504 to each of its requests, and /health answers 503 until the backend returns.
+504 to each of its requests; its instance serves nothing until the backend returns,
+and when every instance is stuck /health answers 503 until one returns.
 Each connection has a deadline while idle (--idle-timeout), for its headers
 (--header-timeout) and for its body (--body-timeout); a body is read whole before
 its request is admitted, at most --max-body-readers slow ones at once, and at most
@@ -66,9 +70,11 @@ from manipulation_policy.server.connection_guard import (
     open_descriptors,
 )
 from manipulation_policy.server.inference_worker import DEFAULT_DEADLINE_S
+from manipulation_policy.server.model_slots import MAX_MODEL_INSTANCES
 
 PROG = "policy_server"
 BACKEND_ENV = "MANIPULATION_POLICY_BACKEND"
+MODEL_INSTANCES_ENV = "MANIPULATION_POLICY_MODEL_INSTANCES"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -130,6 +136,10 @@ class StartupError(Exception):
     """A configuration or backend problem that stops the server before it listens."""
 
 
+class UsageError(StartupError):
+    """A bad server setting given in the environment: refused as a bad flag is (exit 2)."""
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
@@ -165,6 +175,24 @@ def _cli_number(check: declarations.NumberRange, what: str):
 
 def _count(low: int, what: str):
     return _cli_number(declarations.NumberRange(low, math.inf, integer=True), what)
+
+
+_instance_count = _cli_number(
+    declarations.NumberRange(1, MAX_MODEL_INSTANCES, integer=True), "an instance count"
+)
+
+
+def model_instances(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """--model-instances, else MANIPULATION_POLICY_MODEL_INSTANCES, else 1."""
+    if getattr(args, "model_instances", None) is not None:
+        return args.model_instances
+    text = environ.get(MODEL_INSTANCES_ENV, "")
+    if not text.strip():
+        return 1
+    try:
+        return _instance_count(text)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"{MODEL_INSTANCES_ENV}: {exc}") from None
 
 
 def backend_flag(argv: Optional[Sequence[str]]) -> str:
@@ -234,7 +262,17 @@ def build_parser(backend: str = "") -> argparse.ArgumentParser:
         "--max-queue",
         type=_count(0, "a request count"),
         default=DEFAULT_MAX_QUEUE,
-        help="requests that may wait behind the running prediction before 503",
+        help="requests that may wait behind the running predictions (one per model "
+        "instance) before 503",
+    )
+    serving.add_argument(
+        "--model-instances",
+        type=_instance_count,
+        default=None,
+        help=f"backend instances, each loaded on its own (N copies of the weights) and "
+        f"run on its own model thread: up to N predictions or batches at once "
+        f"(1-{MAX_MODEL_INSTANCES}; instances on one GPU share its compute). Default 1; "
+        f"env {MODEL_INSTANCES_ENV}",
     )
     serving.add_argument(
         "--max-image-pixels",
@@ -376,6 +414,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
             inference_timeout_s=args.inference_timeout,
             max_batch_size=args.max_batch_size,
             batch_window_ms=args.batch_window_ms,
+            model_instances=model_instances(args, environ),
             idle_timeout_s=args.idle_timeout,
             header_timeout_s=args.header_timeout,
             body_timeout_s=args.body_timeout,
@@ -386,7 +425,9 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Server
         raise StartupError(str(exc)) from None
 
 
-def load_backend(name: str, options: dict[str, Any]):
+def load_backend(name: str, options: dict[str, Any], instance: int = 0, of: int = 1):
+    """The backend ``name`` with ``options``, checked; ``instance`` of ``of`` model
+    instances (named in the error when there are several)."""
     try:
         backend = create_backend(name, **options)
         backend_inputs(backend)  # a declaration the server cannot read fails here, not later
@@ -396,7 +437,19 @@ def load_backend(name: str, options: dict[str, Any]):
         reason = lines[0] if lines else type(exc).__name__
         if not isinstance(exc, (BackendStartupError, UnknownBackendError)):
             reason = f"{type(exc).__name__}: {reason}"  # unexpected: the type helps
-        raise StartupError(f"cannot load backend {name!r}: {reason}") from exc
+        which = f" (instance {instance + 1} of {of})" if of > 1 else ""
+        raise StartupError(f"cannot load backend {name!r}{which}: {reason}") from exc
+
+
+def load_backends(name: str, options: dict[str, Any], count: int) -> list[Any]:
+    """``count`` independent instances of the backend, each loaded as one is."""
+    log = logging.getLogger("manipulation_policy.policy_server")
+    backends = []
+    for index in range(count):
+        if count > 1:
+            log.info("loading model instance %d of %d", index + 1, count)
+        backends.append(load_backend(name, options, index, count))
+    return backends
 
 
 def raise_open_file_limit() -> None:
@@ -463,6 +516,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser(backend_flag(argv)).parse_args(argv)
+    try:
+        # Before anything is logged: a bad variable is one line, as a bad flag is.
+        args.model_instances = model_instances(args, os.environ)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc} (see --help)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     startup_log = logging.getLogger("manipulation_policy.policy_server")
     args.backend, why = choose_backend(args.backend, os.environ)
@@ -473,7 +532,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     try:
         config = build_config(args, os.environ)
         options = backend_arguments(args, os.environ)
-        backend = load_backend(args.backend, options)
+        backends = load_backends(args.backend, options, config.model_instances)
     except StartupError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
@@ -491,11 +550,12 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except StartupError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
-    app = create_app(backend, config)
+    app = create_app(backends, config)
     startup_log.info(
-        "backend %s ready; auth %s, max queue %d, max body %d bytes, max batch %d, "
+        "backend %s ready%s; auth %s, max queue %d, max body %d bytes, max batch %d, "
         "batch window %g ms, max connections %s",
         args.backend,
+        f" ({config.model_instances} model instances)" if config.model_instances > 1 else "",
         "on" if config.api_key else "off",
         config.max_queue,
         config.max_body_bytes,

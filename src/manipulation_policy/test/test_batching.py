@@ -328,21 +328,39 @@ def test_batcher_refuses_nonsense_settings(model_call):
 
 
 def test_worker_admits_max_queue_behind_the_running_batch_then_refuses():
-    worker = InferenceWorker(lambda o: o, max_queue=2, max_batch_size=4)
-    try:
+    gate = threading.Event()
+
+    def predict_batch(xs):
+        gate.wait(BOUND_S)
+        return list(xs)
+
+    worker = InferenceWorker(lambda o: o, max_queue=2, max_batch_size=4,
+                             predict_batch=predict_batch)  # fmt: skip
+
+    async def one(x):
+        with worker.admission():
+            return await worker.predict(x)
+
+    async def main():
         # Nothing running: one to run + 2 waiting, as without batching.
         with admitted(worker, 3):
             with pytest.raises(QueueFullError):
                 with worker.admission():
                     pass
         # A batch of 3 running: 2 may still wait behind it.
-        worker.batcher.running = 3
-        with admitted(worker, 5):
+        batch = [asyncio.ensure_future(one(x)) for x in (1, 2, 3)]
+        await wait_until(lambda: worker.batcher.running == 3)
+        with admitted(worker, 2):
             with pytest.raises(QueueFullError, match="5 requests"):
                 with worker.admission():
                     pass
+        gate.set()
+        return await asyncio.gather(*batch)
+
+    try:
+        assert [r[0] for r in run(main())] == [1, 2, 3]
     finally:
-        worker.batcher.running = 0
+        gate.set()
         worker.close()
 
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 import traceback
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -63,6 +64,7 @@ from manipulation_policy.server.inference_worker import (
     BackendStuckError,
     ClientGoneError,
     InferenceWorker,
+    ModelInstance,
     PredictionTimeoutError,
 )
 from manipulation_policy.server.log_limits import printable
@@ -73,6 +75,7 @@ from manipulation_policy.server.middleware import (
     RequestMetricsMiddleware,
     refuses_at_once,
 )
+from manipulation_policy.server.model_slots import MAX_MODEL_INSTANCES
 from manipulation_policy.server.reports import gpu_memory_report, runtime_report
 from manipulation_policy.server.request_decoding import (
     decode_infer_body,
@@ -105,6 +108,8 @@ class ServerConfig:
     # collected for at most this long while other admitted requests are on their way.
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS
+    # Backend instances, each on its own model thread: up to this many model calls at once.
+    model_instances: int = 1
     # Connections (connection_guard.py; enforced by http_protocol.py under uvicorn).
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
@@ -138,6 +143,10 @@ class ServerConfig:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if not 0 < self.inference_timeout_s < float("inf"):
             raise ValueError(f"inference_timeout_s must be > 0, got {self.inference_timeout_s}")
+        if not 1 <= self.model_instances <= MAX_MODEL_INSTANCES:
+            raise ValueError(
+                f"model_instances must be 1 to {MAX_MODEL_INSTANCES}, got {self.model_instances}"
+            )
         if not 0 <= self.batch_window_ms <= MAX_BATCH_WINDOW_MS:
             raise ValueError(
                 f"batch_window_ms must be in [0, {MAX_BATCH_WINDOW_MS:g}], "
@@ -189,8 +198,12 @@ def backend_description(backend: PolicyBackend) -> dict[str, Any]:
         return {"error": f"describe() failed: {type(exc).__name__}: {exc}"}
 
 
-def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) -> FastAPI:
-    """The FastAPI application serving ``backend`` (already loaded)."""
+def create_app(
+    backend: PolicyBackend | Sequence[PolicyBackend], config: Optional[ServerConfig] = None
+) -> FastAPI:
+    """The FastAPI application serving ``backend`` (already loaded), or one model
+    instance per backend of a list (``config.model_instances`` of them, the same
+    backend loaded that many times)."""
     server = PolicyService(backend, config or ServerConfig())
 
     @contextlib.asynccontextmanager
@@ -225,13 +238,22 @@ def create_app(backend: PolicyBackend, config: Optional[ServerConfig] = None) ->
 class PolicyService:
     """What the routes do: the worker, the decode pool and the metrics of one app."""
 
-    def __init__(self, backend: PolicyBackend, config: ServerConfig):
-        self.backend = backend
+    def __init__(
+        self, backend: PolicyBackend | Sequence[PolicyBackend], config: ServerConfig
+    ):
+        backends = list(backend) if isinstance(backend, (list, tuple)) else [backend]
+        if len(backends) != config.model_instances:
+            raise ValueError(
+                f"model_instances is {config.model_instances}, but {len(backends)} "
+                "backend instances were given"
+            )
+        # The first instance speaks for all (the same backend, the same options).
+        backend = self.backend = backends[0]
         self.config = config
         # What the backend reads (None: it declares nothing); each request is checked
         # against it before it is queued.
         self.inputs = backend_inputs(backend)
-        self.worker = _make_worker(backend, config)
+        self.worker = _make_worker(backends, config)
         self.decode_pool = ThreadPoolExecutor(
             config.decode_threads, thread_name_prefix="policy-decode"
         )
@@ -247,6 +269,8 @@ class PolicyService:
         self.metrics = ServerMetrics(
             queue_depth=lambda: worker.queue_depth,
             inference_busy=lambda: worker.busy,
+            model_instances=lambda: worker.model_instances,
+            instances_stuck=worker.stuck_instances,
             open_connections=lambda: guard.open_connections,
             bodies_reading=lambda: guard.body_readers,
             info_labels={
@@ -336,6 +360,8 @@ class PolicyService:
                     "max": worker.max_queue,
                     "inference_in_progress": worker.busy,
                 },
+                "model_instances": worker.model_instances,
+                "instances": _instances_report(worker),
                 "batching": _batching_report(worker, self.backend, config),
                 "limits": {
                     "max_body_bytes": config.max_body_bytes,
@@ -441,8 +467,8 @@ def _add_routes(app: FastAPI, server: PolicyService) -> None:
             503: {
                 "model": HealthResponse,
                 "description": (
-                    "Unhealthy: a prediction is stuck past its deadline; the reason says "
-                    "since when."
+                    "Unhealthy: a prediction is stuck past its deadline (on every model "
+                    "instance, when there are several); the reason says since when."
                 ),
             },
         },
@@ -514,18 +540,27 @@ def batching_problem(backend: PolicyBackend, config: ServerConfig) -> Optional[s
     return None
 
 
-def _make_worker(backend: PolicyBackend, config: ServerConfig) -> InferenceWorker:
-    problem = batching_problem(backend, config)
+def _make_worker(backends: Sequence[PolicyBackend], config: ServerConfig) -> InferenceWorker:
+    problem = batching_problem(backends[0], config)
     if problem is not None and config.max_batch_size > 1:
         logger.info("micro-batching off: %s", problem)
     return InferenceWorker(
-        predictor(backend),
+        [ModelInstance(predictor(b), batch_predictor(b)) for b in backends],
         config.max_queue,
         config.inference_timeout_s,
-        predict_batch=batch_predictor(backend),
         max_batch_size=config.max_batch_size if problem is None else 1,
         batch_window_s=config.batch_window_ms / 1e3,
     )
+
+
+def _instances_report(worker: InferenceWorker) -> dict[str, Any]:
+    """/info's view of the model instances: how many are busy and stuck, and each."""
+    each = worker.instances_report()
+    return {
+        "busy": sum(instance["busy"] for instance in each),
+        "stuck": sum(instance["stuck"] for instance in each),
+        "each": each,
+    }
 
 
 def _batching_report(

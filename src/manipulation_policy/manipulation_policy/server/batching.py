@@ -11,16 +11,18 @@ requests into one batch and runs it as a single call on the model thread:
   the previous batch held are waiting (the robots of a fleet answered together
   come back together, a few milliseconds apart). So a lone robot never waits
   for the window, and a fleet's batches do not split in two;
-- while a batch runs, new requests wait and form the next batch;
+- while a batch runs on each model instance (one, unless the worker serves
+  several: ``acquire_model``), new requests wait and form the next batch;
 - each request gets its own result or its own exception, never another's.
 
 ``isolated_batch_call`` is the model-side half: it calls the backend's
 ``predict_batch`` when it has one, and when a whole batch call fails it runs
 each observation alone, so one bad observation fails only its own request.
 
-How a batch reaches the model thread, and how long it may take there, is the
-caller's (``call_model``: the InferenceWorker's, with its deadline); what it
-raises (a timeout, a crash) is the answer of every request in the batch.
+How a batch reaches a model thread, and how long it may take there, is the
+caller's (``call_model``, or the call ``acquire_model`` hands out: the
+InferenceWorker's, with its deadline); what it raises (a timeout, a crash) is the
+answer of every request in the batch.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ DEFAULT_BATCH_WINDOW_MS = 10.0
 
 # One observation's outcome: its result, or the exception that is its answer.
 Outcome = Any
+# Runs one batch on a model instance: items -> one outcome per item.
+BatchCall = Callable[[list[Any]], Awaitable[Sequence[Outcome]]]
 
 
 def batch_wait_s(
@@ -113,27 +117,35 @@ class BatchStats:
 
 
 class MicroBatcher:
-    """Collects submitted items into batches and runs each batch through ``call_model``.
+    """Collects submitted items into batches and runs each batch on a model turn.
 
-    ``call_model(run_batch, items)`` awaits ``run_batch(items) -> outcomes`` run on
-    the model's thread; an outcome that is an exception is raised to that item's
-    caller alone, an exception raised by ``call_model`` to every caller of the batch.
-    ``before_batch()``, if given, may raise to refuse to run anything now: every
-    waiting caller gets that exception at once (nothing runs or is counted). ``submit`` returns
-    ``(result, seconds the batch took)``. Everything else runs on the event loop, so
-    no locks are needed.
+    Either ``call_model(run_batch, items)``, which awaits ``run_batch(items) ->
+    outcomes`` run on the model's thread, one batch at a time; or
+    ``acquire_model()``, which awaits a free model instance and returns the call that
+    runs a batch there (``call(items) -> outcomes``), handed back with
+    ``release_model(call)`` once its batch is over: as many batches at once as it
+    hands out calls. A batch closes only once a model turn is free, so while every
+    instance runs, new requests wait and form the next batch. What ``acquire_model``
+    raises (no instance can run anything now) is the answer of every waiting caller,
+    at once (nothing runs or is counted). An outcome that is an exception is raised to
+    that item's caller alone, an exception raised by the call to every caller of the
+    batch. ``submit`` returns ``(result, seconds the batch took)``. Everything else
+    runs on the event loop, so no locks are needed.
     """
 
     def __init__(
         self,
-        run_batch: Callable[[list[Any]], Sequence[Outcome]],
-        call_model: Callable[[Callable[[list[Any]], Sequence[Outcome]], list[Any]], Awaitable],
+        run_batch: Optional[Callable[[list[Any]], Sequence[Outcome]]] = None,
+        call_model: Optional[
+            Callable[[Callable[[list[Any]], Sequence[Outcome]], list[Any]], Awaitable]
+        ] = None,
         *,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         window_s: float = DEFAULT_BATCH_WINDOW_MS / 1e3,
         more_coming: Callable[[], bool] = lambda: True,
         gone_error: Callable[[str], BaseException] = ConnectionAbortedError,
-        before_batch: Optional[Callable[[], None]] = None,
+        acquire_model: Optional[Callable[[], Awaitable[BatchCall]]] = None,
+        release_model: Callable[[BatchCall], None] = lambda call: None,
         on_batch: Optional[Callable[[int, float], None]] = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -141,9 +153,12 @@ class MicroBatcher:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not window_s >= 0:
             raise ValueError(f"the batch window must be >= 0 s, got {window_s}")
-        self._run_batch = run_batch
-        self._call_model = call_model
-        self._before_batch = before_batch
+        if acquire_model is None:
+            if run_batch is None or call_model is None:
+                raise ValueError("give run_batch and call_model, or acquire_model")
+            acquire_model, release_model = _one_at_a_time(run_batch, call_model)
+        self._acquire_model = acquire_model
+        self._release_model = release_model
         self.max_batch_size = max_batch_size
         self.window_s = window_s
         self._more_coming = more_coming
@@ -153,8 +168,9 @@ class MicroBatcher:
         self._pending: deque[_Entry] = deque()
         self._wakeup: Optional[asyncio.Event] = None
         self._collector: Optional[asyncio.Task] = None
+        self._running_batches: set[asyncio.Task] = set()
         self._closed = False
-        self.running = 0
+        self.running = 0  # items in the batches running now
         self._last_size = 0
         self._batches = 0
         self._requests = 0
@@ -212,8 +228,31 @@ class MicroBatcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self._refused():
+            try:
+                call = await self._acquire_model()
+            except Exception as exc:  # noqa: BLE001 - the answer of every request waiting
+                self._fail_waiting(exc)
                 continue
+            try:
+                batch = [] if self._closed else await self._close_batch()
+            except BaseException:
+                self._release_model(call)
+                raise
+            if not batch:
+                self._release_model(call)
+                continue
+            task = asyncio.get_running_loop().create_task(self._run(batch, call))
+            self._running_batches.add(task)  # a task only weakly referenced may vanish
+            task.add_done_callback(self._running_batches.discard)
+
+    async def _close_batch(self) -> list[_Entry]:
+        """The next batch, once it is full, its window is over, or nobody else is on
+        the way; empty when every waiting request went away meanwhile."""
+        assert self._wakeup is not None
+        while not self._closed:
+            self._drop_finished()
+            if not self._pending:
+                return []
             wait = batch_wait_s(
                 self.pending,
                 self._pending[0].arrived,
@@ -222,35 +261,34 @@ class MicroBatcher:
                 self.window_s,
                 self._more_coming() or self.pending < self._last_size,
             )
-            if wait > 0:
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), wait)
-                except asyncio.TimeoutError:
-                    pass
-                continue  # look again: full, window over, or nobody else on the way
-            batch: list[_Entry] = []
-            while self._pending and len(batch) < self.max_batch_size:
-                entry = self._pending.popleft()
-                if not entry.future.done():
-                    batch.append(entry)
-            await self._run(batch)
+            if wait <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+            # look again: full, window over, or nobody else on the way
+        batch: list[_Entry] = []
+        while self._pending and len(batch) < self.max_batch_size:
+            entry = self._pending.popleft()
+            if not entry.future.done():
+                batch.append(entry)
+        return batch
 
-    def _refused(self) -> bool:
-        """Fail every waiting request when ``before_batch`` refuses to run one now."""
-        if self._before_batch is None:
-            return False
+    def _fail_waiting(self, exc: Exception) -> None:
+        while self._pending:
+            entry = self._pending.popleft()
+            if not entry.future.done():
+                entry.future.set_exception(exc)
+
+    async def _run(self, batch: list[_Entry], call: BatchCall) -> None:
         try:
-            self._before_batch()
-        except Exception as exc:  # noqa: BLE001 - the answer of every request waiting
-            while self._pending:
-                entry = self._pending.popleft()
-                if not entry.future.done():
-                    entry.future.set_exception(exc)
-            return True
-        return False
+            await self._run_on(batch, call)
+        finally:
+            self._release_model(call)
 
-    async def _run(self, batch: list[_Entry]) -> None:
+    async def _run_on(self, batch: list[_Entry], call: BatchCall) -> None:
         live: list[_Entry] = []
         for entry in batch:
             try:
@@ -267,16 +305,17 @@ class MicroBatcher:
                 live.append(entry)
         if not live:
             return
-        self.running = self._last_size = len(live)
+        self.running += len(live)
+        self._last_size = len(live)
         started = time.perf_counter()
         try:
-            outcomes = await self._call_model(self._run_batch, [entry.item for entry in live])
+            outcomes = await call([entry.item for entry in live])
             if len(outcomes) != len(live):
                 raise RuntimeError(f"{len(outcomes)} outcomes for a batch of {len(live)}")
         except Exception as exc:  # noqa: BLE001 - the batch failed as a whole: every caller hears it
             outcomes = [exc] * len(live)
         finally:
-            self.running = 0
+            self.running -= len(live)
         seconds = time.perf_counter() - started
         self._batches += 1
         self._requests += len(live)
@@ -290,3 +329,27 @@ class MicroBatcher:
                 entry.future.set_exception(outcome)
             else:
                 entry.future.set_result((outcome, seconds))
+
+
+def _one_at_a_time(
+    run_batch: Callable[[list[Any]], Sequence[Outcome]],
+    call_model: Callable[[Callable[[list[Any]], Sequence[Outcome]], list[Any]], Awaitable],
+) -> tuple[Callable[[], Awaitable[BatchCall]], Callable[[BatchCall], None]]:
+    """acquire_model / release_model for one model that runs one batch at a time."""
+    idle: list[asyncio.Event] = []  # made on the loop, at the first batch
+
+    def call(items: list[Any]) -> Awaitable:
+        return call_model(run_batch, items)
+
+    async def acquire() -> BatchCall:
+        if not idle:
+            idle.append(asyncio.Event())
+            idle[0].set()
+        await idle[0].wait()
+        idle[0].clear()
+        return call
+
+    def release(_call: BatchCall) -> None:
+        idle[0].set()
+
+    return acquire, release

@@ -76,6 +76,8 @@ class ServerMetrics:
         self,
         queue_depth: Callable[[], float] = lambda: 0,
         inference_busy: Callable[[], float] = lambda: 0,
+        model_instances: Callable[[], float] = lambda: 1,
+        instances_stuck: Callable[[], float] = lambda: 0,
         open_connections: Callable[[], float] = lambda: 0,
         bodies_reading: Callable[[], float] = lambda: 0,
         info_labels: Optional[dict[str, str]] = None,
@@ -133,8 +135,20 @@ class ServerMetrics:
             ),
             (
                 "policy_server_inference_in_progress",
-                "1 while the backend is running a prediction.",
+                "Model instances running a prediction or a batch now (0 or 1 with one "
+                "instance).",
                 inference_busy,
+            ),
+            (
+                "policy_server_model_instances",
+                "Backend instances serving predictions, each on its own model thread.",
+                model_instances,
+            ),
+            (
+                "policy_server_model_instances_stuck",
+                "Model instances whose running call is past its deadline (out of service "
+                "until the backend returns).",
+                instances_stuck,
             ),
             (
                 "policy_server_open_connections",
