@@ -3,6 +3,7 @@ remote node over DDS, per latency L, chunk length H and chunk_merge.
 
     .ci/ros_env.sh python bench/bench_chunks.py                  # ~4 minutes
     .ci/ros_env.sh python bench/bench_chunks.py --seconds 10 --latencies 200 --lengths 8
+    .ci/ros_env.sh python bench/bench_chunks.py --latencies 200 --lengths 8 --in-flight 1,2
 
 For each (L, H) a policy server runs bench_chunk_backend:SimChunkBackend (it
 sleeps L per answer, then answers H actions 50 ms apart whose targets follow
@@ -10,12 +11,21 @@ one smooth curve plus an offset that alternates +-1 cm between answers), and
 a remote_policy_node subprocess (inference_rate 100 Hz: only the executor's
 refill decides when observations go; refill_horizon_sec automatic) gets a
 160x120 camera at 30 Hz from this process, which records every PolicyOutput.
-Over the measured window it reports:
+``--in-flight K`` runs the server with ``--model-instances K`` and the node with
+``remote_max_in_flight:=K``: up to K observations awaiting an answer, K predictions
+at once (K = 1: one at a time, the defaults). Over the measured window it reports:
 
 - cmd/s: commands published per second (underrun holds included), and steps/s
   (the chunks' own steps only);
-- underrun: the fraction of the window's due ticks (one per period) that found
-  no action (1 - step commands / ticks), and the underrun holds seen;
+- underrun: the fraction of the window's due ticks that found no action: the
+  time the action timeline was dry (from an underrun hold to the next step),
+  over the window; and the underrun holds seen;
+- gaps: the fraction of the window's time with no step command in effect, a
+  stricter figure that also counts cadence: a step is in effect for one period
+  from its arrival here, or until the next command arrives if that is sooner,
+  so a step that follows the previous one by more than a period leaves a gap
+  (where a new chunk's grid, set by its own camera stamp, takes over from the
+  old one's), and so does any underrun;
 - max jump: the largest change of the target's x between consecutive commands
   (holds left out), in mm: what a controller would be asked to jump;
 - age p50/p99: from the observation's stamp (header.stamp) to the command's
@@ -27,6 +37,7 @@ H = 1 is a single-step policy: one command per answer, so 1/L commands/s.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import subprocess
@@ -80,7 +91,10 @@ class Recorder(Node):
             self.recording = on
 
 
-def run_node(server_url: str, merge: str, seconds: float, warmup: float) -> list:
+def run_node(
+    server_url: str, merge: str, seconds: float, warmup: float, in_flight: int = 1
+) -> tuple[list, int, int]:
+    """(the outputs recorded in the window, the window's start and end, node clock ns)."""
     prefix = f"/bench_chunks_{os.getpid()}_{int(time.monotonic() * 1000)}"
     node = subprocess.Popen([
         sys.executable, "-m", "manipulation_policy.nodes.remote_policy_node", "--ros-args",
@@ -88,6 +102,7 @@ def run_node(server_url: str, merge: str, seconds: float, warmup: float) -> list
         "-p", "inference_rate:=100.0",
         "-p", "remote_timeout_sec:=3.0",
         "-p", f"chunk_merge:={merge}",
+        *(["-p", f"remote_max_in_flight:={in_flight}"] if in_flight > 1 else []),
         "-p", "image_width:=160", "-p", "image_height:=120",
         "-p", f"camera_topic:={prefix}/image",
         "-p", f"output_topic:={prefix}/output",
@@ -110,9 +125,11 @@ def run_node(server_url: str, merge: str, seconds: float, warmup: float) -> list
     try:
         time.sleep(warmup)  # start-up, discovery, the first chunk
         recorder.record(True)
+        start_ns = recorder.get_clock().now().nanoseconds
         time.sleep(seconds)
         recorder.record(False)
-        return list(recorder.outputs)
+        end_ns = recorder.get_clock().now().nanoseconds
+        return list(recorder.outputs), start_ns, end_ns
     finally:
         stop.set()
         spinner.join(5.0)
@@ -128,16 +145,52 @@ def run_node(server_url: str, merge: str, seconds: float, warmup: float) -> list
         rclpy.try_shutdown(context=context)
 
 
-def figures(outputs: list, seconds: float) -> dict:
-    holds = [m for _, m in outputs if m.step_index >= m.chunk_length]
-    steps = [(t, m) for t, m in outputs if m.step_index < m.chunk_length]
+def is_step(msg: PolicyOutput) -> bool:
+    return msg.step_index < msg.chunk_length  # an underrun hold has step_index = chunk_length
+
+
+def dry_fraction(outputs: list, start_ns: int, end_ns: int) -> float:
+    """The fraction of [start, end) from each underrun hold to the next step command."""
+    dry, since = 0, None
+    for arrival, msg in outputs:
+        if not is_step(msg):
+            since = arrival if since is None else since
+        elif since is not None:
+            dry, since = dry + arrival - since, None
+    if since is not None:
+        dry += end_ns - since
+    return dry / (end_ns - start_ns) if end_ns > start_ns else 0.0
+
+
+def uncovered_fraction(outputs: list, start_ns: int, end_ns: int, period_ns: int) -> float:
+    """The fraction of [start, end) in which no step command is in effect. A step is in
+    effect for one period from its arrival, or until the next command (step or hold)
+    arrives if that is sooner. Commands that arrived before the window are not
+    recorded, so the window starts at the first one's arrival."""
+    if not outputs:
+        return 1.0
+    covered = 0
+    arrivals = [t for t, _ in outputs] + [end_ns]
+    for (arrival, msg), next_arrival in zip(outputs, arrivals[1:], strict=True):
+        if not is_step(msg):
+            continue
+        ends = min(next_arrival, arrival + period_ns, end_ns)
+        covered += max(0, ends - arrival)
+    window = end_ns - max(start_ns, arrivals[0])
+    return max(0.0, 1.0 - covered / window) if window > 0 else 1.0
+
+
+def figures(recorded: tuple[list, int, int], seconds: float) -> dict:
+    outputs, start_ns, end_ns = recorded
+    holds = [m for _, m in outputs if not is_step(m)]
+    steps = [(t, m) for t, m in outputs if is_step(m)]
     xs = [m.eef_target_pose.position.x for _, m in steps]
     ages = [(t - stamp_to_nanoseconds(m.header.stamp)) / 1e6 for t, m in steps]
-    ticks = seconds / PERIOD_SEC
     return {
         "cmd_per_sec": len(outputs) / seconds,
         "steps_per_sec": len(steps) / seconds,
-        "underrun": max(0.0, 1.0 - len(steps) / ticks),
+        "underrun": dry_fraction(outputs, start_ns, end_ns),
+        "gaps": uncovered_fraction(outputs, start_ns, end_ns, int(PERIOD_SEC * 1e9)),
         "holds": len(holds),
         "max_jump_mm": 1000.0 * max(np.abs(np.diff(xs)), default=0.0) if len(xs) > 1 else 0.0,
         "age_p50": float(np.percentile(ages, 50)) if ages else float("nan"),
@@ -153,41 +206,51 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--lengths", default="1,8,50", help="H, comma-separated")
     parser.add_argument("--merges", default=",".join(MERGES),
                         help="chunk_merge values (H > 1; H = 1 runs replace only)")
+    parser.add_argument("--in-flight", default="1",
+                        help="K, comma-separated: server --model-instances K and node "
+                        "remote_max_in_flight:=K")
     args = parser.parse_args(argv)
     latencies = [int(v) for v in args.latencies.split(",") if v.strip()]
     lengths = [int(v) for v in args.lengths.split(",") if v.strip()]
     merges = [v.strip() for v in args.merges.split(",") if v.strip()]
+    in_flights = [int(v) for v in args.in_flight.split(",") if v.strip()]
 
     rows = []
-    for latency in latencies:
-        for length in lengths:
-            env = {
-                API_KEY_ENV: "",
-                "BENCH_LATENCY_MS": str(latency),
-                "BENCH_CHUNK_H": str(length),
-                "BENCH_PERIOD_SEC": str(PERIOD_SEC),
-            }
-            with ServerProcess(
-                "--backend", "bench_chunk_backend:SimChunkBackend", "--log-level", "warning",
-                "--no-access-log", env=env, extra_pythonpath=[BENCH_DIR],
-            ) as server:  # fmt: skip
-                for merge in merges if length > 1 else ["replace"]:
-                    outputs = run_node(server.base_url, merge, args.seconds, args.warmup)
-                    rows.append((latency, length, merge, figures(outputs, args.seconds)))
-                    print(f"done: L={latency} ms H={length} {merge}", file=sys.stderr, flush=True)
+    for latency, length, in_flight in itertools.product(latencies, lengths, in_flights):
+        env = {
+            API_KEY_ENV: "",
+            "BENCH_LATENCY_MS": str(latency),
+            "BENCH_CHUNK_H": str(length),
+            "BENCH_PERIOD_SEC": str(PERIOD_SEC),
+        }
+        with ServerProcess(
+            "--backend", "bench_chunk_backend:SimChunkBackend", "--log-level", "warning",
+            "--no-access-log",
+            *(["--model-instances", str(in_flight)] if in_flight > 1 else []),
+            env=env, extra_pythonpath=[BENCH_DIR],
+        ) as server:  # fmt: skip
+            for merge in merges if length > 1 else ["replace"]:
+                recorded = run_node(
+                    server.base_url, merge, args.seconds, args.warmup, in_flight
+                )
+                figures_of_run = figures(recorded, args.seconds)
+                rows.append((latency, length, in_flight, merge, figures_of_run))
+                print(f"done: L={latency} ms H={length} K={in_flight} {merge}",
+                      file=sys.stderr, flush=True)
 
     print(f"\nAction chunks through the server and the remote node (period "
           f"{PERIOD_SEC * 1000:g} ms, {args.seconds:g} s measured per run after "
           f"{args.warmup:g} s)")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}\n")
-    print("| L ms | H | chunk_merge | cmd/s | steps/s | underrun | holds | max jump mm "
-          "| age p50 ms | age p99 ms |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    for latency, length, merge, f in rows:
-        print(f"| {latency} | {length} | {merge} | {f['cmd_per_sec']:.1f} | "
+    print("| L ms | H | in flight | chunk_merge | cmd/s | steps/s | underrun | holds | gaps "
+          "| max jump mm | age p50 ms | age p99 ms |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for latency, length, in_flight, merge, f in rows:
+        print(f"| {latency} | {length} | {in_flight} | {merge} | {f['cmd_per_sec']:.1f} | "
               f"{f['steps_per_sec']:.1f} | "
-              f"{100 * f['underrun']:.0f}% | {f['holds']} | {f['max_jump_mm']:.1f} | "
+              f"{100 * f['underrun']:.0f}% | {f['holds']} | {100 * f['gaps']:.0f}% | "
+              f"{f['max_jump_mm']:.1f} | "
               f"{f['age_p50']:.0f} | {f['age_p99']:.0f} |")
     return 0
 
