@@ -179,20 +179,46 @@ def test_a_new_chunk_takes_over_from_its_first_step_not_yet_due_while_a_command_
 
 
 @pytest.mark.parametrize("merge", list(ChunkMerge))
-def test_a_step_that_falls_due_after_the_chunk_arrived_is_published_when_due(merge):
+def test_a_takeover_comes_when_the_serving_command_ends_with_the_step_due_nearest(merge):
     s = Setup(chunk_merge=merge, crossfade_steps=1)
     s.answer(chunk_of(*[0.0] * 10), stamp=0.0)
     assert [s.xs_at(t) for t in (0.0, 0.1, 0.2)] == [[0], [0], [0]]
-    # Stamped 0.08, it comes at 0.25: its step due 0.18 is late and skipped (the old
-    # step published at 0.2 serves until 0.3), but its step due 0.28 was not due yet
-    # on arrival: it goes at 0.28, not a period later.
+    # Stamped 0.08, it comes at 0.25 while the step published at 0.2 serves until 0.3.
+    # Its steps are due 0.18, 0.28, 0.38: the one due nearest 0.3 is step 2; it takes
+    # over at 0.3, not at 0.28 (a period cut short) nor at 0.38 (a period and a half).
     s.clock.at(0.25)
     s.answer(chunk_of(10, 11, 12, 13), stamp=0.08)
-    assert s.due_at(0.25) == []
-    (command,) = s.due_at(0.28)
+    assert s.due_at(0.25) == [] and s.due_at(0.29) == []
+    (command,) = s.due_at(0.3)
     assert command.step_index == 2 and command.due_sec == pytest.approx(T0 + 0.28)
     assert s.due_at(0.37) == []
     assert [c.step_index for c in s.due_at(0.38)] == [3]
+    assert s.executor.counts()["skipped_late"] == 2
+
+
+def test_takeovers_keep_one_command_per_period_on_average_whatever_the_phase():
+    """Observations from a camera at 1.5 frames a period, 2, 3 or 4 frames apart, each
+    answered 2.2 periods after its stamp: the new grids' phases against the old one's
+    are 0, 1/3 and 2/3 of a period. Ticks every tenth of a period."""
+    s = Setup()
+    frame = PERIOD * 2 / 3
+    published: list[float] = []
+    frames, tick = 0, 0
+    for n, gap in enumerate([2, 3, 4, 3] * 50):
+        stamp = frames * frame
+        arrival = stamp + 2.2 * PERIOD
+        while (tick + 1) * PERIOD / 10 < arrival:
+            tick += 1
+            published += [tick * PERIOD / 10] * len(s.due_at(tick * PERIOD / 10))
+        s.clock.at(arrival)
+        s.answer(chunk_of(*[float(n)] * 8), stamp=stamp)
+        published += [arrival] * len(s.executor.due())
+        frames += gap
+    published = published[20:]
+    intervals = [b - a for a, b in zip(published, published[1:], strict=False)]
+    mean = (published[-1] - published[0]) / (len(published) - 1)
+    assert mean == pytest.approx(PERIOD, rel=0.02)
+    assert 0.5 * PERIOD - 0.011 <= min(intervals) and max(intervals) <= 1.5 * PERIOD + 0.011
 
 
 def test_a_chunk_replaced_before_it_published_passes_on_the_command_that_serves():

@@ -9,10 +9,14 @@ to send the next observation.
   The newest accepted chunk owns the timeline; older ones only lend values to
   its steps (``ExecutorSettings.chunk_merge``).
 - Late steps: of the steps that became due since the last call, only the latest
-  is published (at once: latency compensation); the others are skipped. A new
-  chunk whose first due steps fall in a period that a command of the previous
-  timeline still serves takes over from its first step not yet due instead: no
-  second command for a period already served.
+  is published (at once: latency compensation); the others are skipped.
+- Takeover: a new chunk that arrives while a command of the previous timeline
+  still serves (its period has not ended) takes over when that period ends, with
+  its step whose due time is nearest that moment (published then, or at its due
+  time if later); its earlier steps are skipped. So a takeover is never a second
+  command for a period already served, and the interval between commands stays
+  within half a period of one period, on average one period, whatever the phase
+  of the new chunk's grid (its camera stamp) against the old one's.
 - A chunk of one (single-step models, upstream's answers) is published on arrival,
   exactly as before chunks existed, is never blended, and opens no timeline: no
   underrun follows it and a refill is always in order once it is out.
@@ -103,7 +107,9 @@ class _Scheduled:
     previous: Optional[_Scheduled] = None  # crossfade: the timeline it fades from
     # Until when a command of the timeline this chunk replaced serves the robot.
     served_until_sec: float = -math.inf
-    accepted_sec: float = -math.inf  # when the chunk arrived
+    # Takeover: no step of this chunk goes out before then (the end of the period of
+    # the command that served when it arrived).
+    not_before_sec: float = -math.inf
 
     @property
     def period(self) -> float:
@@ -126,7 +132,7 @@ class _Scheduled:
 
     def served_until(self) -> float:
         """The end of the period of this chunk's last published step."""
-        if not self.multi_step or self.next_step == 0:
+        if not self.multi_step or self.first_published is None:
             return -math.inf
         return self.due_sec(self.next_step - 1) + self.period
 
@@ -214,9 +220,7 @@ class ChunkExecutor:
                 return refusal
             now = self._clock()
             self._latencies.append(now - self._sent[request_id])
-            self._schedule(
-                _Scheduled(chunk, observation_stamp_sec, request_id, accepted_sec=now)
-            )
+            self._schedule(_Scheduled(chunk, observation_stamp_sec, request_id))
             if len(chunk) > 1:
                 self._span_sec = len(chunk) * chunk.action_period_sec
             self._counts["accepted"] += 1
@@ -256,6 +260,7 @@ class ChunkExecutor:
             self._counts["superseded"] += len(old.chunk) - old.next_step
             # A chunk replaced before it published anything passes on what it inherited.
             new.served_until_sec = max(old.served_until(), old.served_until_sec)
+            self._plan_takeover(new)
         merge = self._settings.chunk_merge
         frame = new.chunk.reference_frame
         blends = new.multi_step and merge is not ChunkMerge.REPLACE
@@ -281,10 +286,7 @@ class ChunkExecutor:
                 return commands
             if not newest.all_out:
                 step = self._latest_due_step(newest, now)
-                if step is not None and self._served_by_previous(newest, step, now):
-                    self._counts["skipped_late"] += step + 1 - newest.next_step
-                    newest.next_step = step + 1
-                elif step is not None:
+                if step is not None and now + DUE_TOLERANCE_SEC >= newest.not_before_sec:
                     self._counts["skipped_late"] += step - newest.next_step
                     commands.append(self._publish(newest, step, now))
             elif (
@@ -306,20 +308,19 @@ class ChunkExecutor:
             self._prune()
             return commands
 
-    @staticmethod
-    def _served_by_previous(scheduled: _Scheduled, step: int, now: float) -> bool:
-        """A new chunk's step was already due when the chunk arrived (late), but the
-        command the previous timeline last published still serves ``now``: the new
-        chunk starts at its next step (if it has one; else its last step is better than
-        nothing new). A step that fell due after the chunk arrived is not late: it is
-        published when due."""
-        return (
-            scheduled.first_published is None
-            and scheduled.multi_step
-            and step + 1 < len(scheduled.chunk)
-            and scheduled.due_sec(step) <= scheduled.accepted_sec + DUE_TOLERANCE_SEC
-            and now + DUE_TOLERANCE_SEC < scheduled.served_until_sec
-        )
+    def _plan_takeover(self, new: _Scheduled) -> None:
+        """A multi-step chunk takes over from the previous timeline when the period of
+        that timeline's last command ends, with its step due nearest then. If that
+        moment has passed (a tick late, or the timeline ran dry), the late rule still
+        holds: no step before that one, and the latest due step goes at once."""
+        handover = new.served_until_sec
+        if not new.multi_step or handover == -math.inf:
+            return  # nothing was published before it
+        nearest = math.floor((handover - new.stamp_sec) / new.period + 0.5 + DUE_TOLERANCE_SEC)
+        first = min(max(nearest, 0), len(new.chunk) - 1)
+        self._counts["skipped_late"] += first
+        new.next_step = first
+        new.not_before_sec = handover
 
     @staticmethod
     def _latest_due_step(scheduled: _Scheduled, now: float) -> Optional[int]:
