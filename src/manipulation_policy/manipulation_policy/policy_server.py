@@ -75,6 +75,7 @@ from manipulation_policy.server.model_slots import MAX_MODEL_INSTANCES
 PROG = "policy_server"
 BACKEND_ENV = "MANIPULATION_POLICY_BACKEND"
 MODEL_INSTANCES_ENV = "MANIPULATION_POLICY_MODEL_INSTANCES"
+INSTANCE_DEVICES_ENV = "MANIPULATION_POLICY_INSTANCE_DEVICES"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -195,6 +196,34 @@ def model_instances(args: argparse.Namespace, environ: Mapping[str, str]) -> int
         raise UsageError(f"{MODEL_INSTANCES_ENV}: {exc}") from None
 
 
+def instance_options(
+    backend: str, options: dict[str, Any], count: int, devices_text: Optional[str]
+) -> list[dict[str, Any]]:
+    """Each model instance's backend options: ``options``, with ``device`` taken in turn
+    from ``devices_text`` (comma-separated, e.g. ``cuda:0,cuda:1``) when one is given.
+    StartupError (one line) for a device that is not one, more devices than instances,
+    or a backend that has no ``device`` option."""
+    if devices_text is None or not devices_text.strip():
+        return [dict(options) for _ in range(count)]
+    devices = [device.strip() for device in devices_text.split(",")]
+    for device in devices:
+        problem = declarations.device_name(device)
+        if problem is not None:
+            raise StartupError(f"--instance-devices: {device!r} {problem}")
+    if len(devices) > count:
+        raise StartupError(
+            f"--instance-devices: {len(devices)} devices for {count} model instance(s) "
+            "(--model-instances)"
+        )
+    try:
+        has_device = any(option.name == "device" for option in declared_options(backend))
+    except Exception:  # noqa: BLE001 - unknown or unimportable: loading it says why
+        has_device = True
+    if not has_device:
+        raise StartupError(f"--instance-devices: backend {backend!r} has no device option")
+    return [{**options, "device": devices[index % len(devices)]} for index in range(count)]
+
+
 def backend_flag(argv: Optional[Sequence[str]]) -> str:
     """The --backend given in ``argv`` ("" if none), before the full parse: a plugin's
     options are flags too."""
@@ -273,6 +302,14 @@ def build_parser(backend: str = "") -> argparse.ArgumentParser:
         f"run on its own model thread: up to N predictions or batches at once "
         f"(1-{MAX_MODEL_INSTANCES}; instances on one GPU share its compute). Default 1; "
         f"env {MODEL_INSTANCES_ENV}",
+    )
+    serving.add_argument(
+        "--instance-devices",
+        default=None,
+        metavar="DEV[,DEV...]",
+        help="the device of each model instance in turn, e.g. cuda:0,cuda:1 for one copy "
+        "per GPU (instance i takes the (i mod count)-th; overrides --device). Default: "
+        f"every instance on --device; env {INSTANCE_DEVICES_ENV}",
     )
     serving.add_argument(
         "--max-image-pixels",
@@ -441,14 +478,17 @@ def load_backend(name: str, options: dict[str, Any], instance: int = 0, of: int 
         raise StartupError(f"cannot load backend {name!r}{which}: {reason}") from exc
 
 
-def load_backends(name: str, options: dict[str, Any], count: int) -> list[Any]:
-    """``count`` independent instances of the backend, each loaded as one is."""
+def load_backends(name: str, options: Sequence[dict[str, Any]]) -> list[Any]:
+    """One independent instance of the backend per entry of ``options`` (its options),
+    each loaded as one is."""
     log = logging.getLogger("manipulation_policy.policy_server")
     backends = []
-    for index in range(count):
+    count = len(options)
+    for index, instance in enumerate(options):
         if count > 1:
-            log.info("loading model instance %d of %d", index + 1, count)
-        backends.append(load_backend(name, options, index, count))
+            where = f" on {instance['device']}" if "device" in instance else ""
+            log.info("loading model instance %d of %d%s", index + 1, count, where)
+        backends.append(load_backend(name, instance, index, count))
     return backends
 
 
@@ -532,7 +572,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     try:
         config = build_config(args, os.environ)
         options = backend_arguments(args, os.environ)
-        backends = load_backends(args.backend, options, config.model_instances)
+        devices = args.instance_devices
+        if devices is None:
+            devices = os.environ.get(INSTANCE_DEVICES_ENV)
+        backends = load_backends(
+            args.backend,
+            instance_options(args.backend, options, config.model_instances, devices),
+        )
     except StartupError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

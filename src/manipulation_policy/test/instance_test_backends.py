@@ -2,7 +2,8 @@
 ``instance_test_backends:Name`` (the tests put this directory on its PYTHONPATH).
 
 InstanceBackend says which model instance answered, and when;
-SecondInstanceFailsBackend loads once, then fails like a GPU with room for one copy.
+SecondInstanceFailsBackend loads once, then fails like a GPU with room for one copy;
+PlacedBackend describes the device each instance was given (--instance-devices).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from server_test_backends import ScriptedBackend
 
+from manipulation_policy.backends.model_options import DEVICE
 from manipulation_policy.backends.stub import StubBackend
 from manipulation_policy.core.policy_types import Observation, PolicyAction
 
@@ -91,3 +93,18 @@ class SecondInstanceFailsBackend(StubBackend):
         if next(SecondInstanceFailsBackend._made) >= 1:
             raise OSError("CUDA out of memory\n(a second line that must not be shown)")
         super().__init__(**options)
+
+
+class PlacedBackend(StubBackend):
+    """Declares the shared ``device`` option and describes the device it was given, as
+    a model backend does once its weights are on that device (nothing is loaded)."""
+
+    name = "placed"
+    OPTIONS = (DEVICE,)
+
+    def __init__(self, device: str = "auto", **options: Any):
+        super().__init__(**options)
+        self.device = device
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "model": "placed-test-model", "device": self.device}

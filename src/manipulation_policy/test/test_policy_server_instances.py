@@ -20,7 +20,7 @@ import requests
 from instance_test_backends import SPAN_NAMES
 
 from manipulation_policy.core.api_key import API_KEY_ENV
-from manipulation_policy.policy_server import MODEL_INSTANCES_ENV
+from manipulation_policy.policy_server import INSTANCE_DEVICES_ENV, MODEL_INSTANCES_ENV
 from manipulation_policy.server.process import ServerProcess
 
 TEST_DIR = str(Path(__file__).resolve().parent)
@@ -226,6 +226,7 @@ def test_two_instances_run_two_batches_at_once_each_request_its_own_answer(tmp_p
 def run_server(args: list[str], env_value: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, **{API_KEY_ENV: ""})
     env.pop(MODEL_INSTANCES_ENV, None)
+    env.pop(INSTANCE_DEVICES_ENV, None)
     if env_value is not None:
         env[MODEL_INSTANCES_ENV] = env_value
     env["PYTHONPATH"] = os.pathsep.join(p for p in (TEST_DIR, env.get("PYTHONPATH")) if p)
@@ -270,4 +271,54 @@ def test_an_instance_that_fails_to_load_is_one_clear_line():
         "'instance_test_backends:SecondInstanceFailsBackend' (instance 2 of 2): "
         "OSError: CUDA out of memory"
     )
+    assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------- where instances run
+
+PLACED = "instance_test_backends:PlacedBackend"
+
+
+def instance_devices(url: str) -> list:
+    return [instance["device"] for instance in info(url)["instances"]["each"]]
+
+
+def test_instance_devices_place_each_instance_in_turn():
+    with instance_server(
+        "--backend", PLACED, "--model-instances", "3", "--instance-devices", "cuda:0, cuda:1"
+    ) as server:  # fmt: skip
+        assert instance_devices(server.base_url) == ["cuda:0", "cuda:1", "cuda:0"]
+        assert post(server.base_url).status_code == 200
+
+
+def test_without_instance_devices_every_instance_is_on_the_device_option():
+    with instance_server("--backend", PLACED, "--model-instances", "2", "--device", "cpu") as s:
+        assert instance_devices(s.base_url) == ["cpu", "cpu"]
+
+
+def test_the_instance_devices_variable_is_read_and_the_flag_wins():
+    env = {API_KEY_ENV: "", MODEL_INSTANCES_ENV: "2", INSTANCE_DEVICES_ENV: "cuda:1"}
+    with ServerProcess("--backend", PLACED, "--no-access-log", env=env,
+                       extra_pythonpath=[TEST_DIR]) as server:  # fmt: skip
+        assert instance_devices(server.base_url) == ["cuda:1", "cuda:1"]
+    with ServerProcess("--backend", PLACED, "--no-access-log", "--instance-devices", "cpu",
+                       env=env, extra_pythonpath=[TEST_DIR]) as server:  # fmt: skip
+        assert instance_devices(server.base_url) == ["cpu", "cpu"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", PLACED, "--instance-devices", "gpu0"],
+         "--instance-devices: 'gpu0' must be auto, cpu, cuda or cuda:<index>; got 'gpu0'"),
+        (["--backend", PLACED, "--model-instances", "2", "--instance-devices", "cpu,cpu,cpu"],
+         "--instance-devices: 3 devices for 2 model instance(s) (--model-instances)"),
+        (["--backend", "stub", "--instance-devices", "cpu"],
+         "--instance-devices: backend 'stub' has no device option"),
+    ],
+)  # fmt: skip
+def test_bad_instance_devices_are_one_line(args, message):
+    result = run_server(args)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"policy_server: error: {message}"
     assert "Traceback" not in result.stderr

@@ -249,6 +249,8 @@ class PolicyService:
             )
         # The first instance speaks for all (the same backend, the same options).
         backend = self.backend = backends[0]
+        # Where each instance runs (--instance-devices may place them apart).
+        self.instance_devices = [backend_description(b).get("device") for b in backends]
         self.config = config
         # What the backend reads (None: it declares nothing); each request is checked
         # against it before it is queued.
@@ -361,7 +363,7 @@ class PolicyService:
                     "inference_in_progress": worker.busy,
                 },
                 "model_instances": worker.model_instances,
-                "instances": _instances_report(worker),
+                "instances": _instances_report(worker, self.instance_devices),
                 "batching": _batching_report(worker, self.backend, config),
                 "limits": {
                     "max_body_bytes": config.max_body_bytes,
@@ -553,9 +555,13 @@ def _make_worker(backends: Sequence[PolicyBackend], config: ServerConfig) -> Inf
     )
 
 
-def _instances_report(worker: InferenceWorker) -> dict[str, Any]:
-    """/info's view of the model instances: how many are busy and stuck, and each."""
-    each = worker.instances_report()
+def _instances_report(worker: InferenceWorker, devices: Sequence[Any]) -> dict[str, Any]:
+    """/info's view of the model instances: how many are busy and stuck, and each (with
+    the device its backend describes)."""
+    each = [
+        {**instance, "device": device}
+        for instance, device in zip(worker.instances_report(), devices, strict=True)
+    ]
     return {
         "busy": sum(instance["busy"] for instance in each),
         "stuck": sum(instance["stuck"] for instance in each),
